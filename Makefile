@@ -1,0 +1,34 @@
+# Two commands set everything up on a fresh machine:  make demo  /  make test
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+NPROC  ?= 2
+
+.PHONY: venv demo test lint corpus clean
+
+venv: $(STAMP)
+
+# A Python >= 3.12 is found automatically (PYTHON=..., python3.1x on PATH, pyenv).
+$(STAMP): setup.py
+	@set -e; interp=$$(tools/find_python.sh); \
+	echo "[make] using $$interp"; \
+	test -x $(PY) || $$interp -m venv $(VENV); \
+	$(PY) -m pip install -q --upgrade pip; \
+	$(PY) -m pip install -q -e ".[dev]"; \
+	touch $(STAMP)
+
+demo: $(STAMP)
+	@bash examples/demo.sh
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check megatron_rlp tools tests pretrain_rlp.py
+
+# Regenerate the shipped corpus (deterministic).
+corpus: $(STAMP)
+	$(PY) tools/make_corpus.py --out data/corpus.jsonl
+
+clean:
+	rm -rf $(VENV) runs

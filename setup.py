@@ -1,0 +1,27 @@
+"""megatron-rlp: Reinforcement Learning Pretraining (RLP) as a stage of Megatron-Core pretraining."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-rlp",
+    version="0.1.0",
+    description="RLP (reinforcement as a pretraining objective) on NVIDIA Megatron-Core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.12",
+    packages=find_packages(include=["megatron_rlp", "megatron_rlp.*"]),
+    install_requires=[
+        "torch==2.14.1",
+        "megatron-core==0.19.2",
+        "numpy>=1.26",
+        "pyyaml>=6.0",
+        "einops>=0.8",
+        "psutil>=5.9",  # megatron.core.dist_checkpointing needs it
+        "tokenizers==0.22.1",  # Hugging Face tokenizer.json loading
+    ],
+    extras_require={
+        # Hopper/Ampere kernels. Never needed on CPU; every import is guarded.
+        "gpu": ["transformer-engine[pytorch]", "mamba-ssm", "causal-conv1d"],
+        "dev": ["pytest>=8", "ruff>=0.6"],
+    },
+)
