@@ -1,0 +1,1 @@
+"""megatron-rlp: RLP (reinforcement as a pretraining objective) on Megatron-Core."""

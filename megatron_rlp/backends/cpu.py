@@ -1,0 +1,185 @@
+"""Megatron-Core on CPU with gloo: the `device: cpu` backend.
+
+Megatron-Core is hard-wired to CUDA (`torch.cuda.current_device()`, `device="cuda"`,
+`.cuda()`, the CUDA RNG tracker). `activate()` maps every one of those onto the CPU so that
+the *real* Megatron code paths (TP, PP, SP, DDP, the distributed optimizer, HybridModel) run
+on a laptop or a CI box. Each patch below names the Megatron call site it serves; the facts
+behind them are in shared/MEGATRON_CPU.md.
+
+Why patch functions rather than use a `TorchFunctionMode`: a mode is not active inside
+`autograd.Function.backward`, where sequence parallel allocates buffers with
+`device=torch.cuda.current_device()`.
+
+The backend is process-global and only ever activated for `device.type == "cpu"`: nothing
+here runs, or is imported by the training code, on GPU runs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+_ACTIVE = False
+
+# Tensor factories that take a `device=` keyword (or a positional device, for `Tensor.to`).
+_FACTORIES = (
+    "empty", "zeros", "ones", "full", "arange", "tensor", "as_tensor", "rand", "randn",
+    "randint", "randperm", "empty_like", "zeros_like", "ones_like", "full_like", "rand_like",
+    "randn_like", "eye", "linspace", "empty_strided", "tril_indices", "triu_indices",
+)
+
+
+def is_active() -> bool:
+    return _ACTIVE
+
+
+def _cpu_device(device: Any) -> Any:
+    """Map `cuda`, `cuda:N`, `torch.device('cuda')` and bare ints to cpu; keep the rest."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        return torch.device("cpu")
+    if isinstance(device, str) and device.startswith("cuda"):
+        return torch.device("cpu")
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+def _wrap_factory(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device(kwargs["device"])
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _wrap_to(fn):
+    @functools.wraps(fn)
+    def to(self, *args, **kwargs):
+        if args and not isinstance(args[0], (torch.dtype, torch.Tensor)):
+            args = (_cpu_device(args[0]),) + args[1:]
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device(kwargs["device"])
+        return fn(self, *args, **kwargs)
+
+    return to
+
+
+def _wrap_type(fn):
+    """`clip_grads`, `optimizer` and `distrib_optimizer` test `t.type() == 'torch.cuda.FloatTensor'`
+    to mean "fp32 on the accelerator"; on this backend the accelerator is the CPU."""
+
+    @functools.wraps(fn)
+    def type_(self, *args, **kwargs):
+        out = fn(self, *args, **kwargs)
+        if not args and not kwargs and isinstance(out, str) and self.device.type == "cpu":
+            return out.replace("torch.", "torch.cuda.", 1)
+        return out
+
+    return type_
+
+
+class _DummyStream:
+    """Stands in for `torch.cuda.Stream`: DDP and the optimizer only wait on / sync streams."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def record_event(self, *args, **kwargs):
+        return _DummyEvent()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _DummyEvent:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def wait(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+def _noop(*args, **kwargs):
+    return None
+
+
+def _patch_rng() -> None:
+    """Route the CUDA RNG (and Megatron's tracker) to the CPU generator."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    def get_rng_state(device: Any = "cuda", *args, **kwargs) -> torch.Tensor:
+        return torch.get_rng_state()
+
+    def set_rng_state(new_state: torch.Tensor, *args, **kwargs) -> None:
+        torch.set_rng_state(new_state)
+
+    def manual_seed(seed: int) -> None:
+        torch.default_generator.manual_seed(int(seed))
+
+    torch.cuda.get_rng_state = get_rng_state
+    torch.cuda.random.get_rng_state = get_rng_state
+    torch.cuda.set_rng_state = set_rng_state
+    torch.cuda.random.set_rng_state = set_rng_state
+    torch.cuda.manual_seed = manual_seed
+    torch.cuda.random.manual_seed = manual_seed
+    # torch.manual_seed calls torch.cuda.manual_seed_all: a CPU version would recurse.
+    torch.cuda.manual_seed_all = _noop
+    torch.cuda.random.manual_seed_all = _noop
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+
+def _patch_devices() -> None:
+    for name in _FACTORIES:
+        setattr(torch, name, _wrap_factory(getattr(torch, name)))
+    torch.Tensor.to = _wrap_to(torch.Tensor.to)
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    torch.nn.Module.cuda = lambda self, *args, **kwargs: self
+    torch.Tensor.type = _wrap_type(torch.Tensor.type)
+    torch.cuda.current_device = lambda: 0
+    torch.cuda.device_count = lambda: 1
+    torch.cuda.set_device = _noop
+    torch.cuda.synchronize = _noop
+    torch.cuda.empty_cache = _noop
+    torch.cuda.current_stream = lambda *a, **k: _DummyStream()
+    torch.cuda.default_stream = lambda *a, **k: _DummyStream()
+    torch.cuda.stream = lambda *a, **k: _DummyStream()
+    torch.cuda.Stream = _DummyStream
+    torch.cuda.Event = _DummyEvent
+    torch.cuda.memory_allocated = lambda *a, **k: 0
+    torch.cuda.max_memory_allocated = lambda *a, **k: 0
+
+
+def activate() -> None:
+    """Install the CPU backend (idempotent). Call before building any Megatron object."""
+    global _ACTIVE
+    if _ACTIVE:
+        return
+    _patch_rng()
+    _patch_devices()
+    _ACTIVE = True

@@ -1,0 +1,381 @@
+"""One typed config for a run: dataclass sections, a YAML file, `section.key=value` overrides.
+
+Validation happens here, before `torch.distributed` starts, so a bad value costs one line
+naming the key, the value and what is allowed (`ConfigError`), never a traceback from deep
+inside Megatron. Parallel sizes use Megatron's own key names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased for the user: key, value, what is allowed."""
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid config: {key}={value!r} (allowed: {allowed})")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Architecture. Dense Qwen3-style models are HybridModel patterns of `*` (attention) and
+    `-` (MLP) layers; `M` adds Mamba-2 layers (hybrid models)."""
+
+    name: str = "tiny"
+    hybrid_layer_pattern: str = "*-*-*-*-"
+    hidden_size: int = 192
+    ffn_hidden_size: int = 512
+    num_attention_heads: int = 6
+    num_query_groups: int = 2
+    kv_channels: int | None = None  # head dim; None = hidden_size // num_attention_heads
+    qk_layernorm: bool = True
+    activation: Literal["swiglu", "squared_relu", "gelu"] = "swiglu"
+    position_embedding_type: Literal["rope", "none"] = "rope"
+    rotary_base: int = 1_000_000
+    untie_embeddings_and_output_weights: bool = False
+    max_sequence_length: int = 512
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    norm_epsilon: float = 1e-6
+    init_method_std: float = 0.02
+    make_vocab_size_divisible_by: int = 64
+    # Mamba-2 mixer (used by `M` layers only)
+    mamba_num_heads: int | None = None
+    mamba_head_dim: int = 64
+    mamba_state_dim: int = 128
+    mamba_num_groups: int = 8
+
+    def validate(self) -> None:
+        pat = self.hybrid_layer_pattern
+        _check(bool(pat) and set(pat) <= set("M*-E|"), "model.hybrid_layer_pattern", pat,
+               "a non-empty string of M (Mamba), * (attention), - (MLP), E (MoE), | (stage)")
+        for key in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                    "max_sequence_length", "make_vocab_size_divisible_by"):
+            v = getattr(self, key)
+            _check(isinstance(v, int) and v > 0, f"model.{key}", v, "a positive integer")
+        heads = self.num_attention_heads
+        _check(heads % self.num_query_groups == 0, "model.num_query_groups",
+               self.num_query_groups, f"a divisor of num_attention_heads={heads}")
+        if self.kv_channels is None:
+            _check(self.hidden_size % self.num_attention_heads == 0, "model.hidden_size",
+                   self.hidden_size, "a multiple of num_attention_heads (or set kv_channels)")
+        _check(self.norm_epsilon > 0, "model.norm_epsilon", self.norm_epsilon, "> 0")
+        _check(self.init_method_std > 0, "model.init_method_std", self.init_method_std, "> 0")
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """Megatron parallel layout. Data parallel size is world_size / (TP * PP)."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+
+    def validate(self) -> None:
+        for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+            v = getattr(self, key)
+            _check(isinstance(v, int) and v >= 1, f"parallel.{key}", v, "an integer >= 1")
+        _check(not self.sequence_parallel or self.tensor_model_parallel_size > 1,
+               "parallel.sequence_parallel", self.sequence_parallel,
+               "true only with tensor_model_parallel_size > 1")
+
+
+@dataclass(kw_only=True)
+class RLPConfig:
+    """The RLP objective (see RLP.md): G thoughts per context, info-gain reward, clipped
+    surrogate, EMA teacher."""
+
+    contexts_per_step: int = 8  # B, global over data-parallel ranks
+    group_size: int = 4  # G thoughts per context
+    positions_per_document: int = 1  # contexts drawn from one document
+    max_thought_tokens: int = 16  # L_think, `</think>` included
+    temperature: float = 0.7
+    top_p: float = 1.0
+    ema_decay: float = 0.999  # tau
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    min_prefix_tokens: int = 16
+    max_prefix_tokens: int = 192
+
+    def validate(self) -> None:
+        _check(isinstance(self.group_size, int) and self.group_size >= 2, "rlp.group_size",
+               self.group_size, "an integer >= 2 (group advantages need a baseline)")
+        for key in ("contexts_per_step", "positions_per_document", "max_thought_tokens",
+                    "min_prefix_tokens", "max_prefix_tokens"):
+            v = getattr(self, key)
+            _check(isinstance(v, int) and v >= 1, f"rlp.{key}", v, "an integer >= 1")
+        _check(self.contexts_per_step % self.positions_per_document == 0,
+               "rlp.positions_per_document", self.positions_per_document,
+               f"a divisor of contexts_per_step={self.contexts_per_step}")
+        _check(self.temperature > 0, "rlp.temperature", self.temperature, "> 0")
+        _check(0 < self.top_p <= 1, "rlp.top_p", self.top_p, "in (0, 1]")
+        _check(0 <= self.ema_decay < 1, "rlp.ema_decay", self.ema_decay, "in [0, 1)")
+        _check(0 <= self.clip_eps_low < 1, "rlp.clip_eps_low", self.clip_eps_low, "in [0, 1)")
+        _check(self.clip_eps_high >= 0, "rlp.clip_eps_high", self.clip_eps_high, ">= 0")
+        _check(self.min_prefix_tokens <= self.max_prefix_tokens, "rlp.min_prefix_tokens",
+               self.min_prefix_tokens, f"<= max_prefix_tokens={self.max_prefix_tokens}")
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    """Adam(W) through Megatron's `get_megatron_optimizer`, with its lr scheduler."""
+
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    lr_warmup_steps: int = 0
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+    def validate(self) -> None:
+        _check(self.lr > 0, "optimizer.lr", self.lr, "> 0")
+        _check(0 <= self.min_lr <= self.lr, "optimizer.min_lr", self.min_lr, "in [0, lr]")
+        _check(self.lr_warmup_steps >= 0, "optimizer.lr_warmup_steps", self.lr_warmup_steps,
+               ">= 0")
+        _check(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, ">= 0")
+        for key in ("adam_beta1", "adam_beta2"):
+            v = getattr(self, key)
+            _check(0 <= v < 1, f"optimizer.{key}", v, "in [0, 1)")
+        _check(self.adam_eps > 0, "optimizer.adam_eps", self.adam_eps, "> 0")
+        _check(self.clip_grad >= 0, "optimizer.clip_grad", self.clip_grad, ">= 0 (0 = off)")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where text comes from and how it is tokenized."""
+
+    corpus: str = "data/corpus.jsonl"
+    tokenizer: str = "byte"  # "byte" or a path to a Hugging Face tokenizer.json (or its dir)
+    ntp_seq_length: int = 128  # window length for `train.objective=ntp`
+    ntp_batch_size: int = 16  # global sequences per NTP step
+
+    def validate(self) -> None:
+        _check(bool(self.corpus), "data.corpus", self.corpus, "a path to a .jsonl or .txt file")
+        _check(self.tokenizer == "byte" or Path(self.tokenizer).exists(), "data.tokenizer",
+               self.tokenizer, "'byte' or an existing tokenizer.json path")
+        _check(self.ntp_seq_length >= 2, "data.ntp_seq_length", self.ntp_seq_length, ">= 2")
+        _check(self.ntp_batch_size >= 1, "data.ntp_batch_size", self.ntp_batch_size, ">= 1")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The loop: objective, steps, logging, checkpoints."""
+
+    objective: Literal["rlp", "ntp"] = "rlp"
+    steps: int = 20
+    seed: int = 1234
+    log_interval: int = 1
+    metrics_file: str | None = None
+    save: str | None = None  # checkpoint directory
+    save_interval: int = 0  # 0 = only at the end (when `save` is set)
+    load: str | None = None  # resume from (same objective) or warm-start (other objective)
+    micro_batch_size: int = 0  # sequences per update micro-batch; 0 = all at once
+
+    def validate(self) -> None:
+        _check(self.steps >= 0, "train.steps", self.steps, "an integer >= 0")
+        _check(self.log_interval >= 1, "train.log_interval", self.log_interval, ">= 1")
+        _check(self.save_interval >= 0, "train.save_interval", self.save_interval, ">= 0")
+        _check(self.micro_batch_size >= 0, "train.micro_batch_size", self.micro_batch_size,
+               ">= 0")
+        if self.load is not None:
+            _check(Path(self.load).is_dir(), "train.load", self.load,
+                   "an existing checkpoint directory")
+
+
+@dataclass(kw_only=True)
+class DeviceConfig:
+    """`cpu` runs the real Megatron-Core code on CPU with gloo (see backends/cpu.py)."""
+
+    type: Literal["cpu", "cuda"] = "cpu"
+    num_threads: int = 0  # torch intra-op threads per rank on CPU; 0 = cores / local ranks
+
+    def validate(self) -> None:
+        _check(self.num_threads >= 0, "device.num_threads", self.num_threads, ">= 0")
+
+
+@dataclass(kw_only=True)
+class PrecisionConfig:
+    """Parameter/compute dtype; FP8 (Transformer Engine, Hopper) is for device=cuda only.
+    The EMA teacher is always fp32."""
+
+    params_dtype: Literal["fp32", "bf16"] = "fp32"
+    fp8: Literal["hybrid", "e4m3"] | None = None
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rlp: RLPConfig = field(default_factory=RLPConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+
+    def validate(self, world_size: int | None = None) -> RunConfig:
+        """Check every section, then the cross-section rules; return self."""
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate()
+        p, m = self.parallel, self.model
+        tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+        _check(m.num_query_groups % tp == 0, "parallel.tensor_model_parallel_size", tp,
+               f"a divisor of model.num_query_groups={m.num_query_groups}")
+        _check(m.ffn_hidden_size % tp == 0, "parallel.tensor_model_parallel_size", tp,
+               f"a divisor of model.ffn_hidden_size={m.ffn_hidden_size}")
+        if world_size is not None:
+            _check(world_size % (tp * pp) == 0, "parallel.tensor_model_parallel_size", tp,
+                   f"TP*PP dividing the world size {world_size}")
+            dp = world_size // (tp * pp)
+            _check(self.rlp.contexts_per_step % dp == 0, "rlp.contexts_per_step",
+                   self.rlp.contexts_per_step, f"a multiple of the data-parallel size {dp}")
+            _check(self.data.ntp_batch_size % dp == 0, "data.ntp_batch_size",
+                   self.data.ntp_batch_size, f"a multiple of the data-parallel size {dp}")
+        _check(pp == 1 or self.train.objective == "ntp", "parallel.pipeline_model_parallel_size",
+               pp, "1 for train.objective=rlp (pipeline-parallel rollouts are not built yet)")
+        need = self.rlp.max_prefix_tokens + self.rlp.max_thought_tokens + 2
+        if self.train.objective == "ntp":
+            need = self.data.ntp_seq_length
+        _check(m.max_sequence_length >= need, "model.max_sequence_length",
+               m.max_sequence_length, f">= {need} (prefix + <think> + thought + </think>)")
+        if self.device.type == "cpu":
+            _check(self.precision.params_dtype == "fp32", "precision.params_dtype",
+                   self.precision.params_dtype, "fp32 on device=cpu")
+        _check(self.precision.fp8 is None or self.device.type == "cuda", "precision.fp8",
+               self.precision.fp8, "null on device=cpu (FP8 needs Transformer Engine on Hopper)")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading: YAML + overrides -> typed dataclasses (unknown keys and wrong types are errors)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Turn a YAML/CLI value into the annotated type, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        allowed = ", ".join(repr(a) for a in args)
+        for a in args:
+            if value == a or (isinstance(value, str) and str(a) == value):
+                return a
+        raise ConfigError(f"invalid config: {key}={value!r} (allowed: one of {allowed})")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"invalid config: {key}={value!r} (allowed: true or false)")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"invalid config: {key}={value!r} (allowed: an integer)")
+        try:
+            if isinstance(value, str):
+                value = float(value) if any(c in value for c in ".eE") else int(value, 0)
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            if isinstance(value, int):
+                return value
+        except ValueError:
+            pass
+        raise ConfigError(f"invalid config: {key}={value!r} (allowed: an integer)")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"invalid config: {key}={value!r} (allowed: a number)")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"invalid config: {key}={value!r} (allowed: a number)") from None
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"invalid config: {key}={value!r} (allowed: a string)")
+        return str(value)
+    raise ConfigError(f"invalid config: {key} has unsupported type {tp}")
+
+
+def _section_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _apply(cfg: RunConfig, key: str, value: Any) -> None:
+    """Set `section.key` on cfg from a raw value (YAML scalar or CLI string)."""
+    parts = key.split(".")
+    top = _section_types(RunConfig)
+    if parts[0] not in top:
+        raise ConfigError(f"invalid config: unknown section {parts[0]!r} in {key!r} "
+                          f"(allowed: {', '.join(top)})")
+    section = getattr(cfg, parts[0])
+    hints = _section_types(type(section))
+    if len(parts) == 1 and parts[0] == "device" and isinstance(value, str):
+        parts = ["device", "type"]  # `device: cpu` is shorthand for `device.type: cpu`
+    if len(parts) != 2:
+        raise ConfigError(f"invalid config: {key!r} (allowed: section.key, e.g. rlp.group_size)")
+    if parts[1] not in hints:
+        raise ConfigError(f"invalid config: unknown key {key!r} (allowed in {parts[0]}: "
+                          f"{', '.join(hints)})")
+    setattr(section, parts[1], _coerce(value, hints[parts[1]], key))
+
+
+def _flatten(data: dict) -> list[tuple[str, Any]]:
+    items = []
+    for sec, body in data.items():
+        if isinstance(body, dict):
+            items += [(f"{sec}.{k}", v) for k, v in body.items()]
+        else:
+            items.append((str(sec), body))
+    return items
+
+
+def load_config(path: str | None = None, overrides: tuple[str, ...] = (),
+                world_size: int | None = None) -> RunConfig:
+    """Build a validated RunConfig from defaults, an optional YAML file and overrides.
+
+    Args:
+        path: YAML file with sections as top-level keys (any subset).
+        overrides: `section.key=value` strings, applied after the file.
+        world_size: when known, also check divisibility by the data-parallel size.
+    """
+    cfg = RunConfig()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"invalid config: file {path!r} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"invalid config: {path} is not valid YAML ({e.__class__.__name__}: "
+                              f"{str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"invalid config: {path} must map section names to settings")
+        for key, value in _flatten(data):
+            _apply(cfg, key, value)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"invalid override {item!r} (allowed: section.key=value)")
+        key, value = item.split("=", 1)
+        _apply(cfg, key.strip(), yaml.safe_load(value) if value.strip() else value)
+    return cfg.validate(world_size)

@@ -1,0 +1,109 @@
+"""Loading a pretraining corpus into token arrays, one per document.
+
+RLP samples contexts (document, position) rather than fixed windows, so document boundaries
+are kept: each document becomes its own int32 array. Loading is strict, because a silently
+skipped or mangled line would quietly change what the model trains on.
+"""
+
+import json
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from megatron_rlp.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True, eq=False)
+class TokenizedCorpus:
+    """Documents as token arrays.
+
+    Attributes:
+        path: The file the corpus was read from.
+        documents: One read-only int32 array of token ids per document, none empty.
+        eos: End-of-sequence id of the tokenizer, written between documents when they are
+            concatenated.
+    """
+
+    path: Path
+    documents: list[np.ndarray]
+    eos: int
+
+    def __len__(self) -> int:
+        return len(self.documents)
+
+    @cached_property
+    def lengths(self) -> np.ndarray:
+        """Token count of every document (int64)."""
+        return np.array([len(doc) for doc in self.documents], dtype=np.int64)
+
+    @property
+    def num_tokens(self) -> int:
+        """Total number of tokens over all documents."""
+        return int(self.lengths.sum())
+
+
+def _text_of(record: object) -> str | None:
+    """Returns record["text"] if `record` is an object with a string "text" field."""
+    if isinstance(record, dict) and isinstance(record.get("text"), str):
+        return record["text"]
+    return None
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    """Returns the "text" field of every non-blank line of a JSONL file."""
+    texts = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+            text = _text_of(record)
+            if text is None:
+                raise ValueError(
+                    f'{path}:{lineno}: expected an object with a string "text" field'
+                )
+            texts.append(text)
+    return texts
+
+
+def _read_txt(path: Path) -> list[str]:
+    """Returns the documents of a text file, separated by blank lines."""
+    blocks = re.split(r"\n[ \t\r]*\n", path.read_text(encoding="utf-8"))
+    return [block.strip() for block in blocks if block.strip()]
+
+
+def load_corpus(path: str | Path, tokenizer: Tokenizer) -> TokenizedCorpus:
+    """Reads and tokenizes a corpus.
+
+    Args:
+        path: A `.txt` file (documents separated by blank lines) or a JSONL file (any other
+            suffix) with one `{"text": ...}` object per line; blank lines are ignored.
+        tokenizer: Tokenizer for the documents; no special token is added.
+
+    Returns:
+        The tokenized corpus; documents that tokenize to nothing are dropped.
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+        ValueError: A JSONL line is not valid JSON or lacks a string "text" field (the message
+            names file and line), or no document has any token.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus file not found: {path}")
+    texts = _read_txt(path) if path.suffix == ".txt" else _read_jsonl(path)
+    documents = []
+    for ids in tokenizer.encode_batch(texts):
+        if ids:
+            doc = np.asarray(ids, dtype=np.int32)
+            doc.setflags(write=False)  # contexts hand out views of it
+            documents.append(doc)
+    if not documents:
+        raise ValueError(f"{path}: no usable document (the corpus is empty)")
+    return TokenizedCorpus(path=path, documents=documents, eos=tokenizer.eos)

@@ -1,0 +1,64 @@
+"""Process groups and seeds: torch.distributed (gloo on CPU, nccl on GPU) and Megatron TP/PP/DP."""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from megatron_rlp.config import RunConfig
+
+
+def setup_device(cfg: RunConfig) -> None:
+    """Select the backend before any Megatron object exists."""
+    if cfg.device.type == "cpu":
+        from megatron_rlp.backends import cpu
+
+        cpu.activate()
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        threads = cfg.device.num_threads or max(1, (os.cpu_count() or 1) // local)
+        torch.set_num_threads(threads)
+    else:
+        if not torch.cuda.is_available():
+            raise RuntimeError("device.type=cuda but no CUDA device is visible (use device=cpu)")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def initialize(cfg: RunConfig) -> None:
+    """Start torch.distributed (env:// from torchrun, or a 1-process group) and Megatron's
+    TP/PP/DP groups, then seed Megatron's RNG tracker."""
+    setup_device(cfg)
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        dist.init_process_group(
+            backend="gloo" if cfg.device.type == "cpu" else "nccl",
+            timeout=datetime.timedelta(minutes=10),
+        )
+    p = cfg.parallel
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+
+
+def shutdown() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

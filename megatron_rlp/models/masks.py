@@ -1,0 +1,17 @@
+"""Attention masks in Megatron's convention (bool, True = masked)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def padded_causal_mask(valid: Tensor) -> Tensor:
+    """[B, S] bool valid -> [B, 1, S, S] mask: causal, and padding keys hidden from every query.
+
+    Fully masked query rows (padding queries) get a uniform softmax, never NaN: Megatron
+    fills masked scores with -10000, not -inf.
+    """
+    s = valid.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=valid.device).tril()
+    return ~(causal[None] & valid[:, None, :])[:, None]

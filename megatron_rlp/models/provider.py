@@ -1,0 +1,99 @@
+"""Model provider: RunConfig -> Megatron `TransformerConfig` -> `HybridModel`.
+
+Dense (Qwen3-style) and hybrid (Nemotron-H-style) models are both Megatron `HybridModel`s;
+the layer pattern says which layers exist (`*` attention, `-` MLP, `M` Mamba-2). The
+Megatron-LM entry scripts call this split "model provider"; it is the one place that knows
+how config keys become Megatron arguments.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.activations import squared_relu
+from megatron.core.models.hybrid.hybrid_model import HybridModel
+from megatron.core.transformer import TransformerConfig
+
+from megatron_rlp.config import RunConfig
+from megatron_rlp.models.local_spec import local_hybrid_stack_spec
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
+    """Megatron pads the vocabulary so every tensor-parallel shard is equal and aligned."""
+    multiple = divisible_by * tp_size
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def num_layers(pattern: str) -> int:
+    return sum(1 for c in pattern if c in "M*-E")
+
+
+def transformer_config(cfg: RunConfig) -> TransformerConfig:
+    """Translate the model/parallel/precision sections into Megatron's TransformerConfig."""
+    m, p = cfg.model, cfg.parallel
+    on_cpu = cfg.device.type == "cpu"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.precision.params_dtype]
+    activation = {
+        "swiglu": (F.silu, True),
+        "squared_relu": (squared_relu, False),
+        "gelu": (F.gelu, False),
+    }[m.activation]
+    return TransformerConfig(
+        num_layers=num_layers(m.hybrid_layer_pattern),
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.kv_channels,
+        qk_layernorm=m.qk_layernorm,
+        normalization=m.normalization,
+        layernorm_epsilon=m.norm_epsilon,
+        activation_func=activation[0],
+        gated_linear_unit=activation[1],
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        sequence_parallel=p.sequence_parallel,
+        # Full weights are drawn on the CPU from one seed, then split: every TP/PP layout
+        # starts from identical parameters (the basis of the equivalence tests).
+        use_cpu_initialization=True,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        variable_seq_lengths=True,  # thoughts differ in length from step to step (PP shapes)
+        moe_token_dispatcher_type="alltoall",
+        # Fused CUDA kernels and TE-only paths off where they cannot run.
+        bias_dropout_fusion=not on_cpu,
+        masked_softmax_fusion=not on_cpu,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        mamba_num_heads=m.mamba_num_heads,
+        mamba_head_dim=m.mamba_head_dim,
+        mamba_state_dim=m.mamba_state_dim,
+        mamba_num_groups=m.mamba_num_groups,
+    )
+
+
+def build_model(cfg: RunConfig, vocab_size: int, pre_process: bool = True,
+                post_process: bool = True) -> HybridModel:
+    """Build this rank's shard of the model (`vocab_size` is the tokenizer's, unpadded)."""
+    m = cfg.model
+    config = transformer_config(cfg)
+    return HybridModel(
+        config=config,
+        hybrid_stack_spec=local_hybrid_stack_spec(m.qk_layernorm, m.normalization),
+        vocab_size=padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by,
+                                     cfg.parallel.tensor_model_parallel_size),
+        max_sequence_length=m.max_sequence_length,
+        hybrid_layer_pattern=m.hybrid_layer_pattern,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
+        position_embedding_type=m.position_embedding_type,
+        rotary_base=m.rotary_base,
+    )

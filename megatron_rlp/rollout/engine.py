@@ -1,0 +1,91 @@
+"""A small KV-cache decoding engine over a Megatron model (nanochat's `engine.py`, for Megatron).
+
+It drives Megatron's own `StaticInferenceContext` (the KV cache Megatron's attention layers
+already fill and read) and adds the two things RLP rollouts need and Megatron's text
+generation controllers do not offer: left-padded prompts of different lengths in one
+batch, and forking every prompt's cache into G thought branches after one prefill.
+
+Left padding is exact for RoPE and NoPE models: attention scores depend only on relative
+positions, and pad keys are masked, so a row sees what it would see alone.
+
+Why not `DynamicInferenceContext`: on this stack it needs flash-attn varlen kernels and
+Triton (no CPU path); the static context runs the same attention code on CPU and GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.inference.utils import InferenceMode
+from torch import Tensor
+
+from megatron_rlp.models.masks import padded_causal_mask
+
+
+class KVCacheEngine:
+    """Prefill a left-padded batch once, fork each row G ways, then decode one token a step.
+
+    Args:
+        model: an unwrapped Megatron language model (`HybridModel`), one pipeline stage.
+        max_batch_size: rows after forking (contexts x thoughts).
+        max_sequence_length: prompt + generated tokens.
+    """
+
+    def __init__(self, model: torch.nn.Module, max_batch_size: int, max_sequence_length: int):
+        self.model = model
+        self.ctx = StaticInferenceContext(max_batch_size, max_sequence_length)
+        self.key_valid: Tensor | None = None  # [R, max_seq] bool: keys a row may attend to
+
+    @torch.no_grad()
+    def _forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        positions = torch.arange(
+            self.ctx.sequence_len_offset, self.ctx.sequence_len_offset + tokens.shape[1],
+            device=tokens.device,
+        ).expand_as(tokens)
+        with InferenceMode.active():
+            logits = self.model(
+                tokens, positions, mask, inference_context=self.ctx, runtime_gather_output=True
+            )
+        self.ctx.increment_sequence_len_offset(tokens.shape[1])
+        return logits[:, -1, :].float()
+
+    def prefill(self, tokens: Tensor, valid: Tensor) -> Tensor:
+        """Encode left-padded prompts.
+
+        Args:
+            tokens: [B, P] token ids, left-padded.
+            valid: [B, P] bool, False on padding.
+
+        Returns:
+            [B, V] fp32 logits of the next token after each prompt (full vocabulary).
+        """
+        self.ctx.reset()
+        self.ctx.key_value_memory_dict.clear()
+        b, p = tokens.shape
+        self.key_valid = torch.zeros(b, self.ctx.max_sequence_length, dtype=torch.bool,
+                                     device=tokens.device)
+        self.key_valid[:, :p] = valid
+        return self._forward(tokens, padded_causal_mask(valid))
+
+    def fork(self, n: int) -> None:
+        """Repeat every row's cache n times: row b becomes rows b*n .. b*n+n-1."""
+        b = self.key_valid.shape[0]
+        index = torch.arange(b, device=self.key_valid.device).repeat_interleave(n)
+        for layer, (k, v) in self.ctx.key_value_memory_dict.items():
+            # [S, B, heads, dim]: index (a copy), never expand: attention writes in place.
+            self.ctx.key_value_memory_dict[layer] = (k[:, index], v[:, index])
+        self.key_valid = self.key_valid[index]
+
+    def step(self, tokens: Tensor) -> Tensor:
+        """Feed one token per row.
+
+        Args:
+            tokens: [R] token ids.
+
+        Returns:
+            [R, V] fp32 next-token logits.
+        """
+        pos = self.ctx.sequence_len_offset
+        self.key_valid[:, pos] = True
+        mask = ~self.key_valid[:, None, None, : pos + 1]
+        return self._forward(tokens[:, None], mask)

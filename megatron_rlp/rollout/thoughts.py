@@ -1,0 +1,138 @@
+"""Thought rollouts: G thoughts per context, sampled together from one cached prefill.
+
+For each context x_<t the model reads `x_<t <think>`, the cache is forked G ways and every
+branch samples up to `max_thought_tokens` tokens, stopping at `</think>` (kept as part of
+the thought) or force-closed with a `</think>` after the limit. Feeding `</think>` gives the
+reasoned predictor's distribution for the real next token: S_pred = log p_theta(x_t | x_<t,
+c) costs one extra decode step per thought, on the sampling cache.
+
+Randomness is keyed by (seed, step, context id, thought index, token index) — see
+`sampling.keyed_uniform` — so any parallel layout draws the same thoughts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from megatron_rlp.rollout.engine import KVCacheEngine
+from megatron_rlp.rollout.sampling import sample_tokens
+
+
+@dataclass
+class PromptBatch:
+    """Left-padded prefixes `x_<t` of this rank's contexts.
+
+    Attributes:
+        tokens: [B, P] long, left-padded with `pad`.
+        valid: [B, P] bool.
+        lengths: [B] long, prefix lengths.
+        targets: [B] long, the real next token x_t of each context.
+        context_ids: [B] long, global index of each context in the step's batch (sampling key).
+    """
+
+    tokens: Tensor
+    valid: Tensor
+    lengths: Tensor
+    targets: Tensor
+    context_ids: Tensor
+
+
+@dataclass
+class ThoughtBatch:
+    """Rows are (context b, thought g) at index b*G + g.
+
+    Attributes:
+        tokens: [R, L] long, sampled thought tokens (`</think>` included when sampled), pad after.
+        mask: [R, L] bool, True on sampled tokens (the tokens that get a gradient).
+        logprobs: [R, L] fp32, sampling log-probs log pi_old (temperature-scaled), 0 off-mask.
+        lengths: [R] long, number of sampled tokens.
+        closed: [R] bool, True where the policy emitted `</think>` itself.
+        s_pred: [R] fp32, log p_theta(x_t | x_<t, <think> c </think>) at temperature 1.
+    """
+
+    tokens: Tensor
+    mask: Tensor
+    logprobs: Tensor
+    lengths: Tensor
+    closed: Tensor
+    s_pred: Tensor
+
+
+@torch.no_grad()
+def sample_thoughts(
+    model: torch.nn.Module,
+    prompts: PromptBatch,
+    *,
+    group_size: int,
+    max_thought_tokens: int,
+    temperature: float,
+    top_p: float,
+    think_start: int,
+    think_end: int,
+    pad: int,
+    vocab_size: int,
+    seed: int,
+    step: int,
+) -> ThoughtBatch:
+    """Sample `group_size` thoughts for every prompt and score the real next token after each.
+
+    Args:
+        model: the policy, unwrapped (one pipeline stage holding the whole model).
+        prompts: this rank's contexts.
+        vocab_size: the tokenizer's vocabulary; padded-vocabulary logits are never sampled.
+    """
+    b, p = prompts.tokens.shape
+    g, n = group_size, max_thought_tokens
+    rows, device = b * g, prompts.tokens.device
+    engine = KVCacheEngine(model, max_batch_size=rows, max_sequence_length=p + n + 2)
+
+    start = torch.full((b, 1), think_start, dtype=torch.long, device=device)
+    logits = engine.prefill(torch.cat([prompts.tokens, start], 1),
+                            torch.cat([prompts.valid, torch.ones_like(start, dtype=torch.bool)], 1))
+    engine.fork(g)
+    logits = logits.repeat_interleave(g, 0)
+
+    keys = torch.stack([
+        torch.full((rows,), seed, dtype=torch.long, device=device),
+        torch.full((rows,), step, dtype=torch.long, device=device),
+        prompts.context_ids.repeat_interleave(g),
+        torch.arange(g, device=device).repeat(b),
+        torch.zeros(rows, dtype=torch.long, device=device),
+    ], 1)
+    targets = prompts.targets.repeat_interleave(g)
+
+    tokens = torch.full((rows, n), pad, dtype=torch.long, device=device)
+    logprobs = torch.zeros(rows, n, dtype=torch.float32, device=device)
+    mask = torch.zeros(rows, n, dtype=torch.bool, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    s_pred = torch.full((rows,), float("nan"), dtype=torch.float32, device=device)
+
+    def score(next_logits: Tensor, which: Tensor) -> None:
+        lp = torch.log_softmax(next_logits[which], dim=-1)
+        s_pred[which] = lp.gather(1, targets[which, None])[:, 0]
+
+    for k in range(n):
+        keys[:, 4] = k
+        logits[:, vocab_size:] = float("-inf")
+        tok, lp = sample_tokens(logits, keys, temperature, top_p)
+        active = ~finished
+        tokens[:, k] = torch.where(active, tok, pad)
+        logprobs[:, k] = torch.where(active, lp, 0.0)
+        mask[:, k] = active
+        closing = active & (tok == think_end)
+        finished |= closing
+        logits = engine.step(tokens[:, k])
+        score(logits, closing)
+        if bool(finished.all()):
+            break
+
+    closed = finished.clone()
+    if not bool(closed.all()):  # force-close at the limit: `</think>` is given, not sampled
+        logits = engine.step(torch.where(closed, pad, think_end))
+        score(logits, ~closed)
+    lengths = mask.sum(1)
+    return ThoughtBatch(tokens=tokens, mask=mask, logprobs=logprobs, lengths=lengths,
+                        closed=closed, s_pred=s_pred)

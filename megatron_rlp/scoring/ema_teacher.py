@@ -1,0 +1,64 @@
+"""The no-think baseline pbar_phi: an fp32 EMA copy of the policy, sharded like it.
+
+RLP.md: lazily initialised phi <- theta on the first step; after every optimizer step
+phi <- tau*phi + (1-tau)*theta. It is a full model instance of this rank's shard (same
+TP/PP layout, built by the same provider), so it can run forwards itself and its
+`sharded_state_dict` checkpoints exactly like the policy's. fp32 always: with tau=0.999 a
+bf16 shadow would round most updates away.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class EMATeacher:
+    """Holds phi and updates it from theta. No gradients, no communication: every rank
+    updates its own shard from its own shard.
+
+    Args:
+        model: a freshly built model with the policy's architecture and layout; its
+            parameters are overwritten on the first `update`/`initialize_from`.
+        decay: tau.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.model = model.float().eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.decay = decay
+        self.initialized = False
+
+    def _pairs(self, policy: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        phi = dict(self.model.named_parameters())
+        theta = dict(_unwrap(policy).named_parameters())
+        if phi.keys() != theta.keys():
+            raise ValueError("EMA teacher and policy have different parameters")
+        names = list(phi)
+        return [phi[n] for n in names], [theta[n] for n in names]
+
+    @torch.no_grad()
+    def initialize_from(self, policy: nn.Module) -> None:
+        """phi <- theta (the lazy first-step initialisation)."""
+        phi, theta = self._pairs(policy)
+        for a, b in zip(phi, theta, strict=True):
+            a.copy_(b.float())
+        self.initialized = True
+
+    @torch.no_grad()
+    def update(self, policy: nn.Module) -> None:
+        """phi <- tau*phi + (1-tau)*theta, in fp32."""
+        if not self.initialized:
+            self.initialize_from(policy)
+            return
+        phi, theta = self._pairs(policy)
+        torch._foreach_mul_(phi, self.decay)
+        torch._foreach_add_(phi, [t.float() for t in theta], alpha=1.0 - self.decay)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """Strip Megatron DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model

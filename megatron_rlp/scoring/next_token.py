@@ -1,0 +1,42 @@
+"""Next-token log-probs from vocab-parallel logits, without gathering the vocabulary.
+
+Used for S_ema (the teacher's no-think score): one forward over each document window, then
+log p(x_t | x_<t) at every sampled position via Megatron's `vocab_parallel_cross_entropy`
+(which all-reduces max and sum-exp over the tensor-parallel group).
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+from torch import Tensor
+
+from megatron_rlp.models.masks import padded_causal_mask
+
+
+def token_logprobs_vocab_parallel(logits: Tensor, targets: Tensor, temperature: float = 1.0
+                                  ) -> Tensor:
+    """log softmax(logits / T)[target] for vocab-sharded logits; differentiable.
+
+    Args:
+        logits: [..., V/tp] this rank's vocabulary shard.
+        targets: [...] global token ids.
+    """
+    flat = (logits.float() / temperature).reshape(1, -1, logits.shape[-1])
+    return -vocab_parallel_cross_entropy(flat, targets.reshape(1, -1)).reshape(targets.shape)
+
+
+@torch.no_grad()
+def score_next_tokens(model: torch.nn.Module, tokens: Tensor, valid: Tensor, rows: Tensor,
+                      cols: Tensor, targets: Tensor) -> Tensor:
+    """One forward over left-padded windows; log-prob of `targets[b]` after `(rows[b], cols[b])`.
+
+    Args:
+        tokens: [D, W] windows; valid: [D, W]; rows, cols, targets: [B].
+
+    Returns:
+        [B] fp32 log-probs (temperature 1).
+    """
+    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    logits = model(tokens, positions, padded_causal_mask(valid))  # [D, W, V/tp]
+    return token_logprobs_vocab_parallel(logits[rows, cols], targets)
