@@ -377,5 +377,6 @@ def load_config(path: str | None = None, overrides: tuple[str, ...] = (),
         if "=" not in item:
             raise ConfigError(f"invalid override {item!r} (allowed: section.key=value)")
         key, value = item.split("=", 1)
-        _apply(cfg, key.strip(), yaml.safe_load(value) if value.strip() else value)
+        # Raw strings, not YAML: a pattern such as `*-*-` would read as a YAML alias.
+        _apply(cfg, key.strip(), value.strip())
     return cfg.validate(world_size)

@@ -44,7 +44,7 @@ def _left_pad(seqs: list[np.ndarray], pad: int) -> tuple[Tensor, Tensor]:
     tokens = torch.full((len(seqs), width), pad, dtype=torch.long)
     valid = torch.zeros(len(seqs), width, dtype=torch.bool)
     for i, s in enumerate(seqs):
-        tokens[i, width - len(s):] = torch.as_tensor(s, dtype=torch.long)
+        tokens[i, width - len(s):] = torch.from_numpy(np.array(s, dtype=np.int64))
         valid[i, width - len(s):] = True
     return tokens, valid
 

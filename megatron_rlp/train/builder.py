@@ -1,0 +1,98 @@
+"""Build everything a run holds: tokenizer, corpus, policy (Megatron DDP), optimizer,
+scheduler and the EMA teacher — all from Megatron-Core's own parts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.models.hybrid.hybrid_model import HybridModel
+from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_rlp.config import RunConfig
+from megatron_rlp.data import TokenizedCorpus, load_corpus
+from megatron_rlp.models.provider import build_model
+from megatron_rlp.scoring.ema_teacher import EMATeacher
+from megatron_rlp.tokenizer import Tokenizer, build_tokenizer
+
+
+@dataclass
+class TrainState:
+    """What a training step reads and mutates."""
+
+    cfg: RunConfig
+    tokenizer: Tokenizer
+    corpus: TokenizedCorpus
+    model: DistributedDataParallel  # the policy, wrapped
+    optimizer: MegatronOptimizer
+    scheduler: OptimizerParamScheduler
+    teacher: EMATeacher | None  # RLP only
+    step: int = 0  # optimizer steps taken
+    consumed_tokens: int = 0
+
+    @property
+    def policy(self) -> HybridModel:
+        """The unwrapped policy (for rollouts: no gradient, no DDP hooks)."""
+        return self.model.module
+
+
+def _stage_flags() -> tuple[bool, bool]:
+    return (parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage())
+
+
+def build_optimizer(cfg: RunConfig, model: DistributedDataParallel
+                    ) -> tuple[MegatronOptimizer, OptimizerParamScheduler]:
+    o = cfg.optimizer
+    bf16 = cfg.precision.params_dtype == "bf16"
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+            clip_grad=o.clip_grad, bf16=bf16,
+            params_dtype=torch.bfloat16 if bf16 else torch.float32,
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        ),
+        [model],
+    )
+    steps = max(cfg.train.steps, 1)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if o.lr_warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+        lr_warmup_steps=o.lr_warmup_steps, lr_decay_steps=max(steps, o.lr_warmup_steps + 1),
+        lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
+        wd_incr_steps=steps, wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+def build_state(cfg: RunConfig) -> TrainState:
+    """Everything for `cfg` on this rank (call after `distributed.initialize`)."""
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    corpus = load_corpus(cfg.data.corpus, tokenizer)
+    pre, post = _stage_flags()
+    policy = build_model(cfg, tokenizer.vocab_size, pre_process=pre, post_process=post)
+    ddp = DistributedDataParallel(
+        config=policy.config,
+        ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        ),
+        module=policy,
+    )
+    # Megatron's schedules call these hooks: DP/SP/embedding gradient reductions and loss scaling.
+    policy.config.finalize_model_grads_func = finalize_model_grads
+    optimizer, scheduler = build_optimizer(cfg, ddp)
+    policy.config.grad_scale_func = optimizer.scale_loss
+    teacher = None
+    if cfg.train.objective == "rlp":
+        shadow = build_model(cfg, tokenizer.vocab_size, pre_process=pre, post_process=post)
+        teacher = EMATeacher(shadow, cfg.rlp.ema_decay)
+    return TrainState(cfg=cfg, tokenizer=tokenizer, corpus=corpus, model=ddp,
+                      optimizer=optimizer, scheduler=scheduler, teacher=teacher)

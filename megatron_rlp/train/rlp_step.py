@@ -1,0 +1,142 @@
+"""One RLP step (RLP.md, "One training step"), readable top to bottom:
+
+    contexts -> rollout (G thoughts each, S_pred) -> teacher S_ema -> reward, advantages
+    -> clipped-surrogate update -> EMA teacher update
+
+Contexts are drawn globally from (seed, step) and split over data-parallel ranks; a
+context's G thoughts stay on its rank, so group advantages need no communication. The
+metrics are global-batch values on every rank.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from megatron.core import parallel_state
+from torch import Tensor
+
+from megatron_rlp.data import ContextSampler
+from megatron_rlp.data.batches import build_rlp_inputs
+from megatron_rlp.objective import (
+    clip_fraction,
+    clipped_surrogate_loss,
+    group_advantages,
+    info_gain_reward,
+)
+from megatron_rlp.rollout.thoughts import PromptBatch, ThoughtBatch, sample_thoughts
+from megatron_rlp.scoring.next_token import score_next_tokens, token_logprobs_vocab_parallel
+from megatron_rlp.train.builder import TrainState
+from megatron_rlp.train.reduce import from_last_stage, gather_data_parallel, mean_data_parallel
+from megatron_rlp.train.timers import PhaseTimer
+from megatron_rlp.train.update import optimizer_update, split_microbatches
+
+
+def local_contexts(state: TrainState, sampler: ContextSampler, step: int):
+    """This data-parallel rank's slice of the step's global contexts, with their global ids."""
+    r = state.cfg.rlp
+    contexts = sampler.sample(step, r.contexts_per_step, r.positions_per_document)
+    dp, rank = (parallel_state.get_data_parallel_world_size(),
+                parallel_state.get_data_parallel_rank())
+    per_rank = len(contexts) // dp
+    ids = list(range(rank * per_rank, (rank + 1) * per_rank))
+    return [contexts[i] for i in ids], ids
+
+
+def update_batch(prompts: PromptBatch, thoughts: ThoughtBatch, advantages: Tensor,
+                 group_size: int, pad: int, think_start: int) -> dict[str, Tensor]:
+    """Right-padded `prefix <think> thought` sequences for the gradient forward.
+
+    Returns a dict of:
+        tokens, positions: [R, S]; index: [R, L] positions whose logits predict thought token
+        k; labels, mask, logp_old: [R, L]; advantages: [R].
+    """
+    lengths = prompts.lengths.repeat_interleave(group_size)  # [R]
+    rows, n = thoughts.tokens.shape
+    width = int((lengths + 1 + thoughts.lengths).max())
+    tokens = torch.full((rows, width), pad, dtype=torch.long)
+    prefixes = prompts.tokens.repeat_interleave(group_size, 0)
+    for r in range(rows):
+        p = int(lengths[r])
+        tokens[r, :p] = prefixes[r, -p:]
+        tokens[r, p] = think_start
+        tokens[r, p + 1:p + 1 + int(thoughts.lengths[r])] = thoughts.tokens[r, :thoughts.lengths[r]]
+    k = torch.arange(n)[None]
+    index = torch.where(thoughts.mask, lengths[:, None] + k, 0)
+    return dict(tokens=tokens, positions=torch.arange(width).expand(rows, -1), index=index,
+                labels=torch.where(thoughts.mask, thoughts.tokens, 0), mask=thoughts.mask,
+                logp_old=thoughts.logprobs, advantages=advantages)
+
+
+def _loss(batch: dict[str, Tensor], scale: float, temperature: float, eps: tuple[float, float],
+          logits: Tensor):
+    """Clipped surrogate on this micro-batch; `scale` makes the micro-batch sum a local mean."""
+    index = batch["index"][..., None].expand(-1, -1, logits.shape[-1])
+    logp_new = token_logprobs_vocab_parallel(logits.gather(1, index), batch["labels"], temperature)
+    args = (logp_new, batch["logp_old"], batch["advantages"], batch["mask"], *eps)
+    loss = clipped_surrogate_loss(*args)
+    return loss * scale, {"loss": loss.detach(), "clip_fraction": clip_fraction(*args)}
+
+
+def _forward_step(scale: float, temperature: float, eps: tuple[float, float], data_iterator,
+                  model):
+    batch = next(data_iterator)
+    logits = model(batch["tokens"], batch["positions"], None)
+    return logits, partial(_loss, batch, scale, temperature, eps)
+
+
+def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer) -> dict[str, float]:
+    """Run RLP step `state.step + 1`; return its global metrics."""
+    cfg, tok = state.cfg, state.tokenizer
+    r, step = cfg.rlp, state.step + 1
+    with timer("rollout"):
+        contexts, ids = local_contexts(state, sampler, step)
+        prompts, windows = build_rlp_inputs(contexts, ids, state.corpus, r.max_prefix_tokens,
+                                            tok.pad)
+        state.policy.eval()
+        thoughts = sample_thoughts(
+            state.policy, prompts, group_size=r.group_size,
+            max_thought_tokens=r.max_thought_tokens, temperature=r.temperature, top_p=r.top_p,
+            think_start=tok.think_start, think_end=tok.think_end, pad=tok.pad,
+            vocab_size=tok.vocab_size, seed=cfg.train.seed, step=step)
+        state.policy.train()
+    with timer("scoring"):
+        if not state.teacher.initialized:
+            state.teacher.initialize_from(state.policy)  # lazy phi <- theta
+        s_ema = score_next_tokens(state.teacher.model, windows.tokens, windows.valid,
+                                  windows.rows, windows.cols, windows.targets)
+        rewards = info_gain_reward(thoughts.s_pred, s_ema.repeat_interleave(r.group_size))
+        advantages = group_advantages(rewards.view(-1, r.group_size)).view(-1)
+    with timer("update"):
+        batch = update_batch(prompts, thoughts, advantages, r.group_size, tok.pad, tok.think_start)
+        mbs = split_microbatches(batch, cfg.train.micro_batch_size)
+        forward = partial(_forward_step, len(mbs[0]["tokens"]) * len(mbs) / len(batch["tokens"]),
+                          r.temperature, (r.clip_eps_low, r.clip_eps_high))
+        losses, grad_norm, applied = optimizer_update(state, mbs, forward,
+                                                      batch["tokens"].shape[1])
+        if applied:
+            state.teacher.update(state.policy)
+            state.step = step
+    local = {k: float(torch.stack([d[k] for d in losses]).mean()) if losses else 0.0
+             for k in ("loss", "clip_fraction")}
+    local = from_last_stage(local, ("loss", "clip_fraction"))
+    g_rewards = gather_data_parallel(rewards)
+    g_adv = gather_data_parallel(advantages)
+    g_len = gather_data_parallel(thoughts.lengths.float())
+    seq_lengths = prompts.lengths.repeat_interleave(r.group_size) + 1 + thoughts.lengths
+    tokens = gather_data_parallel(seq_lengths.float()).sum()
+    state.consumed_tokens += int(tokens)
+    return {
+        "loss": mean_data_parallel(local["loss"]),
+        "reward_mean": float(g_rewards.mean()),
+        "reward_std": float(g_rewards.std()),
+        "advantage_std": float(g_adv.std()),
+        "clip_fraction": mean_data_parallel(local["clip_fraction"]),
+        "thought_len": float(g_len.mean()),
+        "closed_fraction": float(gather_data_parallel(thoughts.closed.float()).mean()),
+        "s_ema": float(gather_data_parallel(s_ema).mean()),
+        "s_pred": float(gather_data_parallel(thoughts.s_pred).mean()),
+        "grad_norm": grad_norm,
+        "tokens": float(tokens),
+        "skipped": float(not applied),
+    }
