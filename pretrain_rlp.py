@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     # Megatron warns at import about optional kernels (TE, Apex) a CPU run never uses, and
     # torch's extension loader about a missing CUDA runtime on CPU machines.
     warnings.filterwarnings("ignore", module=r"megatron\..*")
+    warnings.filterwarnings("ignore", module=r"torch\.distributed\.checkpoint\..*")
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from megatron_rlp import distributed
     from megatron_rlp.train.loop import train

@@ -1,4 +1,4 @@
-"""megatron-rlp: Reinforcement Learning Pretraining (RLP) as a stage of Megatron-Core pretraining."""
+"""megatron-rlp: RLP (reinforcement learning as a pretraining objective) on Megatron-Core."""
 
 from setuptools import find_packages, setup
 

@@ -8,6 +8,7 @@ inside Megatron. Parallel sizes use Megatron's own key names.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -56,8 +57,10 @@ class ModelConfig:
 
     def validate(self) -> None:
         pat = self.hybrid_layer_pattern
-        _check(bool(pat) and set(pat) <= set("M*-E|"), "model.hybrid_layer_pattern", pat,
-               "a non-empty string of M (Mamba), * (attention), - (MLP), E (MoE), | (stage)")
+        # `M` (Mamba-2) and `E` (MoE) need layer specs this package does not ship yet.
+        _check(set(pat) <= set("*-|") and any(c in "*-" for c in pat) and "||" not in pat,
+               "model.hybrid_layer_pattern", pat,
+               "a non-empty string of * (attention) and - (MLP) layers, | between pipeline stages")
         for key in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                     "max_sequence_length", "make_vocab_size_divisible_by"):
             v = getattr(self, key)
@@ -65,6 +68,8 @@ class ModelConfig:
         heads = self.num_attention_heads
         _check(heads % self.num_query_groups == 0, "model.num_query_groups",
                self.num_query_groups, f"a divisor of num_attention_heads={heads}")
+        _check(self.kv_channels is None or self.kv_channels > 0, "model.kv_channels",
+               self.kv_channels, "a positive integer or null")
         if self.kv_channels is None:
             _check(self.hidden_size % self.num_attention_heads == 0, "model.hidden_size",
                    self.hidden_size, "a multiple of num_attention_heads (or set kv_channels)")
@@ -117,7 +122,8 @@ class RLPConfig:
         _check(self.contexts_per_step % self.positions_per_document == 0,
                "rlp.positions_per_document", self.positions_per_document,
                f"a divisor of contexts_per_step={self.contexts_per_step}")
-        _check(self.temperature > 0, "rlp.temperature", self.temperature, "> 0")
+        _check(0 < self.temperature < math.inf, "rlp.temperature", self.temperature,
+               "a finite number > 0")
         _check(0 < self.top_p <= 1, "rlp.top_p", self.top_p, "in (0, 1]")
         _check(0 <= self.ema_decay < 1, "rlp.ema_decay", self.ema_decay, "in [0, 1)")
         _check(0 <= self.clip_eps_low < 1, "rlp.clip_eps_low", self.clip_eps_low, "in [0, 1)")
@@ -141,7 +147,7 @@ class OptimizerConfig:
     clip_grad: float = 1.0
 
     def validate(self) -> None:
-        _check(self.lr > 0, "optimizer.lr", self.lr, "> 0")
+        _check(0 < self.lr < math.inf, "optimizer.lr", self.lr, "a finite number > 0")
         _check(0 <= self.min_lr <= self.lr, "optimizer.min_lr", self.min_lr, "in [0, lr]")
         _check(self.lr_warmup_steps >= 0, "optimizer.lr_warmup_steps", self.lr_warmup_steps,
                ">= 0")
@@ -246,6 +252,9 @@ class RunConfig:
                    self.rlp.contexts_per_step, f"a multiple of the data-parallel size {dp}")
             _check(self.data.ntp_batch_size % dp == 0, "data.ntp_batch_size",
                    self.data.ntp_batch_size, f"a multiple of the data-parallel size {dp}")
+        stages = m.hybrid_layer_pattern.count("|") + 1
+        _check(stages == 1 or stages == pp, "model.hybrid_layer_pattern", m.hybrid_layer_pattern,
+               f"{pp} pipeline stage(s) (| separated) for pipeline_model_parallel_size={pp}")
         _check(pp == 1 or self.train.objective == "ntp", "parallel.pipeline_model_parallel_size",
                pp, "1 for train.objective=rlp (pipeline-parallel rollouts are not built yet)")
         need = self.rlp.max_prefix_tokens + self.rlp.max_thought_tokens + 2

@@ -17,6 +17,7 @@ here runs, or is imported by the training code, on GPU runs.
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 import torch
@@ -175,11 +176,20 @@ def _patch_devices() -> None:
     torch.cuda.max_memory_allocated = lambda *a, **k: 0
 
 
+class _SameGeneratorFilter(logging.Filter):
+    """The tracker warns when the CPU RNG moves inside a CUDA-RNG fork; here both are one
+    generator, so the warning is always true and says nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
 def activate() -> None:
     """Install the CPU backend (idempotent). Call before building any Megatron object."""
     global _ACTIVE
     if _ACTIVE:
         return
+    logging.getLogger("megatron.core.tensor_parallel.random").addFilter(_SameGeneratorFilter())
     _patch_rng()
     _patch_devices()
     _ACTIVE = True

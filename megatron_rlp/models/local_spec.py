@@ -50,8 +50,8 @@ class LocalHybridStack(HybridStack):
 def local_hybrid_stack_spec(qk_layernorm: bool, normalization: str) -> ModuleSpec:
     """HybridStack spec for `*` (attention) and `-` (MLP) layers without Transformer Engine.
 
-    Mamba (`M`) layers come with the hybrid-model work; a pattern using them fails at build
-    time with Megatron's own "unexpected layer" error until then.
+    Mamba (`M`) layers come with the hybrid-model work; config validation refuses them until
+    then (an unset layer kind would silently build as an identity).
     """
     full = get_gpt_layer_local_submodules(qk_layernorm=qk_layernorm, normalization=normalization)
     attention = full.self_attention

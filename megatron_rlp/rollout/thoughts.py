@@ -82,16 +82,22 @@ def sample_thoughts(
     Args:
         model: the policy, unwrapped (one pipeline stage holding the whole model).
         prompts: this rank's contexts.
-        vocab_size: the tokenizer's vocabulary; padded-vocabulary logits are never sampled.
+        vocab_size: the tokenizer's vocabulary; padded-vocabulary ids are never sampled and
+            are left out of every log-prob (as in the update and the teacher's scores).
     """
     b, p = prompts.tokens.shape
     g, n = group_size, max_thought_tokens
     rows, device = b * g, prompts.tokens.device
     engine = KVCacheEngine(model, max_batch_size=rows, max_sequence_length=p + n + 2)
 
+    def real_vocab(next_logits: Tensor) -> Tensor:
+        next_logits[:, vocab_size:] = float("-inf")  # Megatron's vocabulary padding
+        return next_logits
+
     start = torch.full((b, 1), think_start, dtype=torch.long, device=device)
-    logits = engine.prefill(torch.cat([prompts.tokens, start], 1),
-                            torch.cat([prompts.valid, torch.ones_like(start, dtype=torch.bool)], 1))
+    logits = real_vocab(engine.prefill(
+        torch.cat([prompts.tokens, start], 1),
+        torch.cat([prompts.valid, torch.ones_like(start, dtype=torch.bool)], 1)))
     engine.fork(g)
     logits = logits.repeat_interleave(g, 0)
 
@@ -116,7 +122,6 @@ def sample_thoughts(
 
     for k in range(n):
         keys[:, 4] = k
-        logits[:, vocab_size:] = float("-inf")
         tok, lp = sample_tokens(logits, keys, temperature, top_p)
         active = ~finished
         tokens[:, k] = torch.where(active, tok, pad)
@@ -124,14 +129,14 @@ def sample_thoughts(
         mask[:, k] = active
         closing = active & (tok == think_end)
         finished |= closing
-        logits = engine.step(tokens[:, k])
+        logits = real_vocab(engine.step(tokens[:, k]))
         score(logits, closing)
         if bool(finished.all()):
             break
 
     closed = finished.clone()
     if not bool(closed.all()):  # force-close at the limit: `</think>` is given, not sampled
-        logits = engine.step(torch.where(closed, pad, think_end))
+        logits = real_vocab(engine.step(torch.where(closed, pad, think_end)))
         score(logits, ~closed)
     lengths = mask.sum(1)
     return ThoughtBatch(tokens=tokens, mask=mask, logprobs=logprobs, lengths=lengths,

@@ -8,35 +8,48 @@ log p(x_t | x_<t) at every sampled position via Megatron's `vocab_parallel_cross
 from __future__ import annotations
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from torch import Tensor
 
 from megatron_rlp.models.masks import padded_causal_mask
 
 
-def token_logprobs_vocab_parallel(logits: Tensor, targets: Tensor, temperature: float = 1.0
-                                  ) -> Tensor:
-    """log softmax(logits / T)[target] for vocab-sharded logits; differentiable.
+def _mask_padded_shard(logits: Tensor, vocab_size: int) -> Tensor:
+    """-inf on this vocab shard's ids >= vocab_size (Megatron pads the vocabulary for TP)."""
+    shard = logits.shape[-1]
+    start = parallel_state.get_tensor_model_parallel_rank() * shard
+    ids = torch.arange(start, start + shard, device=logits.device)
+    return logits.masked_fill(ids >= vocab_size, float("-inf"))
+
+
+def token_logprobs_vocab_parallel(logits: Tensor, targets: Tensor, vocab_size: int,
+                                  temperature: float = 1.0) -> Tensor:
+    """log softmax(logits / T)[target] over the real vocabulary, for vocab-sharded logits;
+    differentiable. Padded ids are excluded, as they are when sampling.
 
     Args:
         logits: [..., V/tp] this rank's vocabulary shard.
         targets: [...] global token ids.
+        vocab_size: the tokenizer's vocabulary (unpadded).
     """
-    flat = (logits.float() / temperature).reshape(1, -1, logits.shape[-1])
+    logits = _mask_padded_shard(logits.float(), vocab_size)
+    flat = (logits / temperature).reshape(1, -1, logits.shape[-1])
     return -vocab_parallel_cross_entropy(flat, targets.reshape(1, -1)).reshape(targets.shape)
 
 
 @torch.no_grad()
 def score_next_tokens(model: torch.nn.Module, tokens: Tensor, valid: Tensor, rows: Tensor,
-                      cols: Tensor, targets: Tensor) -> Tensor:
+                      cols: Tensor, targets: Tensor, vocab_size: int) -> Tensor:
     """One forward over left-padded windows; log-prob of `targets[b]` after `(rows[b], cols[b])`.
 
     Args:
         tokens: [D, W] windows; valid: [D, W]; rows, cols, targets: [B].
+        vocab_size: the tokenizer's vocabulary (padded ids are excluded).
 
     Returns:
         [B] fp32 log-probs (temperature 1).
     """
     positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     logits = model(tokens, positions, padded_causal_mask(valid))  # [D, W, V/tp]
-    return token_logprobs_vocab_parallel(logits[rows, cols], targets)
+    return token_logprobs_vocab_parallel(logits[rows, cols], targets, vocab_size)

@@ -11,6 +11,7 @@ from megatron_rlp.train.reduce import from_last_stage, mean_data_parallel
 from megatron_rlp.train.timers import PhaseTimer
 from megatron_rlp.train.update import optimizer_update, split_microbatches
 
+
 def _loss(logits_or_loss: torch.Tensor):
     """Megatron returns per-token losses [b, s] when labels are given."""
     loss = logits_or_loss.float().mean()

@@ -68,21 +68,22 @@ def update_batch(prompts: PromptBatch, thoughts: ThoughtBatch, advantages: Tenso
                 logp_old=thoughts.logprobs, advantages=advantages)
 
 
-def _loss(batch: dict[str, Tensor], scale: float, temperature: float, eps: tuple[float, float],
-          logits: Tensor):
+def _loss(batch: dict[str, Tensor], scale: float, vocab_size: int, temperature: float,
+          eps: tuple[float, float], logits: Tensor):
     """Clipped surrogate on this micro-batch; `scale` makes the micro-batch sum a local mean."""
     index = batch["index"][..., None].expand(-1, -1, logits.shape[-1])
-    logp_new = token_logprobs_vocab_parallel(logits.gather(1, index), batch["labels"], temperature)
+    logp_new = token_logprobs_vocab_parallel(logits.gather(1, index), batch["labels"], vocab_size,
+                                             temperature)
     args = (logp_new, batch["logp_old"], batch["advantages"], batch["mask"], *eps)
     loss = clipped_surrogate_loss(*args)
     return loss * scale, {"loss": loss.detach(), "clip_fraction": clip_fraction(*args)}
 
 
-def _forward_step(scale: float, temperature: float, eps: tuple[float, float], data_iterator,
-                  model):
+def _forward_step(scale: float, vocab_size: int, temperature: float, eps: tuple[float, float],
+                  data_iterator, model):
     batch = next(data_iterator)
     logits = model(batch["tokens"], batch["positions"], None)
-    return logits, partial(_loss, batch, scale, temperature, eps)
+    return logits, partial(_loss, batch, scale, vocab_size, temperature, eps)
 
 
 def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer) -> dict[str, float]:
@@ -104,14 +105,14 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer) -> d
         if not state.teacher.initialized:
             state.teacher.initialize_from(state.policy)  # lazy phi <- theta
         s_ema = score_next_tokens(state.teacher.model, windows.tokens, windows.valid,
-                                  windows.rows, windows.cols, windows.targets)
+                                  windows.rows, windows.cols, windows.targets, tok.vocab_size)
         rewards = info_gain_reward(thoughts.s_pred, s_ema.repeat_interleave(r.group_size))
         advantages = group_advantages(rewards.view(-1, r.group_size)).view(-1)
     with timer("update"):
         batch = update_batch(prompts, thoughts, advantages, r.group_size, tok.pad, tok.think_start)
         mbs = split_microbatches(batch, cfg.train.micro_batch_size)
         forward = partial(_forward_step, len(mbs[0]["tokens"]) * len(mbs) / len(batch["tokens"]),
-                          r.temperature, (r.clip_eps_low, r.clip_eps_high))
+                          tok.vocab_size, r.temperature, (r.clip_eps_low, r.clip_eps_high))
         losses, grad_norm, applied = optimizer_update(state, mbs, forward,
                                                       batch["tokens"].shape[1])
         if applied:
