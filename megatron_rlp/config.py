@@ -244,6 +244,9 @@ class RunConfig:
                f"a divisor of model.num_query_groups={m.num_query_groups}")
         _check(m.ffn_hidden_size % tp == 0, "parallel.tensor_model_parallel_size", tp,
                f"a divisor of model.ffn_hidden_size={m.ffn_hidden_size}")
+        _check(m.make_vocab_size_divisible_by % tp == 0, "parallel.tensor_model_parallel_size",
+               tp, f"a divisor of model.make_vocab_size_divisible_by="
+               f"{m.make_vocab_size_divisible_by} (the padded vocabulary is split over TP)")
         if world_size is not None:
             _check(world_size % (tp * pp) == 0, "parallel.tensor_model_parallel_size", tp,
                    f"TP*PP dividing the world size {world_size}")
@@ -255,6 +258,9 @@ class RunConfig:
         stages = m.hybrid_layer_pattern.count("|") + 1
         _check(stages == 1 or stages == pp, "model.hybrid_layer_pattern", m.hybrid_layer_pattern,
                f"{pp} pipeline stage(s) (| separated) for pipeline_model_parallel_size={pp}")
+        _check(not p.sequence_parallel or self.train.objective == "ntp",
+               "parallel.sequence_parallel", p.sequence_parallel,
+               "false for train.objective=rlp (sequence-parallel rollouts are not built yet)")
         _check(pp == 1 or self.train.objective == "ntp", "parallel.pipeline_model_parallel_size",
                pp, "1 for train.objective=rlp (pipeline-parallel rollouts are not built yet)")
         need = self.rlp.max_prefix_tokens + self.rlp.max_thought_tokens + 2

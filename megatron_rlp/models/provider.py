@@ -18,10 +18,14 @@ from megatron_rlp.config import RunConfig
 from megatron_rlp.models.local_spec import local_hybrid_stack_spec
 
 
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
-    """Megatron pads the vocabulary so every tensor-parallel shard is equal and aligned."""
-    multiple = divisible_by * tp_size
-    return ((vocab_size + multiple - 1) // multiple) * multiple
+def padded_vocab_size(vocab_size: int, divisible_by: int) -> int:
+    """Pad the vocabulary to a multiple of `divisible_by` (config requires TP to divide it).
+
+    Megatron-LM pads to a multiple of `divisible_by * TP`, which makes the embedding shape
+    depend on the layout; here it does not, so every layout starts from identical weights and
+    checkpoints move between TP sizes.
+    """
+    return -(-vocab_size // divisible_by) * divisible_by
 
 
 def num_layers(pattern: str) -> int:
@@ -87,8 +91,7 @@ def build_model(cfg: RunConfig, vocab_size: int, pre_process: bool = True,
     return HybridModel(
         config=config,
         hybrid_stack_spec=local_hybrid_stack_spec(m.qk_layernorm, m.normalization),
-        vocab_size=padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by,
-                                     cfg.parallel.tensor_model_parallel_size),
+        vocab_size=padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by),
         max_sequence_length=m.max_sequence_length,
         hybrid_layer_pattern=m.hybrid_layer_pattern,
         pre_process=pre_process,

@@ -34,6 +34,22 @@ def test_shipped_corpus_loads():
     assert 1_000_000 < corpus.num_tokens < 3_000_000
 
 
+def test_shipped_corpus_has_closed_thoughts_in_part_of_it():
+    corpus = load_corpus(SHIPPED, TOK)
+    lengths, thinking = [], 0
+    for doc in corpus.documents:
+        starts = np.flatnonzero(doc == TOK.think_start)
+        ends = np.flatnonzero(doc == TOK.think_end)
+        assert len(starts) == len(ends)
+        assert np.all(starts < ends) and np.all(ends[:-1] < starts[1:])  # closed, not nested
+        lengths += (ends - starts - 1).tolist()
+        thinking += len(starts) > 0
+        text = TOK.decode(doc)
+        assert "<think" not in text.replace("<think>", "")  # no marker left as bytes
+    assert 0.3 < thinking / len(corpus) < 0.7  # the rest of the documents have no thought
+    assert 5 < np.mean(lengths) < 40 and max(lengths) <= 64
+
+
 def test_jsonl_and_txt(tmp_path, corpus):
     assert len(corpus) == 20 and corpus.eos == TOK.eos
     assert TOK.decode(corpus.documents[1]) == "short!"

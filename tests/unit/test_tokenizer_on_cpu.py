@@ -48,8 +48,31 @@ def test_byte_round_trip_and_specials():
     assert tok.decode([tok.think_start, *tok.encode("x"), tok.think_end, tok.eos]) == (
         f"{THINK_START}x{THINK_END}<eos>"
     )
-    assert tok.encode(THINK_START) == list(b"<think>")  # text never becomes a special
     assert tok.unique_identifiers["class"] == "ByteTokenizer"
+
+
+def test_byte_encodes_special_text_as_special_ids():
+    tok = ByteTokenizer()
+    assert tok.encode(THINK_START) == [tok.think_start]
+    assert tok.encode(THINK_END) == [tok.think_end]
+    assert tok.encode("<pad><bos><eos>") == [tok.pad, tok.bos, tok.eos]
+    text = "17 + 25 = <think>17+25=42</think>42."
+    ids = tok.encode(text)
+    assert ids == [*b"17 + 25 = ", tok.think_start, *b"17+25=42", tok.think_end, *b"42."]
+    assert ids.count(tok.think_start) == 1 and ids.count(tok.think_end) == 1
+    assert tok.decode(ids) == text
+    # Partial or altered markers stay bytes.
+    for partial in ("<thin", "<think", "think>", "</think", "<THINK>", "< think>", "<eos"):
+        assert tok.encode(partial) == list(partial.encode("utf-8"))
+    assert tok.encode("<<think>>") == [ord("<"), tok.think_start, ord(">")]
+    assert tok.encode("<thin<think>k>") == [*b"<thin", tok.think_start, *b"k>"]
+    # Round trip both ways: ids with specials -> text -> the same ids.
+    mixed = [*"é数".encode(), tok.think_start, *b"a<b", tok.think_end, tok.eos, *b"</", tok.bos]
+    assert tok.encode(tok.decode(mixed)) == mixed
+    assert tok.decode(tok.encode(TEXT + THINK_START + TEXT + THINK_END)) == (
+        TEXT + THINK_START + TEXT + THINK_END
+    )
+    assert tok.encode_batch(["a<think>", "b"]) == [[ord("a"), tok.think_start], [ord("b")]]
 
 
 def test_byte_decode_invalid_utf8_and_bad_id():

@@ -1,0 +1,71 @@
+"""One real RLP step on one rank (gloo, CPU): finite metrics, the policy moves, and the EMA
+teacher moves by exactly (1 - tau) * (theta - phi)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from megatron_rlp import distributed
+from megatron_rlp.config import load_config
+from megatron_rlp.data import ContextSampler
+from megatron_rlp.train.builder import build_state
+from megatron_rlp.train.rlp_step import rlp_step
+from megatron_rlp.train.timers import PhaseTimer
+
+TINY = (
+    "model.hybrid_layer_pattern=*-*-", "model.hidden_size=64", "model.ffn_hidden_size=128",
+    "model.num_attention_heads=4", "model.num_query_groups=2", "model.max_sequence_length=64",
+    "rlp.contexts_per_step=4", "rlp.group_size=3", "rlp.max_thought_tokens=4",
+    "rlp.min_prefix_tokens=8", "rlp.max_prefix_tokens=32", "rlp.ema_decay=0.9",
+    "optimizer.lr=1e-2", "train.seed=7",
+)
+
+
+@pytest.fixture(scope="module")
+def state():
+    cfg = load_config("examples/configs/tiny_cpu.yaml", TINY, world_size=1)
+    distributed.initialize(cfg)
+    yield build_state(cfg)
+    distributed.shutdown()
+
+
+def _params(module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def test_rlp_steps_update_policy_and_teacher(state):
+    cfg = state.cfg
+    sampler = ContextSampler(state.corpus, cfg.rlp.min_prefix_tokens, cfg.rlp.max_prefix_tokens,
+                             cfg.train.seed)
+    tau = cfg.rlp.ema_decay
+    assert not state.teacher.initialized
+    theta0 = _params(state.policy)
+
+    metrics = rlp_step(state, sampler, PhaseTimer())
+    assert state.step == 1 and metrics["skipped"] == 0.0
+    for key in ("loss", "reward_mean", "reward_std", "advantage_std", "s_ema", "s_pred",
+                "grad_norm", "thought_len"):
+        assert math.isfinite(metrics[key]), key
+    assert metrics["grad_norm"] > 0
+    assert 1 <= metrics["thought_len"] <= cfg.rlp.max_thought_tokens
+    # S_ema is scored by the lazily initialised teacher (phi = theta0); reward = S_pred - S_ema.
+    assert metrics["reward_mean"] == pytest.approx(metrics["s_pred"] - metrics["s_ema"], abs=1e-5)
+
+    theta1 = _params(state.policy)
+    assert any(not torch.equal(theta0[n], theta1[n]) for n in theta0), "policy did not move"
+    phi1 = _params(state.teacher.model)
+    for n, phi in phi1.items():  # phi0 = theta0 (lazy init), then one EMA update
+        moved = phi - theta0[n]
+        torch.testing.assert_close(moved, (1 - tau) * (theta1[n] - theta0[n]),
+                                   atol=1e-7, rtol=1e-5)
+
+    rlp_step(state, sampler, PhaseTimer())
+    theta2, phi2 = _params(state.policy), _params(state.teacher.model)
+    for n in phi2:
+        torch.testing.assert_close(phi2[n] - phi1[n], (1 - tau) * (theta2[n] - phi1[n]),
+                                   atol=1e-7, rtol=1e-5)
+    assert all(p.dtype == torch.float32 and not p.requires_grad
+               for p in state.teacher.model.parameters())
