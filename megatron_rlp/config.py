@@ -258,11 +258,6 @@ class RunConfig:
         stages = m.hybrid_layer_pattern.count("|") + 1
         _check(stages == 1 or stages == pp, "model.hybrid_layer_pattern", m.hybrid_layer_pattern,
                f"{pp} pipeline stage(s) (| separated) for pipeline_model_parallel_size={pp}")
-        _check(not p.sequence_parallel or self.train.objective == "ntp",
-               "parallel.sequence_parallel", p.sequence_parallel,
-               "false for train.objective=rlp (sequence-parallel rollouts are not built yet)")
-        _check(pp == 1 or self.train.objective == "ntp", "parallel.pipeline_model_parallel_size",
-               pp, "1 for train.objective=rlp (pipeline-parallel rollouts are not built yet)")
         need = self.rlp.max_prefix_tokens + self.rlp.max_thought_tokens + 2
         if self.train.objective == "ntp":
             need = self.data.ntp_seq_length

@@ -184,6 +184,17 @@ class _SameGeneratorFilter(logging.Filter):
         return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
 
 
+def _patch_inference_checks() -> None:
+    """Megatron's inference p2p helpers (used by pipeline-parallel rollouts) assert
+    `tensor.is_cuda`; here the accelerator is the CPU."""
+    from megatron.core.inference import communication_utils
+
+    def _is_cuda(tensor: torch.Tensor) -> None:
+        assert tensor is not None
+
+    communication_utils._is_cuda = _is_cuda
+
+
 def activate() -> None:
     """Install the CPU backend (idempotent). Call before building any Megatron object."""
     global _ACTIVE
@@ -192,4 +203,5 @@ def activate() -> None:
     logging.getLogger("megatron.core.tensor_parallel.random").addFilter(_SameGeneratorFilter())
     _patch_rng()
     _patch_devices()
+    _patch_inference_checks()
     _ACTIVE = True

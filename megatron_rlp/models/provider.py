@@ -16,6 +16,7 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_rlp.config import RunConfig
 from megatron_rlp.models.local_spec import local_hybrid_stack_spec
+from megatron_rlp.models.seeded_init import seed_generator, seed_layers_by_number
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int) -> int:
@@ -88,9 +89,11 @@ def build_model(cfg: RunConfig, vocab_size: int, pre_process: bool = True,
     """Build this rank's shard of the model (`vocab_size` is the tokenizer's, unpadded)."""
     m = cfg.model
     config = transformer_config(cfg)
+    spec = local_hybrid_stack_spec(m.qk_layernorm, m.normalization)
+    seed_generator(cfg.train.seed)  # embedding (first stage) and output layer (after the layers)
     return HybridModel(
         config=config,
-        hybrid_stack_spec=local_hybrid_stack_spec(m.qk_layernorm, m.normalization),
+        hybrid_stack_spec=seed_layers_by_number(spec, cfg.train.seed),
         vocab_size=padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by),
         max_sequence_length=m.max_sequence_length,
         hybrid_layer_pattern=m.hybrid_layer_pattern,

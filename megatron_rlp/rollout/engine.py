@@ -20,13 +20,18 @@ from megatron.core.inference.utils import InferenceMode
 from torch import Tensor
 
 from megatron_rlp.models.masks import padded_causal_mask
+from megatron_rlp.parallel.pipeline import stage_forward
+from megatron_rlp.parallel.sequence import sequence_parallel_off
 
 
 class KVCacheEngine:
     """Prefill a left-padded batch once, fork each row G ways, then decode one token a step.
 
+    With pipeline parallel every stage holds its own layers' cache and runs the same calls;
+    logits come back on the last stage only (None elsewhere).
+
     Args:
-        model: an unwrapped Megatron language model (`HybridModel`), one pipeline stage.
+        model: an unwrapped Megatron language model (`HybridModel`), this rank's stage.
         max_batch_size: rows after forking (contexts x thoughts).
         max_sequence_length: prompt + generated tokens.
     """
@@ -37,17 +42,16 @@ class KVCacheEngine:
         self.key_valid: Tensor | None = None  # [R, max_seq] bool: keys a row may attend to
 
     @torch.no_grad()
-    def _forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
+    def _forward(self, tokens: Tensor, mask: Tensor) -> Tensor | None:
         positions = torch.arange(
             self.ctx.sequence_len_offset, self.ctx.sequence_len_offset + tokens.shape[1],
             device=tokens.device,
         ).expand_as(tokens)
-        with InferenceMode.active():
-            logits = self.model(
-                tokens, positions, mask, inference_context=self.ctx, runtime_gather_output=True
-            )
+        with InferenceMode.active(), sequence_parallel_off(self.model):
+            logits = stage_forward(self.model, tokens, positions, mask,
+                                   inference_context=self.ctx, runtime_gather_output=True)
         self.ctx.increment_sequence_len_offset(tokens.shape[1])
-        return logits[:, -1, :].float()
+        return None if logits is None else logits[:, -1, :].float()
 
     def prefill(self, tokens: Tensor, valid: Tensor) -> Tensor:
         """Encode left-padded prompts.
@@ -57,7 +61,8 @@ class KVCacheEngine:
             valid: [B, P] bool, False on padding.
 
         Returns:
-            [B, V] fp32 logits of the next token after each prompt (full vocabulary).
+            [B, V] fp32 logits of the next token after each prompt (full vocabulary; last
+            pipeline stage only, else None).
         """
         self.ctx.reset()
         self.ctx.key_value_memory_dict.clear()
@@ -83,7 +88,7 @@ class KVCacheEngine:
             tokens: [R] token ids.
 
         Returns:
-            [R, V] fp32 next-token logits.
+            [R, V] fp32 next-token logits (last pipeline stage only, else None).
         """
         pos = self.ctx.sequence_len_offset
         self.key_valid[:, pos] = True

@@ -7,7 +7,8 @@ reasoned predictor's distribution for the real next token: S_pred = log p_theta(
 c) costs one extra decode step per thought, on the sampling cache.
 
 Randomness is keyed by (seed, step, context id, thought index, token index) — see
-`sampling.keyed_uniform` — so any parallel layout draws the same thoughts.
+`sampling.keyed_uniform` — so any parallel layout draws the same thoughts. With pipeline
+parallel every stage runs this loop; the last stage samples and broadcasts the tokens.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from megatron_rlp.parallel.pipeline import from_last_stage
 from megatron_rlp.rollout.engine import KVCacheEngine
 from megatron_rlp.rollout.sampling import sample_tokens
 
@@ -90,8 +92,9 @@ def sample_thoughts(
     rows, device = b * g, prompts.tokens.device
     engine = KVCacheEngine(model, max_batch_size=rows, max_sequence_length=p + n + 2)
 
-    def real_vocab(next_logits: Tensor) -> Tensor:
-        next_logits[:, vocab_size:] = float("-inf")  # Megatron's vocabulary padding
+    def real_vocab(next_logits: Tensor | None) -> Tensor | None:
+        if next_logits is not None:  # None off the last pipeline stage
+            next_logits[:, vocab_size:] = float("-inf")  # Megatron's vocabulary padding
         return next_logits
 
     start = torch.full((b, 1), think_start, dtype=torch.long, device=device)
@@ -99,7 +102,8 @@ def sample_thoughts(
         torch.cat([prompts.tokens, start], 1),
         torch.cat([prompts.valid, torch.ones_like(start, dtype=torch.bool)], 1)))
     engine.fork(g)
-    logits = logits.repeat_interleave(g, 0)
+    if logits is not None:
+        logits = logits.repeat_interleave(g, 0)
 
     keys = torch.stack([
         torch.full((rows,), seed, dtype=torch.long, device=device),
@@ -116,13 +120,23 @@ def sample_thoughts(
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     s_pred = torch.full((rows,), float("nan"), dtype=torch.float32, device=device)
 
-    def score(next_logits: Tensor, which: Tensor) -> None:
-        lp = torch.log_softmax(next_logits[which], dim=-1)
-        s_pred[which] = lp.gather(1, targets[which, None])[:, 0]
+    def score(next_logits: Tensor | None, which: Tensor) -> None:
+        if next_logits is not None:  # S_pred lives on the last stage until the end
+            lp = torch.log_softmax(next_logits[which], dim=-1)
+            s_pred[which] = lp.gather(1, targets[which, None])[:, 0]
+
+    def sample(next_logits: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Sample on the last stage; every stage gets (tokens, log-probs) to feed and record."""
+        packed = None
+        if next_logits is not None:
+            tok, lp = sample_tokens(next_logits, keys, temperature, top_p)
+            packed = torch.stack([tok.double(), lp.double()])  # ids < 2**53: exact in fp64
+        packed = from_last_stage(packed, (2, rows), torch.float64)
+        return packed[0].long(), packed[1].float()
 
     for k in range(n):
         keys[:, 4] = k
-        tok, lp = sample_tokens(logits, keys, temperature, top_p)
+        tok, lp = sample(logits)
         active = ~finished
         tokens[:, k] = torch.where(active, tok, pad)
         logprobs[:, k] = torch.where(active, lp, 0.0)
@@ -139,5 +153,6 @@ def sample_thoughts(
         logits = real_vocab(engine.step(torch.where(closed, pad, think_end)))
         score(logits, ~closed)
     lengths = mask.sum(1)
+    s_pred = from_last_stage(s_pred, (rows,), torch.float32)
     return ThoughtBatch(tokens=tokens, mask=mask, logprobs=logprobs, lengths=lengths,
                         closed=closed, s_pred=s_pred)

@@ -13,6 +13,8 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from torch import Tensor
 
 from megatron_rlp.models.masks import padded_causal_mask
+from megatron_rlp.parallel.pipeline import from_last_stage, stage_forward
+from megatron_rlp.parallel.sequence import sequence_parallel_off
 
 
 def _mask_padded_shard(logits: Tensor, vocab_size: int) -> Tensor:
@@ -48,8 +50,12 @@ def score_next_tokens(model: torch.nn.Module, tokens: Tensor, valid: Tensor, row
         vocab_size: the tokenizer's vocabulary (padded ids are excluded).
 
     Returns:
-        [B] fp32 log-probs (temperature 1).
+        [B] fp32 log-probs (temperature 1), on every pipeline stage.
     """
     positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-    logits = model(tokens, positions, padded_causal_mask(valid))  # [D, W, V/tp]
-    return token_logprobs_vocab_parallel(logits[rows, cols], targets, vocab_size)
+    with sequence_parallel_off(model):
+        logits = stage_forward(model, tokens, positions, padded_causal_mask(valid))  # [D,W,V/tp]
+    scores = None
+    if logits is not None:
+        scores = token_logprobs_vocab_parallel(logits[rows, cols], targets, vocab_size)
+    return from_last_stage(scores, tuple(targets.shape), torch.float32)

@@ -44,8 +44,10 @@ def local_contexts(state: TrainState, sampler: ContextSampler, step: int):
 
 
 def update_batch(prompts: PromptBatch, thoughts: ThoughtBatch, advantages: Tensor,
-                 group_size: int, pad: int, think_start: int) -> dict[str, Tensor]:
-    """Right-padded `prefix <think> thought` sequences for the gradient forward.
+                 group_size: int, pad: int, think_start: int, multiple: int = 1
+                 ) -> dict[str, Tensor]:
+    """Right-padded `prefix <think> thought` sequences for the gradient forward; the width is
+    a multiple of `multiple` (the TP size under sequence parallel).
 
     Returns a dict of:
         tokens, positions: [R, S]; index: [R, L] positions whose logits predict thought token
@@ -54,6 +56,7 @@ def update_batch(prompts: PromptBatch, thoughts: ThoughtBatch, advantages: Tenso
     lengths = prompts.lengths.repeat_interleave(group_size)  # [R]
     rows, n = thoughts.tokens.shape
     width = int((lengths + 1 + thoughts.lengths).max())
+    width = -(-width // multiple) * multiple
     tokens = torch.full((rows, width), pad, dtype=torch.long)
     prefixes = prompts.tokens.repeat_interleave(group_size, 0)
     for r in range(rows):
@@ -109,7 +112,9 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer) -> d
         rewards = info_gain_reward(thoughts.s_pred, s_ema.repeat_interleave(r.group_size))
         advantages = group_advantages(rewards.view(-1, r.group_size)).view(-1)
     with timer("update"):
-        batch = update_batch(prompts, thoughts, advantages, r.group_size, tok.pad, tok.think_start)
+        sp = cfg.parallel.sequence_parallel
+        batch = update_batch(prompts, thoughts, advantages, r.group_size, tok.pad, tok.think_start,
+                             cfg.parallel.tensor_model_parallel_size if sp else 1)
         mbs = split_microbatches(batch, cfg.train.micro_batch_size)
         forward = partial(_forward_step, len(mbs[0]["tokens"]) * len(mbs) / len(batch["tokens"]),
                           tok.vocab_size, r.temperature, (r.clip_eps_low, r.clip_eps_high))

@@ -1,5 +1,15 @@
-"""`torchrun` with 2 gloo processes: data- and tensor-parallel RLP runs report what the
-one-rank run reports (rewards, losses, grad norms), step by step."""
+"""Layout equivalence under `torchrun` with gloo: data, tensor (with and without sequence
+parallel) and pipeline parallel RLP runs, and the distributed optimizer, compute what the
+one-rank run computes — per-step metrics for 3 steps and the final parameters.
+
+Tolerances (fp32): S_ema/S_pred and the other direct quantities match to 1e-5 relative.
+Rewards are differences of O(5) log-probs, so they are compared at 1e-5 of the log-prob
+scale; advantages and gradients are differences of rewards, where an fp32 reduction-order
+difference of ~3e-7 in each log-prob is ~1e-5 of a typical advantage, hence 1e-4 there.
+The optimizer is set where Adam is well conditioned (eps 1e-4): with eps -> 0 Adam is
+sign(g)-like and turns last-bit gradient noise on near-zero elements into lr-sized steps in
+any layout, which says nothing about parallel correctness.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +20,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -17,37 +29,77 @@ SMALL = (
     "model.hybrid_layer_pattern=*-*-", "model.hidden_size=64", "model.ffn_hidden_size=128",
     "model.num_attention_heads=4", "model.num_query_groups=2", "model.max_sequence_length=96",
     "rlp.contexts_per_step=4", "rlp.group_size=4", "rlp.max_thought_tokens=6",
-    "rlp.min_prefix_tokens=8", "rlp.max_prefix_tokens=64", "optimizer.lr=1e-2",
-    "train.steps=3", "device.num_threads=1",
+    "rlp.min_prefix_tokens=8", "rlp.max_prefix_tokens=64", "optimizer.lr=1e-3",
+    "optimizer.adam_eps=1e-4", "train.steps=3", "device.num_threads=1",
 )
-KEYS = ("loss", "reward_mean", "reward_std", "advantage_std", "clip_fraction", "thought_len",
-        "s_ema", "s_pred", "grad_norm", "lr")
+DIRECT = ("s_ema", "s_pred", "thought_len", "closed_fraction", "clip_fraction", "lr", "tokens")
+REWARDS = ("reward_mean", "reward_std")
+GRADIENTS = ("advantage_std", "grad_norm")
 
 
-def run(tmp: Path, nproc: int, *overrides: str) -> list[dict]:
-    metrics = tmp / f"metrics_{nproc}_{abs(hash(overrides))}.jsonl"
+def run(tmp: Path, nproc: int, *overrides: str) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """Train 3 steps; return the metrics and the final checkpoint's model tensors."""
     cmd = [TORCHRUN, "--standalone", "--nproc-per-node", str(nproc), "pretrain_rlp.py",
            "--config", "examples/configs/tiny_cpu.yaml", *SMALL, *overrides,
-           f"train.metrics_file={metrics}"]
+           f"train.metrics_file={tmp / 'metrics.jsonl'}", f"train.save={tmp / 'ckpt'}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [json.loads(line) for line in metrics.read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp / "metrics.jsonl").read_text().splitlines()]
+    latest = (tmp / "ckpt" / "latest").read_text().strip()
+    dcp_to_torch_save(tmp / "ckpt" / latest, tmp / "final.pt")
+    state = torch.load(tmp / "final.pt", weights_only=False)
+    params = {k: v for k, v in state.items() if k.startswith("model.")
+              and isinstance(v, torch.Tensor) and "_extra_state" not in k}
+    return rows, params
 
 
 @pytest.fixture(scope="module")
-def one_rank(tmp_path_factory) -> list[dict]:
+def one_rank(tmp_path_factory):
     return run(tmp_path_factory.mktemp("one"), 1)
 
 
-@pytest.mark.parametrize("layout", [
-    pytest.param((), id="dp2"),
-    pytest.param(("parallel.tensor_model_parallel_size=2",), id="tp2"),
-])
+def assert_metrics_match(ref: list[dict], got: list[dict]) -> None:
+    assert [r["step"] for r in got] == [r["step"] for r in ref] == [1, 2, 3]
+    for a, b in zip(ref, got, strict=True):
+        scale = abs(a["s_ema"])
+        checks = [(k, 1e-5, 0.0) for k in DIRECT] + [(k, 1e-5, 1e-5 * scale) for k in REWARDS]
+        checks += [(k, 1e-4, 0.0) for k in GRADIENTS] + [("loss", 0.0, 1e-6)]
+        for key, rel, abs_ in checks:
+            assert math.isclose(b[key], a[key], rel_tol=rel, abs_tol=abs_), (
+                f"step {a['step']} {key}: {b[key]} vs one rank {a[key]}")
+
+
+LAYOUTS = {
+    "dp2": (),
+    "tp2": ("parallel.tensor_model_parallel_size=2",),
+    "tp2-sequence-parallel": ("parallel.tensor_model_parallel_size=2",
+                              "parallel.sequence_parallel=true"),
+    "pp2": ("parallel.pipeline_model_parallel_size=2",),
+}
+
+
+def assert_params_match(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
+    """Each tensor within 1e-5 of its own scale (its largest entry): elementwise relative error
+    is meaningless on entries that pass through zero."""
+    assert got.keys() == ref.keys()
+    for name, value in ref.items():
+        err = (got[name] - value).abs().max().item()
+        assert err <= 1e-5 * value.abs().max().item(), f"{name}: max |diff| {err:.2e}"
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_two_ranks_match_one_rank(one_rank, tmp_path, layout):
-    rows = run(tmp_path, 2, *layout)
-    assert [r["step"] for r in rows] == [r["step"] for r in one_rank] == [1, 2, 3]
-    for ref, got in zip(one_rank, rows, strict=True):
-        for key in KEYS:
-            # abs floor: rewards and losses are differences of O(1) log-probs, near 0
-            assert math.isclose(got[key], ref[key], rel_tol=1e-5, abs_tol=1e-5), (
-                f"step {ref['step']} {key}: {got[key]} vs one rank {ref[key]}")
+    ref_rows, ref_params = one_rank
+    rows, params = run(tmp_path, 2, *LAYOUTS[layout])
+    assert_metrics_match(ref_rows, rows)
+    assert_params_match(ref_params, params)
+
+
+@pytest.mark.slow
+def test_tp2_pp2_matches_one_rank(one_rank, tmp_path):
+    """4 processes: kept out of the default suite on a 2-core machine (`pytest -m slow`)."""
+    ref_rows, ref_params = one_rank
+    rows, params = run(tmp_path, 4, "parallel.tensor_model_parallel_size=2",
+                       "parallel.pipeline_model_parallel_size=2")
+    assert_metrics_match(ref_rows, rows)
+    assert_params_match(ref_params, params)
