@@ -19,7 +19,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 
 def seed_generator(seed: int, layer_number: int = 0) -> None:
-    """Seed the CPU generator (only it: the CUDA generators and Megatron's tracker are untouched)."""
+    """Seed the CPU generator only (the CUDA generators and Megatron's tracker are untouched)."""
     torch.default_generator.manual_seed((seed * 1_000_003 + layer_number) % (2**63))
 
 

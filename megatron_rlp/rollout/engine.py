@@ -14,6 +14,9 @@ Triton (no CPU path); the static context runs the same attention code on CPU and
 
 from __future__ import annotations
 
+import functools
+from contextlib import contextmanager
+
 import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.inference.utils import InferenceMode
@@ -22,6 +25,30 @@ from torch import Tensor
 from megatron_rlp.models.masks import padded_causal_mask
 from megatron_rlp.parallel.pipeline import stage_forward
 from megatron_rlp.parallel.sequence import sequence_parallel_off
+
+
+@contextmanager
+def _vocab_shards(model: torch.nn.Module):
+    """Keep the output layer's logits vocabulary-parallel.
+
+    `HybridModel.forward` asserts `runtime_gather_output=True` in inference mode; the rollout
+    sampler works on shards (`vocab_parallel.sample_vocab_parallel`), so the output layer is
+    told not to gather, sparing an all-gather of [R, V] logits per decode step.
+    """
+    layer = getattr(model, "output_layer", None)  # absent before the last pipeline stage
+    if layer is None:
+        yield
+        return
+    forward = layer.forward
+    layer.forward = functools.partial(_no_gather, forward)
+    try:
+        yield
+    finally:
+        del layer.forward  # back to the class method
+
+
+def _no_gather(forward, input_, weight=None, runtime_gather_output=None):
+    return forward(input_, weight=weight, runtime_gather_output=False)
 
 
 class KVCacheEngine:
@@ -47,7 +74,7 @@ class KVCacheEngine:
             self.ctx.sequence_len_offset, self.ctx.sequence_len_offset + tokens.shape[1],
             device=tokens.device,
         ).expand_as(tokens)
-        with InferenceMode.active(), sequence_parallel_off(self.model):
+        with InferenceMode.active(), sequence_parallel_off(self.model), _vocab_shards(self.model):
             logits = stage_forward(self.model, tokens, positions, mask,
                                    inference_context=self.ctx, runtime_gather_output=True)
         self.ctx.increment_sequence_len_offset(tokens.shape[1])
@@ -61,8 +88,8 @@ class KVCacheEngine:
             valid: [B, P] bool, False on padding.
 
         Returns:
-            [B, V] fp32 logits of the next token after each prompt (full vocabulary; last
-            pipeline stage only, else None).
+            [B, V/tp] fp32 logits (this rank's vocabulary shard) of the next token after each
+            prompt; last pipeline stage only, else None.
         """
         self.ctx.reset()
         self.ctx.key_value_memory_dict.clear()
@@ -88,7 +115,7 @@ class KVCacheEngine:
             tokens: [R] token ids.
 
         Returns:
-            [R, V] fp32 next-token logits (last pipeline stage only, else None).
+            [R, V/tp] fp32 next-token logits, vocabulary shard (last pipeline stage, else None).
         """
         pos = self.ctx.sequence_len_offset
         self.key_valid[:, pos] = True

@@ -20,7 +20,8 @@ from torch import Tensor
 
 from megatron_rlp.parallel.pipeline import from_last_stage
 from megatron_rlp.rollout.engine import KVCacheEngine
-from megatron_rlp.rollout.sampling import sample_tokens
+from megatron_rlp.rollout.vocab_parallel import sample_vocab_parallel
+from megatron_rlp.scoring.next_token import token_logprobs_vocab_parallel
 
 
 @dataclass
@@ -92,15 +93,9 @@ def sample_thoughts(
     rows, device = b * g, prompts.tokens.device
     engine = KVCacheEngine(model, max_batch_size=rows, max_sequence_length=p + n + 2)
 
-    def real_vocab(next_logits: Tensor | None) -> Tensor | None:
-        if next_logits is not None:  # None off the last pipeline stage
-            next_logits[:, vocab_size:] = float("-inf")  # Megatron's vocabulary padding
-        return next_logits
-
     start = torch.full((b, 1), think_start, dtype=torch.long, device=device)
-    logits = real_vocab(engine.prefill(
-        torch.cat([prompts.tokens, start], 1),
-        torch.cat([prompts.valid, torch.ones_like(start, dtype=torch.bool)], 1)))
+    logits = engine.prefill(torch.cat([prompts.tokens, start], 1),
+                            torch.cat([prompts.valid, torch.ones_like(start, dtype=torch.bool)], 1))
     engine.fork(g)
     if logits is not None:
         logits = logits.repeat_interleave(g, 0)
@@ -122,14 +117,14 @@ def sample_thoughts(
 
     def score(next_logits: Tensor | None, which: Tensor) -> None:
         if next_logits is not None:  # S_pred lives on the last stage until the end
-            lp = torch.log_softmax(next_logits[which], dim=-1)
-            s_pred[which] = lp.gather(1, targets[which, None])[:, 0]
+            s_pred[which] = token_logprobs_vocab_parallel(next_logits[which], targets[which],
+                                                          vocab_size)
 
     def sample(next_logits: Tensor | None) -> tuple[Tensor, Tensor]:
         """Sample on the last stage; every stage gets (tokens, log-probs) to feed and record."""
         packed = None
         if next_logits is not None:
-            tok, lp = sample_tokens(next_logits, keys, temperature, top_p)
+            tok, lp = sample_vocab_parallel(next_logits, keys, temperature, top_p, vocab_size)
             packed = torch.stack([tok.double(), lp.double()])  # ids < 2**53: exact in fp64
         packed = from_last_stage(packed, (2, rows), torch.float64)
         return packed[0].long(), packed[1].float()
@@ -143,14 +138,14 @@ def sample_thoughts(
         mask[:, k] = active
         closing = active & (tok == think_end)
         finished |= closing
-        logits = real_vocab(engine.step(tokens[:, k]))
+        logits = engine.step(tokens[:, k])
         score(logits, closing)
         if bool(finished.all()):
             break
 
     closed = finished.clone()
     if not bool(closed.all()):  # force-close at the limit: `</think>` is given, not sampled
-        logits = real_vocab(engine.step(torch.where(closed, pad, think_end)))
+        logits = engine.step(torch.where(closed, pad, think_end))
         score(logits, ~closed)
     lengths = mask.sum(1)
     s_pred = from_last_stage(s_pred, (rows,), torch.float32)

@@ -8,21 +8,13 @@ log p(x_t | x_<t) at every sampled position via Megatron's `vocab_parallel_cross
 from __future__ import annotations
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from torch import Tensor
 
 from megatron_rlp.models.masks import padded_causal_mask
 from megatron_rlp.parallel.pipeline import from_last_stage, stage_forward
 from megatron_rlp.parallel.sequence import sequence_parallel_off
-
-
-def _mask_padded_shard(logits: Tensor, vocab_size: int) -> Tensor:
-    """-inf on this vocab shard's ids >= vocab_size (Megatron pads the vocabulary for TP)."""
-    shard = logits.shape[-1]
-    start = parallel_state.get_tensor_model_parallel_rank() * shard
-    ids = torch.arange(start, start + shard, device=logits.device)
-    return logits.masked_fill(ids >= vocab_size, float("-inf"))
+from megatron_rlp.rollout.vocab_parallel import mask_padded_vocab
 
 
 def token_logprobs_vocab_parallel(logits: Tensor, targets: Tensor, vocab_size: int,
@@ -35,7 +27,7 @@ def token_logprobs_vocab_parallel(logits: Tensor, targets: Tensor, vocab_size: i
         targets: [...] global token ids.
         vocab_size: the tokenizer's vocabulary (unpadded).
     """
-    logits = _mask_padded_shard(logits.float(), vocab_size)
+    logits = mask_padded_vocab(logits.float(), vocab_size)
     flat = (logits / temperature).reshape(1, -1, logits.shape[-1])
     return -vocab_parallel_cross_entropy(flat, targets.reshape(1, -1)).reshape(targets.shape)
 

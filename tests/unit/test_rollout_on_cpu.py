@@ -166,12 +166,14 @@ def test_sample_thoughts_force_closed(model):
 
 
 def forcing_sample_tokens(close_at: dict[int, int]):
-    """`sample_tokens`, except thought g emits `</think>` at token index close_at[g].
+    """`sample_vocab_parallel`, except thought g emits `</think>` at token index close_at[g].
 
     The forced token's log-prob is the honest one under the (masked) sampling logits.
     """
 
-    def sample(logits, keys, temperature, top_p):
+    def sample(logits, keys, temperature, top_p, vocab_size):
+        logits = logits.float().clone()
+        logits[:, vocab_size:] = float("-inf")
         tok, lp = sample_tokens(logits, keys, temperature, top_p)
         force = torch.tensor([close_at.get(int(g), -1) == int(k) for g, k in keys[:, 3:5]])
         tok = torch.where(force, TOK.think_end, tok)
@@ -182,7 +184,7 @@ def forcing_sample_tokens(close_at: dict[int, int]):
 
 
 def test_sample_thoughts_closed_and_force_closed(model, monkeypatch):
-    monkeypatch.setattr(thoughts_module, "sample_tokens", forcing_sample_tokens({0: 0, 1: 3}))
+    monkeypatch.setattr(thoughts_module, "sample_vocab_parallel", forcing_sample_tokens({0: 0, 1: 3}))
     prompts, rows = make_prompts([4, 7], [5, 6], seed=3)
     out = rollout(model, prompts, group_size=3, max_thought_tokens=4)
     assert out.closed.tolist() == [True, True, False] * 2
@@ -191,7 +193,7 @@ def test_sample_thoughts_closed_and_force_closed(model, monkeypatch):
 
 
 def test_sample_thoughts_all_closed_early(model, monkeypatch):
-    monkeypatch.setattr(thoughts_module, "sample_tokens", forcing_sample_tokens({0: 1, 1: 1}))
+    monkeypatch.setattr(thoughts_module, "sample_vocab_parallel", forcing_sample_tokens({0: 1, 1: 1}))
     prompts, rows = make_prompts([3, 6, 5], [0, 1, 2], seed=4)
     out = rollout(model, prompts, group_size=2, max_thought_tokens=5)
     assert bool(out.closed.all()) and out.lengths.tolist() == [2] * 6
