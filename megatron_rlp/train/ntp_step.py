@@ -7,7 +7,7 @@ from megatron.core import parallel_state
 
 from megatron_rlp.data import NTPBatcher
 from megatron_rlp.train.builder import TrainState
-from megatron_rlp.train.reduce import from_last_stage, mean_data_parallel
+from megatron_rlp.train.reduce import mean_data_parallel, share_last_stage_values
 from megatron_rlp.train.timers import PhaseTimer
 from megatron_rlp.train.update import optimizer_update, split_microbatches
 
@@ -38,7 +38,7 @@ def ntp_step(state: TrainState, batcher: NTPBatcher, timer: PhaseTimer) -> dict[
         if applied:
             state.step = step
     loss = float(torch.stack([d["loss"] for d in losses]).mean()) if losses else 0.0
-    loss = from_last_stage({"loss": loss}, ("loss",))["loss"]
+    loss = share_last_stage_values({"loss": loss}, ("loss",))["loss"]
     tokens = float(windows.shape[0] * s)
     state.consumed_tokens += int(tokens)
     return {"loss": mean_data_parallel(loss), "grad_norm": grad_norm, "tokens": tokens,

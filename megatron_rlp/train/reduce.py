@@ -27,7 +27,7 @@ def mean_data_parallel(value: float) -> float:
     return float(t) / dist.get_world_size(group)
 
 
-def from_last_stage(values: dict[str, float], keys: tuple[str, ...]) -> dict[str, float]:
+def share_last_stage_values(values: dict[str, float], keys: tuple[str, ...]) -> dict[str, float]:
     """Pipeline parallel: losses exist on the last stage only; share them with every stage."""
     group = parallel_state.get_pipeline_model_parallel_group()
     if dist.get_world_size(group) == 1:

@@ -27,7 +27,11 @@ from megatron_rlp.objective import (
 from megatron_rlp.rollout.thoughts import PromptBatch, ThoughtBatch, sample_thoughts
 from megatron_rlp.scoring.next_token import score_next_tokens, token_logprobs_vocab_parallel
 from megatron_rlp.train.builder import TrainState
-from megatron_rlp.train.reduce import from_last_stage, gather_data_parallel, mean_data_parallel
+from megatron_rlp.train.reduce import (
+    gather_data_parallel,
+    mean_data_parallel,
+    share_last_stage_values,
+)
 from megatron_rlp.train.timers import PhaseTimer
 from megatron_rlp.train.update import optimizer_update, split_microbatches
 
@@ -125,7 +129,7 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer) -> d
             state.step = step
     local = {k: float(torch.stack([d[k] for d in losses]).mean()) if losses else 0.0
              for k in ("loss", "clip_fraction")}
-    local = from_last_stage(local, ("loss", "clip_fraction"))
+    local = share_last_stage_values(local, ("loss", "clip_fraction"))
     g_rewards = gather_data_parallel(rewards)
     g_adv = gather_data_parallel(advantages)
     g_len = gather_data_parallel(thoughts.lengths.float())
