@@ -2,28 +2,33 @@
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-NPROC  ?= 2
+DEV    := $(VENV)/.installed-dev
 
 .PHONY: venv demo test lint corpus clean
 
 venv: $(STAMP)
 
 # A Python >= 3.12 is found automatically (PYTHON=..., python3.1x on PATH, pyenv).
+# The demo needs the package only; the tests add the dev extra (transformers, plots, ...).
 $(STAMP): setup.py
 	@set -e; interp=$$(tools/find_python.sh); \
 	echo "[make] using $$interp"; \
 	test -x $(PY) || $$interp -m venv $(VENV); \
 	$(PY) -m pip install -q --upgrade pip; \
-	$(PY) -m pip install -q -e ".[dev]"; \
+	$(PY) -m pip install -q -e .; \
 	touch $(STAMP)
+
+$(DEV): $(STAMP)
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $(DEV)
 
 demo: $(STAMP)
 	@bash examples/demo.sh
 
-test: $(STAMP)
+test: $(DEV)
 	$(PY) -m pytest -q tests
 
-lint: $(STAMP)
+lint: $(DEV)
 	$(VENV)/bin/ruff check megatron_rlp tools tests pretrain_rlp.py
 
 # Regenerate the shipped corpus (deterministic).

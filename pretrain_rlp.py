@@ -39,11 +39,18 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", module=r"torch\.distributed\.checkpoint\..*")
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from megatron_rlp import distributed
+    from megatron_rlp.train.checkpoint import CheckpointError
+    from megatron_rlp.train.faults import DataError, TrainingError
     from megatron_rlp.train.loop import train
 
     distributed.initialize(cfg)
     try:
-        train(cfg)
+        train(cfg)  # a clean stop (signal, wall time, exit_interval) also returns: exit 0
+    except (CheckpointError, DataError, TrainingError) as e:
+        # Raised on every rank alike; one line from global rank 0, no traceback.
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1 if isinstance(e, TrainingError) else 2
     finally:
         distributed.shutdown()
     return 0

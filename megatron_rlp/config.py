@@ -49,18 +49,21 @@ class ModelConfig:
     norm_epsilon: float = 1e-6
     init_method_std: float = 0.02
     make_vocab_size_divisible_by: int = 64
-    # Mamba-2 mixer (used by `M` layers only)
-    mamba_num_heads: int | None = None
+    # Mamba-2 mixer (used by `M` layers only); Megatron's conv width 4 and chunk 128 apply
+    mamba_num_heads: int | None = None  # None = 2 * hidden_size / mamba_head_dim
     mamba_head_dim: int = 64
     mamba_state_dim: int = 128
     mamba_num_groups: int = 8
 
     def validate(self) -> None:
         pat = self.hybrid_layer_pattern
-        # `M` (Mamba-2) and `E` (MoE) need layer specs this package does not ship yet.
-        _check(set(pat) <= set("*-|") and any(c in "*-" for c in pat) and "||" not in pat,
+        # `E` (MoE) and the other HybridModel kinds need layer specs this package does not ship.
+        _check(set(pat) <= set("M*-|") and any(c in "M*-" for c in pat) and "||" not in pat,
                "model.hybrid_layer_pattern", pat,
-               "a non-empty string of * (attention) and - (MLP) layers, | between pipeline stages")
+               "a non-empty string of M (Mamba-2), * (attention) and - (MLP) layers, "
+               "| between pipeline stages")
+        if "M" in pat:
+            self._validate_mamba()
         for key in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                     "max_sequence_length", "make_vocab_size_divisible_by"):
             v = getattr(self, key)
@@ -75,6 +78,27 @@ class ModelConfig:
                    self.hidden_size, "a multiple of num_attention_heads (or set kv_channels)")
         _check(self.norm_epsilon > 0, "model.norm_epsilon", self.norm_epsilon, "> 0")
         _check(self.init_method_std > 0, "model.init_method_std", self.init_method_std, "> 0")
+
+    def mamba_heads(self) -> int:
+        """Mamba-2 heads: `mamba_num_heads`, or Megatron's default 2 * hidden / head_dim."""
+        if self.mamba_num_heads is not None:
+            return self.mamba_num_heads
+        return 2 * self.hidden_size // self.mamba_head_dim
+
+    def _validate_mamba(self) -> None:
+        for key in ("mamba_head_dim", "mamba_state_dim", "mamba_num_groups"):
+            v = getattr(self, key)
+            _check(isinstance(v, int) and v > 0, f"model.{key}", v, "a positive integer")
+        if self.mamba_num_heads is None:
+            _check(2 * self.hidden_size % self.mamba_head_dim == 0, "model.mamba_head_dim",
+                   self.mamba_head_dim, f"a divisor of 2 * hidden_size={2 * self.hidden_size} "
+                   "(or set mamba_num_heads)")
+        else:
+            _check(self.mamba_num_heads > 0, "model.mamba_num_heads", self.mamba_num_heads,
+                   "a positive integer or null")
+        heads = self.mamba_heads()
+        _check(heads % self.mamba_num_groups == 0, "model.mamba_num_groups",
+               self.mamba_num_groups, f"a divisor of the {heads} Mamba heads")
 
 
 @dataclass(kw_only=True)
@@ -110,9 +134,21 @@ class RLPConfig:
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2
     min_prefix_tokens: int = 16
-    max_prefix_tokens: int = 192
+    max_prefix_tokens: int = 192  # max context length: the prefixes of one document share
+    # one window of at most this many tokens
+    # Where in a document the contexts are (data/contexts.py): `uniform` random positions,
+    # `stride` every `position_stride` tokens (random phase), `entropy` the positions where the
+    # EMA teacher's next-token distribution has the highest entropy (one teacher forward).
+    position_strategy: Literal["uniform", "stride", "entropy"] = "uniform"
+    position_stride: int = 64
+    # Contexts sampled together in one rollout batch (rows = this x group_size); 0 = all of
+    # the rank's contexts at once. Smaller chunks bound the KV/SSM cache of a rollout.
+    rollout_chunk_contexts: int = 0
 
     def validate(self) -> None:
+        _check(isinstance(self.rollout_chunk_contexts, int) and self.rollout_chunk_contexts >= 0,
+               "rlp.rollout_chunk_contexts", self.rollout_chunk_contexts,
+               "an integer >= 0 (0 = all contexts in one rollout batch)")
         _check(isinstance(self.group_size, int) and self.group_size >= 2, "rlp.group_size",
                self.group_size, "an integer >= 2 (group advantages need a baseline)")
         for key in ("contexts_per_step", "positions_per_document", "max_thought_tokens",
@@ -130,6 +166,16 @@ class RLPConfig:
         _check(self.clip_eps_high >= 0, "rlp.clip_eps_high", self.clip_eps_high, ">= 0")
         _check(self.min_prefix_tokens <= self.max_prefix_tokens, "rlp.min_prefix_tokens",
                self.min_prefix_tokens, f"<= max_prefix_tokens={self.max_prefix_tokens}")
+        _check(isinstance(self.position_stride, int) and self.position_stride >= 1,
+               "rlp.position_stride", self.position_stride, "an integer >= 1")
+        band = self.max_prefix_tokens - self.min_prefix_tokens + 1  # positions one window holds
+        need = self.positions_per_document
+        if self.position_strategy == "stride":
+            need = (self.positions_per_document - 1) * self.position_stride + 1
+        _check(need <= band, "rlp.positions_per_document", self.positions_per_document,
+               f"positions that fit one window of max_prefix_tokens - min_prefix_tokens + 1 = "
+               f"{band} candidate positions ({need} needed with position_strategy="
+               f"{self.position_strategy})")
 
 
 @dataclass(kw_only=True)
@@ -161,15 +207,51 @@ class OptimizerConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    """Where text comes from and how it is tokenized."""
+    """Where text comes from and how it is tokenized (docs/data_and_models.md).
+
+    `corpus` is a JSONL/.txt file (tokenized at start-up) or the prefix of a Megatron indexed
+    dataset (`PREFIX.bin` + `PREFIX.idx`, made by tools/preprocess_data.py). `blend` replaces
+    it with several indexed datasets: `"0.7 PREFIX_A 0.3 PREFIX_B"` (weights, or no weights
+    to blend by size), as one string or a YAML list. `split` cuts every dataset's documents
+    into train/valid/test ranges, Megatron-style ("98,2,0").
+    """
 
     corpus: str = "data/corpus.jsonl"
+    blend: list[str] | None = None
+    split: str = "100,0,0"  # train,valid,test weights over each dataset's documents
+    cache_dir: str | None = None  # Megatron's dataset index cache; None = beside each prefix
     tokenizer: str = "byte"  # "byte" or a path to a Hugging Face tokenizer.json (or its dir)
     ntp_seq_length: int = 128  # window length for `train.objective=ntp`
     ntp_batch_size: int = 16  # global sequences per NTP step
 
+    def split_weights(self) -> list[float]:
+        """`split` as three non-negative numbers (train, valid, test)."""
+        parts = [p for p in self.split.replace(" ", "").split(",") if p]
+        try:
+            weights = [float(p) for p in parts]
+        except ValueError:
+            weights = []
+        ok = 1 <= len(weights) <= 3 and all(w >= 0 and math.isfinite(w) for w in weights)
+        _check(ok and weights[0] > 0, "data.split", self.split,
+               "up to three comma-separated weights train,valid,test with train > 0, e.g. 98,2,0")
+        return weights + [0.0] * (3 - len(weights))
+
     def validate(self) -> None:
-        _check(bool(self.corpus), "data.corpus", self.corpus, "a path to a .jsonl or .txt file")
+        _check(bool(self.corpus), "data.corpus", self.corpus,
+               "a path to a .jsonl or .txt file, or an indexed-dataset prefix")
+        if self.blend is not None:
+            from megatron_rlp.data.indexed import BlendError, parse_blend
+
+            try:
+                prefixes, _ = parse_blend(self.blend)
+            except BlendError as e:
+                raise ConfigError(f"invalid config: data.blend={self.blend!r} (allowed: {e})"
+                                  ) from None
+            for prefix in prefixes:
+                _check(Path(prefix + ".idx").is_file() and Path(prefix + ".bin").is_file(),
+                       "data.blend", prefix, "indexed-dataset prefixes with .bin and .idx files "
+                       "(tools/preprocess_data.py writes them)")
+        self.split_weights()
         _check(self.tokenizer == "byte" or Path(self.tokenizer).exists(), "data.tokenizer",
                self.tokenizer, "'byte' or an existing tokenizer.json path")
         _check(self.ntp_seq_length >= 2, "data.ntp_seq_length", self.ntp_seq_length, ">= 2")
@@ -178,7 +260,13 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    """The loop: objective, steps, logging, checkpoints."""
+    """The loop: objective, steps, logging, checkpoints, and what ends a run early.
+
+    Fault handling (docs/reliability.md): a step whose loss or gradient is not finite is
+    skipped (no parameter, optimizer or teacher change) and counted; `max_consecutive_skips`
+    in a row stop the run with an error. SIGTERM/SIGUSR1, `wall_time_limit_minutes` and
+    `exit_interval` stop it cleanly: every rank saves at the next step boundary, exit code 0.
+    """
 
     objective: Literal["rlp", "ntp"] = "rlp"
     steps: int = 20
@@ -187,18 +275,54 @@ class TrainConfig:
     metrics_file: str | None = None
     save: str | None = None  # checkpoint directory
     save_interval: int = 0  # 0 = only at the end (when `save` is set)
+    keep_last: int = 0  # keep this many newest checkpoints under `save`; 0 = keep all
+    checkpoint_checksums: bool = True  # SHA-256 manifest on save, verified on load
+    # Distributed-optimizer state on disk: `dp_reshardable` (each rank writes its shards; loads
+    # with any DP size, same TP/PP) or `fully_reshardable` (gathered per parameter over DP on
+    # save; loads into any TP/PP/DP layout).
+    dist_optimizer_checkpoint: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
     load: str | None = None  # resume from (same objective) or warm-start (other objective)
     micro_batch_size: int = 0  # sequences per update micro-batch; 0 = all at once
+    max_consecutive_skips: int = 5  # non-finite steps in a row before the run stops
+    wall_time_limit_minutes: float = 0.0  # save and exit 0 after this long; 0 = no limit
+    exit_interval: int = 0  # save and exit 0 after a step divisible by this; 0 = off
+    # Held-out evaluation on the valid split (train/validate.py): next-token NLL without and
+    # with a thought, every `eval_interval` steps (0 = never), on `eval_contexts` contexts.
+    eval_interval: int = 0
+    eval_contexts: int = 32
+    # Logging (train/metrics.py): optional; a missing package is a notice, never an error.
+    tensorboard_dir: str | None = None  # TensorBoard scalars (needs the tensorboard package)
+    wandb_project: str | None = None  # Weights & Biases (needs wandb; WANDB_MODE=offline works)
+    progress: bool = True  # rank 0: ETA column on console lines, a live bar on a terminal
 
     def validate(self) -> None:
         _check(self.steps >= 0, "train.steps", self.steps, "an integer >= 0")
         _check(self.log_interval >= 1, "train.log_interval", self.log_interval, ">= 1")
         _check(self.save_interval >= 0, "train.save_interval", self.save_interval, ">= 0")
+        _check(self.keep_last >= 0, "train.keep_last", self.keep_last, ">= 0 (0 = keep all)")
         _check(self.micro_batch_size >= 0, "train.micro_batch_size", self.micro_batch_size,
                ">= 0")
+        _check(self.max_consecutive_skips >= 1, "train.max_consecutive_skips",
+               self.max_consecutive_skips, "an integer >= 1")
+        _check(0 <= self.wall_time_limit_minutes < math.inf, "train.wall_time_limit_minutes",
+               self.wall_time_limit_minutes, "a finite number >= 0 (0 = no limit)")
+        _check(self.exit_interval >= 0, "train.exit_interval", self.exit_interval,
+               ">= 0 (0 = off)")
+        _check(self.eval_interval >= 0, "train.eval_interval", self.eval_interval, ">= 0 (0 = off)")
+        _check(self.eval_contexts >= 1, "train.eval_contexts", self.eval_contexts, ">= 1")
+        if self.save is not None:
+            _check(bool(self.save) and not Path(self.save).is_file(), "train.save", self.save,
+                   "a directory path (not an existing file)")
         if self.load is not None:
             _check(Path(self.load).is_dir(), "train.load", self.load,
                    "an existing checkpoint directory")
+        if self.tensorboard_dir is not None:
+            _check(bool(self.tensorboard_dir) and not Path(self.tensorboard_dir).is_file(),
+                   "train.tensorboard_dir", self.tensorboard_dir,
+                   "a directory path (not an existing file) or null")
+        if self.wandb_project is not None:
+            _check(bool(self.wandb_project.strip()) and "/" not in self.wandb_project,
+                   "train.wandb_project", self.wandb_project, "a W&B project name or null")
 
 
 @dataclass(kw_only=True)
@@ -244,6 +368,10 @@ class RunConfig:
                f"a divisor of model.num_query_groups={m.num_query_groups}")
         _check(m.ffn_hidden_size % tp == 0, "parallel.tensor_model_parallel_size", tp,
                f"a divisor of model.ffn_hidden_size={m.ffn_hidden_size}")
+        if "M" in m.hybrid_layer_pattern:
+            heads, groups = m.mamba_heads(), m.mamba_num_groups
+            _check(heads % tp == 0 and groups % tp == 0, "parallel.tensor_model_parallel_size",
+                   tp, f"a divisor of the {heads} Mamba heads and mamba_num_groups={groups}")
         _check(m.make_vocab_size_divisible_by % tp == 0, "parallel.tensor_model_parallel_size",
                tp, f"a divisor of model.make_vocab_size_divisible_by="
                f"{m.make_vocab_size_divisible_by} (the padded vocabulary is split over TP)")
@@ -255,6 +383,13 @@ class RunConfig:
                    self.rlp.contexts_per_step, f"a multiple of the data-parallel size {dp}")
             _check(self.data.ntp_batch_size % dp == 0, "data.ntp_batch_size",
                    self.data.ntp_batch_size, f"a multiple of the data-parallel size {dp}")
+            _check(self.train.eval_interval == 0 or self.train.eval_contexts % dp == 0,
+                   "train.eval_contexts", self.train.eval_contexts,
+                   f"a multiple of the data-parallel size {dp}")
+        _check(self.train.eval_interval == 0 or self.data.split_weights()[1] > 0,
+               "train.eval_interval", self.train.eval_interval,
+               f"0 unless data.split holds out a valid split (data.split={self.data.split!r}, "
+               f"e.g. 98,2,0)")
         stages = m.hybrid_layer_pattern.count("|") + 1
         _check(stages == 1 or stages == pp, "model.hybrid_layer_pattern", m.hybrid_layer_pattern,
                f"{pp} pipeline stage(s) (| separated) for pipeline_model_parallel_size={pp}")
@@ -288,6 +423,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key)
+    if origin is list:
+        # A YAML list, or one string split on whitespace (`data.blend="0.7 a 0.3 b"`).
+        items = value.split() if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not items:
+            raise ConfigError(f"invalid config: {key}={value!r} (allowed: a non-empty list or "
+                              f"a space-separated string)")
+        out = []
+        for item in items:
+            if isinstance(item, (dict, list, tuple)) or item is None:
+                raise ConfigError(f"invalid config: {key}={value!r} (allowed: a list of scalars)")
+            out += str(item).split()
+        return out
     if origin is Literal:
         allowed = ", ".join(repr(a) for a in args)
         for a in args:

@@ -32,13 +32,14 @@ def initialize(cfg: RunConfig) -> None:
     TP/PP/DP groups, then seed Megatron's RNG tracker."""
     setup_device(cfg)
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        # torchrun sets env:// variables; a plain `python` run is a group of one, set up
+        # without touching os.environ (child processes must not inherit a stale rendezvous).
+        alone = {} if "RANK" in os.environ else dict(
+            init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
         dist.init_process_group(
             backend="gloo" if cfg.device.type == "cpu" else "nccl",
             timeout=datetime.timedelta(minutes=10),
+            **alone,
         )
     p = cfg.parallel
     parallel_state.initialize_model_parallel(

@@ -1,16 +1,50 @@
 """Drawing what each training step works on: RLP contexts and plain next-token windows.
 
 An RLP context is a document prefix x_<t and its true next token x_t. Draws depend only on
-(seed, step), never on what was drawn before, so a resumed run or any rank recomputes exactly
-the same batch. Contexts come grouped by document: one forward over a document yields the
-prefix state for all of its positions.
+(seed, step) — and, for the `entropy` strategy, on the teacher that scores them — never on
+what was drawn before, so a resumed run or any rank recomputes exactly the same batch.
+Contexts come grouped by document: one forward over a document yields the prefix state for
+all of its positions.
+
+Documents come from any *document source*: an object with `documents` (random access,
+`documents[i]` -> int32 tokens), `lengths` (int64 per document), `eos` and `path` — a
+`TokenizedCorpus` (JSONL/.txt) or an `IndexedCorpus` (Megatron indexed datasets, blends).
+
+Positions inside a document (`rlp.position_strategy`):
+    uniform   positions drawn uniformly without replacement
+    stride    `positions_per_doc` positions `stride` tokens apart, at a random offset
+    entropy   the positions where the teacher's next-token distribution has the highest
+              entropy (a `PositionScorer` does the forward; ties go to the earlier position)
+All positions t of one document lie in one window of at most `max_prefix` tokens and leave
+each context at least `min_prefix` tokens of it: with t_max the document's last position, the
+shared window is doc[max(0, t_max - max_prefix) : t_max] (what `batches.build_rlp_inputs` feeds
+the policy and the teacher), and every t >= max(0, t_max - max_prefix) + min_prefix. Long
+documents therefore get a random band of max_prefix - min_prefix + 1 candidate positions; with
+one position per document (the default) the position is uniform over the whole document.
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
-from megatron_rlp.data.corpus import TokenizedCorpus
+STRATEGIES = ("uniform", "stride", "entropy")
+
+PositionScorer = Callable[[list[np.ndarray]], list[np.ndarray]]
+"""Scores token windows: for each window w (int32 tokens) an array h of len(w) floats, h[j] the
+entropy of the next-token distribution after w[:j+1] (the one predicting w[j+1])."""
+
+
+class DocumentSource(Protocol):
+    """What the samplers read: see the module docstring."""
+
+    path: object
+    documents: Sequence[np.ndarray]
+    lengths: np.ndarray
+    eos: int
 
 
 @dataclass(frozen=True, eq=False)
@@ -20,7 +54,8 @@ class Context:
     Attributes:
         doc_index: Index of the document in the corpus.
         position: Index t of the target token in the document.
-        prefix: tokens[max(0, t - max_prefix):t] of the document (int32).
+        prefix: The tokens the context is conditioned on: doc[ws:t], ws the start of its
+            document's shared window (int32, at least `min_prefix`, at most `max_prefix`).
         target: tokens[t], the true next token.
     """
 
@@ -30,42 +65,87 @@ class Context:
     target: int
 
 
+def _band(length: int, k_span: int, min_prefix: int, max_prefix: int,
+          rng: np.random.Generator) -> tuple[int, int]:
+    """Candidate positions [lo, hi] of one document: all of them when the document fits one
+    window, else a random band of max_prefix - min_prefix + 1 positions."""
+    if length - 1 <= max_prefix:
+        return min_prefix, length - 1
+    width = max_prefix - min_prefix + 1
+    assert width >= k_span
+    lo = int(rng.integers(min_prefix, length - width + 1))
+    return lo, lo + width - 1
+
+
+def top_entropy_positions(entropy: np.ndarray, lo: int, hi: int, window_start: int,
+                          k: int) -> np.ndarray:
+    """The k positions t in [lo, hi] with the highest entropy, sorted (ties: earlier first).
+
+    Args:
+        entropy: Scores of the window doc[window_start:hi]: entropy[j] belongs to position
+            window_start + j + 1.
+    """
+    positions = np.arange(lo, hi + 1)
+    scores = np.asarray(entropy, dtype=np.float64)[positions - window_start - 1]
+    order = np.argsort(-scores, kind="stable")[:k]
+    return np.sort(positions[order])
+
+
 class ContextSampler:
     """Draws RLP contexts, deterministically in (seed, step).
 
     Args:
-        corpus: The tokenized corpus.
-        min_prefix: Smallest target position t, hence the shortest prefix (at least 1).
-        max_prefix: Longest prefix; earlier tokens are cut off (at least `min_prefix`).
+        corpus: A document source (`TokenizedCorpus`, `IndexedCorpus`).
+        min_prefix: Smallest prefix a context gets (at least 1).
+        max_prefix: Longest prefix, the max context length (at least `min_prefix`).
         seed: Seed shared by all steps.
+        strategy: "uniform", "stride" or "entropy" (see the module docstring).
+        stride: Token distance between positions of one document for "stride".
+        scorer: Required for "entropy": scores token windows (see `PositionScorer`).
 
     Raises:
-        ValueError: Bad prefix bounds, or no document is longer than `min_prefix` tokens.
+        ValueError: Bad prefix bounds or strategy, or no document is longer than `min_prefix`.
     """
 
     def __init__(
-        self, corpus: TokenizedCorpus, min_prefix: int, max_prefix: int, seed: int
+        self, corpus: DocumentSource, min_prefix: int, max_prefix: int, seed: int, *,
+        strategy: str = "uniform", stride: int = 1, scorer: PositionScorer | None = None,
     ) -> None:
         if not 1 <= min_prefix <= max_prefix:
             raise ValueError(
                 f"need 1 <= min_prefix <= max_prefix, got min_prefix={min_prefix}, "
                 f"max_prefix={max_prefix}"
             )
+        if strategy not in STRATEGIES:
+            raise ValueError(f"position strategy {strategy!r} is not one of {STRATEGIES}")
+        if strategy == "entropy" and scorer is None:
+            raise ValueError("the entropy position strategy needs a scorer")
+        if stride < 1:
+            raise ValueError(f"stride must be >= 1, got {stride}")
         self.corpus = corpus
         self.min_prefix = min_prefix
         self.max_prefix = max_prefix
         self.seed = seed
-        if not np.any(corpus.lengths > min_prefix):
+        self.strategy = strategy
+        self.stride = stride
+        self.scorer = scorer
+        if not np.any(np.asarray(corpus.lengths) > min_prefix):
             raise ValueError(
                 f"{corpus.path}: no document has more than min_prefix={min_prefix} tokens"
             )
 
+    def _span(self, positions_per_doc: int) -> int:
+        """Candidate positions a document needs for `positions_per_doc` contexts."""
+        if self.strategy == "stride":
+            return (positions_per_doc - 1) * self.stride + 1
+        return positions_per_doc
+
     def sample(self, step: int, num_contexts: int, positions_per_doc: int = 1) -> list[Context]:
         """Draws the contexts of one step.
 
-        Documents are drawn uniformly without replacement among those with at least
-        `positions_per_doc` candidate positions t in [min_prefix, len - 1]; each gets
-        `positions_per_doc` distinct positions.
+        Documents are drawn uniformly without replacement among those with enough candidate
+        positions t in [min_prefix, len - 1]; each gets `positions_per_doc` distinct positions
+        chosen by the strategy.
 
         Args:
             step: Training step; with the seed, it alone fixes the draw.
@@ -77,46 +157,77 @@ class ContextSampler:
             position.
 
         Raises:
-            ValueError: `num_contexts` is not a positive multiple of `positions_per_doc`, or
-                the corpus has too few documents with enough positions.
+            ValueError: `num_contexts` is not a positive multiple of `positions_per_doc`, the
+                positions do not fit one window, or the corpus has too few documents with
+                enough positions.
         """
         if positions_per_doc < 1 or num_contexts < 1 or num_contexts % positions_per_doc:
             raise ValueError(
                 f"num_contexts={num_contexts} must be a positive multiple of "
                 f"positions_per_doc={positions_per_doc}"
             )
+        span = self._span(positions_per_doc)
+        if span > self.max_prefix - self.min_prefix + 1:
+            raise ValueError(
+                f"{positions_per_doc} positions ({self.strategy}, stride {self.stride}) do not "
+                f"fit one window of max_prefix={self.max_prefix} with min_prefix="
+                f"{self.min_prefix}"
+            )
         num_docs = num_contexts // positions_per_doc
-        lengths = self.corpus.lengths
-        eligible = np.flatnonzero(lengths - self.min_prefix >= positions_per_doc)
+        lengths = np.asarray(self.corpus.lengths)
+        eligible = np.flatnonzero(lengths - self.min_prefix >= span)
         if len(eligible) < num_docs:
             raise ValueError(
                 f"{self.corpus.path}: {num_docs} documents with at least "
-                f"{self.min_prefix + positions_per_doc} tokens are needed, only "
-                f"{len(eligible)} exist"
+                f"{self.min_prefix + span} tokens are needed, only {len(eligible)} exist"
             )
         rng = np.random.default_rng([self.seed, step])
-        contexts = []
+        picks: list[tuple[int, np.ndarray, np.ndarray | tuple[int, int]]] = []
         for doc_index in rng.choice(eligible, size=num_docs, replace=False):
             tokens = self.corpus.documents[doc_index]
-            offsets = rng.choice(len(tokens) - self.min_prefix, positions_per_doc, replace=False)
-            for t in np.sort(offsets) + self.min_prefix:
-                contexts.append(Context(
-                    doc_index=int(doc_index),
-                    position=int(t),
-                    prefix=tokens[max(0, t - self.max_prefix):t],
-                    target=int(tokens[t]),
-                ))
+            if self.strategy == "uniform" and positions_per_doc == 1:
+                # One position: uniform over the whole document (no band needed).
+                offsets = rng.choice(len(tokens) - self.min_prefix, 1, replace=False)
+                picks.append((int(doc_index), tokens, offsets + self.min_prefix))
+                continue
+            lo, hi = _band(len(tokens), span, self.min_prefix, self.max_prefix, rng)
+            if self.strategy == "uniform":
+                chosen = np.sort(rng.choice(hi - lo + 1, positions_per_doc, replace=False)) + lo
+            elif self.strategy == "stride":
+                start = lo + int(rng.integers(0, hi - lo + 1 - (span - 1)))
+                chosen = start + self.stride * np.arange(positions_per_doc)
+            else:
+                chosen = (lo, hi)  # scored below, all documents in one call
+            picks.append((int(doc_index), tokens, chosen))
+
+        if self.strategy == "entropy":
+            starts = [lo - self.min_prefix for _, _, (lo, _) in picks]
+            windows = [tokens[ws:hi] for (_, tokens, (_, hi)), ws in zip(picks, starts,
+                                                                          strict=True)]
+            scores = self.scorer(windows)
+            picks = [(d, tokens, top_entropy_positions(h, lo, hi, ws, positions_per_doc))
+                     for (d, tokens, (lo, hi)), ws, h in zip(picks, starts, scores, strict=True)]
+
+        contexts = []
+        for doc_index, tokens, positions in picks:
+            ws = max(0, int(positions[-1]) - self.max_prefix)  # the document's shared window
+            for t in positions:
+                t = int(t)
+                contexts.append(Context(doc_index=doc_index, position=t, prefix=tokens[ws:t],
+                                        target=int(tokens[t])))
         return contexts
 
 
 class NTPBatcher:
-    """Draws next-token-prediction windows from the concatenated corpus.
+    """Draws next-token-prediction windows of `seq_length + 1` tokens.
 
-    The documents are joined into one stream with the eos id after each document; a window
-    of seq_length + 1 tokens gives inputs window[:-1] and labels window[1:].
+    A `TokenizedCorpus` is joined into one stream with the eos id after each document, and
+    windows start at random offsets keyed by (seed, step). An `IndexedCorpus` uses Megatron's
+    `GPTDataset` over the same blend and split (its own shuffled sample order); step s reads
+    samples [s * batch_size, (s + 1) * batch_size), wrapping around after the last one.
 
     Args:
-        corpus: The tokenized corpus.
+        corpus: A document source.
         seq_length: Tokens per training sequence.
         seed: Seed shared by all steps.
 
@@ -124,7 +235,16 @@ class NTPBatcher:
         ValueError: The corpus has fewer than seq_length + 1 tokens with separators.
     """
 
-    def __init__(self, corpus: TokenizedCorpus, seq_length: int, seed: int) -> None:
+    def __init__(self, corpus, seq_length: int, seed: int) -> None:
+        self.seq_length = seq_length
+        self.seed = seed
+        self.windows = None
+        self.stream = None
+        if hasattr(corpus, "gpt_windows"):
+            if seq_length < 1:
+                raise ValueError(f"seq_length={seq_length} must be >= 1")
+            self.windows = corpus.gpt_windows(seq_length, seed)
+            return
         eos = np.array([corpus.eos], dtype=np.int32)
         self.stream = np.concatenate([part for doc in corpus.documents for part in (doc, eos)])
         if seq_length < 1 or len(self.stream) < seq_length + 1:
@@ -132,8 +252,6 @@ class NTPBatcher:
                 f"{corpus.path}: seq_length={seq_length} needs at least {seq_length + 1} "
                 f"tokens, the corpus has {len(self.stream)}"
             )
-        self.seq_length = seq_length
-        self.seed = seed
 
     def batch(self, step: int, batch_size: int) -> np.ndarray:
         """Draws the windows of one step, deterministically in (seed, step).
@@ -145,7 +263,23 @@ class NTPBatcher:
         Returns:
             int64 array [batch_size, seq_length + 1] of token ids.
         """
+        if self.windows is not None:
+            index = (step * batch_size + np.arange(batch_size)) % len(self.windows)
+            rows = []
+            for i in index:
+                sample = self.windows[int(i)]
+                rows.append(np.append(sample["tokens"].numpy(), sample["labels"][-1].item()))
+            return np.stack(rows).astype(np.int64)
         rng = np.random.default_rng([self.seed, step])
         starts = rng.integers(0, len(self.stream) - self.seq_length, size=batch_size)
         index = starts[:, None] + np.arange(self.seq_length + 1)
         return self.stream[index].astype(np.int64)
+
+
+def build_context_sampler(rlp_cfg, corpus: DocumentSource, seed: int,
+                          scorer: PositionScorer | None = None) -> ContextSampler:
+    """The sampler an `RLPConfig` describes (`min/max_prefix_tokens`, `position_*`)."""
+    return ContextSampler(corpus, min_prefix=rlp_cfg.min_prefix_tokens,
+                          max_prefix=rlp_cfg.max_prefix_tokens, seed=seed,
+                          strategy=rlp_cfg.position_strategy, stride=rlp_cfg.position_stride,
+                          scorer=scorer)

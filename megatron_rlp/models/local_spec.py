@@ -2,8 +2,14 @@
 
 Megatron's stock `hybrid_stack_spec` needs Transformer Engine. This spec uses the local
 `get_gpt_layer_local_submodules` pieces, split into HybridModel's layer kinds: `*` is
-norm -> self-attention (GQA, optional QK-norm) -> residual, `-` is norm -> MLP -> residual.
-A Qwen3 block is `*-`; a dense model is the pattern `*-` repeated.
+norm -> self-attention (GQA, optional QK-norm) -> residual, `-` is norm -> MLP -> residual,
+`M` is norm -> Megatron's Mamba-2 mixer (in_proj `ColumnParallelLinear`, conv, SSD scan, gated
+RMSNorm, out_proj `RowParallelLinear`) -> residual. A Qwen3 block is `*-`; a dense model is
+the pattern `*-` repeated; Nemotron-H interleaves `M-` with a few `*-`.
+
+Mamba layers use `models.mamba.LocalMambaLayer` / `LocalMambaMixer` (Megatron's classes plus
+padding masks, batched static decoding and TP-invariant init); where `mamba_ssm` does not
+import, building a mixer first binds the pure-torch kernels (`models.mamba.adapter`).
 
 It runs everywhere (CPU, any GPU) and is what the CPU backend tests exercise.
 """
@@ -13,10 +19,15 @@ from __future__ import annotations
 import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_submodules
 from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
+from megatron.core.ssm.mamba_layer import MambaLayerSubmodules
+from megatron.core.ssm.mamba_mixer import MambaMixerSubmodules
 from megatron.core.ssm.mlp_layer import MLPLayer
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from megatron_rlp.models.mamba.mixer import LocalMambaLayer, LocalMambaMixer
 
 
 class LocalNorm:
@@ -48,11 +59,9 @@ class LocalHybridStack(HybridStack):
 
 
 def local_hybrid_stack_spec(qk_layernorm: bool, normalization: str) -> ModuleSpec:
-    """HybridStack spec for `*` (attention) and `-` (MLP) layers without Transformer Engine.
-
-    Mamba (`M`) layers come with the hybrid-model work; config validation refuses them until
-    then (an unset layer kind would silently build as an identity).
-    """
+    """HybridStack spec for `*` (attention), `-` (MLP) and `M` (Mamba-2) layers without
+    Transformer Engine. Other layer kinds (`E`, `G`, ...) are unset and refused by config
+    validation (an unset kind would silently build as an identity)."""
     full = get_gpt_layer_local_submodules(qk_layernorm=qk_layernorm, normalization=normalization)
     attention = full.self_attention
     if qk_layernorm:
@@ -72,7 +81,25 @@ def local_hybrid_stack_spec(qk_layernorm: bool, normalization: str) -> ModuleSpe
             pre_mlp_layernorm=LocalNorm, mlp=full.mlp, mlp_bda=full.mlp_bda
         ),
     )
+    mamba_layer = ModuleSpec(
+        module=LocalMambaLayer,
+        submodules=MambaLayerSubmodules(
+            norm=LocalNorm,
+            mixer=ModuleSpec(
+                module=LocalMambaMixer,
+                submodules=MambaMixerSubmodules(
+                    # The full master weight is kept so LocalMambaMixer can shard [z,x,B,C,dt]
+                    # block by block (TP-invariant init); it is dropped right after.
+                    in_proj=ModuleSpec(module=ColumnParallelLinear,
+                                       params={"keep_master_weight_for_test": True}),
+                    out_proj=RowParallelLinear,
+                ),
+            ),
+            mamba_bda=full.mlp_bda,
+        ),
+    )
     return ModuleSpec(
         module=LocalHybridStack,
-        submodules=HybridStackSubmodules(attention_layer=attention_layer, mlp_layer=mlp_layer),
+        submodules=HybridStackSubmodules(attention_layer=attention_layer, mlp_layer=mlp_layer,
+                                         mamba_layer=mamba_layer),
     )

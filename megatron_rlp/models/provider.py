@@ -29,6 +29,11 @@ def padded_vocab_size(vocab_size: int, divisible_by: int) -> int:
     return -(-vocab_size // divisible_by) * divisible_by
 
 
+def squared_relu_eager(x: torch.Tensor) -> torch.Tensor:
+    """relu(x)^2, Nemotron-H's MLP activation (Megatron's `squared_relu`, uncompiled)."""
+    return torch.pow(F.relu(x), 2)
+
+
 def num_layers(pattern: str) -> int:
     return sum(1 for c in pattern if c in "M*-E")
 
@@ -40,7 +45,9 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.precision.params_dtype]
     activation = {
         "swiglu": (F.silu, True),
-        "squared_relu": (squared_relu, False),
+        # Megatron's squared_relu is torch.compile'd; on CPU use the same function eagerly
+        # (no C++ toolchain needed, and dynamo trips over the CPU backend's torch.cuda stubs).
+        "squared_relu": (squared_relu_eager if on_cpu else squared_relu, False),
         "gelu": (F.gelu, False),
     }[m.activation]
     return TransformerConfig(

@@ -64,6 +64,31 @@ class ThoughtBatch:
     s_pred: Tensor
 
 
+def _chunk(prompts: PromptBatch, start: int, end: int) -> PromptBatch:
+    """Contexts [start, end) of a prompt batch, with their own (narrower) left padding."""
+    valid = prompts.valid[start:end]
+    width = int(prompts.lengths[start:end].max())
+    return PromptBatch(tokens=prompts.tokens[start:end, -width:], valid=valid[:, -width:],
+                       lengths=prompts.lengths[start:end], targets=prompts.targets[start:end],
+                       context_ids=prompts.context_ids[start:end])
+
+
+def sample_thoughts_chunked(model: torch.nn.Module, prompts: PromptBatch, chunk_contexts: int,
+                            max_thought_tokens: int, pad: int, **kwargs) -> ThoughtBatch:
+    """`sample_thoughts` over chunks of `chunk_contexts` contexts (0 = one chunk), so the cache
+    holds chunk x G rows at a time. Keyed sampling makes the result independent of the
+    chunking."""
+    b = prompts.tokens.shape[0]
+    size = chunk_contexts or b
+    parts = [sample_thoughts(model, _chunk(prompts, i, min(i + size, b)),
+                             max_thought_tokens=max_thought_tokens, pad=pad, **kwargs)
+             for i in range(0, b, size)]
+    if len(parts) == 1:
+        return parts[0]
+    return ThoughtBatch(*(torch.cat([getattr(p, f) for p in parts])
+                          for f in ThoughtBatch.__dataclass_fields__))
+
+
 @torch.no_grad()
 def sample_thoughts(
     model: torch.nn.Module,

@@ -22,8 +22,9 @@ def build_tokenizer(spec: str) -> Tokenizer:
     """Builds the tokenizer named by `spec`.
 
     Args:
-        spec: "byte" for the embedded byte tokenizer; anything else is the path of a Hugging
-            Face tokenizer.json or of a directory containing one.
+        spec: "byte" for the embedded byte tokenizer, the path of a SentencePiece `.model`
+            file, or else the path of a Hugging Face tokenizer.json or of a directory
+            containing one.
 
     Returns:
         The tokenizer.
@@ -33,4 +34,8 @@ def build_tokenizer(spec: str) -> Tokenizer:
     """
     if spec.strip() == "byte":
         return ByteTokenizer()
+    if spec.endswith(".model"):  # SentencePiece (optional dependency)
+        from megatron_rlp.tokenizer.sentencepiece import SentencePieceTokenizer
+
+        return SentencePieceTokenizer(spec)
     return HFTokenizer(spec)

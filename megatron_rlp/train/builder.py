@@ -17,7 +17,7 @@ from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_mega
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_rlp.config import RunConfig
-from megatron_rlp.data import TokenizedCorpus, load_corpus
+from megatron_rlp.data import IndexedCorpus, TokenizedCorpus, load_data
 from megatron_rlp.models.provider import build_model
 from megatron_rlp.scoring.ema_teacher import EMATeacher
 from megatron_rlp.tokenizer import Tokenizer, build_tokenizer
@@ -29,13 +29,14 @@ class TrainState:
 
     cfg: RunConfig
     tokenizer: Tokenizer
-    corpus: TokenizedCorpus
+    corpus: TokenizedCorpus | IndexedCorpus  # the train split (data/contexts.py: DocumentSource)
     model: DistributedDataParallel  # the policy, wrapped
     optimizer: MegatronOptimizer
     scheduler: OptimizerParamScheduler
     teacher: EMATeacher | None  # RLP only
     step: int = 0  # optimizer steps taken
     consumed_tokens: int = 0
+    valid_corpus: TokenizedCorpus | IndexedCorpus | None = None  # held out (data.split)
 
     @property
     def policy(self) -> HybridModel:
@@ -74,7 +75,8 @@ def build_optimizer(cfg: RunConfig, model: DistributedDataParallel
 def build_state(cfg: RunConfig) -> TrainState:
     """Everything for `cfg` on this rank (call after `distributed.initialize`)."""
     tokenizer = build_tokenizer(cfg.data.tokenizer)
-    corpus = load_corpus(cfg.data.corpus, tokenizer)
+    d = cfg.data
+    data = load_data(d.corpus, d.blend, d.split, tokenizer, cfg.train.seed, d.cache_dir)
     pre, post = _stage_flags()
     policy = build_model(cfg, tokenizer.vocab_size, pre_process=pre, post_process=post)
     ddp = DistributedDataParallel(
@@ -94,5 +96,6 @@ def build_state(cfg: RunConfig) -> TrainState:
     if cfg.train.objective == "rlp":
         shadow = build_model(cfg, tokenizer.vocab_size, pre_process=pre, post_process=post)
         teacher = EMATeacher(shadow, cfg.rlp.ema_decay)
-    return TrainState(cfg=cfg, tokenizer=tokenizer, corpus=corpus, model=ddp,
-                      optimizer=optimizer, scheduler=scheduler, teacher=teacher)
+    return TrainState(cfg=cfg, tokenizer=tokenizer, corpus=data.train, model=ddp,
+                      optimizer=optimizer, scheduler=scheduler, teacher=teacher,
+                      valid_corpus=data.valid)

@@ -1,54 +1,180 @@
-"""The training loop: build, optionally load, then step / log / checkpoint until done."""
+"""The training loop: build, optionally load, then step / log / checkpoint until done.
+
+How a run ends (docs/reliability.md):
+    done          `train.steps` reached; final checkpoint
+    stopped       SIGTERM/SIGUSR1, `train.wall_time_limit_minutes` or `train.exit_interval`:
+                  every rank stops after the same step and saves; exit code 0
+    TrainingError `train.max_consecutive_skips` non-finite steps in a row; nothing is saved
+                  after the last good checkpoint
+    CheckpointError / DataError  bad checkpoint, save failure, unusable data
+"""
 
 from __future__ import annotations
 
 import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from megatron_rlp.config import RunConfig
-from megatron_rlp.data import ContextSampler, NTPBatcher
 from megatron_rlp.train.builder import TrainState, build_state
-from megatron_rlp.train.checkpoint import load_checkpoint, save_checkpoint
+from megatron_rlp.train.checkpoint import (
+    check_writable,
+    latest_checkpoint,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from megatron_rlp.train.faults import DataError, TrainingError
 from megatron_rlp.train.metrics import MetricsWriter
 from megatron_rlp.train.ntp_step import ntp_step
 from megatron_rlp.train.rlp_step import rlp_step
+from megatron_rlp.train.samplers import make_context_sampler, make_ntp_batcher
+from megatron_rlp.train.signals import StopGuard
 from megatron_rlp.train.timers import PhaseTimer
+from megatron_rlp.train.validate import eval_sampler, validate
+
+
+@dataclass
+class RunResult:
+    """What `train` hands back: the final state and why the loop ended."""
+
+    state: TrainState
+    stopped: str | None = None  # reason for an early clean stop (signal, time, exit_interval)
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+def _from_data_code(e: BaseException) -> bool:
+    """Raised while reading or tokenizing the corpus (not a bug elsewhere)?"""
+    files = [f.filename for f in traceback.extract_tb(e.__traceback__)]
+    return any("/megatron_rlp/data/" in f or "/megatron_rlp/tokenizer/" in f for f in files)
+
+
+def _build(cfg: RunConfig) -> TrainState:
+    try:
+        return build_state(cfg)
+    except (OSError, ValueError, UnicodeError) as e:
+        if not _from_data_code(e):
+            raise
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, UnicodeError):
+            text = f"not UTF-8 text ({type(e).__name__})"
+        raise DataError(f"data.corpus={cfg.data.corpus!r} cannot be used: {text}") from None
 
 
 def _step_fn(state: TrainState):
+    """The step function of the objective, and (when `train.eval_interval`) the evaluator."""
     cfg = state.cfg
-    if cfg.train.objective == "rlp":
-        sampler = ContextSampler(state.corpus, min_prefix=cfg.rlp.min_prefix_tokens,
-                                 max_prefix=cfg.rlp.max_prefix_tokens, seed=cfg.train.seed)
-        return lambda timer: rlp_step(state, sampler, timer)
-    batcher = NTPBatcher(state.corpus, seq_length=cfg.data.ntp_seq_length, seed=cfg.train.seed)
-    return lambda timer: ntp_step(state, batcher, timer)
+    try:
+        if cfg.train.objective == "rlp":
+            sampler = make_context_sampler(state)
+            step = lambda timer: rlp_step(state, sampler, timer)  # noqa: E731
+        else:
+            batcher = make_ntp_batcher(state)
+            step = lambda timer: ntp_step(state, batcher, timer)  # noqa: E731
+        evaluate = None
+        if cfg.train.eval_interval:
+            held_out = eval_sampler(state)
+            evaluate = lambda: validate(state, held_out)  # noqa: E731
+    except ValueError as e:
+        raise DataError(f"data.corpus={cfg.data.corpus!r} cannot be used: {e}") from None
+    return step, evaluate
 
 
-def train(cfg: RunConfig) -> TrainState:
-    """Run `cfg.train.steps` optimizer steps (counted from a resumed step, if any)."""
-    state = build_state(cfg)
-    writer = MetricsWriter(cfg.train.metrics_file, cfg.train.objective)
-    if cfg.train.load:
-        how = load_checkpoint(state, cfg.train.load)
+def train(cfg: RunConfig) -> RunResult:
+    """Run until `cfg.train.steps` optimizer steps (counted from a resumed step, if any)
+    or a clean stop; see the module docstring for how a run ends."""
+    t = cfg.train
+    device = "cuda" if cfg.device.type == "cuda" else "cpu"
+    with StopGuard(t.wall_time_limit_minutes, device) as guard:
+        if t.save:
+            check_writable(t.save)
+        state = _build(cfg)
+        writer = MetricsWriter.from_config(cfg)
+        try:
+            return _run(cfg, state, writer, guard)
+        finally:
+            writer.close()
+
+
+def _run(cfg: RunConfig, state: TrainState, writer: MetricsWriter, guard: StopGuard
+         ) -> RunResult:
+    t = cfg.train
+    counters = {"skipped_total": 0, "skipped_in_a_row": 0}
+    saved_step = None  # the step whose complete checkpoint exists (never re-saved)
+    if t.save and not t.load and latest_checkpoint(t.save) and writer.rank0:
+        print(f"[warn] train.save={t.save} already holds checkpoints (latest: "
+              f"{latest_checkpoint(t.save).name}) and train.load is not set: this run starts "
+              "from step 0 and writes beside them", flush=True)
+    if t.load:
+        source = resolve_checkpoint(t.load)
+        how = load_checkpoint(state, str(source), t.checkpoint_checksums, counters)
+        if how.startswith("resumed") and t.save and source.parent.resolve() == Path(
+                t.save).resolve():
+            saved_step = state.step  # already in train.save; elsewhere it is saved again
         if writer.rank0:
-            print(f"[load] {how} from {cfg.train.load} at step {state.step}", flush=True)
-    step_fn, timer = _step_fn(state), PhaseTimer()
-    save_every = cfg.train.save_interval
-    while state.step < cfg.train.steps:
+            print(f"[load] {how} from {source} at step {state.step}", flush=True)
+
+    def save() -> None:
+        nonlocal saved_step
+        path = save_checkpoint(state, t.save, t.keep_last, t.checkpoint_checksums, counters,
+                               t.dist_optimizer_checkpoint)
+        saved_step = state.step
+        if writer.rank0:
+            print(f"[save] {path}", flush=True)
+
+    (step_fn, evaluate), timer = _step_fn(state), PhaseTimer()
+    stopped = None
+    while state.step < t.steps:
+        if guard.should_stop():  # collective; also before the first step
+            stopped = guard.reason
+            break
         start = time.perf_counter()
-        metrics = step_fn(timer)
+        metrics = step_fn(timer)  # advances state.step, also when the update is skipped
         elapsed = time.perf_counter() - start
+        skipped = bool(metrics["skipped"])
         metrics.update(
             lr=state.optimizer.param_groups[0]["lr"],
             step_time=elapsed,
             tokens_per_s=metrics["tokens"] / elapsed,
             **{f"t_{k}": v for k, v in timer.pop().items()},
         )
+        if evaluate is not None and state.step % t.eval_interval == 0:
+            metrics.update(evaluate())  # held-out metrics on the same row
         writer.log(state.step, metrics,
-                   console=state.step % cfg.train.log_interval == 0 or state.step == 1)
-        if cfg.train.save and save_every and state.step % save_every == 0:
-            save_checkpoint(state, cfg.train.save)
-    if cfg.train.save and (not save_every or state.step % save_every):
-        save_checkpoint(state, cfg.train.save)
-    writer.close()
-    return state
+                   console=state.step % t.log_interval == 0 or state.step == 1)
+        if skipped:
+            _count_skip(state, counters, t.max_consecutive_skips, t.save, writer.rank0)
+        else:
+            counters["skipped_in_a_row"] = 0
+        # No interval checkpoint of a step that just failed to update (its state is the
+        # previous step's, already saved or about to be saved at the next good step).
+        if t.save and t.save_interval and state.step % t.save_interval == 0 and not skipped:
+            save()
+        if t.exit_interval and state.step % t.exit_interval == 0 and state.step < t.steps:
+            stopped = f"train.exit_interval={t.exit_interval} reached"
+            break
+    if t.save and saved_step != state.step:
+        save()
+    if stopped and writer.rank0:
+        where = (f"checkpoint of step {state.step} saved; resume with train.load={t.save}"
+                 if t.save else "nothing saved (train.save is not set)")
+        print(f"[stop] {stopped} after step {state.step}: {where}", flush=True)
+    return RunResult(state=state, stopped=stopped, counters=counters)
+
+
+def _count_skip(state: TrainState, counters: dict[str, int], limit: int, save: str | None,
+                rank0: bool) -> None:
+    counters["skipped_total"] += 1
+    counters["skipped_in_a_row"] += 1
+    n = counters["skipped_in_a_row"]
+    if rank0:
+        print(f"[skip] step {state.step}: non-finite loss or gradient, update skipped "
+              f"({n} in a row, {counters['skipped_total']} in total)", flush=True)
+    if n >= limit:
+        last = latest_checkpoint(save) if save else None
+        raise TrainingError(
+            f"{n} consecutive steps with a non-finite loss or gradient (steps "
+            f"{state.step - n + 1}-{state.step}, train.max_consecutive_skips={limit}); "
+            + (f"stopped, the last good checkpoint is {last}" if last
+               else "stopped, no checkpoint was saved"))

@@ -35,8 +35,7 @@ def ntp_step(state: TrainState, batcher: NTPBatcher, timer: PhaseTimer) -> dict[
                      positions=torch.arange(s).expand(local.shape[0], -1))
         mbs = split_microbatches(batch, cfg.train.micro_batch_size)
         losses, grad_norm, applied = optimizer_update(state, mbs, _forward_step, s)
-        if applied:
-            state.step = step
+        state.step = step  # consumed even when the update was skipped (keyed by the step)
     loss = float(torch.stack([d["loss"] for d in losses]).mean()) if losses else 0.0
     loss = share_last_stage_values({"loss": loss}, ("loss",))["loss"]
     tokens = float(windows.shape[0] * s)

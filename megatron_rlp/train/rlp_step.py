@@ -24,7 +24,7 @@ from megatron_rlp.objective import (
     group_advantages,
     info_gain_reward,
 )
-from megatron_rlp.rollout.thoughts import PromptBatch, ThoughtBatch, sample_thoughts
+from megatron_rlp.rollout.thoughts import PromptBatch, ThoughtBatch, sample_thoughts_chunked
 from megatron_rlp.scoring.next_token import score_next_tokens, token_logprobs_vocab_parallel
 from megatron_rlp.train.builder import TrainState
 from megatron_rlp.train.reduce import (
@@ -102,8 +102,8 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer) -> d
         prompts, windows = build_rlp_inputs(contexts, ids, state.corpus, r.max_prefix_tokens,
                                             tok.pad)
         state.policy.eval()
-        thoughts = sample_thoughts(
-            state.policy, prompts, group_size=r.group_size,
+        thoughts = sample_thoughts_chunked(
+            state.policy, prompts, r.rollout_chunk_contexts, group_size=r.group_size,
             max_thought_tokens=r.max_thought_tokens, temperature=r.temperature, top_p=r.top_p,
             think_start=tok.think_start, think_end=tok.think_end, pad=tok.pad,
             vocab_size=tok.vocab_size, seed=cfg.train.seed, step=step)
@@ -124,9 +124,9 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer) -> d
                           tok.vocab_size, r.temperature, (r.clip_eps_low, r.clip_eps_high))
         losses, grad_norm, applied = optimizer_update(state, mbs, forward,
                                                       batch["tokens"].shape[1])
-        if applied:
+        if applied:  # a skipped (non-finite) update leaves policy and teacher as they were
             state.teacher.update(state.policy)
-            state.step = step
+        state.step = step  # the step's batch is consumed either way (keyed by the step)
     local = {k: float(torch.stack([d[k] for d in losses]).mean()) if losses else 0.0
              for k in ("loss", "clip_fraction")}
     local = share_last_stage_values(local, ("loss", "clip_fraction"))

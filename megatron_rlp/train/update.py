@@ -4,6 +4,11 @@ The objective supplies a `forward_step(batch, model) -> (output, loss_func)` pai
 Megatron-LM's `pretrain_gpt.py`; `get_forward_backward_func` runs the micro-batches (and
 the pipeline, when PP > 1); Megatron DDP reduces gradients in `finalize_model_grads`; the
 Megatron optimizer clips and steps.
+
+Non-finite losses or gradients skip the update. Megatron's optimizer only checks for inf/NaN
+when a loss scaler is active (fp16); its fp32/bf16 path would clip a NaN norm (a no-op: the
+clip test `nan < 1` is false) and step Adam into NaN parameters. So the check is done here,
+before the optimizer is touched, and agreed on by every rank.
 """
 
 from __future__ import annotations
@@ -11,8 +16,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_rlp.train import faults
 from megatron_rlp.train.builder import TrainState
 
 
@@ -40,10 +47,45 @@ def optimizer_update(state: TrainState, microbatches: list[dict], forward_step: 
         micro_batch_size=first.shape[0],
         forward_only=False,
     )
+    if faults.planned("nan_grad", state.step + 1):
+        _grad_buffers(state)[0].view(-1)[0] = float("nan")
+    if not _all_finite(state, losses):
+        # Skip: no optimizer, scheduler or parameter change; the caller keeps the teacher.
+        state.model.zero_grad_buffer()
+        state.optimizer.zero_grad()
+        return losses, float("nan"), False
     applied, grad_norm, _ = state.optimizer.step()
     if applied:
         state.scheduler.step(increment=1)
     return losses, float(grad_norm) if grad_norm is not None else 0.0, bool(applied)
+
+
+def _grad_buffers(state: TrainState) -> list[torch.Tensor]:
+    """This rank's gradient storage: Megatron DDP's contiguous buffers (every `main_grad` is a
+    view into one of them)."""
+    ddp = state.model
+    buffers = list(getattr(ddp, "buffers", [])) + list(getattr(ddp, "expert_parallel_buffers", []))
+    if buffers:
+        return [b.grad_data for b in buffers]
+    return [p.main_grad for p in ddp.parameters() if getattr(p, "main_grad", None) is not None]
+
+
+@torch.no_grad()
+def _all_finite(state: TrainState, losses: list[dict]) -> bool:
+    """True on every rank iff every rank's losses and gradients are finite.
+
+    The local check covers this rank's whole gradient buffer (with the distributed optimizer
+    that includes the not-yet-reduced parts), so a NaN produced on any rank is seen by that
+    rank; one all-reduce(MAX) over the world then makes every rank skip together.
+    """
+    grads = _grad_buffers(state)
+    bad = any(not bool(torch.isfinite(v).all()) for d in losses for v in d.values()
+              if isinstance(v, torch.Tensor))
+    bad = bad or any(not bool(torch.isfinite(g).all()) for g in grads)
+    flag = torch.tensor([int(bad)], dtype=torch.int32, device=grads[0].device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return not bool(flag.item())
 
 
 def split_microbatches(batch: dict[str, torch.Tensor], micro_batch_size: int) -> list[dict]:

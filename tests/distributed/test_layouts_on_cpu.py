@@ -13,18 +13,13 @@ any layout, which says nothing about parallel correctness.
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from layout_runs import train_and_collect
 
-ROOT = Path(__file__).resolve().parents[2]
-TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 SMALL = (
     "model.hybrid_layer_pattern=*-*-", "model.hidden_size=64", "model.ffn_hidden_size=128",
     "model.num_attention_heads=4", "model.num_query_groups=2", "model.max_sequence_length=96",
@@ -39,18 +34,7 @@ GRADIENTS = ("advantage_std", "grad_norm")
 
 def run(tmp: Path, nproc: int, *overrides: str) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """Train 3 steps; return the metrics and the final checkpoint's model tensors."""
-    cmd = [TORCHRUN, "--standalone", "--nproc-per-node", str(nproc), "pretrain_rlp.py",
-           "--config", "examples/configs/tiny_cpu.yaml", *SMALL, *overrides,
-           f"train.metrics_file={tmp / 'metrics.jsonl'}", f"train.save={tmp / 'ckpt'}"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp / "metrics.jsonl").read_text().splitlines()]
-    latest = (tmp / "ckpt" / "latest").read_text().strip()
-    dcp_to_torch_save(tmp / "ckpt" / latest, tmp / "final.pt")
-    state = torch.load(tmp / "final.pt", weights_only=False)
-    params = {k: v for k, v in state.items() if k.startswith("model.")
-              and isinstance(v, torch.Tensor) and "_extra_state" not in k}
-    return rows, params
+    return train_and_collect(tmp, nproc, "examples/configs/tiny_cpu.yaml", *SMALL, *overrides)
 
 
 @pytest.fixture(scope="module")

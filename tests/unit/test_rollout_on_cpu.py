@@ -16,7 +16,7 @@ from megatron_rlp.models.provider import build_model
 from megatron_rlp.rollout import thoughts as thoughts_module
 from megatron_rlp.rollout.engine import KVCacheEngine
 from megatron_rlp.rollout.sampling import sample_tokens, token_logprobs
-from megatron_rlp.rollout.thoughts import PromptBatch, sample_thoughts
+from megatron_rlp.rollout.thoughts import PromptBatch, sample_thoughts, sample_thoughts_chunked
 from megatron_rlp.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -184,7 +184,8 @@ def forcing_sample_tokens(close_at: dict[int, int]):
 
 
 def test_sample_thoughts_closed_and_force_closed(model, monkeypatch):
-    monkeypatch.setattr(thoughts_module, "sample_vocab_parallel", forcing_sample_tokens({0: 0, 1: 3}))
+    monkeypatch.setattr(thoughts_module, "sample_vocab_parallel",
+                        forcing_sample_tokens({0: 0, 1: 3}))
     prompts, rows = make_prompts([4, 7], [5, 6], seed=3)
     out = rollout(model, prompts, group_size=3, max_thought_tokens=4)
     assert out.closed.tolist() == [True, True, False] * 2
@@ -193,7 +194,8 @@ def test_sample_thoughts_closed_and_force_closed(model, monkeypatch):
 
 
 def test_sample_thoughts_all_closed_early(model, monkeypatch):
-    monkeypatch.setattr(thoughts_module, "sample_vocab_parallel", forcing_sample_tokens({0: 1, 1: 1}))
+    monkeypatch.setattr(thoughts_module, "sample_vocab_parallel",
+                        forcing_sample_tokens({0: 1, 1: 1}))
     prompts, rows = make_prompts([3, 6, 5], [0, 1, 2], seed=4)
     out = rollout(model, prompts, group_size=2, max_thought_tokens=5)
     assert bool(out.closed.all()) and out.lengths.tolist() == [2] * 6
@@ -236,3 +238,15 @@ def test_thoughts_are_layout_independent(model):
     other = left_pad([a, b, c], [7, 8, 9])
     assert not torch.equal(rollout(model, other, group_size=g, max_thought_tokens=4).tokens,
                            out_abc.tokens)
+
+
+def test_chunked_rollout_equals_one_batch(model):
+    """Rollout chunks bound the cache; keyed sampling makes them invisible in the result."""
+    prompts, _ = make_prompts([4, 9, 6, 2, 7], [0, 1, 2, 3, 4], seed=8)
+    kwargs = dict(group_size=2, temperature=0.7, top_p=1.0, think_start=TOK.think_start,
+                  think_end=TOK.think_end, vocab_size=VOCAB, seed=1234, step=3)
+    whole = sample_thoughts_chunked(model, prompts, 0, 4, TOK.pad, **kwargs)
+    chunked = sample_thoughts_chunked(model, prompts, 2, 4, TOK.pad, **kwargs)
+    assert torch.equal(whole.tokens, chunked.tokens) and torch.equal(whole.mask, chunked.mask)
+    torch.testing.assert_close(whole.logprobs, chunked.logprobs, atol=ATOL, rtol=0)
+    torch.testing.assert_close(whole.s_pred, chunked.s_pred, atol=ATOL, rtol=0)

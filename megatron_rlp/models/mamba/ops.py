@@ -1,0 +1,452 @@
+"""Mamba-2 in plain PyTorch: the kernels Megatron's `MambaMixer` calls, for machines without
+`mamba_ssm` / `causal_conv1d` (CPU, CI).
+
+Every function keeps the signature and semantics of the CUDA/Triton kernel it stands in for,
+so the mixer code that calls it is unchanged:
+
+| here | stands in for |
+|---|---|
+| `mamba_chunk_scan_combined` | `mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined` |
+| `mamba_split_conv1d_scan_combined` | `mamba_ssm...ssd_combined.mamba_split_conv1d_scan_combined` |
+| `causal_conv1d_fn`, `causal_conv1d_update` | `causal_conv1d` (channel-first, [batch, dim, len]) |
+| `selective_state_update` | `mamba_ssm...selective_state_update` / Megatron's Triton version |
+| `RMSNormGated`, `rmsnorm_fn` | `mamba_ssm.ops.triton.layernorm_gated` |
+
+The SSD scan is the chunked ("state-space duality") algorithm of Mamba-2: inside a chunk the
+output is a masked, decayed attention-like product; chunk-final states are passed from chunk
+to chunk by the recurrence h_c = exp(sum dA over chunk) h_{c-1} + state_c. Work is done in
+float32 (float64 when the inputs are float64); outputs come back in the input dtype.
+
+The recurrence every kernel implements, per head h, position t (dt after bias/softplus):
+
+    state_t = exp(dt_t * A_h) * state_{t-1} + dt_t * x_t B_t^T      [headdim, d_state]
+    y_t     = state_t C_t + D_h x_t          (then * silu(z_t) when z is given)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "RMSNormGated",
+    "causal_conv1d_fn",
+    "causal_conv1d_update",
+    "mamba_chunk_scan_combined",
+    "mamba_split_conv1d_scan_combined",
+    "rmsnorm_fn",
+    "selective_state_update",
+]
+
+
+def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """float64 if any input is float64, else float32 (bf16/fp16 inputs are upcast)."""
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+def _act(x: Tensor, activation: str | bool | None) -> Tensor:
+    if activation in (None, False):
+        return x
+    if activation in ("silu", "swish", True):
+        return F.silu(x)
+    raise ValueError(f"unsupported activation {activation!r} (allowed: silu, swish, None)")
+
+
+def _discretize_dt(dt: Tensor, dt_bias: Tensor | None, dt_softplus: bool,
+                   dt_limit: tuple[float, float], dtype: torch.dtype) -> Tensor:
+    dt = dt.to(dtype)
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(dtype)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    if dt_limit != (0.0, math.inf):
+        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    return dt
+
+
+def mamba_chunk_scan_combined(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    initial_states: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, math.inf),
+    return_final_states: bool = False,
+    return_varlen_states: bool = False,
+    state_dtype: torch.dtype | None = None,
+):
+    """Chunked SSD scan.
+
+    Args:
+        x: [batch, seqlen, nheads, headdim].
+        dt: [batch, seqlen, nheads] (before `dt_bias` / softplus).
+        A: [nheads] (negative).
+        B, C: [batch, seqlen, ngroups, dstate]; heads are split evenly over groups.
+        chunk_size: positions per chunk.
+        D: [nheads] or [nheads, headdim] skip connection.
+        z: [batch, seqlen, nheads, headdim]: gate, output *= silu(z).
+        dt_bias: [nheads]; dt_softplus: apply softplus after the bias; dt_limit: clamp after.
+        initial_states: [batch, nheads, headdim, dstate].
+        seq_idx, cu_seqlens, return_varlen_states: packed sequences; not supported here.
+        return_final_states: also return the state after the last position.
+        state_dtype: dtype of the returned final state (default: float32, or float64).
+
+    Returns:
+        out [batch, seqlen, nheads, headdim] in x's dtype, and the final state
+        [batch, nheads, headdim, dstate] when `return_final_states`.
+    """
+    if seq_idx is not None or cu_seqlens is not None or return_varlen_states:
+        raise NotImplementedError("packed sequences (seq_idx/cu_seqlens) are not supported by "
+                                  "the pure-torch Mamba-2 scan")
+    b, length, h, p = x.shape
+    g, n = B.shape[-2], B.shape[-1]
+    if h % g:
+        raise ValueError(f"nheads={h} is not a multiple of ngroups={g}")
+    k = h // g  # heads per group
+    cd = _compute_dtype(x, dt, B, C, initial_states)
+    dt = _discretize_dt(dt, dt_bias, dt_softplus, dt_limit, cd)  # [b, l, h]
+    xf, Bf, Cf = x.to(cd), B.to(cd), C.to(cd)
+
+    T = chunk_size
+    pad = (-length) % T
+    nc = (length + pad) // T
+
+    def chunks(t: Tensor) -> Tensor:  # [b, l, ...] -> [b, c, T, ...], zero padded
+        t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
+        return t.reshape(b, nc, T, *t.shape[2:])
+
+    # Layout [b, c, g, k, T, ...]: batch, chunk, group, head-in-group lead, so every
+    # contraction below is a batched matmul. Padded positions have dt = 0: no decay and no
+    # input, so the final state is exact.
+    xdt = chunks(xf * dt[..., None]).reshape(b, nc, T, g, k, p).permute(0, 1, 3, 4, 2, 5)
+    Bc = chunks(Bf).transpose(2, 3)  # [b, c, g, T, n]
+    Cc = chunks(Cf).transpose(2, 3)
+    dA = chunks(dt * A.to(cd)).reshape(b, nc, T, g, k).permute(0, 1, 3, 4, 2)  # [b,c,g,k,T]
+    cs = torch.cumsum(dA, dim=-1)
+
+    # 1. Inside each chunk: y_l = sum_{s<=l} (C_l . B_s) exp(cs_l - cs_s) dt_s x_s
+    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    decay = torch.exp((cs[..., :, None] - cs[..., None, :]).masked_fill(~causal, -math.inf))
+    scores = Cc @ Bc.transpose(-1, -2)  # [b, c, g, T(l), T(s)]
+    y = (scores[:, :, :, None] * decay) @ xdt  # [b, c, g, k, T, p]
+
+    # 2. State each chunk adds at its end: sum_s exp(cs_T - cs_s) dt_s x_s B_s^T
+    to_end = torch.exp(cs[..., -1:] - cs)  # [b, c, g, k, T]
+    chunk_states = (xdt * to_end[..., None]).transpose(-1, -2) @ Bc[:, :, :, None]  # [.., p, n]
+
+    # 3. Pass states from chunk to chunk (a short recurrence over chunks).
+    if initial_states is None:
+        state = torch.zeros(b, g, k, p, n, dtype=cd, device=x.device)
+    else:
+        state = initial_states.to(cd).reshape(b, g, k, p, n)
+    chunk_decay = torch.exp(cs[..., -1])  # [b, c, g, k]
+    entering = []
+    for c in range(nc):
+        entering.append(state)
+        state = state * chunk_decay[:, c, :, :, None, None] + chunk_states[:, c]
+    prev = torch.stack(entering, dim=1)  # [b, c, g, k, p, n]: state entering each chunk
+
+    # 4. What the entering state contributes: y_l += exp(cs_l) C_l . state
+    y = y + (Cc[:, :, :, None] @ prev.transpose(-1, -2)) * torch.exp(cs)[..., None]
+    y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, nc * T, h, p)[:, :length]
+
+    if D is not None:
+        Df = D.to(cd)
+        y = y + xf * (Df[:, None] if Df.dim() == 1 else Df)
+    if z is not None:
+        y = y * F.silu(z.to(cd))
+    out = y.to(x.dtype)
+    if return_final_states:
+        final = state.reshape(b, h, p, n).to(state_dtype or cd)
+        return out, final
+    return out
+
+
+def causal_conv1d_fn(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+    initial_states: Tensor | None = None,
+    return_final_states: bool = False,
+    final_states_out: Tensor | None = None,
+    activation: str | None = None,
+):
+    """Depthwise causal convolution.
+
+    Args:
+        x: [batch, dim, seqlen].
+        weight: [dim, width]; bias: [dim].
+        initial_states: [batch, dim, width - 1], the inputs before position 0 (zeros if None).
+        return_final_states: also return the last width - 1 inputs (the decoding state).
+        activation: None, "silu" or "swish".
+
+    Returns:
+        [batch, dim, seqlen] in x's dtype (and [batch, dim, width - 1] final states).
+    """
+    if seq_idx is not None:
+        raise NotImplementedError("seq_idx (packed sequences) is not supported")
+    b, d, length = x.shape
+    w = weight.shape[-1]
+    cd = _compute_dtype(x, weight)
+    xf = x.to(cd)
+    if initial_states is None:
+        xp = F.pad(xf, (w - 1, 0))
+    else:
+        xp = torch.cat([initial_states.to(cd), xf], dim=-1)
+    out = F.conv1d(xp, weight.to(cd)[:, None, :], None if bias is None else bias.to(cd),
+                   groups=d)
+    out = _act(out, activation).to(x.dtype)
+    if not return_final_states:
+        return out
+    final = xp[..., -(w - 1):].to(x.dtype) if w > 1 else xp[..., :0].to(x.dtype)
+    if final_states_out is not None:
+        final_states_out.copy_(final)
+        final = final_states_out
+    return out, final
+
+
+def causal_conv1d_update(
+    x: Tensor,
+    conv_state: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    activation: str | bool | None = None,
+    cache_seqlens: Tensor | None = None,
+    conv_state_indices: Tensor | None = None,
+) -> Tensor:
+    """Advance the causal convolution by one (or a few) positions, updating `conv_state`.
+
+    Args:
+        x: [batch, dim] or [batch, dim, seqlen] new inputs.
+        conv_state: [batch, dim, state_len] (state_len >= width - 1) last inputs, oldest
+            first; shifted left and appended to in place.
+        weight: [dim, width]; bias: [dim].
+        conv_state_indices: [batch] rows of `conv_state` to use (default: 0..batch-1).
+
+    Returns:
+        Conv outputs shaped like x.
+    """
+    if cache_seqlens is not None:
+        raise NotImplementedError("circular conv state (cache_seqlens) is not supported")
+    squeeze = x.dim() == 2
+    if squeeze:
+        x = x[..., None]
+    length = x.shape[-1]
+    d, w = weight.shape
+    state = conv_state if conv_state_indices is None else conv_state[conv_state_indices]
+    state_len = state.shape[-1]
+    if state_len < w - 1:
+        raise ValueError(f"conv_state holds {state_len} inputs; width {w} needs >= {w - 1}")
+    cd = _compute_dtype(x, weight)
+    full = torch.cat([state.to(cd), x.to(cd)], dim=-1)  # [b, d, state_len + seqlen]
+    new_state = full[..., -state_len:].to(conv_state.dtype)
+    if conv_state_indices is None:
+        conv_state.copy_(new_state)
+    else:
+        conv_state[conv_state_indices] = new_state
+    out = F.conv1d(full[..., -(length + w - 1):], weight.to(cd)[:, None, :],
+                   None if bias is None else bias.to(cd), groups=d)
+    out = _act(out, activation).to(x.dtype)
+    return out[..., 0] if squeeze else out
+
+
+def selective_state_update(
+    state: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    state_batch_indices: Tensor | None = None,
+    intermediate_ssm_states: Tensor | None = None,
+) -> Tensor:
+    """One (or a few) recurrent SSM steps from a cached state, updating `state` in place.
+
+    Shapes follow mamba_ssm (and Megatron's Triton port, which adds an optional seqlen):
+        state: [batch, nheads, headdim, dstate] (or [batch, dim, dstate]: one head)
+        x, dt, z: [batch, (seqlen,) (nheads,) headdim]
+        A: [(nheads,) headdim, dstate]; D, dt_bias: [(nheads,) headdim]
+        B, C: [batch, (seqlen,) (ngroups,) dstate]
+        state_batch_indices: [batch] rows of `state` to use (default: 0..batch-1).
+
+    Returns:
+        y shaped like x: state C + D x, times silu(z) when z is given.
+    """
+    if intermediate_ssm_states is not None:
+        raise NotImplementedError("intermediate_ssm_states (speculative decoding) is not "
+                                  "supported by the pure-torch state update")
+    has_heads = state.dim() == 4
+    if not has_heads:  # one head: [batch, dim, dstate]
+        state_v = state[:, None]
+        seq_first = x.dim() == 3  # [batch, seqlen, dim]
+        unsq = (lambda t: t[:, :, None]) if seq_first else (lambda t: t[:, None, None])
+        x, dt, B, C = unsq(x), unsq(dt), unsq(B), unsq(C)
+        z = None if z is None else unsq(z)
+        A = A[None]
+        D = None if D is None else D[None]
+        dt_bias = None if dt_bias is None else dt_bias[None]
+        squeeze = () if seq_first else (1,)
+        heads_squeeze = True
+    else:
+        state_v = state
+        seq_first = x.dim() == 4
+        if not seq_first:
+            x, dt, B, C = x[:, None], dt[:, None], B[:, None], C[:, None]
+            z = None if z is None else z[:, None]
+        squeeze = () if seq_first else (1,)
+        heads_squeeze = False
+    # now: x, dt, z [b, s, h, p]; B, C [b, s, g, n]; state_v [b, h, p, n]; A [h, p, n]
+    h = x.shape[2]
+    g = B.shape[2]
+    cd = _compute_dtype(state, x, dt, B, C)
+    st = state_v if state_batch_indices is None else state_v[state_batch_indices]
+    st = st.to(cd)
+    dt = dt.to(cd)
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(cd)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    Bh = B.to(cd).repeat_interleave(h // g, dim=2)  # [b, s, h, n]
+    Ch = C.to(cd).repeat_interleave(h // g, dim=2)
+    Af = A.to(cd)
+    ys = []
+    for t in range(x.shape[1]):
+        xt, dtt = x[:, t].to(cd), dt[:, t]  # [b, h, p]
+        st = st * torch.exp(dtt[..., None] * Af) + (dtt * xt)[..., None] * Bh[:, t, :, None, :]
+        y = torch.einsum("bhpn,bhn->bhp", st, Ch[:, t])
+        if D is not None:
+            y = y + D.to(cd) * xt
+        if z is not None:
+            y = y * F.silu(z[:, t].to(cd))
+        ys.append(y)
+    if state_batch_indices is None:
+        state_v.copy_(st.to(state.dtype))
+    else:
+        state_v[state_batch_indices] = st.to(state.dtype)
+    out = torch.stack(ys, dim=1).to(x.dtype)  # [b, s, h, p]
+    if heads_squeeze:
+        out = out[:, :, 0]
+    for dim in squeeze:
+        out = out.squeeze(dim)
+    return out
+
+
+def mamba_split_conv1d_scan_combined(
+    zxbcdt: Tensor,
+    conv1d_weight: Tensor,
+    conv1d_bias: Tensor | None,
+    dt_bias: Tensor,
+    A: Tensor,
+    D: Tensor,
+    chunk_size: int,
+    initial_states: Tensor | None = None,
+    seq_idx: Tensor | None = None,
+    dt_limit: tuple[float, float] = (0.0, math.inf),
+    return_final_states: bool = False,
+    activation: str = "silu",
+    rmsnorm_weight: Tensor | None = None,
+    rmsnorm_eps: float = 1e-6,
+    outproj_weight: Tensor | None = None,
+    outproj_bias: Tensor | None = None,
+    headdim: int | None = None,
+    ngroups: int = 1,
+    norm_before_gate: bool = True,
+    state_dtype: torch.dtype | None = None,
+):
+    """Split [z, xBC, dt], causal conv on xBC, SSD scan with D skip, then either the z gate
+    (no `rmsnorm_weight`) or the gated RMSNorm, then the optional output projection.
+
+    Args:
+        zxbcdt: [batch, seqlen, 2 * dim + 2 * ngroups * dstate + nheads], dim = nheads * headdim.
+        conv1d_weight: [dim + 2 * ngroups * dstate, width]; conv1d_bias: matching.
+        dt_bias, A: [nheads]; D: [nheads] (then `headdim` is required) or [nheads, headdim].
+
+    Returns:
+        [batch, seqlen, dim] (or [batch, seqlen, out_dim] with `outproj_weight`).
+    """
+    if D.dim() == 1:
+        if headdim is None:
+            raise ValueError("headdim is required when D is 1-D")
+        nheads = D.shape[0]
+    else:
+        nheads, headdim = D.shape
+    b, length, width = zxbcdt.shape
+    dim = nheads * headdim
+    dstate = (width - 2 * dim - nheads) // ngroups // 2
+    z, xBC, dt = torch.split(zxbcdt, [dim, dim + 2 * ngroups * dstate, nheads], dim=-1)
+    xBC = causal_conv1d_fn(xBC.transpose(1, 2), conv1d_weight, conv1d_bias,
+                           activation=activation).transpose(1, 2)
+    x, B, C = torch.split(xBC, [dim, ngroups * dstate, ngroups * dstate], dim=-1)
+    res = mamba_chunk_scan_combined(
+        x.reshape(b, length, nheads, headdim), dt, A,
+        B.reshape(b, length, ngroups, dstate), C.reshape(b, length, ngroups, dstate),
+        chunk_size, D=D, z=None if rmsnorm_weight is not None else
+        z.reshape(b, length, nheads, headdim), dt_bias=dt_bias, initial_states=initial_states,
+        dt_softplus=True, dt_limit=dt_limit, return_final_states=return_final_states,
+        state_dtype=state_dtype)
+    y, final = res if return_final_states else (res, None)
+    y = y.reshape(b, length, dim)
+    if rmsnorm_weight is not None:
+        y = rmsnorm_fn(y, rmsnorm_weight, None, z=z, eps=rmsnorm_eps, group_size=dim // ngroups,
+                       norm_before_gate=norm_before_gate)
+    if outproj_weight is not None:
+        y = F.linear(y, outproj_weight, outproj_bias)
+    return (y, final) if return_final_states else y
+
+
+def rmsnorm_fn(x: Tensor, weight: Tensor, bias: Tensor | None = None, z: Tensor | None = None,
+               eps: float = 1e-6, group_size: int | None = None,
+               norm_before_gate: bool = True) -> Tensor:
+    """RMSNorm over groups of `group_size` channels, gated by silu(z).
+
+    norm_before_gate=True: norm(x) * silu(z); False (Megatron's mixer): norm(x * silu(z)).
+    """
+    cd = _compute_dtype(x, weight)
+    xf = x.to(cd)
+    if z is not None and not norm_before_gate:
+        xf = xf * F.silu(z.to(cd))
+    d = xf.shape[-1]
+    gs = group_size or d
+    xg = xf.reshape(*xf.shape[:-1], d // gs, gs)
+    xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + eps)
+    out = xg.reshape(xf.shape) * weight.to(cd)
+    if bias is not None:
+        out = out + bias.to(cd)
+    if z is not None and norm_before_gate:
+        out = out * F.silu(z.to(cd))
+    return out.to(x.dtype)
+
+
+class RMSNormGated(torch.nn.Module):
+    """`mamba_ssm.ops.triton.layernorm_gated.RMSNorm`: weight only (ones), grouped, gated."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, group_size: int | None = None,
+                 norm_before_gate: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.group_size = group_size
+        self.norm_before_gate = norm_before_gate
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.register_parameter("bias", None)
+
+    def forward(self, x: Tensor, z: Tensor | None = None) -> Tensor:
+        return rmsnorm_fn(x, self.weight, self.bias, z=z, eps=self.eps,
+                          group_size=self.group_size, norm_before_gate=self.norm_before_gate)

@@ -1,0 +1,78 @@
+"""Next-token entropies from vocab-parallel logits: the `entropy` position strategy's scorer.
+
+RLP can place its contexts where the teacher is least sure of the next token. One no-gradient
+forward over each document window gives H(p(. | x_<t)) at every position; the entropy is
+computed over the real vocabulary (Megatron's padded ids excluded) with two all-reduces over
+the tensor-parallel group, never gathering the vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from torch import Tensor
+
+from megatron_rlp.models.masks import padded_causal_mask
+from megatron_rlp.parallel.pipeline import from_last_stage, stage_forward
+from megatron_rlp.parallel.sequence import sequence_parallel_off
+
+
+def entropy_vocab_parallel(logits: Tensor, vocab_size: int) -> Tensor:
+    """H(softmax(logits)) over the real vocabulary for vocab-sharded logits [..., V/tp]."""
+    logits = logits.float()
+    shard = logits.shape[-1]
+    start = parallel_state.get_tensor_model_parallel_rank() * shard
+    ids = torch.arange(start, start + shard, device=logits.device)
+    logits = logits.masked_fill(ids >= vocab_size, float("-inf"))
+    group = parallel_state.get_tensor_model_parallel_group()
+    tp = dist.get_world_size(group) if dist.is_initialized() else 1
+    top = logits.max(-1, keepdim=True).values
+    if tp > 1:
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    shifted = logits - top
+    e = shifted.exp()
+    sums = torch.stack([e.sum(-1), torch.where(e > 0, e * shifted, 0.0).sum(-1)])
+    if tp > 1:
+        dist.all_reduce(sums, group=group)
+    return sums[0].log() - sums[1] / sums[0]
+
+
+@torch.no_grad()
+def window_entropies(model: torch.nn.Module, windows: list[np.ndarray], vocab_size: int,
+                     pad: int) -> list[np.ndarray]:
+    """One forward over left-padded windows; h[j] of window w = entropy after w[:j+1].
+
+    Every tensor/pipeline rank of the model must call this with the same windows.
+    """
+    width = max(len(w) for w in windows)
+    tokens = torch.full((len(windows), width), pad, dtype=torch.long)
+    valid = torch.zeros(len(windows), width, dtype=torch.bool)
+    for i, w in enumerate(windows):
+        tokens[i, width - len(w):] = torch.from_numpy(np.asarray(w, dtype=np.int64))
+        valid[i, width - len(w):] = True
+    positions = torch.arange(width).expand_as(tokens)
+    with sequence_parallel_off(model):
+        logits = stage_forward(model, tokens, positions, padded_causal_mask(valid))
+    h = None if logits is None else entropy_vocab_parallel(logits, vocab_size)
+    h = from_last_stage(h, (len(windows), width), torch.float32)
+    return [h[i, width - len(w):].numpy().copy() for i, w in enumerate(windows)]
+
+
+def model_entropy_scorer(get_model: Callable[[], torch.nn.Module], vocab_size: int, pad: int
+                         ) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
+    """A `PositionScorer` running `get_model()` (called at each use, e.g. the current teacher)."""
+
+    def score(windows: list[np.ndarray]) -> list[np.ndarray]:
+        model = get_model()
+        was_training = model.training
+        model.eval()
+        try:
+            return window_entropies(model, windows, vocab_size, pad)
+        finally:
+            model.train(was_training)
+
+    return score

@@ -1,0 +1,41 @@
+"""Fault injection for the reliability tests, and the errors a run stops with.
+
+Tests set `MEGATRON_RLP_FAULTS` (never set in real runs) to a comma-separated list of
+`kind@step`; each fault fires on the *last* global rank only, so the tests also check that
+every rank reaches the same decision:
+
+    nan_grad@K      after the backward of step K, one gradient element becomes NaN
+    save_enospc@K   writing checkpoint step K fails with OSError(ENOSPC) after part of a file
+                    is on disk (a full disk, simulated inside Megatron's checkpoint writer)
+    save_stall@K    writing checkpoint step K stops after part of a file is on disk and
+                    prints `[fault] save stalled` to stderr, so a test can SIGKILL the job
+                    in the middle of a save
+
+Everything else in a test run is the real code path.
+"""
+
+from __future__ import annotations
+
+import os
+
+ENV = "MEGATRON_RLP_FAULTS"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite steps); phrased for the user."""
+
+
+class DataError(RuntimeError):
+    """The training data cannot be used; phrased for the user."""
+
+
+def planned(kind: str, step: int) -> bool:
+    """Whether the test hook asks for fault `kind` at `step` on this process."""
+    spec = os.environ.get(ENV, "")
+    if not spec:
+        return False
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != dist.get_world_size() - 1:
+        return False
+    return f"{kind}@{step}" in {item.strip() for item in spec.split(",")}

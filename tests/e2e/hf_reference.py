@@ -1,0 +1,62 @@
+"""Hugging Face side of the conversion tests, run in its own process (the CPU backend's torch
+patches, active in the test process once any Megatron test ran, change what
+`from_pretrained` builds).
+
+    python tests/e2e/hf_reference.py make ARCH DIR      tiny random model -> DIR (+ DIR/ref.pt)
+    python tests/e2e/hf_reference.py logits DIR OUT     logits of DIR on DIR0/ref.pt's ids
+"""
+
+import sys
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore")
+VOCAB, SEQ = 512, 24  # tests/assets/tiny_bpe has 512 ids, <think>/</think> included
+
+
+def make(arch: str, out: str) -> None:
+    torch.manual_seed(0)
+    if arch == "qwen3":
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        cfg = Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=16, max_position_embeddings=512, tie_word_embeddings=True,
+                          rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                          rms_norm_eps=1e-6, eos_token_id=0, bos_token_id=0)
+        model = Qwen3ForCausalLM(cfg)
+    else:
+        from transformers import NemotronHConfig, NemotronHForCausalLM
+
+        cfg = NemotronHConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                              num_hidden_layers=7, hybrid_override_pattern="M-M*-M-",
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                              max_position_embeddings=512, tie_word_embeddings=False,
+                              mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16,
+                              n_groups=2, conv_kernel=4, chunk_size=16)
+        model = NemotronHForCausalLM(cfg)
+    with torch.no_grad():  # non-trivial norms, so a mix-up of norm weights shows
+        for name, p in model.named_parameters():
+            if any(k in name for k in ("norm", ".D", "dt_bias", "conv1d.bias")):
+                p.add_(0.2 * torch.randn_like(p))
+    model.eval().save_pretrained(out)
+    ids = torch.randint(0, VOCAB, (2, SEQ))
+    with torch.no_grad():
+        torch.save({"ids": ids, "logits": model(ids).logits}, f"{out}/ref.pt")
+
+
+def logits(directory: str, ref: str, out: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    ids = torch.load(ref)["ids"]
+    with torch.no_grad():
+        torch.save(model(ids).logits, out)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "make":
+        make(sys.argv[2], sys.argv[3])
+    else:
+        logits(sys.argv[2], sys.argv[3], sys.argv[4])

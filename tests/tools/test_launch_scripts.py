@@ -1,0 +1,199 @@
+"""The launch scripts as users run them: shellcheck-clean, clear errors for missing paths,
+the torchrun command they build (DRY_RUN=1), layouts that are valid and fit, the tiny CPU
+script end to end (plus a plot of its metrics), and signal forwarding without SLURM."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = sorted(p.relative_to(ROOT) for p in [*ROOT.glob("examples/**/*.sh"),
+                                               *ROOT.glob("examples/**/*.sbatch")])
+# script -> (config, TP, G, vocabulary of its tokenizer) as documented in its header
+MODELS = {
+    "qwen3_1p7b": ("examples/configs/qwen3_1p7b.yaml", 1, 4, 151669),
+    "nemotron_nano_12b_v2": ("examples/configs/nemotron_nano_12b_v2.yaml", 8, 8, 131072),
+    "nemotron_h_8b": ("examples/configs/nemotron_h_8b.yaml", 4, 16, 131072),
+}
+TOKENIZER = "tests/assets/tiny_bpe/tokenizer.json"
+
+
+def test_shellcheck_clean():
+    sc = shutil.which("shellcheck")
+    if sc is None:
+        pytest.skip("shellcheck not installed (apt-get install shellcheck; .ci/run does)")
+    assert len(SCRIPTS) >= 7, SCRIPTS
+    proc = subprocess.run([sc, "-x", "--format=gcc", *map(str, SCRIPTS), ".ci/run"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    data, ckpt = tmp_path / "text.jsonl", tmp_path / "base_ckpt"
+    data.write_text('{"text": "hello"}\n')
+    ckpt.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "MASTER_", "NNODES", "RLP_"))}
+    env.update(DATA=str(data), TOKENIZER=TOKENIZER, SAVE_DIR=str(tmp_path / "save"),
+               LOAD=str(ckpt), ESTIMATE="0", DRY_RUN="1")
+    env.update(extra)
+    return env
+
+
+def _script(name: str, env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", f"examples/{name}.sh", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_missing_paths_are_named(name, tmp_path):
+    env = _env(tmp_path, CONFIG=str(ROOT / "examples/configs/tiny_cpu.yaml"))
+    for var in ("DATA", "TOKENIZER", "SAVE_DIR", "LOAD"):
+        env.pop(var)
+    proc = _script(name, env)
+    assert proc.returncode == 2 and proc.stdout == ""
+    for var in ("DATA", "TOKENIZER", "SAVE_DIR", "LOAD"):
+        assert f"error: {var} is not set" in proc.stderr, proc.stderr
+    proc = _script(name, _env(tmp_path, CONFIG=str(ROOT / "examples/configs/tiny_cpu.yaml"),
+                              DATA=str(tmp_path / "nothing")))
+    assert proc.returncode == 2 and "DATA=" in proc.stderr and "indexed-dataset" in proc.stderr
+    proc = _script(name, _env(tmp_path, CONFIG=str(tmp_path / "none.yaml")))
+    assert proc.returncode == 2 and "none.yaml does not exist" in proc.stderr
+
+
+def _command(proc: subprocess.CompletedProcess) -> list[str]:
+    assert proc.returncode == 0, proc.stderr
+    return shlex.split(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_dry_run_builds_the_multinode_torchrun_command(name, tmp_path):
+    _, tp, g, _ = MODELS[name]
+    env = _env(tmp_path, CONFIG="examples/configs/tiny_cpu.yaml", NNODES="4",
+               MASTER_ADDR="node001", SLURM_JOB_ID="4242")
+    cmd = _command(_script(name, env, "train.steps=7", "rlp.temperature=0.5"))
+    assert cmd[0].endswith("torchrun")
+    flags = " ".join(cmd[:cmd.index("pretrain_rlp.py")])
+    assert "--nproc-per-node 8 --nnodes 4 --rdzv-backend c10d" in flags
+    assert "--rdzv-endpoint node001:29500 --rdzv-id 4242" in flags
+    over = cmd[cmd.index("--config") + 2:]
+    for item in (f"parallel.tensor_model_parallel_size={tp}", f"rlp.group_size={g}",
+                 "rlp.contexts_per_step=512", "rlp.max_thought_tokens=2048",
+                 "device.type=cuda", "precision.params_dtype=bf16",
+                 f"train.load={env['LOAD']}", f"data.corpus={env['DATA']}",
+                 f"train.save={env['SAVE_DIR']}",
+                 f"train.tensorboard_dir={env['SAVE_DIR']}/tensorboard"):
+        assert item in over, (item, over)
+    assert over[-2:] == ["train.steps=7", "rlp.temperature=0.5"]  # extra args come last
+
+    # a SAVE_DIR holding a checkpoint is resumed instead of starting again from LOAD
+    (tmp_path / "save").mkdir()
+    (tmp_path / "save" / "latest").write_text("step_00000010\n")
+    cmd = _command(_script(name, env))
+    assert f"train.load={env['SAVE_DIR']}" in cmd
+
+
+def test_single_node_runs_standalone(tmp_path):
+    env = _env(tmp_path, CONFIG="examples/configs/tiny_cpu.yaml", GPUS_PER_NODE="4", TP="2")
+    cmd = _command(_script("qwen3_1p7b", env))
+    assert cmd[1:5] == ["--nproc-per-node", "4", "--standalone", "pretrain_rlp.py"]
+    assert "parallel.tensor_model_parallel_size=2" in cmd
+
+
+def _header_peak(name: str) -> float:
+    text = (ROOT / f"examples/{name}.sh").read_text()
+    return float(re.search(r"^#\s+peak\s+([\d.]+) of 80", text, re.M).group(1))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_layout_is_valid_fits_and_matches_the_header(name, tmp_path):
+    """With the real model config: the script's overrides pass the trainer's validation for
+    32 ranks, and the estimate fits 80 GiB and is the one documented in the header."""
+    config, _, _, vocab = MODELS[name]
+    if not (ROOT / config).exists():
+        pytest.skip(f"{config} is not in this checkout yet")
+    env = _env(tmp_path, NNODES="4", MASTER_ADDR="node001")
+    cmd = _command(_script(name, env))
+    over = cmd[cmd.index("--config") + 2:]
+    from megatron_rlp.config import load_config
+
+    cfg = load_config(str(ROOT / config), tuple(over), world_size=32)
+    assert cfg.rlp.contexts_per_step == 512 and cfg.rlp.max_thought_tokens == 2048
+    proc = subprocess.run([sys.executable, "tools/estimate_memory.py", "--config", config,
+                           "--world-size", "32", "--vocab-size", str(vocab), "--json", *over],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    est = json.loads(proc.stdout)
+    assert est["fits"], est
+    assert est["total"] / 2**30 == pytest.approx(_header_peak(name), abs=0.6)
+
+
+def test_tiny_cpu_script_trains_and_its_metrics_plot(tmp_path):
+    """`bash examples/tiny_cpu.sh` for real (2 ranks on CPU), then the plot tool on its
+    metrics."""
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
+    env["RUN_DIR"] = str(run_dir)
+    proc = subprocess.run(["bash", "examples/tiny_cpu.sh", "train.steps=3",
+                           "device.num_threads=1"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    steps = re.findall(r"^\[rlp step +(\d+)\] loss ", proc.stdout, re.M)
+    assert steps == ["1", "2", "3"], proc.stdout
+    metrics = run_dir / "metrics.jsonl"
+    assert len(metrics.read_text().splitlines()) == 3
+    pytest.importorskip("matplotlib", reason="matplotlib not installed (pip install '.[plot]')")
+    out = tmp_path / "plot.png"
+    plot = subprocess.run([sys.executable, "tools/plot_metrics.py", str(metrics), "--out",
+                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert plot.returncode == 0, plot.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
+
+
+PROBE = """\
+import os, signal, sys, time
+got = []
+signal.signal(signal.SIGUSR1, lambda *_: got.append(1))
+open(os.path.join(sys.argv[1], "ready." + os.environ["RANK"]), "w").close()
+end = time.time() + 60
+while not got and time.time() < end:
+    time.sleep(0.05)
+print("rank", os.environ["RANK"], "got SIGUSR1" if got else "timed out", flush=True)
+sys.exit(0 if got else 3)
+"""
+
+
+def test_launcher_forwards_usr1_to_the_trainers(tmp_path):
+    """Without SLURM: USR1 sent to the launch shell alone reaches both trainers, and
+    torchrun (whose default USR1 action is to die) returns their exit code 0."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    launcher = ('source examples/slurm/common.sh; export NNODES=1 NPROC_PER_NODE=2; '
+                'rlp_torchrun_args; rlp_launch "${RLP_TORCHRUN[@]}" "$0" "$1"')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
+    proc = subprocess.Popen(["bash", "-c", launcher, str(probe), str(tmp_path)], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        end = time.monotonic() + 60
+        while not all((tmp_path / f"ready.{r}").exists() for r in (0, 1)):
+            assert proc.poll() is None and time.monotonic() < end, proc.stdout.read()
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "forwarding SIGUSR1" in out and "rank 0 got SIGUSR1" in out \
+        and "rank 1 got SIGUSR1" in out, out

@@ -1,0 +1,65 @@
+"""Convert between Hugging Face models and megatron-rlp checkpoints (Qwen3, Nemotron-H).
+
+    # HF -> Megatron: a warm-start checkpoint for `train.load`, plus OUT/model.yaml
+    python tools/convert_checkpoint.py hf-to-megatron --hf-dir Qwen3-1.7B-Base \
+        --out runs/qwen3_init --tokenizer Qwen3-1.7B-Base/tokenizer.json
+
+    # Megatron -> HF: model.safetensors + config.json (+ tokenizer files of --template)
+    python tools/convert_checkpoint.py megatron-to-hf --checkpoint runs/rlp \
+        --out exported/ --template Qwen3-1.7B-Base [--weights teacher] [--dtype bf16]
+
+Runs in one CPU process (no GPU, no network); the Megatron side may use any TP/PP when
+training: dist_checkpointing reshards at load. Needs `safetensors` (pip install
+megatron-rlp[convert]).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("hf-to-megatron", help="HF directory -> warm-start checkpoint")
+    a.add_argument("--hf-dir", required=True, help="local directory with config.json and "
+                   "*.safetensors")
+    a.add_argument("--out", required=True, help="checkpoint root to write (train.load=OUT)")
+    a.add_argument("--tokenizer", help="the data.tokenizer to train with (checked to fit)")
+    b = sub.add_parser("megatron-to-hf", help="checkpoint -> HF directory")
+    b.add_argument("--checkpoint", required=True, help="a train.save root or a step_* dir")
+    b.add_argument("--out", required=True, help="HF directory to write")
+    b.add_argument("--template", help="HF directory: config keys kept, tokenizer files copied")
+    b.add_argument("--weights", choices=("policy", "teacher"), default="policy")
+    b.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    args = parser.parse_args(argv)
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    logging.getLogger("megatron").setLevel(logging.ERROR)
+    import torch
+
+    from megatron_rlp.convert import ConversionError, hf_to_megatron, megatron_to_hf
+    from megatron_rlp.train.checkpoint import CheckpointError
+
+    try:
+        if args.command == "hf-to-megatron":
+            ckpt = hf_to_megatron(args.hf_dir, args.out, args.tokenizer)
+            print(f"wrote {ckpt} (train.load={args.out}); model section: {args.out}/model.yaml")
+        else:
+            dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+            out = megatron_to_hf(args.checkpoint, args.out, args.template, args.weights, dtype)
+            print(f"wrote {out}/model.safetensors and config.json")
+    except (ConversionError, CheckpointError, OSError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.exit(main())

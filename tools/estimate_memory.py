@@ -1,0 +1,340 @@
+"""Per-rank memory estimate of an RLP run: a config, a world size, the layout in it.
+
+    python tools/estimate_memory.py --config examples/configs/qwen3_1p7b.yaml --world-size 32 \
+        device.type=cuda precision.params_dtype=bf16 rlp.contexts_per_step=512 \
+        rlp.group_size=16 rlp.max_thought_tokens=2048 train.micro_batch_size=1
+
+Overrides are the training command's own `section.key=value` (the launch scripts pass the
+same ones). Prints a table (or `--json`) of what one GPU holds:
+
+  persistent   parameters (params dtype), gradients (fp32 main-grad buffer, Megatron DDP
+               with grad_reduce_in_fp32), Adam (fp32 master copy when params are bf16, plus
+               m and v; divided by DP with the distributed optimizer), the fp32 EMA teacher
+               (sharded like the policy: TP, not DP)
+  rollout      KV cache (attention layers) and conv/SSM state (Mamba layers) for
+               B/DP contexts x G thoughts x (prefix + L_think + 2) tokens, allocated for all
+               rows at once as the engine does; one layer of prefill activations; the
+               full-vocabulary fp32 logits of a decode step and the sampler's copies
+  scoring      the teacher's fp32 forward over the documents' windows (B/DP/positions per
+               document rows): one layer of activations and the vocab-parallel logits
+  update       activations kept for backward of one micro-batch (train.micro_batch_size
+               sequences of prefix + thought; 0 = all local sequences at once), the logits
+               and their gradient
+  overhead     CUDA context, NCCL buffers, allocator slack (--overhead-gib)
+
+Peak = persistent + the largest phase + overhead. Activation sizes follow Korthikanti et
+al. (2022) per layer kind, without recomputation or sequence parallelism; attention is the
+materialised-softmax kind the local Megatron spec runs today (`--attention flash` for a
+fused kernel). Numbers are estimates to pick a layout, not measurements: leave ~10% slack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_rlp.config import ConfigError, RunConfig, load_config  # noqa: E402
+
+GIB = 1024**3
+MAMBA_CONV_KERNEL = 4  # Megatron MambaMixer d_conv default
+
+
+@dataclass
+class Shapes:
+    """Model shapes derived from a config (Megatron's defaults where the config is silent)."""
+
+    hidden: int
+    ffn: int
+    gated: bool
+    heads: int
+    groups: int
+    head_dim: int
+    qk_norm: bool
+    vocab: int
+    tied: bool
+    n_attn: int
+    n_mlp: int
+    n_mamba: int
+    m_heads: int
+    m_head_dim: int
+    m_state: int
+    m_groups: int
+
+    @property
+    def d_inner(self) -> int:
+        return self.m_heads * self.m_head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return self.d_inner + 2 * self.m_groups * self.m_state
+
+
+def shapes(cfg: RunConfig, vocab_size: int) -> Shapes:
+    m = cfg.model
+    pattern = m.hybrid_layer_pattern
+    head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
+    m_head_dim = m.mamba_head_dim
+    m_heads = m.mamba_num_heads or (2 * m.hidden_size) // m_head_dim  # Megatron: expand=2
+    div = m.make_vocab_size_divisible_by
+    return Shapes(
+        hidden=m.hidden_size, ffn=m.ffn_hidden_size, gated=m.activation == "swiglu",
+        heads=m.num_attention_heads, groups=m.num_query_groups, head_dim=head_dim,
+        qk_norm=m.qk_layernorm, vocab=-(-vocab_size // div) * div,
+        tied=not m.untie_embeddings_and_output_weights,
+        n_attn=pattern.count("*"), n_mlp=pattern.count("-"), n_mamba=pattern.count("M"),
+        m_heads=m_heads, m_head_dim=m_head_dim, m_state=m.mamba_state_dim,
+        m_groups=m.mamba_num_groups,
+    )
+
+
+def parameter_counts(s: Shapes, tp: int) -> dict[str, float]:
+    """Total parameters and this rank's share under tensor parallelism (norms replicated)."""
+    h, d = s.hidden, s.head_dim
+    attn_split = h * (s.heads * d + 2 * s.groups * d) + s.heads * d * h
+    attn_repl = h + (2 * d if s.qk_norm else 0)
+    mlp_split = h * s.ffn * (2 if s.gated else 1) + s.ffn * h
+    mlp_repl = h
+    di, cd, nh = s.d_inner, s.conv_dim, s.m_heads
+    mamba_split = (h * (2 * di + 2 * s.m_groups * s.m_state + nh)  # in_proj
+                   + cd * MAMBA_CONV_KERNEL + cd  # conv1d weight + bias
+                   + 3 * nh  # dt_bias, A_log, D
+                   + di  # gated RMSNorm
+                   + di * h)  # out_proj
+    mamba_repl = h
+    emb = s.vocab * h * (1 if s.tied else 2)
+    split = s.n_attn * attn_split + s.n_mlp * mlp_split + s.n_mamba * mamba_split + emb
+    repl = s.n_attn * attn_repl + s.n_mlp * mlp_repl + s.n_mamba * mamba_repl + h  # final norm
+    return {"total": split + repl, "per_rank": split / tp + repl,
+            "embedding": emb, "non_embedding": split + repl - emb}
+
+
+def activation_bytes_per_token(s: Shapes, tp: int, b: int, seq: int, attention: str) -> float:
+    """Bytes kept for backward per token, all layers (b = dtype bytes)."""
+    h, d = s.hidden, s.head_dim
+    q, kv = s.heads * d, s.groups * d
+    attn = b * (2 * h + (q + 2 * kv) / tp + q / tp)  # norm in, QKV in/out, proj in
+    if s.qk_norm:
+        attn += b * (q + kv) / tp
+    if attention == "unfused":  # scores and softmax probabilities, [heads/tp, seq] per token
+        attn += 2 * b * (s.heads / tp) * seq
+    f1 = s.ffn * (2 if s.gated else 1)
+    mlp = b * (2 * h + f1 / tp + s.ffn / tp)  # norm in, fc1 in/out, fc2 in
+    di, cd = s.d_inner, s.conv_dim
+    mamba = b * (2 * h + (2 * di + 2 * s.m_groups * s.m_state + s.m_heads) / tp
+                 + 2 * cd / tp + 4 * di / tp)  # in_proj out, conv in/out, y, norm in (y, z), out
+    return s.n_attn * attn + s.n_mlp * mlp + s.n_mamba * mamba + 2 * b * h
+
+
+def one_layer_inference_bytes(s: Shapes, tp: int, b: int, rows: int, seq: int,
+                              attention: str) -> float:
+    """Largest transient of a no-grad forward: the residual stream plus one layer's inside."""
+    h = s.hidden
+    attn = (s.heads + 2 * s.groups) * s.head_dim / tp + s.heads * s.head_dim / tp
+    if attention == "unfused":
+        attn += 2 * (s.heads / tp) * seq  # scores + probabilities
+    mlp = (s.ffn * (2 if s.gated else 1) + s.ffn) / tp if s.n_mlp else 0
+    mamba = (2 * s.d_inner + 2 * s.m_groups * s.m_state + 2 * s.conv_dim) / tp if s.n_mamba else 0
+    return b * rows * seq * (3 * h + max(attn if s.n_attn else 0, mlp, mamba))
+
+
+def estimate(cfg: RunConfig, world_size: int, vocab_size: int, attention: str = "unfused",
+             overhead_gib: float | None = None, rollout_chunks: int = 1) -> dict:
+    """Bytes per rank, by item and phase (see the module docstring)."""
+    p, r, t = cfg.parallel, cfg.rlp, cfg.train
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    dp = world_size // (tp * pp)
+    s = shapes(cfg, vocab_size)
+    counts = parameter_counts(s, tp)
+    n = counts["per_rank"] / pp  # layers split evenly over stages (rough for PP > 1)
+    bf16 = cfg.precision.params_dtype == "bf16"
+    pb = 2 if bf16 else 4
+    opt_per_param = (4 if bf16 else 0) + 8  # fp32 master (bf16 only) + Adam m, v
+    optimizer = n * opt_per_param / (dp if p.use_distributed_optimizer else 1)
+    persistent = {
+        "parameters": n * pb,
+        "gradients": n * 4,
+        "optimizer": optimizer,
+        "ema_teacher": n * 4 if t.objective == "rlp" else 0.0,
+    }
+
+    contexts = r.contexts_per_step // dp
+    rows = contexts * r.group_size
+    chunk_rows = math.ceil(rows / rollout_chunks)
+    chunk_contexts = math.ceil(contexts / rollout_chunks)
+    seq = r.max_prefix_tokens + r.max_thought_tokens + 2
+    layers_here = 1 / pp
+    kv = (s.n_attn * layers_here * 2 * chunk_rows * seq * (s.groups * s.head_dim / tp) * pb)
+    conv_state = chunk_rows * (s.conv_dim / tp) * (MAMBA_CONV_KERNEL - 1) * pb
+    ssm_state = chunk_rows * (s.m_heads / tp) * s.m_head_dim * s.m_state * pb
+    mamba_state = s.n_mamba * layers_here * (conv_state + ssm_state)
+    prefill = one_layer_inference_bytes(s, tp, pb, chunk_contexts, r.max_prefix_tokens + 1,
+                                        attention)
+    decode_logits = chunk_rows * s.vocab * (pb + 3 * 4)  # gathered logits, fp32 + sampler copies
+    rollout = {"kv_cache": kv, "ssm_conv_state": mamba_state,
+               "transient": max(prefill, decode_logits)}
+
+    documents = max(1, contexts // r.positions_per_document)
+    window = r.max_prefix_tokens
+    scoring = {
+        "activations": one_layer_inference_bytes(s, tp, 4, documents, window, attention),
+        "logits": documents * window * (s.vocab / tp) * 4,
+    } if t.objective == "rlp" else {"activations": 0.0, "logits": 0.0}
+
+    if t.objective == "rlp":
+        sequences, upd_seq, scored = rows, r.max_prefix_tokens + 1 + r.max_thought_tokens, \
+            r.max_thought_tokens
+    else:
+        sequences, upd_seq = cfg.data.ntp_batch_size // dp, cfg.data.ntp_seq_length
+        scored = upd_seq
+    mbs = t.micro_batch_size or sequences
+    tokens = mbs * upd_seq
+    update = {
+        "activations": tokens * activation_bytes_per_token(s, tp, pb, upd_seq, attention)
+        * layers_here,
+        # logits and their gradient in the params dtype, fp32 log-softmax on scored positions
+        "logits": mbs * (upd_seq * (s.vocab / tp) * 2 * pb + scored * (s.vocab / tp) * 3 * 4),
+    }
+    if overhead_gib is None:
+        overhead_gib = 4.0 if cfg.device.type == "cuda" else 0.5
+    phases = {"rollout": rollout, "scoring": scoring, "update": update}
+    phase_totals = {k: sum(v.values()) for k, v in phases.items()}
+    peak_phase = max(phase_totals, key=phase_totals.get)
+    total = sum(persistent.values()) + phase_totals[peak_phase] + overhead_gib * GIB
+    return {
+        "layout": {"world_size": world_size, "tp": tp, "pp": pp, "dp": dp,
+                   "distributed_optimizer": p.use_distributed_optimizer,
+                   "params_dtype": cfg.precision.params_dtype, "attention": attention,
+                   "rollout_chunks": rollout_chunks},
+        "batch": {"contexts_per_step": r.contexts_per_step, "contexts_per_rank": contexts,
+                  "group_size": r.group_size, "rollout_rows_per_rank": rows,
+                  "rollout_seq_len": seq, "documents_per_rank": documents,
+                  "update_micro_batch": mbs, "update_micro_batches": math.ceil(sequences / mbs),
+                  "update_seq_len": upd_seq},
+        "parameters": {"total": counts["total"], "per_rank": n,
+                       "non_embedding": counts["non_embedding"]},
+        "persistent": persistent,
+        "phases": phases,
+        "phase_totals": phase_totals,
+        "peak_phase": peak_phase,
+        "overhead": overhead_gib * GIB,
+        "total": total,
+    }
+
+
+def _gib(x: float) -> str:
+    return f"{x / GIB:9.2f}"
+
+
+def table(est: dict, gpu_gib: float) -> str:
+    lay, bat = est["layout"], est["batch"]
+    lines = [
+        f"layout: {lay['world_size']} ranks = TP {lay['tp']} x PP {lay['pp']} x DP {lay['dp']}"
+        f" | {lay['params_dtype']} params | distributed optimizer "
+        f"{'on' if lay['distributed_optimizer'] else 'off'} | attention {lay['attention']}"
+        + (f" | rollout chunks {lay['rollout_chunks']}" if lay["rollout_chunks"] > 1 else ""),
+        f"batch:  {bat['contexts_per_step']} contexts/step -> {bat['contexts_per_rank']}/rank x "
+        f"G {bat['group_size']} = {bat['rollout_rows_per_rank']} rollout rows of "
+        f"{bat['rollout_seq_len']} tokens; update {bat['update_micro_batches']} x "
+        f"{bat['update_micro_batch']} sequences of {bat['update_seq_len']}",
+        f"params: {est['parameters']['total'] / 1e9:.3f} B total, "
+        f"{est['parameters']['per_rank'] / 1e9:.3f} B on this rank",
+        "",
+        f"{'item':<34}{'GiB/rank':>9}",
+    ]
+    labels = {"parameters": "parameters", "gradients": "gradients (fp32 main_grad)",
+              "optimizer": "Adam (fp32 master, m, v)", "ema_teacher": "EMA teacher (fp32)"}
+    for k, v in est["persistent"].items():
+        lines.append(f"  {labels[k]:<32}{_gib(v)}")
+    lines.append(f"{'persistent':<34}{_gib(sum(est['persistent'].values()))}")
+    for phase, items in est["phases"].items():
+        mark = "  <- peak" if phase == est["peak_phase"] else ""
+        lines.append(f"{phase + ' phase':<34}{_gib(est['phase_totals'][phase])}{mark}")
+        for k, v in items.items():
+            lines.append(f"  {k.replace('_', ' '):<32}{_gib(v)}")
+    lines.append(f"{'overhead (CUDA, NCCL, allocator)':<34}{_gib(est['overhead'])}")
+    lines.append(f"{'peak':<34}{_gib(est['total'])}  of {gpu_gib:.0f} GiB: "
+                 + ("fits" if est["total"] <= gpu_gib * GIB else "DOES NOT FIT"))
+    return "\n".join(lines)
+
+
+def _vocab_size(cfg: RunConfig, override: int | None) -> int:
+    """The tokenizer's vocabulary (thought markers included), as training builds it."""
+    if override:
+        return override
+    from megatron_rlp.tokenizer import build_tokenizer
+
+    try:
+        return build_tokenizer(cfg.data.tokenizer).vocab_size
+    except (OSError, ValueError, ImportError) as e:
+        raise SystemExit(f"error: cannot load tokenizer {cfg.data.tokenizer!r} ({e}); "
+                         "pass --vocab-size") from None
+
+
+def _load(config: str | None, overrides: list[str], world_size: int, validate: bool) -> RunConfig:
+    if validate:
+        return load_config(config, tuple(overrides), world_size=world_size)
+    # The same parser as training, minus the final validation (layouts the trainer refuses
+    # today, e.g. pipeline-parallel RLP, can still be sized).
+    import yaml
+
+    from megatron_rlp import config as C
+
+    cfg = RunConfig()
+    if config:
+        for key, value in C._flatten(yaml.safe_load(Path(config).read_text()) or {}):
+            C._apply(cfg, key, value)
+    for item in overrides:
+        key, value = item.split("=", 1)
+        C._apply(cfg, key.strip(), value.strip())
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML config (as for pretrain_rlp.py)")
+    parser.add_argument("--world-size", type=int, default=1, help="total ranks (GPUs)")
+    parser.add_argument("--gpu-gib", type=float, default=80.0,
+                        help="memory of one GPU in GiB (H100 80GB: 80)")
+    parser.add_argument("--attention", choices=("unfused", "flash"), default="unfused",
+                        help="unfused: softmax materialised (the local spec today); flash: fused")
+    parser.add_argument("--overhead-gib", type=float, default=None,
+                        help="CUDA context, NCCL, allocator slack (default 4 on cuda, 0.5 on cpu)")
+    parser.add_argument("--rollout-chunks", type=int, default=1,
+                        help="size rollouts as if done in N sequential chunks of contexts "
+                             "(the engine does one pass today: 1)")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="tokenizer vocabulary (default: read data.tokenizer)")
+    parser.add_argument("--no-validate", action="store_true",
+                        help="skip the config's cross-checks (size layouts the trainer refuses)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, as for training")
+    args = parser.parse_args(argv)
+    try:
+        cfg = _load(args.config, args.overrides, args.world_size, not args.no_validate)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    if args.world_size % (tp * pp):
+        print(f"error: world size {args.world_size} is not a multiple of TP*PP={tp * pp}",
+              file=sys.stderr)
+        return 2
+    est = estimate(cfg, args.world_size, _vocab_size(cfg, args.vocab_size), args.attention,
+                   args.overhead_gib, max(1, args.rollout_chunks))
+    est["gpu_gib"] = args.gpu_gib
+    est["fits"] = est["total"] <= args.gpu_gib * GIB
+    if args.json:
+        print(json.dumps(est, indent=2))
+    else:
+        print(table(est, args.gpu_gib))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
