@@ -55,6 +55,7 @@ def assert_metrics_match(ref: list[dict], got: list[dict]) -> None:
 
 LAYOUTS = {
     "dp2": (),
+    "dp2-distributed-optimizer": ("parallel.use_distributed_optimizer=true",),
     "tp2": ("parallel.tensor_model_parallel_size=2",),
     "tp2-sequence-parallel": ("parallel.tensor_model_parallel_size=2",
                               "parallel.sequence_parallel=true"),
