@@ -4,6 +4,7 @@ teacher moves by exactly (1 - tau) * (theta - phi)."""
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -11,9 +12,13 @@ import torch
 from megatron_rlp import distributed
 from megatron_rlp.config import load_config
 from megatron_rlp.data import ContextSampler
+from megatron_rlp.data.batches import build_rlp_inputs
+from megatron_rlp.rollout.thoughts import sample_thoughts_chunked
+from megatron_rlp.scoring.next_token import token_logprobs_vocab_parallel
 from megatron_rlp.train.builder import build_state
-from megatron_rlp.train.rlp_step import rlp_step
+from megatron_rlp.train.rlp_step import _forward_step, local_contexts, rlp_step, update_batch
 from megatron_rlp.train.timers import PhaseTimer
+from megatron_rlp.train.update import optimizer_update
 
 TINY = (
     "model.hybrid_layer_pattern=*-*-", "model.hidden_size=64", "model.ffn_hidden_size=128",
@@ -69,3 +74,36 @@ def test_rlp_steps_update_policy_and_teacher(state):
                                    atol=1e-7, rtol=1e-5)
     assert all(p.dtype == torch.float32 and not p.requires_grad
                for p in state.teacher.model.parameters())
+
+
+def test_update_raises_logprob_of_positive_advantage_thoughts(state):
+    """The direction of the whole update path (batch layout, vocab-parallel log-probs, loss
+    scaling, Megatron DDP and Adam): thoughts given A=+1 become likelier, A=-1 less likely."""
+    cfg, tok = state.cfg, state.tokenizer
+    r = cfg.rlp
+    sampler = ContextSampler(state.corpus, r.min_prefix_tokens, r.max_prefix_tokens, 11)
+    contexts, ids = local_contexts(state, sampler, 1)
+    prompts, _ = build_rlp_inputs(contexts, ids, state.corpus, r.max_prefix_tokens, tok.pad)
+    thoughts = sample_thoughts_chunked(
+        state.policy, prompts, 0, group_size=r.group_size, max_thought_tokens=r.max_thought_tokens,
+        temperature=r.temperature, top_p=1.0, think_start=tok.think_start,
+        think_end=tok.think_end, pad=tok.pad, vocab_size=tok.vocab_size, seed=5, step=1)
+    rows = thoughts.tokens.shape[0]
+    advantages = torch.tensor([1.0 if i % 2 == 0 else -1.0 for i in range(rows)])
+    batch = update_batch(prompts, thoughts, advantages, r.group_size, tok.pad, tok.think_start)
+
+    @torch.no_grad()
+    def thought_logprob() -> torch.Tensor:  # [R] summed over each thought's tokens
+        logits = state.policy(batch["tokens"], batch["positions"], None)
+        index = batch["index"][..., None].expand(-1, -1, logits.shape[-1])
+        lp = token_logprobs_vocab_parallel(logits.gather(1, index), batch["labels"],
+                                           tok.vocab_size, r.temperature)
+        return (lp * batch["mask"]).sum(1)
+
+    before = thought_logprob()
+    forward = partial(_forward_step, 1.0, tok.vocab_size, r.temperature,
+                      (r.clip_eps_low, r.clip_eps_high))
+    _, _, applied = optimizer_update(state, [batch], forward, batch["tokens"].shape[1])
+    assert applied
+    delta = thought_logprob() - before
+    assert delta[advantages > 0].mean() > 0 > delta[advantages < 0].mean(), delta
