@@ -39,7 +39,8 @@ class DocumentWindows:
     targets: Tensor
 
 
-def _left_pad(seqs: list[np.ndarray], pad: int) -> tuple[Tensor, Tensor]:
+def left_pad(seqs: list[np.ndarray], pad: int) -> tuple[Tensor, Tensor]:
+    """Token sequences -> ([N, W] long tokens left-padded with `pad`, [N, W] bool valid)."""
     width = max(len(s) for s in seqs)
     tokens = torch.full((len(seqs), width), pad, dtype=torch.long)
     valid = torch.zeros(len(seqs), width, dtype=torch.bool)
@@ -63,10 +64,10 @@ def build_rlp_inputs(contexts: list[Context], context_ids: list[int], corpus: To
             prefixes.append(doc[ws:c.position])
             rows.append(len(windows) - 1)
             cols.append(c.position - ws - 1)  # relative to the unpadded window
-    win_tokens, win_valid = _left_pad(windows, pad)
+    win_tokens, win_valid = left_pad(windows, pad)
     shift = torch.tensor([win_tokens.shape[1] - len(windows[r]) for r in rows])
     targets = torch.tensor([c.target for c in contexts], dtype=torch.long)
-    tokens, valid = _left_pad(prefixes, pad)
+    tokens, valid = left_pad(prefixes, pad)
     prompts = PromptBatch(tokens=tokens, valid=valid, lengths=valid.sum(1), targets=targets,
                           context_ids=torch.tensor(context_ids, dtype=torch.long))
     teacher = DocumentWindows(tokens=win_tokens, valid=win_valid, rows=torch.tensor(rows),

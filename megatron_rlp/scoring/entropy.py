@@ -16,6 +16,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from torch import Tensor
 
+from megatron_rlp.data.batches import left_pad
 from megatron_rlp.models.masks import padded_causal_mask
 from megatron_rlp.parallel.pipeline import from_last_stage, stage_forward
 from megatron_rlp.parallel.sequence import sequence_parallel_off
@@ -48,12 +49,8 @@ def window_entropies(model: torch.nn.Module, windows: list[np.ndarray], vocab_si
 
     Every tensor/pipeline rank of the model must call this with the same windows.
     """
-    width = max(len(w) for w in windows)
-    tokens = torch.full((len(windows), width), pad, dtype=torch.long)
-    valid = torch.zeros(len(windows), width, dtype=torch.bool)
-    for i, w in enumerate(windows):
-        tokens[i, width - len(w):] = torch.from_numpy(np.asarray(w, dtype=np.int64))
-        valid[i, width - len(w):] = True
+    tokens, valid = left_pad(windows, pad)
+    width = tokens.shape[1]
     positions = torch.arange(width).expand_as(tokens)
     with sequence_parallel_off(model):
         logits = stage_forward(model, tokens, positions, padded_causal_mask(valid))
