@@ -22,6 +22,7 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.inference.utils import InferenceMode
 from torch import Tensor
 
+from megatron_rlp.models.mamba.inference_state import fork_cached_states
 from megatron_rlp.models.masks import padded_causal_mask
 from megatron_rlp.parallel.pipeline import stage_forward
 from megatron_rlp.parallel.sequence import sequence_parallel_off
@@ -100,12 +101,11 @@ class KVCacheEngine:
         return self._forward(tokens, padded_causal_mask(valid))
 
     def fork(self, n: int) -> None:
-        """Repeat every row's cache n times: row b becomes rows b*n .. b*n+n-1."""
+        """Repeat every row's cache (attention K/V, Mamba conv/SSM state) n times: row b
+        becomes rows b*n .. b*n+n-1."""
         b = self.key_valid.shape[0]
         index = torch.arange(b, device=self.key_valid.device).repeat_interleave(n)
-        for layer, (k, v) in self.ctx.key_value_memory_dict.items():
-            # [S, B, heads, dim]: index (a copy), never expand: attention writes in place.
-            self.ctx.key_value_memory_dict[layer] = (k[:, index], v[:, index])
+        fork_cached_states(self.ctx, index)
         self.key_valid = self.key_valid[index]
 
     def step(self, tokens: Tensor) -> Tensor:
