@@ -3,6 +3,11 @@
 A signal may reach only some ranks (or reach them between different steps), so the decision
 is collective: at every step boundary each rank contributes its flag to one all-reduce(MAX)
 over the world, and all ranks stop after the same step, save together and exit 0.
+
+One stop request often arrives more than once: under `srun`, slurmstepd signals every process
+of the step and the launcher (examples/slurm/common.sh) forwards it to the trainers too. So
+once a signal has been caught, further ones are ignored until the process ends: restoring the
+default action would let a late duplicate kill a rank that has saved and is exiting.
 """
 
 from __future__ import annotations
@@ -52,7 +57,9 @@ class StopGuard:
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            # After a stop request, ignore duplicates (SIG_IGN, unlike a Python handler,
+            # survives interpreter shutdown, which resets handlers to the default action).
+            signal.signal(sig, signal.SIG_IGN if self.received is not None else handler)
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:

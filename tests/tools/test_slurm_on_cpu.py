@@ -214,6 +214,9 @@ open(os.path.join(sys.argv[1], f"ready.{rank}"), "w").close()
 end = time.time() + 90
 while not got and time.time() < end:
     time.sleep(0.1)
+# Like the trainer's StopGuard: a stop request comes twice (slurmstepd signals every process
+# of the step, and the launcher forwards it), so ignore the rest once it has arrived.
+signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 print(f"probe rank {rank} got SIGUSR1: {bool(got)}", flush=True)
 sys.exit(0 if got else 3)
 """
