@@ -22,7 +22,8 @@
 # SAVE_DIR with a checkpoint is resumed), LOAD (the base model's Megatron checkpoint:
 # `python tools/convert_checkpoint.py hf-to-megatron --hf-dir HF_MODEL --out DIR ...`).
 # Optional: CONFIG (the model config), NNODES (SLURM's, else 1), GPUS_PER_NODE (8), TP
-# (4), CONTEXTS (512), GROUP_SIZE (16), THOUGHT_TOKENS (2048), PREFIX_TOKENS (2048),
+# (4), CONTEXTS (512), GROUP_SIZE (16), ROLLOUT_CHUNK (0: all of a rank's contexts at once),
+# THOUGHT_TOKENS (2048), PREFIX_TOKENS (2048),
 # MICRO_BATCH (1), STEPS (500), SAVE_INTERVAL (25), WANDB_PROJECT, ESTIMATE=0 (skip the
 # estimate), DRY_RUN=1 (print only).
 # Extra arguments are `section.key=value` overrides, applied last.
@@ -31,4 +32,4 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=examples/slurm/common.sh
 source examples/slurm/common.sh
 
-rlp_paper_recipe examples/configs/nemotron_h_8b.yaml 4 16 "$@"
+rlp_paper_recipe examples/configs/nemotron_h_8b.yaml 4 16 0 "$@"

@@ -6,27 +6,28 @@
 #
 # Layout  TP=8 (one node) PP=1 DP=4, distributed optimizer, bf16 parameters, fp32 EMA
 #         teacher. TP=8 splits the 40 heads / 8 KV groups / 128 Mamba heads / 8 groups evenly.
-# Batch   512 contexts/step (128 per rank, 8 per document window), G=8 thoughts of up to
-#         2048 tokens after prefixes of up to 2048 tokens; the update runs 1024 micro-batches
-#         of 1 sequence per rank. lr 1e-6 constant, temperature 0.7, tau 0.999 (paper).
+# Batch   the paper's: 512 contexts/step (128 per rank, 8 per document window), G=16
+#         thoughts of up to 2048 tokens after prefixes of up to 2048 tokens, sampled in 2
+#         chunks of 64 contexts (1024 rows); the update runs 2048 micro-batches of 1
+#         sequence per rank. lr 1e-6 constant, temperature 0.7, tau 0.999 (paper).
 # Memory  per rank, GiB (tools/estimate_memory.py, printed at launch; unfused attention as
 #         the local Megatron spec runs it today):
 #           persistent 18.6 = params 2.9 + grads 5.7 + Adam 4.3 + EMA teacher 5.7
-#           rollout    39.3 = KV cache 12.0 (6 attention layers) + SSM/conv state 9.0
-#                             (28 Mamba layers, bf16) + prefill 18.3 (attention scores of
-#                             128 contexts x 2049 tokens)
+#           rollout    30.1 = KV cache 12.0 (6 attention layers) + SSM/conv state 9.0
+#                             (28 Mamba layers, bf16) + prefill 9.1 (attention scores of
+#                             64 contexts x 2049 tokens)
 #           scoring     6.6   update 10.9
-#           peak       61.9 of 80  (with flash attention 54.0); TP=4 would peak at 72.5
-# Why G=8, not the paper's 16: all B/DP x G rows are sampled at once; G=16 peaks at 82.9
-# GiB. The paper reports G=8 almost as good as 16. Rollouts done in 2 sequential chunks
-# would fit G=16 at 52.8 GiB (`estimate_memory.py ... --rollout-chunks 2`).
+#           peak       52.8 of 80  (with flash attention 48.8)
+# Why chunks: all 2048 rows in one pass would peak at 82.9 GiB (ROLLOUT_CHUNK=0 does that;
+# with G=8 it fits at 61.9).
 #
 # Environment (required): DATA (.jsonl/.txt or indexed-dataset prefix), TOKENIZER
 # (tokenizer.json or its folder), SAVE_DIR (checkpoints, metrics.jsonl, tensorboard/; a
 # SAVE_DIR with a checkpoint is resumed), LOAD (the base model's Megatron checkpoint:
 # `python tools/convert_checkpoint.py hf-to-megatron --hf-dir HF_MODEL --out DIR ...`).
 # Optional: CONFIG (the model config), NNODES (SLURM's, else 1), GPUS_PER_NODE (8), TP
-# (8), CONTEXTS (512), GROUP_SIZE (8), THOUGHT_TOKENS (2048), PREFIX_TOKENS (2048),
+# (8), CONTEXTS (512), GROUP_SIZE (16), ROLLOUT_CHUNK (64 contexts), THOUGHT_TOKENS
+# (2048), PREFIX_TOKENS (2048),
 # MICRO_BATCH (1), STEPS (500), SAVE_INTERVAL (25), WANDB_PROJECT, ESTIMATE=0 (skip the
 # estimate), DRY_RUN=1 (print only).
 # Extra arguments are `section.key=value` overrides, applied last.
@@ -35,4 +36,4 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=examples/slurm/common.sh
 source examples/slurm/common.sh
 
-rlp_paper_recipe examples/configs/nemotron_nano_12b_v2.yaml 8 8 "$@"
+rlp_paper_recipe examples/configs/nemotron_nano_12b_v2.yaml 8 16 64 "$@"

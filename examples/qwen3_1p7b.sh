@@ -4,27 +4,27 @@
 #   MODEL=qwen3_1p7b DATA=... sbatch examples/slurm/rlp_multinode.sbatch
 #
 # Layout  TP=1 PP=1 DP=32, distributed optimizer, bf16 parameters, fp32 EMA teacher.
-# Batch   512 contexts/step (16 per rank, 8 per document window), G=4 thoughts of up to
-#         2048 tokens after prefixes of up to 2048 tokens; the update runs 64 micro-batches
-#         of 1 sequence per rank. lr 1e-6 constant, temperature 0.7, tau 0.999 (paper).
+# Batch   the paper's: 512 contexts/step (16 per rank, 8 per document window), G=16
+#         thoughts of up to 2048 tokens after prefixes of up to 2048 tokens, sampled in 4
+#         chunks of 4 contexts (64 rows); the update runs 256 micro-batches of 1 sequence
+#         per rank. lr 1e-6 constant, temperature 0.7, tau 0.999 (paper).
 # Memory  per rank, GiB (tools/estimate_memory.py, printed at launch; unfused attention as
 #         the local Megatron spec runs it today):
 #           persistent 16.6 = params 3.2 + grads 6.4 + Adam 0.6 + EMA teacher 6.4
-#           rollout    32.8 = KV cache 28.0 (64 rows x 4098 tokens x 28 layers) + 4.8
+#           rollout    29.2 = KV cache 28.0 (64 rows x 4098 tokens x 28 layers) + 1.2
 #           scoring     3.5   update 41.5 (activations 35.7, ~28 of it attention scores)
-#           peak       62.1 of 80  (with flash attention 50.1)
-# Why G=4, not the paper's 16: the rollout engine samples all B/DP x G rows at once, and
-# the KV cache per rank does not shrink with TP (TP halves the heads, DP halves, rows per
-# rank double): G=16 peaks at 137 GiB, G=8 at 81 (74 with TP=2, too tight to call safe).
-# The paper reports G=4 and 8 almost as good as 16. Rollouts done in 4 sequential chunks
-# would fit G=16 in the same 62 GiB (`estimate_memory.py ... --rollout-chunks 4`).
+#           peak       62.1 of 80  (with flash attention 49.0)
+# Why chunks: the KV cache per rank does not shrink with TP (TP halves the heads, DP
+# halves, rows per rank double), and all 256 rows at once would need 112 GiB of it.
+# ROLLOUT_CHUNK=0 samples them in one pass (G=4 fits that way: 62 GiB).
 #
 # Environment (required): DATA (.jsonl/.txt or indexed-dataset prefix), TOKENIZER
 # (tokenizer.json or its folder), SAVE_DIR (checkpoints, metrics.jsonl, tensorboard/; a
 # SAVE_DIR with a checkpoint is resumed), LOAD (the base model's Megatron checkpoint:
 # `python tools/convert_checkpoint.py hf-to-megatron --hf-dir HF_MODEL --out DIR ...`).
 # Optional: CONFIG (the model config), NNODES (SLURM's, else 1), GPUS_PER_NODE (8), TP
-# (1), CONTEXTS (512), GROUP_SIZE (4), THOUGHT_TOKENS (2048), PREFIX_TOKENS (2048),
+# (1), CONTEXTS (512), GROUP_SIZE (16), ROLLOUT_CHUNK (4 contexts), THOUGHT_TOKENS (2048),
+# PREFIX_TOKENS (2048),
 # MICRO_BATCH (1), STEPS (500), SAVE_INTERVAL (25), WANDB_PROJECT, ESTIMATE=0 (skip the
 # estimate), DRY_RUN=1 (print only).
 # Extra arguments are `section.key=value` overrides, applied last.
@@ -33,4 +33,4 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=examples/slurm/common.sh
 source examples/slurm/common.sh
 
-rlp_paper_recipe examples/configs/qwen3_1p7b.yaml 1 4 "$@"
+rlp_paper_recipe examples/configs/qwen3_1p7b.yaml 1 16 4 "$@"

@@ -11,10 +11,11 @@ same ones). Prints a table (or `--json`) of what one GPU holds:
                with grad_reduce_in_fp32), Adam (fp32 master copy when params are bf16, plus
                m and v; divided by DP with the distributed optimizer), the fp32 EMA teacher
                (sharded like the policy: TP, not DP)
-  rollout      KV cache (attention layers) and conv/SSM state (Mamba layers) for
-               B/DP contexts x G thoughts x (prefix + L_think + 2) tokens, allocated for all
-               rows at once as the engine does; one layer of prefill activations; the
-               full-vocabulary fp32 logits of a decode step and the sampler's copies
+  rollout      KV cache (attention layers) and conv/SSM state (Mamba layers) for one
+               rollout chunk: rlp.rollout_chunk_contexts contexts (0 = all B/DP of the
+               rank's) x G thoughts x (prefix + L_think + 2) tokens, as the engine
+               allocates them; one layer of prefill activations; the full-vocabulary fp32
+               logits of a decode step and the sampler's copies
   scoring      the teacher's fp32 forward over the documents' windows (B/DP/positions per
                document rows): one layer of activations and the vocab-parallel logits
   update       activations kept for backward of one micro-batch (train.micro_batch_size
@@ -144,7 +145,7 @@ def one_layer_inference_bytes(s: Shapes, tp: int, b: int, rows: int, seq: int,
 
 
 def estimate(cfg: RunConfig, world_size: int, vocab_size: int, attention: str = "unfused",
-             overhead_gib: float | None = None, rollout_chunks: int = 1) -> dict:
+             overhead_gib: float | None = None) -> dict:
     """Bytes per rank, by item and phase (see the module docstring)."""
     p, r, t = cfg.parallel, cfg.rlp, cfg.train
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
@@ -165,8 +166,9 @@ def estimate(cfg: RunConfig, world_size: int, vocab_size: int, attention: str = 
 
     contexts = r.contexts_per_step // dp
     rows = contexts * r.group_size
-    chunk_rows = math.ceil(rows / rollout_chunks)
-    chunk_contexts = math.ceil(contexts / rollout_chunks)
+    chunk_contexts = min(r.rollout_chunk_contexts or contexts, contexts)
+    chunk_rows = chunk_contexts * r.group_size
+    rollout_chunks = math.ceil(contexts / chunk_contexts)
     seq = r.max_prefix_tokens + r.max_thought_tokens + 2
     layers_here = 1 / pp
     kv = (s.n_attn * layers_here * 2 * chunk_rows * seq * (s.groups * s.head_dim / tp) * pb)
@@ -305,9 +307,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="unfused: softmax materialised (the local spec today); flash: fused")
     parser.add_argument("--overhead-gib", type=float, default=None,
                         help="CUDA context, NCCL, allocator slack (default 4 on cuda, 0.5 on cpu)")
-    parser.add_argument("--rollout-chunks", type=int, default=1,
-                        help="size rollouts as if done in N sequential chunks of contexts "
-                             "(the engine does one pass today: 1)")
     parser.add_argument("--vocab-size", type=int, default=None,
                         help="tokenizer vocabulary (default: read data.tokenizer)")
     parser.add_argument("--no-validate", action="store_true",
@@ -326,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     est = estimate(cfg, args.world_size, _vocab_size(cfg, args.vocab_size), args.attention,
-                   args.overhead_gib, max(1, args.rollout_chunks))
+                   args.overhead_gib)
     est["gpu_gib"] = args.gpu_gib
     est["fits"] = est["total"] <= args.gpu_gib * GIB
     if args.json:

@@ -9,7 +9,7 @@
 #   rlp_torchrun_args                                     fills RLP_TORCHRUN (an array)
 #   rlp_estimate CONFIG WORLD OVERRIDES...                print the per-rank memory estimate
 #   rlp_launch COMMAND...      print, then `rlp_run workers` (DRY_RUN=1: print only)
-#   rlp_paper_recipe CONFIG TP G [OVERRIDES...]  the paper's RLP settings on GPUs, launched
+#   rlp_paper_recipe CONFIG TP G CHUNK [OVERRIDES...]  the paper's RLP settings on GPUs, launched
 #   rlp_run {workers|self} COMMAND...                     run COMMAND, forward signals
 #
 # Signals. SLURM sends `--signal=B:USR1@120` to the batch shell only, and SIGTERM at the
@@ -204,11 +204,12 @@ rlp_launch() {
 }
 
 # The paper's RLP settings (32 x H100: 512 contexts/step, 2048-token thoughts and prefixes,
-# lr 1e-6 constant, temperature 0.7, tau 0.999) for a model config, a default TP and G;
-# env vars override (see the examples/*.sh headers), then the extra arguments.
+# lr 1e-6 constant, temperature 0.7, tau 0.999) for a model config, a default TP, G and
+# rollout chunk (contexts sampled together; 0 = all of a rank's); env vars override (see
+# the examples/*.sh headers), then the extra arguments.
 rlp_paper_recipe() {
-  local default_config=$1 default_tp=$2 default_g=$3
-  shift 3
+  local default_config=$1 default_tp=$2 default_g=$3 default_chunk=$4
+  shift 4
   CONFIG=${CONFIG:-$default_config}
   rlp_require_file "$CONFIG" "the model config"
   rlp_require_run_paths  # DATA TOKENIZER SAVE_DIR LOAD -> RLP_LOAD
@@ -216,6 +217,7 @@ rlp_paper_recipe() {
   export NNODES=${NNODES:-${SLURM_JOB_NUM_NODES:-1}} GPUS_PER_NODE=${GPUS_PER_NODE:-8}
   export NPROC_PER_NODE=$GPUS_PER_NODE
   TP=${TP:-$default_tp} CONTEXTS=${CONTEXTS:-512} GROUP_SIZE=${GROUP_SIZE:-$default_g}
+  ROLLOUT_CHUNK=${ROLLOUT_CHUNK:-$default_chunk}
   THOUGHT_TOKENS=${THOUGHT_TOKENS:-2048} PREFIX_TOKENS=${PREFIX_TOKENS:-2048}
 
   local overrides=(
@@ -223,6 +225,7 @@ rlp_paper_recipe() {
     parallel.tensor_model_parallel_size="$TP" parallel.pipeline_model_parallel_size=1
     parallel.use_distributed_optimizer=true
     rlp.contexts_per_step="$CONTEXTS" rlp.group_size="$GROUP_SIZE"
+    rlp.rollout_chunk_contexts="$ROLLOUT_CHUNK"
     rlp.max_thought_tokens="$THOUGHT_TOKENS" rlp.max_prefix_tokens="$PREFIX_TOKENS"
     rlp.positions_per_document=8 rlp.temperature=0.7 rlp.ema_decay=0.999
     model.max_sequence_length=$((PREFIX_TOKENS + THOUGHT_TOKENS + 64))

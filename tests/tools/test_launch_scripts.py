@@ -20,11 +20,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted(p.relative_to(ROOT) for p in [*ROOT.glob("examples/**/*.sh"),
                                                *ROOT.glob("examples/**/*.sbatch")])
-# script -> (config, TP, G, vocabulary of its tokenizer) as documented in its header
+# script -> (config, TP, G, rollout chunk, vocabulary of its tokenizer) as in its header
 MODELS = {
-    "qwen3_1p7b": ("examples/configs/qwen3_1p7b.yaml", 1, 4, 151669),
-    "nemotron_nano_12b_v2": ("examples/configs/nemotron_nano_12b_v2.yaml", 8, 8, 131072),
-    "nemotron_h_8b": ("examples/configs/nemotron_h_8b.yaml", 4, 16, 131072),
+    "qwen3_1p7b": ("examples/configs/qwen3_1p7b.yaml", 1, 16, 4, 151669),
+    "nemotron_nano_12b_v2": ("examples/configs/nemotron_nano_12b_v2.yaml", 8, 16, 64, 131072),
+    "nemotron_h_8b": ("examples/configs/nemotron_h_8b.yaml", 4, 16, 0, 131072),
 }
 TOKENIZER = "tests/assets/tiny_bpe/tokenizer.json"
 
@@ -79,7 +79,7 @@ def _command(proc: subprocess.CompletedProcess) -> list[str]:
 
 @pytest.mark.parametrize("name", MODELS)
 def test_dry_run_builds_the_multinode_torchrun_command(name, tmp_path):
-    _, tp, g, _ = MODELS[name]
+    _, tp, g, chunk, _ = MODELS[name]
     env = _env(tmp_path, CONFIG="examples/configs/tiny_cpu.yaml", NNODES="4",
                MASTER_ADDR="node001", SLURM_JOB_ID="4242")
     cmd = _command(_script(name, env, "train.steps=7", "rlp.temperature=0.5"))
@@ -89,6 +89,7 @@ def test_dry_run_builds_the_multinode_torchrun_command(name, tmp_path):
     assert "--rdzv-endpoint node001:29500 --rdzv-id 4242" in flags
     over = cmd[cmd.index("--config") + 2:]
     for item in (f"parallel.tensor_model_parallel_size={tp}", f"rlp.group_size={g}",
+                 f"rlp.rollout_chunk_contexts={chunk}",
                  "rlp.contexts_per_step=512", "rlp.max_thought_tokens=2048",
                  "device.type=cuda", "precision.params_dtype=bf16",
                  f"train.load={env['LOAD']}", f"data.corpus={env['DATA']}",
@@ -120,7 +121,7 @@ def _header_peak(name: str) -> float:
 def test_layout_is_valid_fits_and_matches_the_header(name, tmp_path):
     """With the real model config: the script's overrides pass the trainer's validation for
     32 ranks, and the estimate fits 80 GiB and is the one documented in the header."""
-    config, _, _, vocab = MODELS[name]
+    config, _, _, _, vocab = MODELS[name]
     if not (ROOT / config).exists():
         pytest.skip(f"{config} is not in this checkout yet")
     env = _env(tmp_path, NNODES="4", MASTER_ADDR="node001")
@@ -130,6 +131,7 @@ def test_layout_is_valid_fits_and_matches_the_header(name, tmp_path):
 
     cfg = load_config(str(ROOT / config), tuple(over), world_size=32)
     assert cfg.rlp.contexts_per_step == 512 and cfg.rlp.max_thought_tokens == 2048
+    assert cfg.rlp.group_size == 16  # the paper's G, on every model
     proc = subprocess.run([sys.executable, "tools/estimate_memory.py", "--config", config,
                            "--world-size", "32", "--vocab-size", str(vocab), "--json", *over],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -105,8 +105,10 @@ def test_rollout_cache_arithmetic_and_tp_invariance():
     # TP=2 halves the heads per rank but doubles the rows per rank (DP halves)
     assert two["phases"]["rollout"]["kv_cache"] == one["phases"]["rollout"]["kv_cache"]
     assert two["persistent"]["ema_teacher"] < 0.51 * one["persistent"]["ema_teacher"]
-    chunked = em.estimate(_cfg(base, 32), 32, 151936, rollout_chunks=4)
+    # rollouts in chunks of 4 of the rank's 16 contexts: the cache holds a quarter of the rows
+    chunked = em.estimate(_cfg(base + ["rlp.rollout_chunk_contexts=4"], 32), 32, 151936)
     assert chunked["phases"]["rollout"]["kv_cache"] == one["phases"]["rollout"]["kv_cache"] / 4
+    assert chunked["layout"]["rollout_chunks"] == 4
     # bf16 + Adam: 2 (params) + 4 (grads) + 4 (EMA) bytes, 12 for the optimizer (no dist-opt)
     n = one["parameters"]["per_rank"]
     assert one["persistent"]["parameters"] == 2 * n and one["persistent"]["optimizer"] == 12 * n
