@@ -170,7 +170,9 @@ open(os.path.join(sys.argv[1], "ready." + os.environ["RANK"]), "w").close()
 end = time.time() + 60
 while not got and time.time() < end:
     time.sleep(0.05)
-print("rank", os.environ["RANK"], "got SIGUSR1" if got else "timed out", flush=True)
+signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # as the trainer's StopGuard: once is enough
+# one write per line: the two ranks share the pipe, unbuffered
+print(f"rank {os.environ['RANK']} {'got SIGUSR1' if got else 'timed out'}", flush=True)
 sys.exit(0 if got else 3)
 """
 
