@@ -107,6 +107,9 @@ class ParallelConfig:
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    # Interleaved pipeline: each rank holds this many model chunks (null = one). The layer
+    # pattern names the PP x VP chunks with `|`; chunk i of rank r is segment i*PP + r.
+    virtual_pipeline_model_parallel_size: int | None = None
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
 
@@ -114,6 +117,11 @@ class ParallelConfig:
         for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
             v = getattr(self, key)
             _check(isinstance(v, int) and v >= 1, f"parallel.{key}", v, "an integer >= 1")
+        vp = self.virtual_pipeline_model_parallel_size
+        _check(vp is None or (isinstance(vp, int) and vp >= 2 and
+                              self.pipeline_model_parallel_size >= 2),
+               "parallel.virtual_pipeline_model_parallel_size", vp,
+               "null, or an integer >= 2 with pipeline_model_parallel_size >= 2")
         _check(not self.sequence_parallel or self.tensor_model_parallel_size > 1,
                "parallel.sequence_parallel", self.sequence_parallel,
                "true only with tensor_model_parallel_size > 1")
@@ -391,8 +399,20 @@ class RunConfig:
                f"0 unless data.split holds out a valid split (data.split={self.data.split!r}, "
                f"e.g. 98,2,0)")
         stages = m.hybrid_layer_pattern.count("|") + 1
-        _check(stages == 1 or stages == pp, "model.hybrid_layer_pattern", m.hybrid_layer_pattern,
-               f"{pp} pipeline stage(s) (| separated) for pipeline_model_parallel_size={pp}")
+        vp = p.virtual_pipeline_model_parallel_size
+        if vp is None:
+            _check(stages == 1 or stages == pp, "model.hybrid_layer_pattern",
+                   m.hybrid_layer_pattern,
+                   f"{pp} pipeline stage(s) (| separated) for pipeline_model_parallel_size={pp}")
+        else:
+            _check(stages == pp * vp, "model.hybrid_layer_pattern", m.hybrid_layer_pattern,
+                   f"{pp * vp} | separated chunks (pipeline_model_parallel_size={pp} x "
+                   f"virtual_pipeline_model_parallel_size={vp}), each with at least one layer")
+            _check(all(seg for seg in m.hybrid_layer_pattern.split("|")),
+                   "model.hybrid_layer_pattern", m.hybrid_layer_pattern,
+                   "no empty chunk between | separators")
+            if world_size is not None:
+                self._check_interleaved_microbatches(world_size // (tp * pp), pp)
         need = self.rlp.max_prefix_tokens + self.rlp.max_thought_tokens + 2
         if self.train.objective == "ntp":
             need = self.data.ntp_seq_length
@@ -406,6 +426,19 @@ class RunConfig:
         _check(self.precision.fp8 is None, "precision.fp8", self.precision.fp8,
                "null (FP8 needs the Transformer Engine layer spec, which is not built yet)")
         return self
+
+    def _check_interleaved_microbatches(self, dp: int, pp: int) -> None:
+        """Megatron's interleaved schedule runs micro-batches in groups of PP: their number
+        must be a multiple of PP."""
+        if self.train.objective == "rlp":
+            sequences = self.rlp.contexts_per_step // dp * self.rlp.group_size
+        else:
+            sequences = self.data.ntp_batch_size // dp
+        mbs = self.train.micro_batch_size
+        count = sequences // mbs if mbs and sequences % mbs == 0 else 1
+        _check(count % pp == 0, "train.micro_batch_size", mbs,
+               f"a size giving a multiple of pipeline_model_parallel_size={pp} micro-batches "
+               f"(interleaved pipeline; {sequences} sequences per data-parallel rank)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

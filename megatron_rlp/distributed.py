@@ -45,6 +45,7 @@ def initialize(cfg: RunConfig) -> None:
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.activations import squared_relu
 from megatron.core.models.hybrid.hybrid_model import HybridModel
 from megatron.core.transformer import TransformerConfig
@@ -17,6 +18,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron_rlp.config import RunConfig
 from megatron_rlp.models.local_spec import local_hybrid_stack_spec
 from megatron_rlp.models.seeded_init import seed_generator, seed_layers_by_number
+from megatron_rlp.parallel.pipeline import ModelChunks
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int) -> int:
@@ -69,6 +71,7 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
         init_method_std=m.init_method_std,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
         sequence_parallel=p.sequence_parallel,
         # Full weights are drawn on the CPU from one seed, then split: every TP/PP layout
         # starts from identical parameters (the basis of the equivalence tests).
@@ -76,7 +79,13 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
-        variable_seq_lengths=True,  # thoughts differ in length from step to step (PP shapes)
+        # Every micro-batch of an update has the step's padded length, passed to the schedule.
+        variable_seq_lengths=False,
+        # The interleaved schedule sends to both neighbours at once; with PP=2 they are the same
+        # rank, and batched isend/irecv pairs the two directions' messages in posting order
+        # (gloo: wrong tensors). Megatron's unbatched ops keep the directions apart (one
+        # process group each), as Megatron-LM's default overlap_p2p_comm does.
+        batch_p2p_comm=p.virtual_pipeline_model_parallel_size is None,
         moe_token_dispatcher_type="alltoall",
         # Fused CUDA kernels and TE-only paths off where they cannot run.
         bias_dropout_fusion=not on_cpu,
@@ -92,10 +101,12 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
 
 
 def build_model(cfg: RunConfig, vocab_size: int, pre_process: bool = True,
-                post_process: bool = True) -> HybridModel:
-    """Build this rank's shard of the model (`vocab_size` is the tokenizer's, unpadded)."""
+                post_process: bool = True, vp_stage: int | None = None,
+                config: TransformerConfig | None = None) -> HybridModel:
+    """Build this rank's shard of the model (`vocab_size` is the tokenizer's, unpadded), or
+    its chunk `vp_stage` under an interleaved pipeline."""
     m = cfg.model
-    config = transformer_config(cfg)
+    config = config or transformer_config(cfg)
     spec = local_hybrid_stack_spec(m.qk_layernorm, m.normalization)
     seed_generator(cfg.train.seed)  # embedding (first stage) and output layer (after the layers)
     return HybridModel(
@@ -109,4 +120,22 @@ def build_model(cfg: RunConfig, vocab_size: int, pre_process: bool = True,
         share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
         position_embedding_type=m.position_embedding_type,
         rotary_base=m.rotary_base,
+        vp_stage=vp_stage,
     )
+
+
+def build_stage(cfg: RunConfig, vocab_size: int) -> HybridModel | ModelChunks:
+    """This rank's part of the model under the initialised parallel layout: its pipeline
+    stage, or (interleaved pipeline) its chunks, sharing one TransformerConfig as Megatron's
+    schedules expect."""
+    vp = cfg.parallel.virtual_pipeline_model_parallel_size
+    if vp is None:
+        return build_model(cfg, vocab_size,
+                           pre_process=parallel_state.is_pipeline_first_stage(),
+                           post_process=parallel_state.is_pipeline_last_stage())
+    config = transformer_config(cfg)
+    return ModelChunks(
+        build_model(cfg, vocab_size, config=config, vp_stage=i,
+                    pre_process=parallel_state.is_pipeline_first_stage(False, vp_stage=i),
+                    post_process=parallel_state.is_pipeline_last_stage(False, vp_stage=i))
+        for i in range(vp))

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.distributed import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
@@ -18,7 +17,8 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_rlp.config import RunConfig
 from megatron_rlp.data import IndexedCorpus, TokenizedCorpus, load_data
-from megatron_rlp.models.provider import build_model
+from megatron_rlp.models.provider import build_stage
+from megatron_rlp.parallel.pipeline import ModelChunks
 from megatron_rlp.scoring.ema_teacher import EMATeacher
 from megatron_rlp.tokenizer import Tokenizer, build_tokenizer
 
@@ -30,7 +30,8 @@ class TrainState:
     cfg: RunConfig
     tokenizer: Tokenizer
     corpus: TokenizedCorpus | IndexedCorpus  # the train split (data/contexts.py: DocumentSource)
-    model: DistributedDataParallel  # the policy, wrapped
+    model_chunks: list[DistributedDataParallel]  # the policy, wrapped: one per pipeline chunk
+    policy: HybridModel | ModelChunks  # the same, unwrapped (rollouts: no DDP hooks)
     optimizer: MegatronOptimizer
     scheduler: OptimizerParamScheduler
     teacher: EMATeacher | None  # RLP only
@@ -38,17 +39,25 @@ class TrainState:
     consumed_tokens: int = 0
     valid_corpus: TokenizedCorpus | IndexedCorpus | None = None  # held out (data.split)
 
-    @property
-    def policy(self) -> HybridModel:
-        """The unwrapped policy (for rollouts: no gradient, no DDP hooks)."""
-        return self.model.module
+
+def _chunks(model: HybridModel | ModelChunks) -> list[HybridModel]:
+    return list(model) if isinstance(model, ModelChunks) else [model]
 
 
-def _stage_flags() -> tuple[bool, bool]:
-    return (parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage())
+def wrap_ddp(cfg: RunConfig, policy: HybridModel | ModelChunks) -> list[DistributedDataParallel]:
+    """Megatron DDP around each chunk; as in Megatron-LM, only the first chunk's buckets may
+    be split for overlap, the others hold one bucket each."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    )
+    return [DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
+                                    disable_bucketing=i > 0)
+            for i, chunk in enumerate(_chunks(policy))]
 
 
-def build_optimizer(cfg: RunConfig, model: DistributedDataParallel
+def build_optimizer(cfg: RunConfig, model_chunks: list[DistributedDataParallel]
                     ) -> tuple[MegatronOptimizer, OptimizerParamScheduler]:
     o = cfg.optimizer
     bf16 = cfg.precision.params_dtype == "bf16"
@@ -60,7 +69,7 @@ def build_optimizer(cfg: RunConfig, model: DistributedDataParallel
             params_dtype=torch.bfloat16 if bf16 else torch.float32,
             use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         ),
-        [model],
+        model_chunks,
     )
     steps = max(cfg.train.steps, 1)
     scheduler = OptimizerParamScheduler(
@@ -77,25 +86,16 @@ def build_state(cfg: RunConfig) -> TrainState:
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     d = cfg.data
     data = load_data(d.corpus, d.blend, d.split, tokenizer, cfg.train.seed, d.cache_dir)
-    pre, post = _stage_flags()
-    policy = build_model(cfg, tokenizer.vocab_size, pre_process=pre, post_process=post)
-    ddp = DistributedDataParallel(
-        config=policy.config,
-        ddp_config=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
-            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-        ),
-        module=policy,
-    )
+    policy = build_stage(cfg, tokenizer.vocab_size)
+    chunks = wrap_ddp(cfg, policy)
     # Megatron's schedules call these hooks: DP/SP/embedding gradient reductions and loss scaling.
-    policy.config.finalize_model_grads_func = finalize_model_grads
-    optimizer, scheduler = build_optimizer(cfg, ddp)
-    policy.config.grad_scale_func = optimizer.scale_loss
+    optimizer, scheduler = build_optimizer(cfg, chunks)
+    for chunk in _chunks(policy):
+        chunk.config.finalize_model_grads_func = finalize_model_grads
+        chunk.config.grad_scale_func = optimizer.scale_loss
     teacher = None
     if cfg.train.objective == "rlp":
-        shadow = build_model(cfg, tokenizer.vocab_size, pre_process=pre, post_process=post)
-        teacher = EMATeacher(shadow, cfg.rlp.ema_decay)
-    return TrainState(cfg=cfg, tokenizer=tokenizer, corpus=data.train, model=ddp,
-                      optimizer=optimizer, scheduler=scheduler, teacher=teacher,
+        teacher = EMATeacher(build_stage(cfg, tokenizer.vocab_size), cfg.rlp.ema_decay)
+    return TrainState(cfg=cfg, tokenizer=tokenizer, corpus=data.train, model_chunks=chunks,
+                      policy=policy, optimizer=optimizer, scheduler=scheduler, teacher=teacher,
                       valid_corpus=data.valid)

@@ -51,6 +51,7 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from torch.distributed.checkpoint.api import CheckpointException as DCPException
 
 from megatron_rlp.models.provider import padded_vocab_size
+from megatron_rlp.parallel.pipeline import ModelChunks
 from megatron_rlp.train import faults
 from megatron_rlp.train.builder import TrainState
 
@@ -213,9 +214,13 @@ def _writer_faults(step: int):
 
 
 def _layout() -> dict[str, int]:
-    return {"tp": parallel_state.get_tensor_model_parallel_world_size(),
-            "pp": parallel_state.get_pipeline_model_parallel_world_size(),
-            "dp": parallel_state.get_data_parallel_world_size()}
+    layout = {"tp": parallel_state.get_tensor_model_parallel_world_size(),
+              "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+              "dp": parallel_state.get_data_parallel_world_size()}
+    vp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    if vp:
+        layout["vp"] = vp
+    return layout
 
 
 def _fmt(layout: dict | None) -> str:
@@ -280,6 +285,22 @@ def _strip(state_dict: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in state_dict.items()}
 
 
+def _model_sharded_state_dict(model: torch.nn.Module, prefix: str) -> dict:
+    """A model's sharded state dict; an interleaved pipeline's chunks nest as chunk0, chunk1..
+    (their tensors carry global layer keys, so any layout loads them)."""
+    if isinstance(model, ModelChunks):
+        return {f"chunk{i}": c.sharded_state_dict(prefix=prefix) for i, c in enumerate(model)}
+    return model.sharded_state_dict(prefix=prefix)
+
+
+def _load_model(model: torch.nn.Module, loaded: dict, prefix: str) -> None:
+    if isinstance(model, ModelChunks):
+        for i, chunk in enumerate(model):
+            chunk.load_state_dict(_strip(loaded[f"chunk{i}"], prefix))
+    else:
+        model.load_state_dict(_strip(loaded, prefix))
+
+
 def _model_signature(state: TrainState) -> dict:
     m = state.cfg.model
     sig = {k: getattr(m, k) for k in _ARCH_KEYS}
@@ -313,7 +334,7 @@ def _zero_padding(tree) -> None:
 def _sharded_state_dict(state: TrainState, *, training: bool, optimizer: str | None,
                         teacher: bool, rng: bool, is_loading: bool) -> dict:
     """`optimizer`: None (no optimizer state) or the kind from `_optimizer_kind`."""
-    model_sd = state.policy.sharded_state_dict(prefix=_MODEL)
+    model_sd = _model_sharded_state_dict(state.policy, _MODEL)
     sd = {"model": model_sd}
     if training and optimizer:
         meta = None
@@ -324,7 +345,7 @@ def _sharded_state_dict(state: TrainState, *, training: bool, optimizer: str | N
         if not is_loading:
             _zero_padding(sd["optimizer"])
     if training and teacher:
-        sd["teacher"] = state.teacher.model.sharded_state_dict(prefix=_TEACHER)
+        sd["teacher"] = _model_sharded_state_dict(state.teacher.model, _TEACHER)
     if training and rng:
         sd["rng"] = _rng_object(state)
     return sd
@@ -520,8 +541,8 @@ def _check_optimizer(saved: str, state: TrainState, ckpt: Path, layout: dict | N
         was = "true" if saved.startswith("distributed") else "false"
         raise CheckpointError(f"checkpoint {ckpt} holds {saved.split('/')[0]} optimizer state: "
                               f"resume with parallel.use_distributed_optimizer={was}")
-    moved = {k: (layout or {}).get(k) for k in ("tp", "pp")} != {
-        k: _layout()[k] for k in ("tp", "pp")}
+    moved = {k: (layout or {}).get(k) for k in ("tp", "pp", "vp")} != {
+        k: _layout().get(k) for k in ("tp", "pp", "vp")}
     if saved == "distributed/dp_reshardable" and moved:
         raise CheckpointError(
             f"checkpoint {ckpt} holds distributed-optimizer state in the dp_reshardable format, "
@@ -634,7 +655,7 @@ def load_checkpoint(state: TrainState, path: str, checksums: bool = True,
         except (Exception, DCPException) as e:  # noqa: BLE001 - collective: on every rank
             raise CheckpointError(f"cannot load checkpoint {ckpt} (truncated or corrupted?): "
                                   f"{_reason(e, logged)}") from None
-    state.policy.load_state_dict(_strip(loaded["model"], _MODEL))
+    _load_model(state.policy, loaded["model"], _MODEL)
     if not resume:
         return f"warm-started the policy (a {common.get('objective')} checkpoint)"
     if optimizer:
@@ -645,7 +666,7 @@ def load_checkpoint(state: TrainState, path: str, checksums: bool = True,
     state.scheduler.override_opt_param_scheduler = True
     state.scheduler.load_state_dict(common["scheduler"])
     if teacher:
-        state.teacher.model.load_state_dict(_strip(loaded["teacher"], _TEACHER))
+        _load_model(state.teacher.model, loaded["teacher"], _TEACHER)
         state.teacher.initialized = True
     if rng:
         _set_rng_states(loaded["rng"])

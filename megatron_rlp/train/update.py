@@ -35,13 +35,15 @@ def optimizer_update(state: TrainState, microbatches: list[dict], forward_step: 
         (per-micro-batch metric dicts from the loss function (last stage only), grad norm,
         whether the update was applied).
     """
-    state.model.zero_grad_buffer()
-    state.optimizer.zero_grad()
+    _zero_grads(state)
     first = next(iter(microbatches[0].values()))
+    chunks = state.model_chunks
+    # Interleaved pipeline: each chunk reads every micro-batch once, from its own iterator.
+    data = iter(microbatches) if len(chunks) == 1 else [iter(microbatches) for _ in chunks]
     losses = get_forward_backward_func()(
         forward_step_func=forward_step,
-        data_iterator=iter(microbatches),
-        model=[state.model],
+        data_iterator=data,
+        model=chunks,
         num_microbatches=len(microbatches),
         seq_length=seq_length,
         micro_batch_size=first.shape[0],
@@ -51,8 +53,7 @@ def optimizer_update(state: TrainState, microbatches: list[dict], forward_step: 
         _grad_buffers(state)[0].view(-1)[0] = float("nan")
     if not _all_finite(state, losses):
         # Skip: no optimizer, scheduler or parameter change; the caller keeps the teacher.
-        state.model.zero_grad_buffer()
-        state.optimizer.zero_grad()
+        _zero_grads(state)
         return losses, float("nan"), False
     applied, grad_norm, _ = state.optimizer.step()
     if applied:
@@ -60,14 +61,25 @@ def optimizer_update(state: TrainState, microbatches: list[dict], forward_step: 
     return losses, float(grad_norm) if grad_norm is not None else 0.0, bool(applied)
 
 
+def _zero_grads(state: TrainState) -> None:
+    for chunk in state.model_chunks:
+        chunk.zero_grad_buffer()
+    state.optimizer.zero_grad()
+
+
 def _grad_buffers(state: TrainState) -> list[torch.Tensor]:
     """This rank's gradient storage: Megatron DDP's contiguous buffers (every `main_grad` is a
-    view into one of them)."""
-    ddp = state.model
-    buffers = list(getattr(ddp, "buffers", [])) + list(getattr(ddp, "expert_parallel_buffers", []))
-    if buffers:
-        return [b.grad_data for b in buffers]
-    return [p.main_grad for p in ddp.parameters() if getattr(p, "main_grad", None) is not None]
+    view into one of them), over all pipeline chunks."""
+    grads = []
+    for ddp in state.model_chunks:
+        buffers = list(getattr(ddp, "buffers", [])) + list(getattr(ddp, "expert_parallel_buffers",
+                                                                   []))
+        if buffers:
+            grads += [b.grad_data for b in buffers]
+        else:
+            grads += [p.main_grad for p in ddp.parameters()
+                      if getattr(p, "main_grad", None) is not None]
+    return grads
 
 
 @torch.no_grad()

@@ -60,6 +60,11 @@ LAYOUTS = {
     "tp2-sequence-parallel": ("parallel.tensor_model_parallel_size=2",
                               "parallel.sequence_parallel=true"),
     "pp2": ("parallel.pipeline_model_parallel_size=2",),
+    # interleaved: rank 0 holds chunks 0 and 2 of "*|-|*|-", rank 1 chunks 1 and 3; Megatron's
+    # interleaved schedule runs the 4 micro-batches, rollouts visit the chunks round by round
+    "pp2-virtual2": ("parallel.pipeline_model_parallel_size=2",
+                     "parallel.virtual_pipeline_model_parallel_size=2",
+                     "model.hybrid_layer_pattern=*|-|*|-", "train.micro_batch_size=4"),
 }
 
 
@@ -78,6 +83,16 @@ def test_two_ranks_match_one_rank(one_rank, tmp_path, layout):
     rows, params = run(tmp_path, 2, *LAYOUTS[layout])
     assert_metrics_match(ref_rows, rows)
     assert_params_match(ref_params, params)
+
+
+def test_interleaved_checkpoint_continues_on_one_rank(tmp_path):
+    """A checkpoint of the PP=2 x VP=2 run (chunks nested per rank) loads into one rank with
+    no pipeline and trains on."""
+    save = tmp_path / "vp"
+    run(save, 2, *LAYOUTS["pp2-virtual2"], "train.steps=1")
+    rows, _ = train_and_collect(tmp_path / "one", 1, "examples/configs/tiny_cpu.yaml", *SMALL,
+                                "train.steps=2", f"train.load={save / 'ckpt'}")
+    assert [r["step"] for r in rows] == [2]
 
 
 @pytest.mark.slow
