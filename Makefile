@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEV    := $(VENV)/.installed-dev
 
-.PHONY: venv demo test lint corpus clean
+.PHONY: venv demo test bench lint corpus clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,12 @@ demo: $(STAMP)
 
 test: $(DEV)
 	$(PY) -m pytest -q tests
+
+# Step-time benchmark of the tiny model on 2 CPU ranks -> runs/bench/*.json (see tools/bench_*.py).
+bench: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node 2 tools/bench_rlp_step.py \
+		--config examples/configs/tiny_cpu.yaml --steps 10 --warmup 2 \
+		--out runs/bench/tiny_cpu_dp2.json
 
 lint: $(DEV)
 	$(VENV)/bin/ruff check megatron_rlp tools tests pretrain_rlp.py
