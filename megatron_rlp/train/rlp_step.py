@@ -75,6 +75,28 @@ def update_batch(prompts: PromptBatch, thoughts: ThoughtBatch, advantages: Tenso
                 logp_old=thoughts.logprobs, advantages=advantages)
 
 
+def trimmed_microbatches(batch: dict[str, Tensor], micro_batch_size: int, multiple: int = 1
+                         ) -> list[dict[str, Tensor]]:
+    """Micro-batches of sequences of similar length, each cut to its own longest sequence.
+
+    The update batch is padded to the longest sequence of the step; with small micro-batches
+    (the paper's recipes use one sequence) most of that padding is wasted compute. Without
+    pipeline parallelism nothing needs equal micro-batch shapes, so rows are sorted by length
+    and each micro-batch keeps the columns its logits need (right padding never changes a
+    causal forward). Rows keep their tensors together, so the loss is unchanged: it is a mean
+    over thoughts.
+    """
+    need = batch["index"].max(1).values + 1  # [R] inputs up to the last scored position
+    if 0 < micro_batch_size < len(need):  # one micro-batch: keep the rows' order
+        batch = {k: v[torch.argsort(need, stable=True)] for k, v in batch.items()}
+    mbs = split_microbatches(batch, micro_batch_size)
+    for mb in mbs:
+        width = int(mb["index"].max()) + 1
+        width = -(-width // multiple) * multiple
+        mb["tokens"], mb["positions"] = mb["tokens"][:, :width], mb["positions"][:, :width]
+    return mbs
+
+
 def _loss(batch: dict[str, Tensor], scale: float, vocab_size: int, temperature: float,
           eps: tuple[float, float], logits: Tensor):
     """Clipped surrogate on this micro-batch; `scale` makes the micro-batch sum a local mean."""
@@ -117,9 +139,13 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer) -> d
         advantages = group_advantages(rewards.view(-1, r.group_size)).view(-1)
     with timer("update"):
         sp = cfg.parallel.sequence_parallel
+        multiple = cfg.parallel.tensor_model_parallel_size if sp else 1
         batch = update_batch(prompts, thoughts, advantages, r.group_size, tok.pad, tok.think_start,
-                             cfg.parallel.tensor_model_parallel_size if sp else 1)
-        mbs = split_microbatches(batch, cfg.train.micro_batch_size)
+                             multiple)
+        if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+            mbs = trimmed_microbatches(batch, cfg.train.micro_batch_size, multiple)
+        else:  # the pipeline schedule sends one activation shape for all micro-batches
+            mbs = split_microbatches(batch, cfg.train.micro_batch_size)
         forward = partial(_forward_step, len(mbs[0]["tokens"]) * len(mbs) / len(batch["tokens"]),
                           tok.vocab_size, r.temperature, (r.clip_eps_low, r.clip_eps_high))
         losses, grad_norm, applied = optimizer_update(state, mbs, forward,

@@ -16,9 +16,15 @@ from megatron_rlp.data.batches import build_rlp_inputs
 from megatron_rlp.rollout.thoughts import sample_thoughts_chunked
 from megatron_rlp.scoring.next_token import token_logprobs_vocab_parallel
 from megatron_rlp.train.builder import build_state
-from megatron_rlp.train.rlp_step import _forward_step, local_contexts, rlp_step, update_batch
+from megatron_rlp.train.rlp_step import (
+    _forward_step,
+    local_contexts,
+    rlp_step,
+    trimmed_microbatches,
+    update_batch,
+)
 from megatron_rlp.train.timers import PhaseTimer
-from megatron_rlp.train.update import optimizer_update
+from megatron_rlp.train.update import optimizer_update, split_microbatches
 
 TINY = (
     "model.hybrid_layer_pattern=*-*-", "model.hidden_size=64", "model.ffn_hidden_size=128",
@@ -107,3 +113,50 @@ def test_update_raises_logprob_of_positive_advantage_thoughts(state):
     assert applied
     delta = thought_logprob() - before
     assert delta[advantages > 0].mean() > 0 > delta[advantages < 0].mean(), delta
+
+
+def test_trimmed_microbatches_give_the_same_loss_and_gradient(state):
+    """Sorting rows by length and cutting each micro-batch to its own longest sequence (the
+    update without pipeline parallelism) computes what the batch-wide padding computes."""
+    cfg, tok = state.cfg, state.tokenizer
+    r = cfg.rlp
+    sampler = ContextSampler(state.corpus, r.min_prefix_tokens, r.max_prefix_tokens, 3)
+    contexts, ids = local_contexts(state, sampler, 2)
+    prompts, _ = build_rlp_inputs(contexts, ids, state.corpus, r.max_prefix_tokens, tok.pad)
+    thoughts = sample_thoughts_chunked(
+        state.policy, prompts, 0, group_size=r.group_size, max_thought_tokens=r.max_thought_tokens,
+        temperature=r.temperature, top_p=1.0, think_start=tok.think_start,
+        think_end=tok.think_end, pad=tok.pad, vocab_size=tok.vocab_size, seed=5, step=2)
+    rows = thoughts.tokens.shape[0]
+    advantages = torch.linspace(-1.0, 1.0, rows)
+    batch = update_batch(prompts, thoughts, advantages, r.group_size, tok.pad, tok.think_start)
+    assert int(batch["index"].max(1).values.min()) + 1 < batch["tokens"].shape[1]  # padding
+
+    def loss_and_grads(mbs):
+        for chunk in state.model_chunks:  # Megatron DDP accumulates into main_grad
+            chunk.zero_grad_buffer()
+        for p in state.policy.parameters():  # Megatron's fp32 optimizer aliases .grad to
+            p.grad = None  # main_grad after a step; its zero_grad() drops them, do the same
+        total = 0.0
+        forward = partial(_forward_step, len(mbs[0]["tokens"]) * len(mbs) / rows,
+                          tok.vocab_size, r.temperature, (r.clip_eps_low, r.clip_eps_high))
+        for mb in mbs:
+            logits, loss_func = forward(iter([mb]), state.policy)
+            loss, _ = loss_func(logits)
+            loss.backward()
+            total += float(loss.detach())
+        return total, {n: p.main_grad.clone() for n, p in state.policy.named_parameters()}
+
+    full = split_microbatches(batch, 2)
+    trimmed = trimmed_microbatches(batch, 2)
+    assert [len(mb["tokens"]) for mb in trimmed] == [len(mb["tokens"]) for mb in full]
+    assert sum(mb["tokens"].numel() for mb in trimmed) < sum(mb["tokens"].numel() for mb in full)
+    loss_full, grads_full = loss_and_grads(full)
+    loss_trim, grads_trim = loss_and_grads(trimmed)
+    for chunk in state.model_chunks:
+        chunk.zero_grad_buffer()
+    assert loss_trim == pytest.approx(loss_full, rel=1e-6, abs=1e-7)
+    assert any(bool(g.abs().max() > 0) for g in grads_full.values())
+    for name, g in grads_full.items():  # micro-batch sums run in another order: fp32 noise
+        err = (grads_trim[name] - g).abs().max().item()
+        assert err <= 1e-5 * g.abs().max().item() + 1e-12, f"{name}: max |diff| {err:.2e}"
