@@ -24,14 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
 
-    from megatron_rlp.config import ConfigError, load_config
+    from megatron_rlp.config import load_launch_config
 
     try:
-        cfg = load_config(args.config, tuple(args.overrides),
-                          world_size=int(os.environ.get("WORLD_SIZE", "1")))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        cfg = load_launch_config(args.config, tuple(args.overrides))
+    except SystemExit as e:  # a bad config: its one-line error is printed
+        return int(e.code)
 
     # Megatron warns at import about optional kernels (TE, Apex) a CPU run never uses, and
     # torch's extension loader about a missing CUDA runtime on CPU machines.

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -572,3 +574,13 @@ def load_config(path: str | None = None, overrides: tuple[str, ...] = (),
         # Raw strings, not YAML: a pattern such as `*-*-` would read as a YAML alias.
         _apply(cfg, key.strip(), value.strip())
     return cfg.validate(world_size)
+
+
+def load_launch_config(path: str | None, overrides: tuple[str, ...]) -> RunConfig:
+    """`load_config` for an entry point under torchrun (world size from WORLD_SIZE): a bad
+    value prints its one-line error and exits 2, before torch.distributed starts."""
+    try:
+        return load_config(path, overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

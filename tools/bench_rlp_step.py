@@ -167,14 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --steps must be >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
 
-    from megatron_rlp.config import ConfigError, load_config
+    from megatron_rlp.config import load_launch_config
 
-    try:
-        cfg = load_config(args.config, tuple(args.overrides),
-                          world_size=int(os.environ.get("WORLD_SIZE", "1")))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_launch_config(args.config, tuple(args.overrides))  # exit 2 on a bad value
     warnings.filterwarnings("ignore", module=r"megatron\..*")
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     # Megatron's modules are imported before the CPU backend patches torch (as pretrain_rlp.py

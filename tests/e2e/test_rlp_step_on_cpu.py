@@ -82,21 +82,29 @@ def test_rlp_steps_update_policy_and_teacher(state):
                for p in state.teacher.model.parameters())
 
 
-def test_update_raises_logprob_of_positive_advantage_thoughts(state):
-    """The direction of the whole update path (batch layout, vocab-parallel log-probs, loss
-    scaling, Megatron DDP and Adam): thoughts given A=+1 become likelier, A=-1 less likely."""
-    cfg, tok = state.cfg, state.tokenizer
-    r = cfg.rlp
-    sampler = ContextSampler(state.corpus, r.min_prefix_tokens, r.max_prefix_tokens, 11)
-    contexts, ids = local_contexts(state, sampler, 1)
+def _update_batch(state, step: int, sampler_seed: int, advantages) -> dict[str, torch.Tensor]:
+    """Thoughts sampled for step `step`'s contexts, laid out for the update, with the
+    advantages `advantages(rows)` (chosen by the test, not computed)."""
+    tok, r = state.tokenizer, state.cfg.rlp
+    sampler = ContextSampler(state.corpus, r.min_prefix_tokens, r.max_prefix_tokens,
+                             sampler_seed)
+    contexts, ids = local_contexts(state, sampler, step)
     prompts, _ = build_rlp_inputs(contexts, ids, state.corpus, r.max_prefix_tokens, tok.pad)
     thoughts = sample_thoughts_chunked(
         state.policy, prompts, 0, group_size=r.group_size, max_thought_tokens=r.max_thought_tokens,
         temperature=r.temperature, top_p=1.0, think_start=tok.think_start,
-        think_end=tok.think_end, pad=tok.pad, vocab_size=tok.vocab_size, seed=5, step=1)
-    rows = thoughts.tokens.shape[0]
-    advantages = torch.tensor([1.0 if i % 2 == 0 else -1.0 for i in range(rows)])
-    batch = update_batch(prompts, thoughts, advantages, r.group_size, tok.pad, tok.think_start)
+        think_end=tok.think_end, pad=tok.pad, vocab_size=tok.vocab_size, seed=5, step=step)
+    return update_batch(prompts, thoughts, advantages(thoughts.tokens.shape[0]), r.group_size,
+                        tok.pad, tok.think_start)
+
+
+def test_update_raises_logprob_of_positive_advantage_thoughts(state):
+    """The direction of the whole update path (batch layout, vocab-parallel log-probs, loss
+    scaling, Megatron DDP and Adam): thoughts given A=+1 become likelier, A=-1 less likely."""
+    tok, r = state.tokenizer, state.cfg.rlp
+    batch = _update_batch(state, 1, 11, lambda rows: torch.tensor(
+        [1.0 if i % 2 == 0 else -1.0 for i in range(rows)]))
+    advantages = batch["advantages"]
 
     @torch.no_grad()
     def thought_logprob() -> torch.Tensor:  # [R] summed over each thought's tokens
@@ -118,18 +126,9 @@ def test_update_raises_logprob_of_positive_advantage_thoughts(state):
 def test_trimmed_microbatches_give_the_same_loss_and_gradient(state):
     """Sorting rows by length and cutting each micro-batch to its own longest sequence (the
     update without pipeline parallelism) computes what the batch-wide padding computes."""
-    cfg, tok = state.cfg, state.tokenizer
-    r = cfg.rlp
-    sampler = ContextSampler(state.corpus, r.min_prefix_tokens, r.max_prefix_tokens, 3)
-    contexts, ids = local_contexts(state, sampler, 2)
-    prompts, _ = build_rlp_inputs(contexts, ids, state.corpus, r.max_prefix_tokens, tok.pad)
-    thoughts = sample_thoughts_chunked(
-        state.policy, prompts, 0, group_size=r.group_size, max_thought_tokens=r.max_thought_tokens,
-        temperature=r.temperature, top_p=1.0, think_start=tok.think_start,
-        think_end=tok.think_end, pad=tok.pad, vocab_size=tok.vocab_size, seed=5, step=2)
-    rows = thoughts.tokens.shape[0]
-    advantages = torch.linspace(-1.0, 1.0, rows)
-    batch = update_batch(prompts, thoughts, advantages, r.group_size, tok.pad, tok.think_start)
+    tok, r = state.tokenizer, state.cfg.rlp
+    batch = _update_batch(state, 2, 3, lambda rows: torch.linspace(-1.0, 1.0, rows))
+    rows = len(batch["tokens"])
     assert int(batch["index"].max(1).values.min()) + 1 < batch["tokens"].shape[1]  # padding
 
     def loss_and_grads(mbs):
