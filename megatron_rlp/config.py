@@ -293,6 +293,11 @@ class TrainConfig:
     dist_optimizer_checkpoint: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
     load: str | None = None  # resume from (same objective) or warm-start (other objective)
     micro_batch_size: int = 0  # sequences per update micro-batch; 0 = all at once
+    # Activation recomputation in the update (Megatron's): `selective` recomputes the core
+    # attention (the seq^2 scores) in backward, `full` whole layers in groups of
+    # `recompute_num_layers` (only their inputs are kept). Same gradients, less memory.
+    recompute_granularity: Literal["none", "selective", "full"] = "none"
+    recompute_num_layers: int = 1
     max_consecutive_skips: int = 5  # non-finite steps in a row before the run stops
     wall_time_limit_minutes: float = 0.0  # save and exit 0 after this long; 0 = no limit
     exit_interval: int = 0  # save and exit 0 after a step divisible by this; 0 = off
@@ -312,6 +317,8 @@ class TrainConfig:
         _check(self.keep_last >= 0, "train.keep_last", self.keep_last, ">= 0 (0 = keep all)")
         _check(self.micro_batch_size >= 0, "train.micro_batch_size", self.micro_batch_size,
                ">= 0")
+        _check(self.recompute_num_layers >= 1, "train.recompute_num_layers",
+               self.recompute_num_layers, "an integer >= 1")
         _check(self.max_consecutive_skips >= 1, "train.max_consecutive_skips",
                self.max_consecutive_skips, "an integer >= 1")
         _check(0 <= self.wall_time_limit_minutes < math.inf, "train.wall_time_limit_minutes",

@@ -19,8 +19,8 @@ same ones). Prints a table (or `--json`) of what one GPU holds:
   scoring      the teacher's fp32 forward over the documents' windows (B/DP/positions per
                document rows): one layer of activations and the vocab-parallel logits
   update       activations kept for backward of one micro-batch (train.micro_batch_size
-               sequences of prefix + thought; 0 = all local sequences at once), the logits
-               and their gradient
+               sequences of prefix + thought; 0 = all local sequences at once; less with
+               train.recompute_granularity), the logits and their gradient
   overhead     CUDA context, NCCL buffers, allocator slack (--overhead-gib)
 
 Peak = persistent + the largest phase + overhead. Activation sizes follow Korthikanti et
@@ -132,6 +132,21 @@ def activation_bytes_per_token(s: Shapes, tp: int, b: int, seq: int, attention: 
     return s.n_attn * attn + s.n_mlp * mlp + s.n_mamba * mamba + 2 * b * h
 
 
+def kept_activation_bytes_per_token(s: Shapes, tp: int, b: int, seq: int, attention: str,
+                                    recompute: str, recompute_layers: int) -> float:
+    """`activation_bytes_per_token` under Megatron's activation recomputation: `selective`
+    drops the attention scores (recomputed in backward), `full` keeps each group of
+    `recompute_layers` layers' input plus, during backward, one group's activations."""
+    if recompute == "selective":
+        return activation_bytes_per_token(s, tp, b, seq, "flash")
+    every = activation_bytes_per_token(s, tp, b, seq, attention)
+    if recompute != "full":
+        return every
+    layers = s.n_attn + s.n_mlp + s.n_mamba
+    groups = math.ceil(layers / recompute_layers)
+    return groups * b * s.hidden + every * min(recompute_layers, layers) / layers
+
+
 def one_layer_inference_bytes(s: Shapes, tp: int, b: int, rows: int, seq: int,
                               attention: str) -> float:
     """Largest transient of a no-grad forward: the residual stream plus one layer's inside."""
@@ -197,7 +212,9 @@ def estimate(cfg: RunConfig, world_size: int, vocab_size: int, attention: str = 
     mbs = t.micro_batch_size or sequences
     tokens = mbs * upd_seq
     update = {
-        "activations": tokens * activation_bytes_per_token(s, tp, pb, upd_seq, attention)
+        "activations": tokens * kept_activation_bytes_per_token(s, tp, pb, upd_seq, attention,
+                                                                t.recompute_granularity,
+                                                                t.recompute_num_layers)
         * layers_here,
         # logits and their gradient in the params dtype, fp32 log-softmax on scored positions
         "logits": mbs * (upd_seq * (s.vocab / tp) * 2 * pb + scored * (s.vocab / tp) * 3 * 4),

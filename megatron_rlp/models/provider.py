@@ -93,6 +93,11 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        recompute_granularity=(None if cfg.train.recompute_granularity == "none"
+                               else cfg.train.recompute_granularity),
+        recompute_method="uniform" if cfg.train.recompute_granularity == "full" else None,
+        recompute_num_layers=(cfg.train.recompute_num_layers
+                              if cfg.train.recompute_granularity == "full" else None),
         mamba_num_heads=m.mamba_num_heads,
         mamba_head_dim=m.mamba_head_dim,
         mamba_state_dim=m.mamba_state_dim,

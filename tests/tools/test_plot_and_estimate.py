@@ -109,6 +109,11 @@ def test_rollout_cache_arithmetic_and_tp_invariance():
     chunked = em.estimate(_cfg(base + ["rlp.rollout_chunk_contexts=4"], 32), 32, 151936)
     assert chunked["phases"]["rollout"]["kv_cache"] == one["phases"]["rollout"]["kv_cache"] / 4
     assert chunked["layout"]["rollout_chunks"] == 4
+    # recomputation: selective drops the attention scores, full keeps little but layer inputs
+    acts = {g: em.estimate(_cfg(base + ["train.micro_batch_size=1",
+                                        f"train.recompute_granularity={g}"], 32), 32, 151936)
+            ["phases"]["update"]["activations"] for g in ("none", "selective", "full")}
+    assert acts["full"] < 0.1 * acts["none"] and acts["full"] < acts["selective"] < acts["none"]
     # bf16 + Adam: 2 (params) + 4 (grads) + 4 (EMA) bytes, 12 for the optimizer (no dist-opt)
     n = one["parameters"]["per_rank"]
     assert one["persistent"]["parameters"] == 2 * n and one["persistent"]["optimizer"] == 12 * n
