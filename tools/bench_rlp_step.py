@@ -4,8 +4,9 @@
     torchrun --nproc-per-node 2 tools/bench_rlp_step.py --config examples/configs/tiny_cpu.yaml \
         --steps 10 --warmup 2 --out bench_dp2.json parallel.tensor_model_parallel_size=2
 
-Runs the trainer's own step functions (`rlp_step` / `ntp_step`) on a freshly built model for
-`--warmup` untimed and `--steps` timed steps; nothing is saved or loaded. Rank 0 writes:
+Runs the trainer's own step functions (`rlp_step` / `ntp_step`) on a freshly built model (or
+`train.load`, e.g. the demo's warm-up checkpoint) for `--warmup` untimed and `--steps` timed
+steps; nothing is saved. Rank 0 writes:
 
   phases     seconds per step of rollout / scoring / update (mean, median, min, max) and of
              the whole step; the maximum over ranks for each step (the slowest rank sets
@@ -84,6 +85,11 @@ def run(cfg, steps: int, warmup: int) -> dict:
     from megatron_rlp.train.timers import PhaseTimer
 
     state = build_state(cfg)
+    if cfg.train.load:  # e.g. a warmed-up model, whose thoughts close (rollout lengths vary)
+        from megatron_rlp.train.checkpoint import load_checkpoint, resolve_checkpoint
+
+        load_checkpoint(state, str(resolve_checkpoint(cfg.train.load)),
+                        cfg.train.checkpoint_checksums)
     rlp = cfg.train.objective == "rlp"
     if rlp:
         sampler = make_context_sampler(state)
