@@ -108,6 +108,12 @@ class KVCacheEngine:
         fork_cached_states(self.ctx, index)
         self.key_valid = self.key_valid[index]
 
+    def keep(self, rows: Tensor) -> None:
+        """Drop every cached row but `rows` (in this order): decoding finished thoughts is
+        wasted work, and a decode step's cost grows with the rows it carries."""
+        fork_cached_states(self.ctx, rows)
+        self.key_valid = self.key_valid[rows.to(self.key_valid.device)]
+
     def step(self, tokens: Tensor) -> Tensor:
         """Feed one token per row.
 

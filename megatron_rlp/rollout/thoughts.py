@@ -104,6 +104,7 @@ def sample_thoughts(
     vocab_size: int,
     seed: int,
     step: int,
+    compact_below: float = 0.5,
 ) -> ThoughtBatch:
     """Sample `group_size` thoughts for every prompt and score the real next token after each.
 
@@ -112,6 +113,9 @@ def sample_thoughts(
         prompts: this rank's contexts.
         vocab_size: the tokenizer's vocabulary; padded-vocabulary ids are never sampled and
             are left out of every log-prob (as in the update and the teacher's scores).
+        compact_below: once the unfinished thoughts are at most this fraction of the rows
+            being decoded, the finished ones leave the cache and the batch (0 = never).
+            Keyed sampling makes the thoughts independent of it.
     """
     b, p = prompts.tokens.shape
     g, n = group_size, max_thought_tokens
@@ -140,38 +144,50 @@ def sample_thoughts(
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     s_pred = torch.full((rows,), float("nan"), dtype=torch.float32, device=device)
 
+    # The engine decodes `live` rows (original row ids, in cache order); finished rows are
+    # dropped from it now and then (`compact_below`), so `x[live]` is what the engine sees.
+    live = torch.arange(rows, device=device)
+
     def score(next_logits: Tensor | None, which: Tensor) -> None:
+        """S_pred of the live rows `which` (bool over live) from the logits after `</think>`."""
         if next_logits is not None:  # S_pred lives on the last stage until the end
-            s_pred[which] = token_logprobs_vocab_parallel(next_logits[which], targets[which],
-                                                          vocab_size)
+            s_pred[live[which]] = token_logprobs_vocab_parallel(
+                next_logits[which], targets[live[which]], vocab_size)
 
     def sample(next_logits: Tensor | None) -> tuple[Tensor, Tensor]:
         """Sample on the last stage; every stage gets (tokens, log-probs) to feed and record."""
         packed = None
         if next_logits is not None:
-            tok, lp = sample_vocab_parallel(next_logits, keys, temperature, top_p, vocab_size)
+            tok, lp = sample_vocab_parallel(next_logits, keys[live], temperature, top_p,
+                                            vocab_size)
             packed = torch.stack([tok.double(), lp.double()])  # ids < 2**53: exact in fp64
-        packed = from_last_stage(packed, (2, rows), torch.float64)
+        packed = from_last_stage(packed, (2, len(live)), torch.float64)
         return packed[0].long(), packed[1].float()
 
     for k in range(n):
         keys[:, 4] = k
         tok, lp = sample(logits)
-        active = ~finished
-        tokens[:, k] = torch.where(active, tok, pad)
-        logprobs[:, k] = torch.where(active, lp, 0.0)
-        mask[:, k] = active
+        active = ~finished[live]
+        tokens[live, k] = torch.where(active, tok, pad)
+        logprobs[live, k] = torch.where(active, lp, 0.0)
+        mask[live, k] = active
         closing = active & (tok == think_end)
-        finished |= closing
-        logits = engine.step(tokens[:, k])
+        finished[live] |= closing
+        logits = engine.step(tokens[live, k])
         score(logits, closing)
-        if bool(finished.all()):
+        unfinished = ~finished[live]
+        if not bool(unfinished.any()):
             break
+        if int(unfinished.sum()) <= compact_below * len(live):  # same decision on every stage
+            keep = unfinished.nonzero().flatten()
+            engine.keep(keep)
+            live = live[keep]
+            logits = None if logits is None else logits[keep]
 
     closed = finished.clone()
     if not bool(closed.all()):  # force-close at the limit: `</think>` is given, not sampled
-        logits = engine.step(torch.where(closed, pad, think_end))
-        score(logits, ~closed)
+        logits = engine.step(torch.where(closed[live], pad, think_end))
+        score(logits, ~closed[live])
     lengths = mask.sum(1)
     s_pred = from_last_stage(s_pred, (rows,), torch.float32)
     return ThoughtBatch(tokens=tokens, mask=mask, logprobs=logprobs, lengths=lengths,

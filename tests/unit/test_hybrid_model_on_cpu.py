@@ -129,20 +129,24 @@ def test_decode_equals_full_forward_after_fork(model):
 
 
 def test_engine_rollout_path(model):
-    """The rollout engine's prefill / fork / step on the hybrid: its dim-1 fork is right for
-    Mamba states too (they are stored batch on dim 1)."""
+    """The rollout engine's prefill / fork / step / keep on the hybrid: its dim-1 fork and
+    row selection are right for Mamba states too (they are stored batch on dim 1)."""
     rows, tokens, valid = left_padded([6, 3, 9], seed=1)
     b, g = len(rows), 3
-    engine = KVCacheEngine(model, max_batch_size=b * g, max_sequence_length=tokens.shape[1] + 3)
+    engine = KVCacheEngine(model, max_batch_size=b * g, max_sequence_length=tokens.shape[1] + 4)
     logits = engine.prefill(tokens, valid)
     for i, r in enumerate(rows):
         torch.testing.assert_close(logits[i], full_logits(model, r)[-1], atol=ATOL, rtol=0)
     engine.fork(g)
     seqs = [list(rows[i // g]) for i in range(b * g)]
-    for step in range(3):
-        new = (torch.arange(b * g) * 7 + step) % 256
+    for step in range(4):
+        if step == 2:  # rows leave the batch (finished thoughts): their states go with them
+            keep = torch.tensor([7, 1, 4, 8])
+            engine.keep(keep)
+            seqs = [seqs[i] for i in keep.tolist()]
+        new = (torch.arange(len(seqs)) * 7 + step) % 256
         logits = engine.step(new)
-        for i in range(b * g):
+        for i in range(len(seqs)):
             seqs[i].append(int(new[i]))
             torch.testing.assert_close(logits[i], full_logits(model, seqs[i])[-1],
                                        atol=ATOL, rtol=0)

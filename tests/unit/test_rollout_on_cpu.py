@@ -64,11 +64,12 @@ def left_pad(rows: list[list[int]], context_ids, seed=0) -> PromptBatch:
 
 
 def rollout(model, prompts, *, group_size=3, max_thought_tokens=3, temperature=0.7,
-            top_p=1.0, seed=1234, step=0):
+            top_p=1.0, seed=1234, step=0, compact_below=0.5):
     return sample_thoughts(
         model, prompts, group_size=group_size, max_thought_tokens=max_thought_tokens,
         temperature=temperature, top_p=top_p, think_start=TOK.think_start,
         think_end=TOK.think_end, pad=TOK.pad, vocab_size=VOCAB, seed=seed, step=step,
+        compact_below=compact_below,
     )
 
 
@@ -250,3 +251,26 @@ def test_chunked_rollout_equals_one_batch(model):
     assert torch.equal(whole.tokens, chunked.tokens) and torch.equal(whole.mask, chunked.mask)
     torch.testing.assert_close(whole.logprobs, chunked.logprobs, atol=ATOL, rtol=0)
     torch.testing.assert_close(whole.s_pred, chunked.s_pred, atol=ATOL, rtol=0)
+
+
+def test_finished_thoughts_leave_the_batch(model, monkeypatch):
+    """Once at most half the rows still think, the finished ones are dropped from the cache
+    and the decode batch; the thoughts, log-probs and S_pred stay what the full batch gives
+    (and what full forwards give)."""
+    monkeypatch.setattr(thoughts_module, "sample_vocab_parallel",
+                        forcing_sample_tokens({0: 0, 1: 0, 2: 2}))
+    kept = []
+    keep = KVCacheEngine.keep
+    monkeypatch.setattr(KVCacheEngine, "keep",
+                        lambda self, rows: (kept.append(len(rows)), keep(self, rows))[1])
+    prompts, rows = make_prompts([5, 3, 8], [7, 8, 9], seed=9)
+    compacted = rollout(model, prompts, group_size=4, max_thought_tokens=5)
+    assert kept == [6, 3]  # 12 rows -> the 6 still thinking -> the 3 past `</think>` at 2
+    check_thoughts(model, prompts, rows, compacted, 4, 5)
+    kept.clear()
+    full = rollout(model, prompts, group_size=4, max_thought_tokens=5, compact_below=0.0)
+    assert kept == []
+    assert torch.equal(full.tokens, compacted.tokens) and torch.equal(full.mask, compacted.mask)
+    assert torch.equal(full.closed, compacted.closed)
+    torch.testing.assert_close(compacted.logprobs, full.logprobs, atol=ATOL, rtol=0)
+    torch.testing.assert_close(compacted.s_pred, full.s_pred, atol=ATOL, rtol=0)
