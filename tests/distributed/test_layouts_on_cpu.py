@@ -85,14 +85,17 @@ def test_two_ranks_match_one_rank(one_rank, tmp_path, layout):
     assert_params_match(ref_params, params)
 
 
-def test_interleaved_checkpoint_continues_on_one_rank(tmp_path):
-    """A checkpoint of the PP=2 x VP=2 run (chunks nested per rank) loads into one rank with
-    no pipeline and trains on."""
+def test_interleaved_checkpoint_resumes_and_continues_on_one_rank(one_rank, tmp_path):
+    """PP=2 x VP=2, 2 steps, save (chunks nested per rank), resume for step 3: the one-rank
+    run's metrics and parameters. The same checkpoint also loads into one rank."""
     save = tmp_path / "vp"
-    run(save, 2, *LAYOUTS["pp2-virtual2"], "train.steps=1")
+    run(save, 2, *LAYOUTS["pp2-virtual2"], "train.steps=2")
+    rows, params = run(save, 2, *LAYOUTS["pp2-virtual2"], f"train.load={save / 'ckpt'}")
+    assert_metrics_match(one_rank[0], rows)  # steps 1-2 before the save, 3 after the resume
+    assert_params_match(one_rank[1], params)
     rows, _ = train_and_collect(tmp_path / "one", 1, "examples/configs/tiny_cpu.yaml", *SMALL,
-                                "train.steps=2", f"train.load={save / 'ckpt'}")
-    assert [r["step"] for r in rows] == [2]
+                                "train.steps=4", f"train.load={save / 'ckpt'}")
+    assert [r["step"] for r in rows] == [4]
 
 
 @pytest.mark.slow
