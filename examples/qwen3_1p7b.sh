@@ -12,11 +12,11 @@
 #         the local Megatron spec runs it today):
 #           persistent 16.6 = params 3.2 + grads 6.4 + Adam 0.6 + EMA teacher 6.4
 #           rollout    29.2 = KV cache 28.0 (64 rows x 4098 tokens x 28 layers) + 1.2
-#           scoring     3.5   update 41.5 (activations 35.7, ~28 of it attention scores)
-#           peak       62.1 of 80  (with flash attention 49.0)
+#           scoring     3.5   update 40.3 (activations 35.7, ~28 of it attention scores)
+#           peak       61.0 of 80  (with flash attention 49.0)
 # Why chunks: the KV cache per rank does not shrink with TP (TP halves the heads, DP
 # halves, rows per rank double), and all 256 rows at once would need 112 GiB of it.
-# ROLLOUT_CHUNK=0 samples them in one pass (G=4 fits that way: 62 GiB).
+# ROLLOUT_CHUNK=0 samples them in one pass (G=4 fits that way: 61 GiB).
 #
 # Environment (required): DATA (.jsonl/.txt or indexed-dataset prefix), TOKENIZER
 # (tokenizer.json or its folder), SAVE_DIR (checkpoints, metrics.jsonl, tensorboard/; a

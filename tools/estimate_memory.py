@@ -216,8 +216,9 @@ def estimate(cfg: RunConfig, world_size: int, vocab_size: int, attention: str = 
                                                                 t.recompute_granularity,
                                                                 t.recompute_num_layers)
         * layers_here,
-        # logits and their gradient in the params dtype, fp32 log-softmax on scored positions
-        "logits": mbs * (upd_seq * (s.vocab / tp) * 2 * pb + scored * (s.vocab / tp) * 3 * 4),
+        # logits and their gradient in the params dtype, fp32 log-softmax, on the scored
+        # positions (RLP projects only the thought-predicting positions onto the vocabulary)
+        "logits": mbs * scored * (s.vocab / tp) * (2 * pb + 3 * 4),
     }
     if overhead_gib is None:
         overhead_gib = 4.0 if cfg.device.type == "cuda" else 0.5

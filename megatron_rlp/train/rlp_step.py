@@ -18,6 +18,7 @@ from torch import Tensor
 
 from megatron_rlp.data import ContextSampler
 from megatron_rlp.data.batches import build_rlp_inputs
+from megatron_rlp.models.output_positions import logits_at_positions
 from megatron_rlp.objective import (
     clip_fraction,
     clipped_surrogate_loss,
@@ -99,10 +100,11 @@ def trimmed_microbatches(batch: dict[str, Tensor], micro_batch_size: int, multip
 
 def _loss(batch: dict[str, Tensor], scale: float, vocab_size: int, temperature: float,
           eps: tuple[float, float], logits: Tensor):
-    """Clipped surrogate on this micro-batch; `scale` makes the micro-batch sum a local mean."""
-    index = batch["index"][..., None].expand(-1, -1, logits.shape[-1])
-    logp_new = token_logprobs_vocab_parallel(logits.gather(1, index), batch["labels"], vocab_size,
-                                             temperature)
+    """Clipped surrogate on this micro-batch; `scale` makes the micro-batch sum a local mean.
+
+    `logits`: [B, L, V/tp], at the positions `batch["index"]` (see `_forward_step`).
+    """
+    logp_new = token_logprobs_vocab_parallel(logits, batch["labels"], vocab_size, temperature)
     args = (logp_new, batch["logp_old"], batch["advantages"], batch["mask"], *eps)
     loss = clipped_surrogate_loss(*args)
     return loss * scale, {"loss": loss.detach(), "clip_fraction": clip_fraction(*args)}
@@ -111,7 +113,8 @@ def _loss(batch: dict[str, Tensor], scale: float, vocab_size: int, temperature: 
 def _forward_step(scale: float, vocab_size: int, temperature: float, eps: tuple[float, float],
                   data_iterator, model):
     batch = next(data_iterator)
-    logits = model(batch["tokens"], batch["positions"], None)
+    with logits_at_positions(model, batch["index"]):  # the thought-predicting positions only
+        logits = model(batch["tokens"], batch["positions"], None)
     return logits, partial(_loss, batch, scale, vocab_size, temperature, eps)
 
 

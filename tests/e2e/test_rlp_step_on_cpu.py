@@ -18,6 +18,7 @@ from megatron_rlp.scoring.next_token import token_logprobs_vocab_parallel
 from megatron_rlp.train.builder import build_state
 from megatron_rlp.train.rlp_step import (
     _forward_step,
+    _loss,
     local_contexts,
     rlp_step,
     trimmed_microbatches,
@@ -158,4 +159,41 @@ def test_trimmed_microbatches_give_the_same_loss_and_gradient(state):
     assert any(bool(g.abs().max() > 0) for g in grads_full.values())
     for name, g in grads_full.items():  # micro-batch sums run in another order: fp32 noise
         err = (grads_trim[name] - g).abs().max().item()
+        assert err <= 1e-5 * g.abs().max().item() + 1e-12, f"{name}: max |diff| {err:.2e}"
+
+
+def test_update_projects_only_thought_positions(state):
+    """The gradient forward computes logits at the thought-predicting positions only: the same
+    loss and gradients as projecting every position and picking those afterwards."""
+    tok, r = state.tokenizer, state.cfg.rlp
+    batch = _update_batch(state, 3, 4, lambda rows: torch.linspace(1.0, -1.0, rows))
+    eps = (r.clip_eps_low, r.clip_eps_high)
+
+    def loss_and_grads(compute_logits):
+        for chunk in state.model_chunks:
+            chunk.zero_grad_buffer()
+        for p in state.policy.parameters():
+            p.grad = None
+        logits = compute_logits()
+        loss, _ = _loss(batch, 1.0, tok.vocab_size, r.temperature, eps, logits)
+        loss.backward()
+        return logits.shape, float(loss.detach()), {
+            n: p.main_grad.clone() for n, p in state.policy.named_parameters()}
+
+    def every_position():
+        logits = state.policy(batch["tokens"], batch["positions"], None)  # [B, S, V]
+        return logits.gather(1, batch["index"][..., None].expand(-1, -1, logits.shape[-1]))
+
+    def selected():
+        return _forward_step(1.0, tok.vocab_size, r.temperature, eps, iter([batch]),
+                             state.model_chunks[0])[0]
+
+    shape_ref, loss_ref, grads_ref = loss_and_grads(every_position)
+    shape, loss, grads = loss_and_grads(selected)
+    for chunk in state.model_chunks:
+        chunk.zero_grad_buffer()
+    assert shape == shape_ref == (*batch["index"].shape, 320)  # 261 ids padded to 320
+    assert loss == pytest.approx(loss_ref, rel=1e-6, abs=1e-7)
+    for name, g in grads_ref.items():
+        err = (grads[name] - g).abs().max().item()
         assert err <= 1e-5 * g.abs().max().item() + 1e-12, f"{name}: max |diff| {err:.2e}"
