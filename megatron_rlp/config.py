@@ -151,6 +151,8 @@ class RLPConfig:
     # EMA teacher's next-token distribution has the highest entropy (one teacher forward).
     position_strategy: Literal["uniform", "stride", "entropy"] = "uniform"
     position_stride: int = 64
+    # Never target a `<think>`/`</think>` marker or a token inside a span the corpus carries.
+    skip_thought_spans: bool = True
     # Contexts sampled together in one rollout batch (rows = this x group_size); 0 = all of
     # the rank's contexts at once. Smaller chunks bound the KV/SSM cache of a rollout.
     rollout_chunk_contexts: int = 0

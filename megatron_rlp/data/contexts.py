@@ -15,6 +15,10 @@ Positions inside a document (`rlp.position_strategy`):
     stride    `positions_per_doc` positions `stride` tokens apart, at a random offset
     entropy   the positions where the teacher's next-token distribution has the highest
               entropy (a `PositionScorer` does the forward; ties go to the earlier position)
+Corpora that carry worked thoughts (`<think> ... </think>`, like the shipped one) are text
+the model reads, not text it is asked to predict: with `skip_spans` a target x_t is never a
+thought marker or inside such a span, so every prefix ends outside any thought.
+
 All positions t of one document lie in one window of at most `max_prefix` tokens and leave
 each context at least `min_prefix` tokens of it: with t_max the document's last position, the
 shared window is doc[max(0, t_max - max_prefix) : t_max] (what `batches.build_rlp_inputs` feeds
@@ -78,14 +82,17 @@ def _band(length: int, k_span: int, min_prefix: int, max_prefix: int,
 
 
 def top_entropy_positions(entropy: np.ndarray, lo: int, hi: int, window_start: int,
-                          k: int) -> np.ndarray:
+                          k: int, valid: np.ndarray | None = None) -> np.ndarray:
     """The k positions t in [lo, hi] with the highest entropy, sorted (ties: earlier first).
 
     Args:
         entropy: Scores of the window doc[window_start:hi]: entropy[j] belongs to position
             window_start + j + 1.
+        valid: Optional bool per document position; only valid positions are chosen.
     """
     positions = np.arange(lo, hi + 1)
+    if valid is not None:
+        positions = positions[valid[positions]]
     scores = np.asarray(entropy, dtype=np.float64)[positions - window_start - 1]
     order = np.argsort(-scores, kind="stable")[:k]
     return np.sort(positions[order])
@@ -102,6 +109,8 @@ class ContextSampler:
         strategy: "uniform", "stride" or "entropy" (see the module docstring).
         stride: Token distance between positions of one document for "stride".
         scorer: Required for "entropy": scores token windows (see `PositionScorer`).
+        skip_spans: (begin, end) thought-marker ids: targets never fall on a marker or inside
+            a span (None = any position).
 
     Raises:
         ValueError: Bad prefix bounds or strategy, or no document is longer than `min_prefix`.
@@ -110,6 +119,7 @@ class ContextSampler:
     def __init__(
         self, corpus: DocumentSource, min_prefix: int, max_prefix: int, seed: int, *,
         strategy: str = "uniform", stride: int = 1, scorer: PositionScorer | None = None,
+        skip_spans: tuple[int, int] | None = None,
     ) -> None:
         if not 1 <= min_prefix <= max_prefix:
             raise ValueError(
@@ -129,10 +139,49 @@ class ContextSampler:
         self.strategy = strategy
         self.stride = stride
         self.scorer = scorer
+        self.skip_spans = skip_spans
         if not np.any(np.asarray(corpus.lengths) > min_prefix):
             raise ValueError(
                 f"{corpus.path}: no document has more than min_prefix={min_prefix} tokens"
             )
+
+    def _targets(self, tokens: np.ndarray) -> np.ndarray | None:
+        """Bool per position: may x_t be a target (see `skip_spans`)? None = every position."""
+        if self.skip_spans is None:
+            return None
+        tokens = np.asarray(tokens)
+        begin, end = (tokens == self.skip_spans[0]), (tokens == self.skip_spans[1])
+        if not (begin.any() or end.any()):
+            return None
+        depth = np.cumsum(begin.astype(np.int64) - end.astype(np.int64))  # after each token
+        inside = np.concatenate([[0], depth[:-1]]) > 0  # open span before the token
+        return ~(begin | end | inside)
+
+    def _positions(self, tokens: np.ndarray, span: int, k: int, rng: np.random.Generator):
+        """This document's positions for `k` contexts (for "entropy": the band and the valid
+        mask, scored later), or None when too few valid targets are left."""
+        valid = self._targets(tokens)
+        if self.strategy == "uniform" and k == 1:
+            # One position: uniform over the whole document (no band needed).
+            cands = np.arange(self.min_prefix, len(tokens))
+            cands = cands if valid is None else cands[valid[cands]]
+            return cands[rng.choice(len(cands), 1, replace=False)] if len(cands) else None
+        lo, hi = _band(len(tokens), span, self.min_prefix, self.max_prefix, rng)
+        cands = np.arange(lo, hi + 1)
+        if self.strategy == "stride":
+            starts = cands[:len(cands) - (span - 1)]
+            if valid is not None:
+                starts = starts[valid[starts[:, None] + self.stride * np.arange(k)].all(1)]
+            if not len(starts):
+                return None
+            return starts[int(rng.integers(0, len(starts)))] + self.stride * np.arange(k)
+        if valid is not None:
+            cands = cands[valid[cands]]
+        if len(cands) < k:
+            return None
+        if self.strategy == "uniform":
+            return cands[np.sort(rng.choice(len(cands), k, replace=False))]
+        return (lo, hi, valid)  # entropy: scored below, all documents in one call
 
     def _span(self, positions_per_doc: int) -> int:
         """Candidate positions a document needs for `positions_per_doc` contexts."""
@@ -182,31 +231,34 @@ class ContextSampler:
                 f"{self.min_prefix + span} tokens are needed, only {len(eligible)} exist"
             )
         rng = np.random.default_rng([self.seed, step])
-        picks: list[tuple[int, np.ndarray, np.ndarray | tuple[int, int]]] = []
-        for doc_index in rng.choice(eligible, size=num_docs, replace=False):
+        picks: list[tuple[int, np.ndarray, np.ndarray | tuple]] = []
+        drawn = [int(d) for d in rng.choice(eligible, size=num_docs, replace=False)]
+        used, tries = set(drawn), 0
+        while drawn:
+            doc_index = drawn.pop(0)
             tokens = self.corpus.documents[doc_index]
-            if self.strategy == "uniform" and positions_per_doc == 1:
-                # One position: uniform over the whole document (no band needed).
-                offsets = rng.choice(len(tokens) - self.min_prefix, 1, replace=False)
-                picks.append((int(doc_index), tokens, offsets + self.min_prefix))
+            chosen = self._positions(tokens, span, positions_per_doc, rng)
+            if chosen is not None:
+                picks.append((doc_index, tokens, chosen))
                 continue
-            lo, hi = _band(len(tokens), span, self.min_prefix, self.max_prefix, rng)
-            if self.strategy == "uniform":
-                chosen = np.sort(rng.choice(hi - lo + 1, positions_per_doc, replace=False)) + lo
-            elif self.strategy == "stride":
-                start = lo + int(rng.integers(0, hi - lo + 1 - (span - 1)))
-                chosen = start + self.stride * np.arange(positions_per_doc)
-            else:
-                chosen = (lo, hi)  # scored below, all documents in one call
-            picks.append((int(doc_index), tokens, chosen))
+            # Too few targets outside thought spans: draw another document (deterministic).
+            tries += 1
+            if len(used) == len(eligible) or tries > 100 * num_docs:
+                raise ValueError(f"{self.corpus.path}: too few documents with {span} "
+                                 f"positions outside thought spans")
+            while (other := int(eligible[rng.integers(len(eligible))])) in used:
+                pass
+            used.add(other)
+            drawn.insert(0, other)
 
         if self.strategy == "entropy":
-            starts = [lo - self.min_prefix for _, _, (lo, _) in picks]
-            windows = [tokens[ws:hi] for (_, tokens, (_, hi)), ws in zip(picks, starts,
-                                                                          strict=True)]
+            starts = [lo - self.min_prefix for _, _, (lo, _, _) in picks]
+            windows = [tokens[ws:hi] for (_, tokens, (_, hi, _)), ws in zip(picks, starts,
+                                                                             strict=True)]
             scores = self.scorer(windows)
-            picks = [(d, tokens, top_entropy_positions(h, lo, hi, ws, positions_per_doc))
-                     for (d, tokens, (lo, hi)), ws, h in zip(picks, starts, scores, strict=True)]
+            picks = [(d, tokens, top_entropy_positions(h, lo, hi, ws, positions_per_doc, valid))
+                     for (d, tokens, (lo, hi, valid)), ws, h in zip(picks, starts, scores,
+                                                                     strict=True)]
 
         contexts = []
         for doc_index, tokens, positions in picks:
@@ -277,9 +329,12 @@ class NTPBatcher:
 
 
 def build_context_sampler(rlp_cfg, corpus: DocumentSource, seed: int,
-                          scorer: PositionScorer | None = None) -> ContextSampler:
-    """The sampler an `RLPConfig` describes (`min/max_prefix_tokens`, `position_*`)."""
+                          scorer: PositionScorer | None = None,
+                          thought_markers: tuple[int, int] | None = None) -> ContextSampler:
+    """The sampler an `RLPConfig` describes (`min/max_prefix_tokens`, `position_*`,
+    `skip_thought_spans` with the tokenizer's `thought_markers`)."""
     return ContextSampler(corpus, min_prefix=rlp_cfg.min_prefix_tokens,
                           max_prefix=rlp_cfg.max_prefix_tokens, seed=seed,
                           strategy=rlp_cfg.position_strategy, stride=rlp_cfg.position_stride,
-                          scorer=scorer)
+                          scorer=scorer,
+                          skip_spans=thought_markers if rlp_cfg.skip_thought_spans else None)

@@ -24,7 +24,12 @@ def make_context_sampler(state: TrainState, corpus=None) -> ContextSampler:
         scorer = model_entropy_scorer(lambda: scoring_model(state), state.tokenizer.vocab_size,
                                       state.tokenizer.pad)
     return build_context_sampler(cfg.rlp, state.corpus if corpus is None else corpus,
-                                 cfg.train.seed, scorer)
+                                 cfg.train.seed, scorer, thought_markers(state))
+
+
+def thought_markers(state: TrainState) -> tuple[int, int]:
+    """The tokenizer's (`<think>`, `</think>`) ids."""
+    return state.tokenizer.think_start, state.tokenizer.think_end
 
 
 def make_ntp_batcher(state: TrainState) -> NTPBatcher:

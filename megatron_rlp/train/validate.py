@@ -28,6 +28,7 @@ from megatron_rlp.rollout.thoughts import sample_thoughts
 from megatron_rlp.scoring.next_token import score_next_tokens
 from megatron_rlp.train.builder import TrainState
 from megatron_rlp.train.reduce import gather_data_parallel
+from megatron_rlp.train.samplers import thought_markers
 
 EVAL_STEP_KEY = 0  # training steps are numbered from 1
 
@@ -38,7 +39,8 @@ def eval_sampler(state: TrainState) -> ContextSampler:
     if state.valid_corpus is None:
         raise ValueError(f"validation needs a valid split (data.split={state.cfg.data.split!r})")
     return ContextSampler(state.valid_corpus, min_prefix=r.min_prefix_tokens,
-                          max_prefix=r.max_prefix_tokens, seed=state.cfg.train.seed)
+                          max_prefix=r.max_prefix_tokens, seed=state.cfg.train.seed,
+                          skip_spans=thought_markers(state) if r.skip_thought_spans else None)
 
 
 @torch.no_grad()

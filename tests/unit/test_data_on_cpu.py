@@ -130,3 +130,46 @@ def test_ntp_batcher(corpus):
     assert all(tuple(row) in windows for row in batch)
     with pytest.raises(ValueError, match="seq_length"):
         NTPBatcher(corpus, seq_length=len(stream), seed=0)
+
+
+@pytest.mark.parametrize("strategy, per_doc", [("uniform", 1), ("uniform", 3), ("stride", 3),
+                                               ("entropy", 3)])
+def test_targets_skip_thought_spans(tmp_path, strategy, per_doc):
+    """With the thought markers given, no context targets a marker or a token inside a span
+    (so no prefix ends inside a thought); documents whose band has too few other positions
+    are replaced by others. Without spans in the corpus the draws are what they were."""
+    texts = [f"Q{i}: 12+{i}=? <think>1 plus 2 is 3, then {i}</think> {12 + i}. more text here "
+             f"and a bit more {i}" for i in range(30)]
+    texts += ["<think>" + "x" * 60 + "</think>"]  # nothing outside the span but markers
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    corpus = load_corpus(path, TOK)
+    markers = (TOK.think_start, TOK.think_end)
+    score = lambda windows: [w.astype(np.float64)[1:].tolist() + [0.0] for w in windows]  # noqa: E731
+
+    def sampler(skip):
+        return ContextSampler(corpus, 4, 40, seed=2, strategy=strategy, stride=2,
+                              scorer=score, skip_spans=markers if skip else None)
+
+    unfiltered_hits = 0
+    for step in range(1, 30):
+        for c in sampler(True).sample(step, 6 * per_doc, per_doc):
+            assert not _in_thought(corpus, c), (step, c.doc_index, c.position)
+            assert c.doc_index != len(texts) - 1
+        unfiltered = sampler(False).sample(step, 6 * per_doc, per_doc)
+        unfiltered_hits += sum(_in_thought(corpus, c) for c in unfiltered)
+    assert unfiltered_hits > 0  # without the markers spans do get targeted
+
+    spanless = ContextSampler(load_corpus(SHIPPED, TOK), 8, 64, seed=5, strategy=strategy,
+                              stride=2, scorer=score, skip_spans=(-1, -2))
+    reference = ContextSampler(load_corpus(SHIPPED, TOK), 8, 64, seed=5, strategy=strategy,
+                               stride=2, scorer=score)
+    assert _key(spanless.sample(3, 4 * per_doc, per_doc)) == _key(
+        reference.sample(3, 4 * per_doc, per_doc))
+
+
+def _in_thought(corpus, c) -> bool:
+    """Is the context's target a thought marker or inside a `<think>` span?"""
+    doc = corpus.documents[c.doc_index]
+    depth = np.cumsum((doc == TOK.think_start).astype(int) - (doc == TOK.think_end).astype(int))
+    return c.target in (TOK.think_start, TOK.think_end) or depth[c.position - 1] > 0
