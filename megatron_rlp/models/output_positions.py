@@ -15,11 +15,7 @@ import torch
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from torch import Tensor
 
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module"):  # Megatron DDP / Float16Module
-        model = model.module
-    return model
+from megatron_rlp.models.provider import unwrap_model
 
 
 @contextmanager
@@ -36,7 +32,7 @@ def logits_at_positions(model: torch.nn.Module, index: Tensor):
         model: a Megatron language model, possibly DDP-wrapped.
         index: [B, L] long positions (any value in [0, S) where a row has fewer).
     """
-    layer = getattr(_unwrap(model), "output_layer", None)
+    layer = getattr(unwrap_model(model), "output_layer", None)
     if layer is None:
         yield
         return

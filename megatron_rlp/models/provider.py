@@ -36,6 +36,13 @@ def squared_relu_eager(x: torch.Tensor) -> torch.Tensor:
     return torch.pow(F.relu(x), 2)
 
 
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Strip Megatron DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def num_layers(pattern: str) -> int:
     return sum(1 for c in pattern if c in "M*-E")
 

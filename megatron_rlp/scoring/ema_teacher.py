@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from megatron_rlp.models.provider import unwrap_model
+
 
 class EMATeacher:
     """Holds phi and updates it from theta. No gradients, no communication: every rank
@@ -32,7 +34,7 @@ class EMATeacher:
 
     def _pairs(self, policy: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         phi = dict(self.model.named_parameters())
-        theta = dict(_unwrap(policy).named_parameters())
+        theta = dict(unwrap_model(policy).named_parameters())
         if phi.keys() != theta.keys():
             raise ValueError("EMA teacher and policy have different parameters")
         names = list(phi)
@@ -55,10 +57,3 @@ class EMATeacher:
         phi, theta = self._pairs(policy)
         torch._foreach_mul_(phi, self.decay)
         torch._foreach_add_(phi, [t.float() for t in theta], alpha=1.0 - self.decay)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """Strip Megatron DDP / Float16Module wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
