@@ -234,22 +234,21 @@ class ContextSampler:
         picks: list[tuple[int, np.ndarray, np.ndarray | tuple]] = []
         drawn = [int(d) for d in rng.choice(eligible, size=num_docs, replace=False)]
         used, tries = set(drawn), 0
-        while drawn:
-            doc_index = drawn.pop(0)
-            tokens = self.corpus.documents[doc_index]
-            chosen = self._positions(tokens, span, positions_per_doc, rng)
-            if chosen is not None:
-                picks.append((doc_index, tokens, chosen))
-                continue
-            # Too few targets outside thought spans: draw another document (deterministic).
-            tries += 1
-            if len(used) == len(eligible) or tries > 100 * num_docs:
-                raise ValueError(f"{self.corpus.path}: too few documents with {span} "
-                                 f"positions outside thought spans")
-            while (other := int(eligible[rng.integers(len(eligible))])) in used:
-                pass
-            used.add(other)
-            drawn.insert(0, other)
+        for doc_index in drawn:
+            while True:
+                tokens = self.corpus.documents[doc_index]
+                chosen = self._positions(tokens, span, positions_per_doc, rng)
+                if chosen is not None:
+                    break
+                # Too few targets outside thought spans: another document (deterministic).
+                tries += 1
+                if len(used) == len(eligible) or tries > 100 * num_docs:
+                    raise ValueError(f"{self.corpus.path}: too few documents with {span} "
+                                     f"positions outside thought spans")
+                while (doc_index := int(eligible[rng.integers(len(eligible))])) in used:
+                    pass
+                used.add(doc_index)
+            picks.append((doc_index, tokens, chosen))
 
         if self.strategy == "entropy":
             starts = [lo - self.min_prefix for _, _, (lo, _, _) in picks]

@@ -46,6 +46,11 @@ class ModelChunks(nn.ModuleList):
         return getattr(self[-1], "output_layer", None)
 
 
+def chunks_of(model: nn.Module) -> list[nn.Module]:
+    """A model's chunks in layer order: those of `ModelChunks`, else the model alone."""
+    return list(model) if isinstance(model, ModelChunks) else [model]
+
+
 def _chunk_forward(model: nn.Module, first: bool, last: bool, tokens: Tensor, positions: Tensor,
                    mask: Tensor | None, **kwargs) -> Tensor | None:
     config = model.config
@@ -72,7 +77,7 @@ def stage_forward(model: nn.Module, tokens: Tensor, positions: Tensor, mask: Ten
     if pipeline_size() == 1:
         return model(tokens, positions, mask, **kwargs)
     first_rank = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
-    chunks = list(model) if isinstance(model, ModelChunks) else [model]
+    chunks = chunks_of(model)
     out = None
     for i, chunk in enumerate(chunks):
         last = is_last_stage() and i == len(chunks) - 1

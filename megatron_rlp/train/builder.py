@@ -18,7 +18,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron_rlp.config import RunConfig
 from megatron_rlp.data import IndexedCorpus, TokenizedCorpus, load_data
 from megatron_rlp.models.provider import build_stage
-from megatron_rlp.parallel.pipeline import ModelChunks
+from megatron_rlp.parallel.pipeline import ModelChunks, chunks_of
 from megatron_rlp.scoring.ema_teacher import EMATeacher
 from megatron_rlp.tokenizer import Tokenizer, build_tokenizer
 
@@ -40,10 +40,6 @@ class TrainState:
     valid_corpus: TokenizedCorpus | IndexedCorpus | None = None  # held out (data.split)
 
 
-def _chunks(model: HybridModel | ModelChunks) -> list[HybridModel]:
-    return list(model) if isinstance(model, ModelChunks) else [model]
-
-
 def wrap_ddp(cfg: RunConfig, policy: HybridModel | ModelChunks) -> list[DistributedDataParallel]:
     """Megatron DDP around each chunk; as in Megatron-LM, only the first chunk's buckets may
     be split for overlap, the others hold one bucket each."""
@@ -54,7 +50,7 @@ def wrap_ddp(cfg: RunConfig, policy: HybridModel | ModelChunks) -> list[Distribu
     )
     return [DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
                                     disable_bucketing=i > 0)
-            for i, chunk in enumerate(_chunks(policy))]
+            for i, chunk in enumerate(chunks_of(policy))]
 
 
 def build_optimizer(cfg: RunConfig, model_chunks: list[DistributedDataParallel]
@@ -90,7 +86,7 @@ def build_state(cfg: RunConfig) -> TrainState:
     chunks = wrap_ddp(cfg, policy)
     # Megatron's schedules call these hooks: DP/SP/embedding gradient reductions and loss scaling.
     optimizer, scheduler = build_optimizer(cfg, chunks)
-    for chunk in _chunks(policy):
+    for chunk in chunks_of(policy):
         chunk.config.finalize_model_grads_func = finalize_model_grads
         chunk.config.grad_scale_func = optimizer.scale_loss
     teacher = None
