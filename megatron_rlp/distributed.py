@@ -12,6 +12,14 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron_rlp.config import RunConfig
 
 
+def torch_device(cfg: RunConfig) -> torch.device:
+    """The one device this rank's model, teacher, caches and batches live on: `cpu`, or
+    `cuda:LOCAL_RANK` for `device.type=cuda` (torchrun's local rank; 0 for a plain run)."""
+    if cfg.device.type == "cpu":
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def setup_device(cfg: RunConfig) -> None:
     """Select the backend before any Megatron object exists."""
     if cfg.device.type == "cpu":
@@ -24,7 +32,7 @@ def setup_device(cfg: RunConfig) -> None:
     else:
         if not torch.cuda.is_available():
             raise RuntimeError("device.type=cuda but no CUDA device is visible (use device=cpu)")
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(torch_device(cfg))
 
 
 def initialize(cfg: RunConfig) -> None:

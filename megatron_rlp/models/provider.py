@@ -47,11 +47,18 @@ def num_layers(pattern: str) -> int:
     return sum(1 for c in pattern if c in "M*-E")
 
 
-def transformer_config(cfg: RunConfig) -> TransformerConfig:
-    """Translate the model/parallel/precision sections into Megatron's TransformerConfig."""
+def transformer_config(cfg: RunConfig, params_dtype: str | None = None) -> TransformerConfig:
+    """Translate the model/parallel/precision sections into Megatron's TransformerConfig.
+
+    `params_dtype` ("fp32" | "bf16") overrides `precision.params_dtype`: the EMA teacher is
+    an fp32 model whatever the policy's precision, and builds from its own config so that
+    every dtype Megatron derives from it (attention softmax, Mamba input cast, pipeline
+    receive buffers) agrees with its fp32 weights.
+    """
     m, p = cfg.model, cfg.parallel
     on_cpu = cfg.device.type == "cpu"
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.precision.params_dtype]
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[params_dtype
+                                                            or cfg.precision.params_dtype]
     activation = {
         "swiglu": (F.silu, True),
         # Megatron's squared_relu is torch.compile'd; on CPU use the same function eagerly
@@ -81,7 +88,8 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
         virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
         sequence_parallel=p.sequence_parallel,
         # Full weights are drawn on the CPU from one seed, then split: every TP/PP layout
-        # starts from identical parameters (the basis of the equivalence tests).
+        # starts from identical parameters (the basis of the equivalence tests). On CUDA the
+        # built modules are then moved to the rank's device (train/builder.py).
         use_cpu_initialization=True,
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -136,16 +144,18 @@ def build_model(cfg: RunConfig, vocab_size: int, pre_process: bool = True,
     )
 
 
-def build_stage(cfg: RunConfig, vocab_size: int) -> HybridModel | ModelChunks:
+def build_stage(cfg: RunConfig, vocab_size: int, params_dtype: str | None = None
+                ) -> HybridModel | ModelChunks:
     """This rank's part of the model under the initialised parallel layout: its pipeline
     stage, or (interleaved pipeline) its chunks, sharing one TransformerConfig as Megatron's
-    schedules expect."""
+    schedules expect. `params_dtype` overrides `precision.params_dtype` (see
+    `transformer_config`). Parameters are on the CPU (`use_cpu_initialization`)."""
     vp = cfg.parallel.virtual_pipeline_model_parallel_size
+    config = transformer_config(cfg, params_dtype)
     if vp is None:
-        return build_model(cfg, vocab_size,
+        return build_model(cfg, vocab_size, config=config,
                            pre_process=parallel_state.is_pipeline_first_stage(),
                            post_process=parallel_state.is_pipeline_last_stage())
-    config = transformer_config(cfg)
     return ModelChunks(
         build_model(cfg, vocab_size, config=config, vp_stage=i,
                     pre_process=parallel_state.is_pipeline_first_stage(False, vp_stage=i),

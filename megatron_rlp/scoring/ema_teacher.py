@@ -5,6 +5,18 @@ phi <- tau*phi + (1-tau)*theta. It is a full model instance of this rank's shard
 TP/PP layout, built by the same provider), so it can run forwards itself and its
 `sharded_state_dict` checkpoints exactly like the policy's. fp32 always: with tau=0.999 a
 bf16 shadow would round most updates away.
+
+Precision: the teacher is built from its own fp32 `TransformerConfig` (the provider's
+`params_dtype="fp32"`), not the policy's config cast with `.float()`. Megatron derives
+dtypes from the config, not the weights: attention casts its softmax to bf16 when
+`config.bf16`, the Mamba layer casts its input to `config.params_dtype` before `in_proj`,
+and pipeline stages receive `config.pipeline_dtype` buffers; with a bf16 config and fp32
+weights each of those breaks (mixed-dtype matmuls, fp32 sends into bf16 receives). The
+alternative, scoring in bf16 from the fp32 shadow, needs a second (bf16) copy of the
+teacher refreshed after every EMA update. fp32 scoring needs neither, and it costs no
+accuracy anywhere: S_ema is the same for all G thoughts of a context, so it cancels from
+the group advantages; only the logged reward level depends on it. The price is fp32
+compute for one no-gradient forward over the document windows per step.
 """
 
 from __future__ import annotations

@@ -1,5 +1,15 @@
 """Build everything a run holds: tokenizer, corpus, policy (Megatron DDP), optimizer,
-scheduler and the EMA teacher — all from Megatron-Core's own parts."""
+scheduler and the EMA teacher — all from Megatron-Core's own parts.
+
+Precision follows Megatron-LM's `--bf16` path: the policy is built in bf16, each chunk is
+wrapped in Megatron's `Float16Module` (bf16 inputs on the first stage, fp32 logits out of the
+last) and then in DDP (fp32 gradient reduction), and `get_megatron_optimizer(bf16=True)`
+keeps fp32 main weights. The EMA teacher is an fp32 model built from its own config.
+
+Device: every module is built on the CPU (`use_cpu_initialization`, identical weights in
+every layout) and then moved to `torch_device(cfg)` — `cuda:LOCAL_RANK` or `cpu` — before
+DDP allocates its buffers there.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +24,11 @@ from megatron.core.distributed import (
 from megatron.core.models.hybrid.hybrid_model import HybridModel
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.module import Float16Module
 
 from megatron_rlp.config import RunConfig
 from megatron_rlp.data import IndexedCorpus, TokenizedCorpus, load_data
+from megatron_rlp.distributed import torch_device
 from megatron_rlp.models.provider import build_stage
 from megatron_rlp.parallel.pipeline import ModelChunks, chunks_of
 from megatron_rlp.scoring.ema_teacher import EMATeacher
@@ -38,17 +50,21 @@ class TrainState:
     step: int = 0  # optimizer steps taken
     consumed_tokens: int = 0
     valid_corpus: TokenizedCorpus | IndexedCorpus | None = None  # held out (data.split)
+    device: torch.device = torch.device("cpu")  # where every tensor of a step lives
 
 
 def wrap_ddp(cfg: RunConfig, policy: HybridModel | ModelChunks) -> list[DistributedDataParallel]:
     """Megatron DDP around each chunk; as in Megatron-LM, only the first chunk's buckets may
-    be split for overlap, the others hold one bucket each."""
+    be split for overlap, the others hold one bucket each. bf16 chunks are first wrapped in
+    `Float16Module`, as Megatron-LM's `get_model` does for `--bf16`."""
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
-    return [DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
+    half = cfg.precision.params_dtype == "bf16"
+    return [DistributedDataParallel(config=chunk.config, ddp_config=ddp_config,
+                                    module=Float16Module(chunk.config, chunk) if half else chunk,
                                     disable_bucketing=i > 0)
             for i, chunk in enumerate(chunks_of(policy))]
 
@@ -82,7 +98,8 @@ def build_state(cfg: RunConfig) -> TrainState:
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     d = cfg.data
     data = load_data(d.corpus, d.blend, d.split, tokenizer, cfg.train.seed, d.cache_dir)
-    policy = build_stage(cfg, tokenizer.vocab_size)
+    device = torch_device(cfg)
+    policy = build_stage(cfg, tokenizer.vocab_size).to(device)
     chunks = wrap_ddp(cfg, policy)
     # Megatron's schedules call these hooks: DP/SP/embedding gradient reductions and loss scaling.
     optimizer, scheduler = build_optimizer(cfg, chunks)
@@ -91,7 +108,9 @@ def build_state(cfg: RunConfig) -> TrainState:
         chunk.config.grad_scale_func = optimizer.scale_loss
     teacher = None
     if cfg.train.objective == "rlp":
-        teacher = EMATeacher(build_stage(cfg, tokenizer.vocab_size), cfg.rlp.ema_decay)
+        # fp32 shadow from its own fp32 TransformerConfig (scoring/ema_teacher.py says why).
+        teacher = EMATeacher(build_stage(cfg, tokenizer.vocab_size, params_dtype="fp32"
+                                         ).to(device), cfg.rlp.ema_decay)
     return TrainState(cfg=cfg, tokenizer=tokenizer, corpus=data.train, model_chunks=chunks,
                       policy=policy, optimizer=optimizer, scheduler=scheduler, teacher=teacher,
-                      valid_corpus=data.valid)
+                      valid_corpus=data.valid, device=device)

@@ -70,6 +70,8 @@ def test_device_shorthand_and_full_key(tmp_path):
     path.write_text("device: cuda\nprecision:\n  params_dtype: bf16\n")
     cfg = load_config(str(path))  # validation needs no GPU; bf16 is allowed on cuda
     assert cfg.device.type == "cuda" and cfg.precision.params_dtype == "bf16"
+    # bf16 runs on the CPU too (the same dtype logic a GPU run uses; issue 10).
+    assert load_config(None, ("precision.params_dtype=bf16",)).precision.params_dtype == "bf16"
 
 
 def test_to_dict_round_trips_through_yaml(tmp_path):
@@ -126,8 +128,6 @@ BAD = [
                  ["model.hidden_size=100", "multiple of num_attention_heads"], id="head-dim"),
     pytest.param(("precision.fp8=hybrid",), None, ["precision.fp8='hybrid'", "Transformer Engine"],
                  id="fp8-on-cpu"),
-    pytest.param(("precision.params_dtype=bf16",), None,
-                 ["precision.params_dtype='bf16'", "fp32 on device=cpu"], id="bf16-on-cpu"),
     pytest.param(("parallel.sequence_parallel=true",), None,
                  ["parallel.sequence_parallel=True", "tensor_model_parallel_size > 1"],
                  id="sp-without-tp"),

@@ -172,9 +172,11 @@ class LocalMambaMixer(MambaMixer):
                     f"of {have} rows (fork caches with fork_cached_states, batch on dim 1)")
         elif entry is None or cached_batch_size(entry) != batch_size:
             conv_shape, ssm_shape = self.mamba_state_shapes_per_request()
+            # fp32 whatever the weights: the SSM state accumulates over thousands of decode
+            # steps (bf16 would drift from the update's full forward); Megatron's decode and
+            # the torch kernels cast to the state's dtype and back.
             entry = new_mamba_state(batch_size, conv_shape, ssm_shape,
-                                    conv_dtype=self.conv1d_weight.dtype,
-                                    ssm_dtype=self.in_proj.weight.dtype,
+                                    conv_dtype=torch.float32, ssm_dtype=torch.float32,
                                     device=self.conv1d_weight.device)
             ctx.key_value_memory_dict[self.layer_number] = entry
         else:  # a new prefill into an existing cache
@@ -195,9 +197,13 @@ class LocalMambaLayer(MambaLayer):
         if self.config.fp32_residual_connection:
             residual = residual.float()
         hidden_states = self.norm(hidden_states.to(dtype=self.config.params_dtype))
+        # A decode step reads no padding (its state already holds it); skipping the mask
+        # check there spares a device-to-host sync per layer and token.
+        decoding = (inference_context is not None
+                    and getattr(inference_context, "sequence_len_offset", 0) > 0)
         out = self.mixer(hidden_states, inference_context=inference_context,
                          packed_seq_params=packed_seq_params,
-                         token_valid=padding_from_mask(attention_mask))
+                         token_valid=None if decoding else padding_from_mask(attention_mask))
         with self.bias_dropout_add_exec_handler():
             return self.mamba_bda(training=self.training, fused=self.config.bias_dropout_fusion)(
                 out, residual, self.hidden_dropout)
