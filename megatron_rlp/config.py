@@ -156,8 +156,15 @@ class RLPConfig:
     # Contexts sampled together in one rollout batch (rows = this x group_size); 0 = all of
     # the rank's contexts at once. Smaller chunks bound the KV/SSM cache of a rollout.
     rollout_chunk_contexts: int = 0
+    # The ratio's denominator (objective/policy_loss.py): `update` = the update's own detached
+    # log-probs (ratio 1, exact on-policy with one update per rollout); `rollout` = keep the
+    # rollout's sampling log-probs as the behaviour policy, each token weighted by the
+    # truncated importance ratio min(pi_old / pi_rollout, tis_cap).
+    logp_old_source: Literal["update", "rollout"] = "update"
+    tis_cap: float = 2.0
 
     def validate(self) -> None:
+        _check(0 < self.tis_cap < math.inf, "rlp.tis_cap", self.tis_cap, "a finite number > 0")
         _check(isinstance(self.rollout_chunk_contexts, int) and self.rollout_chunk_contexts >= 0,
                "rlp.rollout_chunk_contexts", self.rollout_chunk_contexts,
                "an integer >= 0 (0 = all contexts in one rollout batch)")

@@ -58,6 +58,7 @@ def clipped_surrogate_loss(
     mask: torch.Tensor,
     eps_low: float,
     eps_high: float,
+    token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Clipped-surrogate loss, token-mean within each thought, mean over thoughts.
 
@@ -68,6 +69,9 @@ def clipped_surrogate_loss(
         mask: [N, T] bool or float; nonzero marks the thought's tokens (`</think>` included).
         eps_low: lower clip range, rho is clipped below at 1 - eps_low.
         eps_high: upper clip range, rho is clipped above at 1 + eps_high.
+        token_weights: optional [N, T] per-token weights (no grad), e.g. truncated importance
+            weights (`policy_loss.truncated_importance_weights`); each token's term is
+            multiplied by its weight.
 
     Returns:
         [] loss in fp32 (fp64 for fp64 `logp_new`); its gradient flows only through `logp_new`.
@@ -76,7 +80,13 @@ def clipped_surrogate_loss(
         ValueError: on shape mismatches, a negative clip range or a row with an empty mask.
     """
     unclipped, clipped, valid = _clip_terms(logp_new, logp_old, advantages, mask, eps_low, eps_high)
-    per_token = torch.where(valid, -torch.minimum(unclipped, clipped), 0.0)
+    per_token = -torch.minimum(unclipped, clipped)
+    if token_weights is not None:
+        if token_weights.shape != per_token.shape:
+            raise ValueError(f"token_weights must be {tuple(per_token.shape)}, got "
+                             f"{tuple(token_weights.shape)}")
+        per_token = per_token * token_weights.detach().to(per_token.dtype)
+    per_token = torch.where(valid, per_token, 0.0)
     per_thought = per_token.sum(dim=1) / valid.sum(dim=1)
     return per_thought.mean()
 

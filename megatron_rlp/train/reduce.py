@@ -19,12 +19,27 @@ def gather_data_parallel(t: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
+def _device(group) -> torch.device:
+    """Where a collective's tensor must live: gloo reduces CPU tensors, NCCL CUDA ones."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def mean_data_parallel(value: float) -> float:
     """Average a scalar over data-parallel ranks (equal local batch sizes)."""
     group = parallel_state.get_data_parallel_group()
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=_device(group))
     dist.all_reduce(t, group=group)
     return float(t) / dist.get_world_size(group)
+
+
+def max_data_parallel(value: float) -> float:
+    """The largest of a scalar over data-parallel ranks."""
+    group = parallel_state.get_data_parallel_group()
+    t = torch.tensor([value], dtype=torch.float64, device=_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return float(t)
 
 
 def share_last_stage_values(values: dict[str, float], keys: tuple[str, ...]) -> dict[str, float]:
@@ -33,6 +48,7 @@ def share_last_stage_values(values: dict[str, float], keys: tuple[str, ...]) -> 
     if dist.get_world_size(group) == 1:
         return values
     last = parallel_state.is_pipeline_last_stage()
-    t = torch.tensor([values.get(k, 0.0) if last else 0.0 for k in keys], dtype=torch.float64)
+    t = torch.tensor([values.get(k, 0.0) if last else 0.0 for k in keys], dtype=torch.float64,
+                     device=_device(group))
     dist.all_reduce(t, group=group)
     return {**values, **dict(zip(keys, t.tolist(), strict=True))}

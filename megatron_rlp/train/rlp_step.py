@@ -19,17 +19,13 @@ from torch import Tensor
 from megatron_rlp.data import ContextSampler
 from megatron_rlp.data.batches import build_rlp_inputs
 from megatron_rlp.models.output_positions import logits_at_positions
-from megatron_rlp.objective import (
-    clip_fraction,
-    clipped_surrogate_loss,
-    group_advantages,
-    info_gain_reward,
-)
+from megatron_rlp.objective import group_advantages, info_gain_reward, rlp_policy_loss
 from megatron_rlp.rollout.thoughts import PromptBatch, ThoughtBatch, sample_thoughts_chunked
 from megatron_rlp.scoring.next_token import score_next_tokens, token_logprobs_vocab_parallel
 from megatron_rlp.train.builder import TrainState
 from megatron_rlp.train.reduce import (
     gather_data_parallel,
+    max_data_parallel,
     mean_data_parallel,
     share_last_stage_values,
 )
@@ -98,24 +94,32 @@ def trimmed_microbatches(batch: dict[str, Tensor], micro_batch_size: int, multip
     return mbs
 
 
+# Per-micro-batch metrics of `_loss`; `logp_diff_max` is reduced by max, the others by mean.
+LOSS_METRICS = ("loss", "clip_fraction", "is_weight_mean", "logp_diff_mean", "logp_diff_max",
+                "token_mult_prob_error")
+
+
 def _loss(batch: dict[str, Tensor], scale: float, vocab_size: int, temperature: float,
-          eps: tuple[float, float], logits: Tensor):
+          eps: tuple[float, float], logits: Tensor, *, logp_old_source: str = "update",
+          tis_cap: float = 2.0):
     """Clipped surrogate on this micro-batch; `scale` makes the micro-batch sum a local mean.
 
     `logits`: [B, L, V/tp], at the positions `batch["index"]` (see `_forward_step`).
+    `batch["logp_old"]` holds the rollout's log-probs; what divides the ratio is chosen by
+    `logp_old_source` (objective/policy_loss.py). Log-probs are fp32 from the logits.
     """
     logp_new = token_logprobs_vocab_parallel(logits, batch["labels"], vocab_size, temperature)
-    args = (logp_new, batch["logp_old"], batch["advantages"], batch["mask"], *eps)
-    loss = clipped_surrogate_loss(*args)
-    return loss * scale, {"loss": loss.detach(), "clip_fraction": clip_fraction(*args)}
+    loss, metrics = rlp_policy_loss(logp_new, batch["logp_old"], batch["advantages"],
+                                    batch["mask"], *eps, logp_old_source, tis_cap)
+    return loss * scale, {"loss": loss.detach(), **metrics}
 
 
 def _forward_step(scale: float, vocab_size: int, temperature: float, eps: tuple[float, float],
-                  data_iterator, model):
+                  data_iterator, model, **loss_options):
     batch = next(data_iterator)
     with logits_at_positions(model, batch["index"]):  # the thought-predicting positions only
         logits = model(batch["tokens"], batch["positions"], None)
-    return logits, partial(_loss, batch, scale, vocab_size, temperature, eps)
+    return logits, partial(_loss, batch, scale, vocab_size, temperature, eps, **loss_options)
 
 
 def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer) -> dict[str, float]:
@@ -150,15 +154,18 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer) -> d
         else:  # the pipeline schedule sends one activation shape for all micro-batches
             mbs = split_microbatches(batch, cfg.train.micro_batch_size)
         forward = partial(_forward_step, len(mbs[0]["tokens"]) * len(mbs) / len(batch["tokens"]),
-                          tok.vocab_size, r.temperature, (r.clip_eps_low, r.clip_eps_high))
+                          tok.vocab_size, r.temperature, (r.clip_eps_low, r.clip_eps_high),
+                          logp_old_source=r.logp_old_source, tis_cap=r.tis_cap)
         losses, grad_norm, applied = optimizer_update(state, mbs, forward,
                                                       batch["tokens"].shape[1])
         if applied:  # a skipped (non-finite) update leaves policy and teacher as they were
             state.teacher.update(state.policy)
         state.step = step  # the step's batch is consumed either way (keyed by the step)
     local = {k: float(torch.stack([d[k] for d in losses]).mean()) if losses else 0.0
-             for k in ("loss", "clip_fraction")}
-    local = share_last_stage_values(local, ("loss", "clip_fraction"))
+             for k in LOSS_METRICS}
+    if losses:
+        local["logp_diff_max"] = float(torch.stack([d["logp_diff_max"] for d in losses]).max())
+    local = share_last_stage_values(local, LOSS_METRICS)
     g_rewards = gather_data_parallel(rewards)
     g_adv = gather_data_parallel(advantages)
     g_len = gather_data_parallel(thoughts.lengths.float())
@@ -171,6 +178,11 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer) -> d
         "reward_std": float(g_rewards.std()),
         "advantage_std": float(g_adv.std()),
         "clip_fraction": mean_data_parallel(local["clip_fraction"]),
+        # Rollout (KV-cache decode) vs update (full forward) log-probs of the thought tokens.
+        "logp_diff_mean": mean_data_parallel(local["logp_diff_mean"]),
+        "logp_diff_max": max_data_parallel(local["logp_diff_max"]),
+        "token_mult_prob_error": mean_data_parallel(local["token_mult_prob_error"]),
+        "is_weight_mean": mean_data_parallel(local["is_weight_mean"]),
         "thought_len": float(g_len.mean()),
         "closed_fraction": float(gather_data_parallel(thoughts.closed.float()).mean()),
         "s_ema": float(gather_data_parallel(s_ema).mean()),
