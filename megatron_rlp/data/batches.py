@@ -4,6 +4,9 @@ All contexts of one document share one window `doc[ws : t_max]` (ws = max(0, t_m
 max_prefix)); context t reads the prefix `doc[ws : t]`. The teacher therefore scores every
 position of a document in one forward over its window, and policy and teacher condition
 on exactly the same prefix.
+
+The tensors are assembled on the host (they come from numpy documents) and moved to the
+run's device in one copy per tensor per step (`device=`).
 """
 
 from __future__ import annotations
@@ -51,8 +54,10 @@ def left_pad(seqs: list[np.ndarray], pad: int) -> tuple[Tensor, Tensor]:
 
 
 def build_rlp_inputs(contexts: list[Context], context_ids: list[int], corpus: TokenizedCorpus,
-                     max_prefix: int, pad: int) -> tuple[PromptBatch, DocumentWindows]:
-    """Tensors for this rank's contexts (grouped by document, as the sampler returns them)."""
+                     max_prefix: int, pad: int, device: torch.device | str = "cpu"
+                     ) -> tuple[PromptBatch, DocumentWindows]:
+    """Tensors for this rank's contexts (grouped by document, as the sampler returns them),
+    on `device`."""
     prefixes, windows, rows, cols = [], [], [], []
     for _, group in groupby(contexts, key=lambda c: c.doc_index):
         group = list(group)
@@ -72,4 +77,12 @@ def build_rlp_inputs(contexts: list[Context], context_ids: list[int], corpus: To
                           context_ids=torch.tensor(context_ids, dtype=torch.long))
     teacher = DocumentWindows(tokens=win_tokens, valid=win_valid, rows=torch.tensor(rows),
                               cols=torch.tensor(cols) + shift, targets=targets)
-    return prompts, teacher
+    return _to(prompts, device), _to(teacher, device)
+
+
+def _to(batch, device):
+    """A copy of a tensor dataclass with every field on `device` (the same object on it)."""
+    fields = {k: v.to(device) for k, v in vars(batch).items()}
+    if all(fields[k] is v for k, v in vars(batch).items()):
+        return batch
+    return type(batch)(**fields)

@@ -9,6 +9,12 @@ c) costs one extra decode step per thought, on the sampling cache.
 Randomness is keyed by (seed, step, context id, thought index, token index) — see
 `sampling.keyed_uniform` — so any parallel layout draws the same thoughts. With pipeline
 parallel every stage runs this loop; the last stage samples and broadcasts the tokens.
+
+Everything stays on the device of the prompts (the model's): a decode step reads nothing
+back to the host. Only every `check_every` steps does the loop look at how many thoughts
+are still open (to stop early or drop finished rows); decoding a finished row on is
+harmless (it records nothing), and keyed sampling makes the thoughts independent of when
+the check runs. Log-probs (sampling and S_pred) are fp32 from the logits.
 """
 
 from __future__ import annotations
@@ -105,6 +111,7 @@ def sample_thoughts(
     seed: int,
     step: int,
     compact_below: float = 0.5,
+    check_every: int = 8,
 ) -> ThoughtBatch:
     """Sample `group_size` thoughts for every prompt and score the real next token after each.
 
@@ -116,6 +123,8 @@ def sample_thoughts(
         compact_below: once the unfinished thoughts are at most this fraction of the rows
             being decoded, the finished ones leave the cache and the batch (0 = never).
             Keyed sampling makes the thoughts independent of it.
+        check_every: decode steps between host-side looks at the open thoughts (early stop,
+            compaction); the only device-to-host syncs of the decode loop.
     """
     b, p = prompts.tokens.shape
     g, n = group_size, max_thought_tokens
@@ -149,10 +158,13 @@ def sample_thoughts(
     live = torch.arange(rows, device=device)
 
     def score(next_logits: Tensor | None, which: Tensor) -> None:
-        """S_pred of the live rows `which` (bool over live) from the logits after `</think>`."""
+        """S_pred of the live rows `which` (bool over live) from the logits after `</think>`.
+
+        Scores every live row and keeps those of `which`: selecting the rows first would
+        read their number back to the host at every step."""
         if next_logits is not None:  # S_pred lives on the last stage until the end
-            s_pred[live[which]] = token_logprobs_vocab_parallel(
-                next_logits[which], targets[live[which]], vocab_size)
+            lp = token_logprobs_vocab_parallel(next_logits, targets[live], vocab_size)
+            s_pred[live] = torch.where(which, lp, s_pred[live])
 
     def sample(next_logits: Tensor | None) -> tuple[Tensor, Tensor]:
         """Sample on the last stage; every stage gets (tokens, log-probs) to feed and record."""
@@ -175,6 +187,8 @@ def sample_thoughts(
         finished[live] |= closing
         logits = engine.step(tokens[live, k])
         score(logits, closing)
+        if (k + 1) % check_every and k + 1 < n:
+            continue
         unfinished = ~finished[live]
         if not bool(unfinished.any()):
             break

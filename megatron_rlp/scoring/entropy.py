@@ -49,13 +49,15 @@ def window_entropies(model: torch.nn.Module, windows: list[np.ndarray], vocab_si
 
     Every tensor/pipeline rank of the model must call this with the same windows.
     """
-    tokens, valid = left_pad(windows, pad)
+    device = next(model.parameters()).device
+    tokens, valid = (t.to(device) for t in left_pad(windows, pad))
     width = tokens.shape[1]
-    positions = torch.arange(width).expand_as(tokens)
+    positions = torch.arange(width, device=device).expand_as(tokens)
     with sequence_parallel_off(model):
         logits = stage_forward(model, tokens, positions, padded_causal_mask(valid))
     h = None if logits is None else entropy_vocab_parallel(logits, vocab_size)
     h = from_last_stage(h, (len(windows), width), torch.float32)
+    h = h.cpu()  # one device-to-host copy for all windows (the sampler works in numpy)
     return [h[i, width - len(w):].numpy().copy() for i, w in enumerate(windows)]
 
 

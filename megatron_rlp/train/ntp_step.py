@@ -33,6 +33,7 @@ def ntp_step(state: TrainState, batcher: NTPBatcher, timer: PhaseTimer) -> dict[
         s = local.shape[1] - 1
         batch = dict(tokens=local[:, :-1], labels=local[:, 1:],
                      positions=torch.arange(s).expand(local.shape[0], -1))
+        batch = {k: v.to(state.device) for k, v in batch.items()}
         mbs = split_microbatches(batch, cfg.train.micro_batch_size)
         losses, grad_norm, applied = optimizer_update(state, mbs, _forward_step, s)
         state.step = step  # consumed even when the update was skipped (keyed by the step)

@@ -50,10 +50,13 @@ def update_batch(prompts: PromptBatch, thoughts: ThoughtBatch, advantages: Tenso
     """Right-padded `prefix <think> thought` sequences for the gradient forward; the width is
     a multiple of `multiple` (the TP size under sequence parallel).
 
-    Returns a dict of:
+    Returns a dict of (on the device of `advantages`; laid out on the host, one copy each):
         tokens, positions: [R, S]; index: [R, L] positions whose logits predict thought token
         k; labels, mask, logp_old: [R, L]; advantages: [R].
     """
+    device = advantages.device
+    prompts = PromptBatch(**{k: v.cpu() for k, v in vars(prompts).items()})
+    thoughts = ThoughtBatch(**{k: v.cpu() for k, v in vars(thoughts).items()})
     lengths = prompts.lengths.repeat_interleave(group_size)  # [R]
     rows, n = thoughts.tokens.shape
     width = int((lengths + 1 + thoughts.lengths).max())
@@ -67,9 +70,10 @@ def update_batch(prompts: PromptBatch, thoughts: ThoughtBatch, advantages: Tenso
         tokens[r, p + 1:p + 1 + int(thoughts.lengths[r])] = thoughts.tokens[r, :thoughts.lengths[r]]
     k = torch.arange(n)[None]
     index = torch.where(thoughts.mask, lengths[:, None] + k, 0)
-    return dict(tokens=tokens, positions=torch.arange(width).expand(rows, -1), index=index,
-                labels=torch.where(thoughts.mask, thoughts.tokens, 0), mask=thoughts.mask,
-                logp_old=thoughts.logprobs, advantages=advantages)
+    batch = dict(tokens=tokens, positions=torch.arange(width).expand(rows, -1), index=index,
+                 labels=torch.where(thoughts.mask, thoughts.tokens, 0), mask=thoughts.mask,
+                 logp_old=thoughts.logprobs)
+    return {**{k: v.to(device) for k, v in batch.items()}, "advantages": advantages}
 
 
 def trimmed_microbatches(batch: dict[str, Tensor], micro_batch_size: int, multiple: int = 1
@@ -129,7 +133,7 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer) -> d
     with timer("rollout"):
         contexts, ids = local_contexts(state, sampler, step)
         prompts, windows = build_rlp_inputs(contexts, ids, state.corpus, r.max_prefix_tokens,
-                                            tok.pad)
+                                            tok.pad, state.device)
         state.policy.eval()
         thoughts = sample_thoughts_chunked(
             state.policy, prompts, r.rollout_chunk_contexts, group_size=r.group_size,

@@ -62,7 +62,7 @@ def validate(state: TrainState, sampler: ContextSampler | None = None) -> dict[s
     per_rank = n // dp
     ids = list(range(rank * per_rank, (rank + 1) * per_rank))
     prompts, windows = build_rlp_inputs([contexts[i] for i in ids], ids, state.valid_corpus,
-                                        r.max_prefix_tokens, tok.pad)
+                                        r.max_prefix_tokens, tok.pad, state.device)
     policy = state.policy
     was_training = policy.training
     policy.eval()

@@ -64,12 +64,12 @@ def left_pad(rows: list[list[int]], context_ids, seed=0) -> PromptBatch:
 
 
 def rollout(model, prompts, *, group_size=3, max_thought_tokens=3, temperature=0.7,
-            top_p=1.0, seed=1234, step=0, compact_below=0.5):
+            top_p=1.0, seed=1234, step=0, compact_below=0.5, check_every=1):
     return sample_thoughts(
         model, prompts, group_size=group_size, max_thought_tokens=max_thought_tokens,
         temperature=temperature, top_p=top_p, think_start=TOK.think_start,
         think_end=TOK.think_end, pad=TOK.pad, vocab_size=VOCAB, seed=seed, step=step,
-        compact_below=compact_below,
+        compact_below=compact_below, check_every=check_every,
     )
 
 
@@ -274,3 +274,11 @@ def test_finished_thoughts_leave_the_batch(model, monkeypatch):
     assert torch.equal(full.closed, compacted.closed)
     torch.testing.assert_close(compacted.logprobs, full.logprobs, atol=ATOL, rtol=0)
     torch.testing.assert_close(compacted.s_pred, full.s_pred, atol=ATOL, rtol=0)
+    # Looking at the open thoughts only every 3rd step (fewer host syncs) compacts later
+    # (12 rows -> 3 at step 3) and decodes finished rows on: the same thoughts.
+    kept.clear()
+    sparse = rollout(model, prompts, group_size=4, max_thought_tokens=5, check_every=3)
+    assert kept == [3]
+    assert torch.equal(sparse.tokens, full.tokens) and torch.equal(sparse.closed, full.closed)
+    torch.testing.assert_close(sparse.logprobs, full.logprobs, atol=ATOL, rtol=0)
+    torch.testing.assert_close(sparse.s_pred, full.s_pred, atol=ATOL, rtol=0)
