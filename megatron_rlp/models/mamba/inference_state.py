@@ -61,9 +61,8 @@ def fork_cached_states(ctx, index: Tensor) -> None:
         ctx: a `StaticInferenceContext` after a prefill.
         index: [R] long, rows to keep/repeat.
     """
-    index = torch.as_tensor(index, dtype=torch.long)
     for layer, entry in list(ctx.key_value_memory_dict.items()):
         a, b = entry
-        idx = index.to(a.device)
+        idx = torch.as_tensor(index, dtype=torch.long, device=a.device)
         ctx.key_value_memory_dict[layer] = type(entry)(a[:, idx], b[:, idx]) if isinstance(
             entry, MambaState) else (a[:, idx], b[:, idx])
