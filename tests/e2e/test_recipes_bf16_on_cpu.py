@@ -18,6 +18,8 @@ import torch
 from megatron_rlp import distributed
 from megatron_rlp.config import load_config
 from megatron_rlp.data.batches import build_rlp_inputs
+from megatron_rlp.models.mamba.inference_state import MambaState
+from megatron_rlp.rollout.engine import KVCacheEngine
 from megatron_rlp.rollout.thoughts import sample_thoughts_chunked
 from megatron_rlp.scoring.next_token import score_next_tokens
 from megatron_rlp.train.builder import build_state
@@ -88,6 +90,15 @@ def test_recipe_trains_in_bf16_on_cpu(initialized, name):
     assert 0.0 < rows[0]["logp_diff_max"] < 0.1 and rows[0]["token_mult_prob_error"] >= 1.0
     moved = [n for n, p in state.policy.named_parameters() if not torch.equal(p, before[n])]
     assert moved, f"{name}: the bf16 policy did not move"
+    if "M" in RECIPES[name]:  # the Mamba decode state is fp32 under bf16 weights
+        engine = KVCacheEngine(state.policy, max_batch_size=2, max_sequence_length=12)
+        tokens = torch.randint(0, 200, (2, 6))
+        engine.prefill(tokens, torch.ones_like(tokens, dtype=torch.bool))
+        logits = engine.step(tokens[:, -1])
+        states = [e for e in engine.ctx.key_value_memory_dict.values()
+                  if isinstance(e, MambaState)]
+        assert len(states) == 2 and logits.dtype == torch.float32
+        assert all(s.conv.dtype == s.ssm.dtype == torch.float32 for s in states)
 
 
 # bf16 against fp32, step-1 rewards of the same tiny model and seed. Every reward is
@@ -126,6 +137,7 @@ def test_bf16_rewards_match_fp32_within_bound(initialized, name):
         runs[dtype] = (thoughts, s_ema.repeat_interleave(r.group_size))
         distributed.shutdown()
     (t32, e32), (t16, e16) = runs["fp32"], runs["bf16"]
+    assert t16.logprobs.dtype == t16.s_pred.dtype == e16.dtype == torch.float32
     same = (t32.tokens == t16.tokens).all(1) & (t32.lengths == t16.lengths)
     assert same.float().mean() >= 0.5, "bf16 sampled mostly different thoughts"
     d_ema = (e32 - e16).abs().max().item()
