@@ -148,3 +148,14 @@ def test_bf16_rewards_match_fp32_within_bound(initialized, name):
     assert d_ema <= LOGP_BOUND / 2 and d_pred <= LOGP_BOUND
     assert d_reward.max().item() <= LOGP_BOUND + LOGP_BOUND / 2
     assert d_ema > 0 and d_pred > 0  # the two runs really ran in different precisions
+
+
+def test_rollout_logprobs_with_truncated_importance_weights(initialized):
+    """`rlp.logp_old_source=rollout`: the bf16 rollout's log-probs are the behaviour policy;
+    each token carries min(pi_update / pi_rollout, tis_cap), here within a few 1e-3 of 1
+    (the rollout-vs-update disagreement), and the first update still clips nothing."""
+    state = initialized(shrunk("qwen3_1p7b", "rlp.logp_old_source=rollout", "rlp.tis_cap=1.5"))
+    m = rlp_step(state, make_context_sampler(state), PhaseTimer())
+    assert m["skipped"] == 0.0 and m["clip_fraction"] == 0.0
+    assert m["is_weight_mean"] != 1.0
+    assert abs(m["is_weight_mean"] - 1.0) <= 2 * m["logp_diff_max"]
