@@ -17,7 +17,8 @@ same ones). Prints a table (or `--json`) of what one GPU holds:
                allocates them; one layer of prefill activations; the full-vocabulary fp32
                logits of a decode step and the sampler's copies
   scoring      the teacher's fp32 forward over the documents' windows (B/DP/positions per
-               document rows): one layer of activations and the vocab-parallel logits
+               document rows): one layer of activations and the vocab-parallel logits at
+               the scored positions only (positions_per_document per window)
   update       activations kept for backward of one micro-batch (train.micro_batch_size
                sequences of prefix + thought; 0 = all local sequences at once; less with
                train.recompute_granularity), the logits and their gradient
@@ -187,8 +188,9 @@ def estimate(cfg: RunConfig, world_size: int, vocab_size: int, attention: str = 
     seq = r.max_prefix_tokens + r.max_thought_tokens + 2
     layers_here = 1 / pp
     kv = (s.n_attn * layers_here * 2 * chunk_rows * seq * (s.groups * s.head_dim / tp) * pb)
-    conv_state = chunk_rows * (s.conv_dim / tp) * (MAMBA_CONV_KERNEL - 1) * pb
-    ssm_state = chunk_rows * (s.m_heads / tp) * s.m_head_dim * s.m_state * pb
+    # The Mamba decode state is fp32 whatever the params dtype (models/mamba/mixer.py).
+    conv_state = chunk_rows * (s.conv_dim / tp) * (MAMBA_CONV_KERNEL - 1) * 4
+    ssm_state = chunk_rows * (s.m_heads / tp) * s.m_head_dim * s.m_state * 4
     mamba_state = s.n_mamba * layers_here * (conv_state + ssm_state)
     prefill = one_layer_inference_bytes(s, tp, pb, chunk_contexts, r.max_prefix_tokens + 1,
                                         attention)
@@ -200,7 +202,8 @@ def estimate(cfg: RunConfig, world_size: int, vocab_size: int, attention: str = 
     window = r.max_prefix_tokens
     scoring = {
         "activations": one_layer_inference_bytes(s, tp, 4, documents, window, attention),
-        "logits": documents * window * (s.vocab / tp) * 4,
+        # scoring/next_token.py projects only the scored positions onto the vocabulary
+        "logits": documents * r.positions_per_document * (s.vocab / tp) * 4,
     } if t.objective == "rlp" else {"activations": 0.0, "logits": 0.0}
 
     if t.objective == "rlp":

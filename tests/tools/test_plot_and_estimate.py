@@ -123,9 +123,15 @@ def test_mamba_state_is_counted():
     cfg = _cfg(NEMOTRON_H_8B + ["rlp.contexts_per_step=8", "rlp.group_size=2"], 1)
     est = em.estimate(cfg, 1, 131072)
     rows = 16
-    ssm = 24 * rows * 128 * 64 * 128 * 4  # fp32 params on this config
+    ssm = 24 * rows * 128 * 64 * 128 * 4  # fp32 decode state whatever the params dtype
     conv = 24 * rows * (8192 + 2 * 8 * 128) * 3 * 4
     assert est["phases"]["rollout"]["ssm_conv_state"] == ssm + conv
+    bf16 = em.estimate(_cfg(NEMOTRON_H_8B + ["rlp.contexts_per_step=8", "rlp.group_size=2",
+                                             "precision.params_dtype=bf16"], 1), 1, 131072)
+    assert bf16["phases"]["rollout"]["ssm_conv_state"] == ssm + conv
+    # The teacher's logits: the scored positions of each window only, not whole windows.
+    docs = 8 // cfg.rlp.positions_per_document
+    assert est["phases"]["scoring"]["logits"] == docs * cfg.rlp.positions_per_document * 131072 * 4
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
