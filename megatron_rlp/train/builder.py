@@ -47,6 +47,8 @@ def wrap_ddp(cfg: RunConfig, policy: HybridModel | ModelChunks) -> list[Distribu
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        # FP8 weights all-gathered in FP8 (Megatron-LM's --fp8-param-gather; models/fp8.py).
+        fp8_param_gather=cfg.precision.fp8_param_gather,
     )
     return [DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
                                     disable_bucketing=i > 0)

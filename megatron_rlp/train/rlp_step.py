@@ -10,6 +10,7 @@ metrics are global-batch values on every rank.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from megatron_rlp.data import ContextSampler
 from megatron_rlp.data.batches import build_rlp_inputs
+from megatron_rlp.models.fp8 import rollout_precision, token_multiple
 from megatron_rlp.models.output_positions import logits_at_positions
 from megatron_rlp.objective import (
     clip_fraction,
@@ -127,22 +129,26 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer) -> d
         prompts, windows = build_rlp_inputs(contexts, ids, state.corpus, r.max_prefix_tokens,
                                             tok.pad)
         state.policy.eval()
-        thoughts = sample_thoughts_chunked(
-            state.policy, prompts, r.rollout_chunk_contexts, group_size=r.group_size,
-            max_thought_tokens=r.max_thought_tokens, temperature=r.temperature, top_p=r.top_p,
-            think_start=tok.think_start, think_end=tok.think_end, pad=tok.pad,
-            vocab_size=tok.vocab_size, seed=cfg.train.seed, step=step)
+        with rollout_precision(cfg.precision, state.policy):  # bf16 under FP8 training
+            thoughts = sample_thoughts_chunked(
+                state.policy, prompts, r.rollout_chunk_contexts, group_size=r.group_size,
+                max_thought_tokens=r.max_thought_tokens, temperature=r.temperature,
+                top_p=r.top_p, think_start=tok.think_start, think_end=tok.think_end,
+                pad=tok.pad, vocab_size=tok.vocab_size, seed=cfg.train.seed, step=step)
         state.policy.train()
     with timer("scoring"):
         if not state.teacher.initialized:
             state.teacher.initialize_from(state.policy)  # lazy phi <- theta
-        s_ema = score_next_tokens(state.teacher.model, windows.tokens, windows.valid,
-                                  windows.rows, windows.cols, windows.targets, tok.vocab_size)
+        with rollout_precision(cfg.precision, state.teacher.model):
+            s_ema = score_next_tokens(state.teacher.model, windows.tokens, windows.valid,
+                                      windows.rows, windows.cols, windows.targets,
+                                      tok.vocab_size)
         rewards = info_gain_reward(thoughts.s_pred, s_ema.repeat_interleave(r.group_size))
         advantages = group_advantages(rewards.view(-1, r.group_size)).view(-1)
     with timer("update"):
         sp = cfg.parallel.sequence_parallel
         multiple = cfg.parallel.tensor_model_parallel_size if sp else 1
+        multiple = math.lcm(multiple, token_multiple(cfg.precision))  # FP8 GEMM alignment
         batch = update_batch(prompts, thoughts, advantages, r.group_size, tok.pad, tok.think_start,
                              multiple)
         if parallel_state.get_pipeline_model_parallel_world_size() == 1:
