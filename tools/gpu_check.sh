@@ -5,10 +5,10 @@
 #   bash tools/gpu_check.sh            # ~5 minutes; JSON in $OUT (else runs/gpu_check/)
 #
 # 1. Where megatron-core does not import, a venv that sees the system torch
-#    (--system-site-packages) gets the wheels from wheels/ with --no-index --no-deps.
-#    Put them there beforehand, on a machine with network (2.6 MB in all; einops and psutil
-#    are the pure-Python/abi3 dependencies megatron-core's Mamba and checkpointing code import
-#    that such a machine lacks; numpy, packaging and PyYAML come with transformers):
+#    (--system-site-packages) gets the wheels committed under wheels/ (2.5 MB: megatron-core
+#    and einops + psutil, which its Mamba and checkpointing code import; numpy, packaging and
+#    PyYAML come with transformers), checked against wheels/SHA256SUMS and installed with
+#    --no-index --no-deps. To fetch them again, on a machine with network:
 #      python3.12 -m pip download megatron-core==0.19.2 einops psutil --no-deps -d wheels/
 # 2. tools/gpu_check.py runs the tiny dense and hybrid configs on CUDA in bf16, compares their
 #    step-1 rewards with CPU fp32 runs, runs one RLP step of a Qwen3-1.7B-shaped model and
@@ -44,6 +44,10 @@ if ! "$py" -c 'import megatron.core, einops, psutil' 2>/dev/null; then
     echo "error: megatron-core does not import and $wheels/ has no megatron_core-0.19.2 wheel;" \
       "on a machine with network run:" \
       "python3.12 -m pip download megatron-core==0.19.2 einops psutil --no-deps -d $wheels/" >&2
+    exit 2
+  fi
+  if [ -f "$wheels/SHA256SUMS" ] && ! (cd "$wheels" && sha256sum --quiet -c SHA256SUMS); then
+    echo "error: $wheels/ does not match $wheels/SHA256SUMS (fetch the wheels again)" >&2
     exit 2
   fi
   if [ ! -x "$venv/bin/python" ]; then
