@@ -19,11 +19,12 @@ scoring runs in bf16 for the same reason: S_pred and S_ema are then in one preci
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 
 from torch import nn
 
-from megatron_rlp.config import PrecisionConfig
+from megatron_rlp.config import PrecisionConfig, RunConfig
 
 # Megatron names of the fields `transformer_config_fp8` sets (tests check they exist).
 FP8_FIELDS = ("fp8", "fp8_recipe", "fp8_param", "first_last_layers_bf16",
@@ -50,6 +51,19 @@ def transformer_config_fp8(precision: PrecisionConfig) -> dict:
         "num_layers_at_start_in_bf16": precision.num_layers_at_start_in_bf16,
         "num_layers_at_end_in_bf16": precision.num_layers_at_end_in_bf16,
     }
+
+
+def teacher_config(cfg: RunConfig) -> RunConfig:
+    """The run config the EMA teacher is built from: the policy's without FP8 parameters.
+
+    The teacher is an fp32 shadow (RLP.md); under `fp8_param` Megatron would build its GEMM
+    weights as FP8 tensors (`fp8_model_init`), which an fp32 EMA cannot hold. Its forwards
+    still follow `precision.fp8` / `fp8_rollouts` through `rollout_precision`.
+    """
+    if not cfg.precision.fp8_param_gather:
+        return cfg
+    return dataclasses.replace(
+        cfg, precision=dataclasses.replace(cfg.precision, fp8_param_gather=False))
 
 
 def token_multiple(precision: PrecisionConfig) -> int:

@@ -17,6 +17,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_rlp.config import RunConfig
 from megatron_rlp.data import IndexedCorpus, TokenizedCorpus, load_data
+from megatron_rlp.models.fp8 import teacher_config
 from megatron_rlp.models.provider import build_stage
 from megatron_rlp.parallel.pipeline import ModelChunks, chunks_of
 from megatron_rlp.scoring.ema_teacher import EMATeacher
@@ -93,7 +94,8 @@ def build_state(cfg: RunConfig) -> TrainState:
         chunk.config.grad_scale_func = optimizer.scale_loss
     teacher = None
     if cfg.train.objective == "rlp":
-        teacher = EMATeacher(build_stage(cfg, tokenizer.vocab_size), cfg.rlp.ema_decay)
+        teacher = EMATeacher(build_stage(teacher_config(cfg), tokenizer.vocab_size),
+                             cfg.rlp.ema_decay)
     return TrainState(cfg=cfg, tokenizer=tokenizer, corpus=data.train, model_chunks=chunks,
                       policy=policy, optimizer=optimizer, scheduler=scheduler, teacher=teacher,
                       valid_corpus=data.valid)

@@ -124,25 +124,23 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer) -> d
     """Run RLP step `state.step + 1`; return its global metrics."""
     cfg, tok = state.cfg, state.tokenizer
     r, step = cfg.rlp, state.step + 1
-    with timer("rollout"):
+    # Under FP8 training, rollouts and scoring run in bf16 unless precision.fp8_rollouts.
+    with timer("rollout"), rollout_precision(cfg.precision, state.policy, state.teacher.model):
         contexts, ids = local_contexts(state, sampler, step)
         prompts, windows = build_rlp_inputs(contexts, ids, state.corpus, r.max_prefix_tokens,
                                             tok.pad)
         state.policy.eval()
-        with rollout_precision(cfg.precision, state.policy):  # bf16 under FP8 training
-            thoughts = sample_thoughts_chunked(
-                state.policy, prompts, r.rollout_chunk_contexts, group_size=r.group_size,
-                max_thought_tokens=r.max_thought_tokens, temperature=r.temperature,
-                top_p=r.top_p, think_start=tok.think_start, think_end=tok.think_end,
-                pad=tok.pad, vocab_size=tok.vocab_size, seed=cfg.train.seed, step=step)
+        thoughts = sample_thoughts_chunked(
+            state.policy, prompts, r.rollout_chunk_contexts, group_size=r.group_size,
+            max_thought_tokens=r.max_thought_tokens, temperature=r.temperature, top_p=r.top_p,
+            think_start=tok.think_start, think_end=tok.think_end, pad=tok.pad,
+            vocab_size=tok.vocab_size, seed=cfg.train.seed, step=step)
         state.policy.train()
-    with timer("scoring"):
+    with timer("scoring"), rollout_precision(cfg.precision, state.teacher.model):
         if not state.teacher.initialized:
             state.teacher.initialize_from(state.policy)  # lazy phi <- theta
-        with rollout_precision(cfg.precision, state.teacher.model):
-            s_ema = score_next_tokens(state.teacher.model, windows.tokens, windows.valid,
-                                      windows.rows, windows.cols, windows.targets,
-                                      tok.vocab_size)
+        s_ema = score_next_tokens(state.teacher.model, windows.tokens, windows.valid,
+                                  windows.rows, windows.cols, windows.targets, tok.vocab_size)
         rewards = info_gain_reward(thoughts.s_pred, s_ema.repeat_interleave(r.group_size))
         advantages = group_advantages(rewards.view(-1, r.group_size)).view(-1)
     with timer("update"):

@@ -149,6 +149,9 @@ def test_fp8_config_on_hopper_reaches_transformer_config(machine):
     assert (tc.first_last_layers_bf16, tc.num_layers_at_start_in_bf16,
             tc.num_layers_at_end_in_bf16) == (True, 2, 1)
     assert provider.transformer_impl(cfg) == "transformer_engine"
+    teacher = fp8.teacher_config(cfg)  # an fp32 shadow: no FP8 weights, FP8 forwards allowed
+    assert not provider.transformer_config(teacher).fp8_param and teacher.precision.fp8
+    assert cfg.precision.fp8_param_gather  # the policy's config is untouched
     assert fp8.transformer_config_fp8(PrecisionConfig()) == {}
     assert provider.transformer_config(load_config()).fp8 is None
 
