@@ -238,3 +238,24 @@ def test_bf16_forward_switches_fp8_off_and_restores():
     with fp8.rollout_precision(dataclasses.replace(on, fp8_rollouts=False), policy):
         policy[1]()
     assert policy[1].seen == ["hybrid", None]
+
+
+def test_te_attention_and_mlp_equal_megatrons_dense_te_gpt_layer(monkeypatch):
+    """The dense layers of the TE spec are Megatron's dense TE GPT layer split in two
+    (`get_gpt_layer_with_transformer_engine_submodules(qk_layernorm=True)`, Qwen3's block).
+    Megatron's GPT spec module disables its TE provider without TE; it is put back here."""
+    from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    monkeypatch.setattr(gpt_layer_specs, "TESpecProvider", TESpecProvider)
+    gpt = gpt_layer_specs.get_gpt_layer_with_transformer_engine_submodules(qk_layernorm=True)
+    spec = te_hybrid_stack_spec(qk_layernorm=True)
+    ours, theirs = _attention(spec), gpt.self_attention
+    assert ours.module is theirs.module and ours.params == theirs.params
+    for name in ("linear_qkv", "core_attention", "linear_proj", "q_layernorm", "k_layernorm"):
+        assert getattr(ours.submodules, name) is getattr(theirs.submodules, name), name
+    mlp_ours = spec.submodules.mlp_layer.submodules.mlp.keywords["submodules"]
+    mlp_theirs = gpt.mlp.keywords["submodules"]
+    assert (mlp_ours.linear_fc1, mlp_ours.linear_fc2) == (mlp_theirs.linear_fc1,
+                                                          mlp_theirs.linear_fc2)
+    assert gpt.input_layernorm is IdentityOp and gpt.pre_mlp_layernorm is IdentityOp
