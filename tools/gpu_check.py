@@ -17,7 +17,9 @@ run never share a process: the CPU backend patches torch process-wide):
    (examples/configs/qwen3_1p7b.yaml, its 151936-row padded vocabulary; tokenizer: the
    512-token test BPE, so thoughts are rarely closed early) at `--contexts` x `--group` x
    `--thought-tokens`; one untimed and one timed step.
-4. The JSON (`OUT/gpu_check.json`): per stage the metrics and wall time, plus
+4. `te`, only where Transformer Engine imports (NGC images): the tiny configs on the TE spec
+   in bf16 and the dense one in FP8 (hybrid, tensorwise), 2 steps each; skipped elsewhere.
+5. The JSON (`OUT/gpu_check.json`): per stage the metrics and wall time, plus
    - decode tokens/s (decoded thought tokens / rollout-phase seconds, prefill included)
      against the roofline of a full-batch decode step: max(bytes read / HBM bandwidth,
      FLOPs / peak), bytes = bf16 weights (output layer included) + each row's K/V;
@@ -220,6 +222,37 @@ def tiny_stage(args, name: str, config: str, out: Path, budget: Budget) -> dict:
             "ok": all(r["rc"] == 0 for r in runs.values()) and check["ok"]}
 
 
+def te_stage(args, out: Path, budget: Budget) -> dict:
+    """Where Transformer Engine imports (NGC images; never on the bare H200): the tiny configs
+    with `model.transformer_impl=transformer_engine` in bf16, and the dense one in FP8
+    (hybrid format, tensorwise recipe, first/last layer bf16). Each must train 2 steps with
+    finite rewards. Not compared with the CPU runs: TE modules draw their own initial weights."""
+    rc, _ = run_child(["-c", "import transformer_engine.pytorch"], budget, out / "te_probe.log")
+    if args.device != "cuda" or rc != 0:
+        return {"ok": True, "skipped": "Transformer Engine does not import here"
+                if rc != 0 else "not on CUDA"}
+    fp8 = ("precision.fp8=hybrid", "precision.fp8_recipe=tensorwise",
+           "precision.first_last_layers_bf16=true")
+    runs = {"te_dense_bf16": (TINY["dense"], ()), "te_hybrid_bf16": (TINY["hybrid"], ()),
+            "te_dense_fp8": (TINY["dense"], fp8)}
+    stage: dict = {}
+    for name, (config, extra) in runs.items():
+        metrics = out / f"{name}.jsonl"
+        metrics.unlink(missing_ok=True)
+        rc, seconds = run_child(
+            ["pretrain_rlp.py", "--config", config, "device.type=cuda",
+             "precision.params_dtype=bf16", "model.transformer_impl=transformer_engine",
+             "train.steps=2", f"train.metrics_file={metrics}", f"train.seed={args.seed}",
+             "train.progress=false", *extra], budget, out / f"{name}.log")
+        rows = [step_metrics(metrics, k) for k in (1, 2)]
+        finite = all(r is not None and abs(r["reward_mean"]) < float("inf") for r in rows)
+        stage[name] = {"rc": rc, "seconds": seconds, "overrides": list(extra),
+                       "reward_mean": [r and r["reward_mean"] for r in rows],
+                       "ok": rc == 0 and finite}
+    stage["ok"] = all(v["ok"] for v in stage.values())
+    return stage
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT") or "runs/gpu_check")
@@ -237,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hbm-tbps", type=float, default=4.8)
     p.add_argument("--peak-tflops", type=float, default=790.0)
     p.add_argument("--budget-s", type=float, default=480.0)
-    p.add_argument("--skip", nargs="*", default=[], choices=("tiny", "qwen3_shape"))
+    p.add_argument("--skip", nargs="*", default=[], choices=("tiny", "qwen3_shape", "te"))
     p.add_argument("--tiny-configs", nargs="*", default=list(TINY), choices=list(TINY))
     args = p.parse_args(argv)
     if args.dry_run:
@@ -263,12 +296,15 @@ def main(argv: list[str] | None = None) -> int:
             report["stages"][f"tiny_{name}"] = tiny_stage(args, name, config, out, budget)
     if "qwen3_shape" not in args.skip:
         report["stages"]["qwen3_shape"] = qwen3_stage(args, out, budget)
+    if "te" not in args.skip:
+        report["stages"]["te"] = te_stage(args, out, budget)
     report["elapsed_s"] = budget.elapsed()
     report["within_budget"] = budget.elapsed() <= args.budget_s
     report["ok"] = report["within_budget"] and all(s["ok"] for s in report["stages"].values())
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
     for name, stage in report["stages"].items():
-        print(f"[gpu_check] {name}: {'ok' if stage['ok'] else 'FAILED'}", flush=True)
+        state = stage.get("skipped") and f"skipped ({stage['skipped']})"
+        print(f"[gpu_check] {name}: {state or ('ok' if stage['ok'] else 'FAILED')}", flush=True)
     q = report["stages"].get("qwen3_shape", {})
     if q.get("ok"):
         print(f"[gpu_check] decode {q['decode_tokens_per_s']:.0f} tok/s "

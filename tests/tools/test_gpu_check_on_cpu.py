@@ -124,7 +124,8 @@ def _dry_run(tmp_path: Path, *args: str) -> dict:
 
 def _check_report(report: dict, tiny: list[str]) -> None:
     assert report["ok"] and report["within_budget"]
-    assert set(report["stages"]) == {f"tiny_{n}" for n in tiny} | {"qwen3_shape"}
+    assert set(report["stages"]) == {f"tiny_{n}" for n in tiny} | {"qwen3_shape", "te"}
+    assert report["stages"]["te"]["skipped"]  # no TE, no CUDA here
     for name in tiny:
         stage = report["stages"][f"tiny_{name}"]
         assert stage["device"]["steps"] == 2 and stage["device"]["rc"] == 0
