@@ -22,7 +22,8 @@ run never share a process: the CPU backend patches torch process-wide):
 5. The JSON (`OUT/gpu_check.json`): per stage the metrics and wall time, plus
    - decode tokens/s (decoded thought tokens / rollout-phase seconds, prefill included)
      against the roofline of a full-batch decode step: max(bytes read / HBM bandwidth,
-     FLOPs / peak), bytes = bf16 weights (output layer included) + each row's K/V;
+     FLOPs / peak), bytes = bf16 weights (output layer included) + each row's K/V
+     (attention layers; a hybrid model's Mamba states are not counted);
    - update tokens/s (prefix + thought tokens / update-phase seconds) and MFU: model FLOPs
      (6 x matmul parameters x tokens, attention scores, the output layer at thought positions
      only, as the update computes it) / seconds / peak;
