@@ -56,6 +56,11 @@ class ModelConfig:
     mamba_head_dim: int = 64
     mamba_state_dim: int = 128
     mamba_num_groups: int = 8
+    # Layer implementation (Megatron-LM's --transformer-impl): `local` = Megatron's own torch
+    # modules (models/local_spec.py, any device), `transformer_engine` = Megatron's TE spec
+    # (models/te_spec.py: fused norm+linear, TE attention; CUDA + TE), `auto` = TE when it
+    # imports and device.type=cuda, else local.
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
 
     def validate(self) -> None:
         pat = self.hybrid_layer_pattern
@@ -368,7 +373,30 @@ class PrecisionConfig:
     The EMA teacher is always fp32."""
 
     params_dtype: Literal["fp32", "bf16"] = "fp32"
+    # FP8 through Megatron's TransformerConfig (Transformer Engine layers only; requirements in
+    # backends/transformer_engine.py): format, scaling recipe, FP8 parameters all-gathered
+    # (Megatron-LM's --fp8-param-gather: TransformerConfig.fp8_param + DDP fp8_param_gather).
     fp8: Literal["hybrid", "e4m3"] | None = None
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
+    fp8_param_gather: bool = False
+    # Keep the first/last N layers (global layer numbers) in bf16 under FP8 (Megatron's names;
+    # not with the delayed recipe, which Megatron refuses).
+    first_last_layers_bf16: bool = False
+    num_layers_at_start_in_bf16: int = 1
+    num_layers_at_end_in_bf16: int = 1
+    # Rollouts (and the teacher's scoring) run in bf16 even when training in FP8: the forward
+    # runs with FP8 switched off (models/fp8.py). true = rollouts under the FP8 autocast too.
+    fp8_rollouts: bool = False
+
+    def validate(self) -> None:
+        for key in ("num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16"):
+            v = getattr(self, key)
+            _check(isinstance(v, int) and v >= 0, f"precision.{key}", v, "an integer >= 0")
+        if self.fp8 is None:
+            for key in ("fp8_param_gather", "first_last_layers_bf16", "fp8_rollouts"):
+                _check(not getattr(self, key), f"precision.{key}", getattr(self, key),
+                       "false unless precision.fp8 is set (e4m3 or hybrid)")
+        # The FP8 rules that need the machine (TE, GPU) are in RunConfig._check_transformer_engine.
 
 
 @dataclass(kw_only=True)
@@ -436,11 +464,48 @@ class RunConfig:
             need = self.data.ntp_seq_length
         _check(m.max_sequence_length >= need, "model.max_sequence_length",
                m.max_sequence_length, f">= {need} (prefix + <think> + thought + </think>)")
-        # FP8 acts only inside Transformer Engine layers; the layer spec here is Megatron's local
-        # one, so an FP8 setting would silently change nothing. Refuse it until a TE spec exists.
-        _check(self.precision.fp8 is None, "precision.fp8", self.precision.fp8,
-               "null (FP8 needs the Transformer Engine layer spec, which is not built yet)")
+        self._check_transformer_engine()
         return self
+
+    def _check_transformer_engine(self) -> None:
+        """`model.transformer_impl` and `precision.fp8` against this machine: TE importable,
+        CUDA, the GPU's compute capability (backends/transformer_engine.py)."""
+        from megatron_rlp.backends import transformer_engine as te
+
+        m, pr, device = self.model, self.precision, self.device.type
+        if m.transformer_impl == "local" and pr.fp8 is None:
+            return  # nothing to probe
+        # TE is CUDA-only: on CPU it is never imported (auto resolves to local).
+        have_te = device == "cuda" and te.transformer_engine_available()
+        try:
+            impl = te.resolve_transformer_impl(m.transformer_impl, device, have_te)
+        except ValueError as e:
+            raise ConfigError(f"invalid config: model.transformer_impl={m.transformer_impl!r} "
+                              f"(allowed: local or auto here; transformer_engine needs {e})"
+                              ) from None
+        if pr.fp8 is None:
+            return
+        missing = te.fp8_requirement(pr.fp8_recipe, device, have_te,
+                                     te.cuda_capability() if have_te else None,
+                                     te.cuda_version() if have_te else None)
+        _check(missing is None, "precision.fp8", pr.fp8,
+               f"null here; FP8 (fp8_recipe={pr.fp8_recipe}) needs {missing}")
+        _check(impl == "transformer_engine", "precision.fp8", pr.fp8,
+               "null with model.transformer_impl=local (FP8 runs only in Transformer Engine "
+               "layers; use transformer_impl=auto or transformer_engine)")
+        _check(pr.params_dtype == "bf16", "precision.params_dtype", pr.params_dtype,
+               f"bf16 with precision.fp8={pr.fp8} (FP8 GEMMs on bf16 weights)")
+        _check(not (pr.first_last_layers_bf16 and pr.fp8_recipe == "delayed"),
+               "precision.first_last_layers_bf16", pr.first_last_layers_bf16,
+               "false with fp8_recipe=delayed (Megatron: delayed scaling cannot leave layers in "
+               "bf16; use tensorwise, blockwise or mxfp8)")
+        if pr.first_last_layers_bf16:
+            layers = sum(c in "M*-E" for c in m.hybrid_layer_pattern)
+            stage = layers // self.parallel.pipeline_model_parallel_size
+            for key in ("num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16"):
+                v = getattr(pr, key)
+                _check(v <= stage, f"precision.{key}", v,
+                       f"<= {stage} layers per pipeline stage (Megatron's limit)")
 
     def _check_interleaved_microbatches(self, dp: int, pp: int) -> None:
         """Megatron's interleaved schedule runs micro-batches in groups of PP: their number

@@ -14,8 +14,14 @@ from megatron.core import parallel_state
 from megatron.core.activations import squared_relu
 from megatron.core.models.hybrid.hybrid_model import HybridModel
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
 
+from megatron_rlp.backends.transformer_engine import (
+    resolve_transformer_impl,
+    transformer_engine_available,
+)
 from megatron_rlp.config import RunConfig
+from megatron_rlp.models.fp8 import transformer_config_fp8
 from megatron_rlp.models.local_spec import local_hybrid_stack_spec
 from megatron_rlp.models.seeded_init import seed_generator, seed_layers_by_number
 from megatron_rlp.parallel.pipeline import ModelChunks
@@ -45,6 +51,23 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 
 def num_layers(pattern: str) -> int:
     return sum(1 for c in pattern if c in "M*-E")
+
+
+def transformer_impl(cfg: RunConfig) -> str:
+    """`model.transformer_impl` resolved on this machine: `local` or `transformer_engine`."""
+    on_cuda = cfg.device.type == "cuda"
+    return resolve_transformer_impl(cfg.model.transformer_impl, cfg.device.type,
+                                    on_cuda and transformer_engine_available())
+
+
+def layer_spec(cfg: RunConfig) -> ModuleSpec:
+    """The HybridStack spec for this run: the one place local vs Transformer Engine is chosen."""
+    m = cfg.model
+    if transformer_impl(cfg) == "transformer_engine":
+        from megatron_rlp.models.te_spec import te_hybrid_stack_spec
+
+        return te_hybrid_stack_spec(m.qk_layernorm)
+    return local_hybrid_stack_spec(m.qk_layernorm, m.normalization)
 
 
 def transformer_config(cfg: RunConfig, params_dtype: str | None = None) -> TransformerConfig:
@@ -117,6 +140,7 @@ def transformer_config(cfg: RunConfig, params_dtype: str | None = None) -> Trans
         mamba_head_dim=m.mamba_head_dim,
         mamba_state_dim=m.mamba_state_dim,
         mamba_num_groups=m.mamba_num_groups,
+        **transformer_config_fp8(cfg.precision),  # FP8 fields, only when precision.fp8 is set
     )
 
 
@@ -127,7 +151,7 @@ def build_model(cfg: RunConfig, vocab_size: int, pre_process: bool = True,
     its chunk `vp_stage` under an interleaved pipeline."""
     m = cfg.model
     config = config or transformer_config(cfg)
-    spec = local_hybrid_stack_spec(m.qk_layernorm, m.normalization)
+    spec = layer_spec(cfg)
     seed_generator(cfg.train.seed)  # embedding (first stage) and output layer (after the layers)
     return HybridModel(
         config=config,

@@ -29,6 +29,7 @@ from megatron.core.transformer.module import Float16Module
 from megatron_rlp.config import RunConfig
 from megatron_rlp.data import IndexedCorpus, TokenizedCorpus, load_data
 from megatron_rlp.distributed import torch_device
+from megatron_rlp.models.fp8 import teacher_config
 from megatron_rlp.models.provider import build_stage
 from megatron_rlp.parallel.pipeline import ModelChunks, chunks_of
 from megatron_rlp.scoring.ema_teacher import EMATeacher
@@ -61,6 +62,8 @@ def wrap_ddp(cfg: RunConfig, policy: HybridModel | ModelChunks) -> list[Distribu
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        # FP8 weights all-gathered in FP8 (Megatron-LM's --fp8-param-gather; models/fp8.py).
+        fp8_param_gather=cfg.precision.fp8_param_gather,
     )
     half = cfg.precision.params_dtype == "bf16"
     return [DistributedDataParallel(config=chunk.config, ddp_config=ddp_config,
@@ -108,9 +111,10 @@ def build_state(cfg: RunConfig) -> TrainState:
         chunk.config.grad_scale_func = optimizer.scale_loss
     teacher = None
     if cfg.train.objective == "rlp":
-        # fp32 shadow from its own fp32 TransformerConfig (scoring/ema_teacher.py says why).
-        teacher = EMATeacher(build_stage(cfg, tokenizer.vocab_size, params_dtype="fp32"
-                                         ).to(device), cfg.rlp.ema_decay)
+        # fp32 shadow from its own fp32 TransformerConfig (scoring/ema_teacher.py says why),
+        # without FP8 parameters (models/fp8.py: teacher_config).
+        teacher = EMATeacher(build_stage(teacher_config(cfg), tokenizer.vocab_size,
+                                         params_dtype="fp32").to(device), cfg.rlp.ema_decay)
     return TrainState(cfg=cfg, tokenizer=tokenizer, corpus=data.train, model_chunks=chunks,
                       policy=policy, optimizer=optimizer, scheduler=scheduler, teacher=teacher,
                       valid_corpus=data.valid, device=device)

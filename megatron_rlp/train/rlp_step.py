@@ -10,6 +10,7 @@ metrics are global-batch values on every rank.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from megatron_rlp.data import ContextSampler
 from megatron_rlp.data.batches import build_rlp_inputs
+from megatron_rlp.models.fp8 import rollout_precision, token_multiple
 from megatron_rlp.models.output_positions import logits_at_positions
 from megatron_rlp.objective import group_advantages, info_gain_reward, rlp_policy_loss
 from megatron_rlp.rollout.thoughts import PromptBatch, ThoughtBatch, sample_thoughts_chunked
@@ -130,7 +132,8 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer) -> d
     """Run RLP step `state.step + 1`; return its global metrics."""
     cfg, tok = state.cfg, state.tokenizer
     r, step = cfg.rlp, state.step + 1
-    with timer("rollout"):
+    # Under FP8 training, rollouts and scoring run in bf16 unless precision.fp8_rollouts.
+    with timer("rollout"), rollout_precision(cfg.precision, state.policy, state.teacher.model):
         contexts, ids = local_contexts(state, sampler, step)
         prompts, windows = build_rlp_inputs(contexts, ids, state.corpus, r.max_prefix_tokens,
                                             tok.pad, state.device)
@@ -141,7 +144,7 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer) -> d
             think_start=tok.think_start, think_end=tok.think_end, pad=tok.pad,
             vocab_size=tok.vocab_size, seed=cfg.train.seed, step=step)
         state.policy.train()
-    with timer("scoring"):
+    with timer("scoring"), rollout_precision(cfg.precision, state.teacher.model):
         if not state.teacher.initialized:
             state.teacher.initialize_from(state.policy)  # lazy phi <- theta
         s_ema = score_next_tokens(state.teacher.model, windows.tokens, windows.valid,
@@ -151,6 +154,7 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer) -> d
     with timer("update"):
         sp = cfg.parallel.sequence_parallel
         multiple = cfg.parallel.tensor_model_parallel_size if sp else 1
+        multiple = math.lcm(multiple, token_multiple(cfg.precision))  # FP8 GEMM alignment
         batch = update_batch(prompts, thoughts, advantages, r.group_size, tok.pad, tok.think_start,
                              multiple)
         if parallel_state.get_pipeline_model_parallel_world_size() == 1:

@@ -24,6 +24,7 @@ import torch
 
 from megatron_rlp.data import ContextSampler
 from megatron_rlp.data.batches import build_rlp_inputs
+from megatron_rlp.models.fp8 import rollout_precision
 from megatron_rlp.rollout.thoughts import sample_thoughts
 from megatron_rlp.scoring.next_token import score_next_tokens
 from megatron_rlp.train.builder import TrainState
@@ -67,18 +68,21 @@ def validate(state: TrainState, sampler: ContextSampler | None = None) -> dict[s
     was_training = policy.training
     policy.eval()
     try:
-        teacher = policy
-        if state.teacher is not None and state.teacher.initialized:
-            teacher = state.teacher.model
-        score = (windows.tokens, windows.valid, windows.rows, windows.cols, windows.targets,
-                 tok.vocab_size)
-        s_policy = score_next_tokens(policy, *score)
-        s_teacher = s_policy if teacher is policy else score_next_tokens(teacher, *score)
-        thoughts = sample_thoughts(
-            policy, prompts, group_size=r.group_size, max_thought_tokens=r.max_thought_tokens,
-            temperature=r.temperature, top_p=r.top_p, think_start=tok.think_start,
-            think_end=tok.think_end, pad=tok.pad, vocab_size=tok.vocab_size,
-            seed=cfg.train.seed, step=EVAL_STEP_KEY)
+        # Under FP8 training, scored and sampled in bf16 like the training rollouts.
+        models = (policy,) if state.teacher is None else (policy, state.teacher.model)
+        with rollout_precision(cfg.precision, *models):
+            teacher = policy
+            if state.teacher is not None and state.teacher.initialized:
+                teacher = state.teacher.model
+            score = (windows.tokens, windows.valid, windows.rows, windows.cols, windows.targets,
+                     tok.vocab_size)
+            s_policy = score_next_tokens(policy, *score)
+            s_teacher = s_policy if teacher is policy else score_next_tokens(teacher, *score)
+            thoughts = sample_thoughts(
+                policy, prompts, group_size=r.group_size, max_thought_tokens=r.max_thought_tokens,
+                temperature=r.temperature, top_p=r.top_p, think_start=tok.think_start,
+                think_end=tok.think_end, pad=tok.pad, vocab_size=tok.vocab_size,
+                seed=cfg.train.seed, step=EVAL_STEP_KEY)
     finally:
         policy.train(was_training)
     s_teacher = gather_data_parallel(s_teacher.float())
