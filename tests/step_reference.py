@@ -20,6 +20,7 @@ Shared by tests/e2e/test_step_reference_on_cpu.py (1 rank, in process) and the l
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -52,14 +53,18 @@ def load_weights(model: torch.nn.Module, weights: Weights) -> None:
             own[k].copy_(v)
 
 
-def full_logprobs(model: torch.nn.Module, seq: list[int], vocab_size: int,
-                  temperature: float = 1.0) -> torch.Tensor:
-    """[len(seq), vocab_size] float64 log softmax(logits / T) over the real vocabulary, at
-    every position of one unpadded sequence (row j predicts the token after seq[:j+1])."""
+def full_logits(model: torch.nn.Module, seq: list[int], vocab_size: int) -> torch.Tensor:
+    """[len(seq), vocab_size] float64 logits over the real vocabulary (padded ids dropped) at
+    every position of one unpadded sequence: row j predicts the token after seq[:j+1]."""
     tokens = torch.tensor([seq], dtype=torch.long)
     positions = torch.arange(len(seq))[None]
-    logits = model(tokens, positions, None)[0, :, :vocab_size]
-    return torch.log_softmax(logits.double() / temperature, dim=-1)
+    return model(tokens, positions, None)[0, :, :vocab_size].double()
+
+
+def full_logprobs(model: torch.nn.Module, seq: list[int], vocab_size: int,
+                  temperature: float = 1.0) -> torch.Tensor:
+    """[len(seq), vocab_size] float64 log softmax(logits / T) over the real vocabulary."""
+    return torch.log_softmax(full_logits(model, seq, vocab_size) / temperature, dim=-1)
 
 
 def expected_prefixes(record: dict, documents, max_prefix: int) -> list[list[int]]:
@@ -116,8 +121,9 @@ def reference_step(policy: torch.nn.Module, teacher: torch.nn.Module, record: di
         b = row // group_size
         seq, n = thought_sequence(prefixes[b], record, row, think_start, think_end)
         sequences.append(seq)
-        s_pred[row] = full_logprobs(policy, seq, vocab_size)[-1, targets[b]]
-        lp = full_logprobs(policy, seq, vocab_size, temperature)
+        logits = full_logits(policy, seq, vocab_size)
+        s_pred[row] = torch.log_softmax(logits[-1], -1)[targets[b]]
+        lp = torch.log_softmax(logits / temperature, -1)
         first = len(prefixes[b])  # logits after `<think>` predict thought token 0
         for u in range(n):
             logprobs[row, u] = lp[first + u, seq[first + 1 + u]]
@@ -174,3 +180,95 @@ def assert_step_matches(record: dict, ref: Reference, atol: float = 1e-4) -> dic
         assert err <= atol, f"step {record['step']} {name}: max |step - reference| {err:.2e}"
         errors[name] = err
     return errors
+
+
+# ---------------------------------------------------------------------------------------
+# Runs under torchrun (the layout tests): merge the ranks' records, check against the
+# reference on one rank from the run's per-step checkpoints.
+
+
+def merged_records(record_dir: Path) -> dict[int, dict]:
+    """{step: the global record}: tensor/pipeline rank 0 of every data-parallel rank, rows
+    concatenated in data-parallel order (= global context order)."""
+    by_step: dict[int, list[dict]] = {}
+    for path in sorted(record_dir.glob("step_*_rank*.pt")):
+        rec = torch.load(path)
+        if rec["tp_rank"] == 0 and rec["pp_rank"] == 0:
+            by_step.setdefault(rec["step"], []).append(rec)
+    merged = {}
+    for step, recs in by_step.items():
+        recs.sort(key=lambda r: r["dp_rank"])
+        out = {"step": step}
+        for key, value in recs[0].items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                out[key] = torch.cat([r[key] for r in recs])
+            elif isinstance(value, list):
+                out[key] = [x for r in recs for x in r[key]]
+        merged[step] = out
+    return merged
+
+
+def assert_records_match(ref: dict[int, dict], got: dict[int, dict], atol: float) -> None:
+    """Two runs' steps hold the same contexts and thoughts (exactly) and the same per-thought
+    log-probs, S_ema, S_pred, rewards and advantages (within `atol`)."""
+    assert sorted(got) == sorted(ref)
+    for step, a in ref.items():
+        b = got[step]
+        for key in ("context_ids", "doc_index", "position", "target", "thought_tokens",
+                    "thought_mask", "closed"):
+            assert torch.equal(a[key], b[key]), f"step {step}: {key} differ"
+        for key in ("thought_logprobs", "s_ema", "s_pred", "rewards", "advantages"):
+            err = (a[key].double() - b[key].double()).abs().max().item()
+            assert err <= atol, f"step {step} {key}: max |diff| {err:.2e} (> {atol:.0e})"
+
+
+def check_run_against_reference(config: str, overrides: tuple[str, ...], ckpt_root: Path,
+                                record_dir: Path, rows: list[dict], atol: float = 1e-5) -> None:
+    """A run's recorded steps (any layout; checkpoints saved after every step) against the
+    reference computed here on one rank: theta_0 is a fresh model (initial weights do not
+    depend on the layout), theta_k is read from the step-k checkpoint by the project's loader
+    into TP=1/PP=1 (as an NTP warm start: policy weights only). Also the step's reported
+    grad_norm against the reference gradient's norm. Collective-free; initialises and shuts
+    down a one-process group in this process.
+
+    Args:
+        overrides: the run's model/rlp overrides *without* the parallel layout.
+        rows: the run's metrics rows (grad_norm per step).
+    """
+    from megatron_rlp import distributed
+    from megatron_rlp.config import load_config
+    from megatron_rlp.models.provider import build_model, unwrap_model
+    from megatron_rlp.train.builder import build_state
+    from megatron_rlp.train.checkpoint import load_checkpoint
+
+    records = merged_records(record_dir)
+    steps = sorted(records)
+    cfg = load_config(config, (*overrides, "train.objective=ntp", "data.ntp_seq_length=16"),
+                      world_size=1)
+    distributed.initialize(cfg)
+    try:
+        state = build_state(cfg)
+        thetas = [float_weights(unwrap_model(state.policy).state_dict())]
+        for k in steps[:-1]:
+            load_checkpoint(state, str(ckpt_root / f"step_{k:08d}"), checksums=False)
+            thetas.append(float_weights(unwrap_model(state.policy).state_dict()))
+        tok, r = state.tokenizer, cfg.rlp
+        phis = teacher_history(thetas, r.ema_decay)
+        policy, teacher = (build_model(cfg, tok.vocab_size).eval() for _ in range(2))
+        for k in steps:
+            load_weights(policy, thetas[k - 1])
+            load_weights(teacher, phis[k - 1])
+            ref = reference_step(policy, teacher, records[k], state.corpus.documents,
+                                 max_prefix=r.max_prefix_tokens, group_size=r.group_size,
+                                 vocab_size=tok.vocab_size, temperature=r.temperature,
+                                 think_start=tok.think_start, think_end=tok.think_end)
+            assert_step_matches(records[k], ref, atol)
+            _, grads = reference_gradient(
+                policy, ref, records[k], group_size=r.group_size, vocab_size=tok.vocab_size,
+                temperature=r.temperature, eps_low=r.clip_eps_low, eps_high=r.clip_eps_high,
+                num_thoughts=len(ref.sequences))
+            norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())).item()
+            got = next(row["grad_norm"] for row in rows if row["step"] == k)
+            assert abs(got - norm) <= 1e-4 * norm, f"step {k} grad_norm {got} vs reference {norm}"
+    finally:
+        distributed.shutdown()
