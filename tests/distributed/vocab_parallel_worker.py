@@ -7,11 +7,10 @@ shard holds Megatron's padded ids) against float64 entropies of the gathered log
 import sys
 
 import torch
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 from megatron_rlp import distributed
 from megatron_rlp.config import load_config
-from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
 from megatron_rlp.models.provider import build_model
 from megatron_rlp.rollout.sampling import sample_tokens
 from megatron_rlp.rollout.vocab_parallel import sample_vocab_parallel
