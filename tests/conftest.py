@@ -4,7 +4,8 @@
   helpers there (`step_reference`) import from every test directory.
 - Honest skips: after the run, one line says how many tests were skipped and why, grouped by
   reason (e.g. "SLURM/munge not installed", "shellcheck not installed"), so `make test` never
-  looks greener than it is. Which tests need which system packages: README, "Tests".
+  looks greener than it is; tests left out by `-m "not slow"` are counted on the same line.
+  Which tests need which system packages: README, "Tests: what can fail".
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ def _reason(report) -> str:
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     skipped = terminalreporter.stats.get("skipped", [])
-    if not skipped:
+    deselected = len(terminalreporter.stats.get("deselected", []))
+    if not skipped and not deselected:
         return
     reasons = Counter(_reason(r) for r in skipped)
-    parts = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common())
-    terminalreporter.write_line(f"SKIPPED {len(skipped)} test(s): {parts}")
+    parts = [f"{n} x {reason}" for reason, n in reasons.most_common()]
+    if deselected:  # pytest.ini's `-m "not slow"`, or a -k/-m of the caller
+        parts.append(f"{deselected} deselected (slow ones run with `pytest -m slow`)")
+    terminalreporter.write_line(f"SKIPPED {len(skipped)} test(s): {'; '.join(parts)}")
