@@ -6,8 +6,9 @@ Refusals (one `error:` line, exit 2, checkpoint untouched, before any training):
 - a `dp_reshardable` distributed-optimizer checkpoint loaded into another TP/PP (PP=2, 2 gloo
   processes).
 Accepted:
-- a `fully_reshardable` checkpoint of one rank loaded into TP=2 (2 gloo processes) and saved
-  again at once: every tensor (policy, teacher, Adam moments) is the same global tensor.
+- a `fully_reshardable` checkpoint of one rank loaded into TP=2 (2 gloo processes; PP=2 and
+  DP=2 with `-m slow`) and saved again at once: every tensor (policy, teacher, Adam moments)
+  is the same global tensor.
 Resets:
 - a warm start from another objective (NTP -> RLP) takes the policy weights only: step 0, no
   Adam state, a fresh scheduler, an uninitialised teacher that the first RLP step sets to the
@@ -97,15 +98,21 @@ def test_dp_reshardable_into_another_pp_is_refused(dist_ckpts):
     assert "[rlp step" not in proc.stdout and snapshot(root) == before
 
 
-def test_fully_reshardable_loads_into_tp2(dist_ckpts, tmp_path):
-    """One-rank checkpoint -> TP=2 (re-saved at once, same step): the same global tensors."""
+@pytest.mark.parametrize("layout", [
+    pytest.param(("parallel.tensor_model_parallel_size=2",), id="tp2"),
+    # The same for PP=2 and DP=2 (2 more torchrun starts): `pytest -m slow`.
+    pytest.param(("parallel.pipeline_model_parallel_size=2",), id="pp2", marks=pytest.mark.slow),
+    pytest.param((), id="dp2", marks=pytest.mark.slow),
+])
+def test_fully_reshardable_loads_into_another_layout(dist_ckpts, tmp_path, layout):
+    """One-rank checkpoint -> 2 ranks (re-saved at once, same step): the same global tensors."""
     src = dist_ckpts["fully_reshardable"]
-    proc = torchrun("train.steps=2", DIST_OPT, "parallel.tensor_model_parallel_size=2",
+    proc = torchrun("train.steps=2", DIST_OPT, *layout,
                     "train.dist_optimizer_checkpoint=fully_reshardable", f"train.load={src}",
-                    f"train.save={tmp_path / 'tp2'}")
+                    f"train.save={tmp_path / 'new'}")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "resumed into a new layout" in proc.stdout
-    a, b = read_tensors(latest(src)), read_tensors(latest(tmp_path / "tp2"))
+    a, b = read_tensors(latest(src)), read_tensors(latest(tmp_path / "new"))
     assert any(k.startswith("optimizer.") and "exp_avg_sq" in k for k in a)
     assert any(k.startswith("ema.") for k in a)
     assert a.keys() == b.keys()
