@@ -53,12 +53,21 @@ selected=()
 all_tests=()
 for bug in "${BUGS[@]}"; do
     IFS='|' read -r name _ _ _ tests <<<"$bug"
-    if ((${#want[@]})) && [[ ! " ${want[*]} " =~ " $name " ]]; then continue; fi
+    if ((${#want[@]})) && [[ " ${want[*]} " != *" $name "* ]]; then continue; fi
     selected+=("$bug")
     read -ra words <<<"$tests"
-    for t in "${words[@]}"; do [[ " ${all_tests[*]} " =~ " $t " ]] || all_tests+=("$t"); done
+    for t in "${words[@]}"; do [[ " ${all_tests[*]} " == *" $t "* ]] || all_tests+=("$t"); done
 done
 ((${#selected[@]})) || { echo "[mutation] no bug named: ${want[*]}" >&2; exit 2; }
+for bug in "${selected[@]}"; do  # every pattern must still apply, before any test runs
+    IFS='|' read -r name file old new _ <<<"$bug"
+    cp "$SCRATCH/$file" "$SCRATCH/$file.orig"
+    if ! plant "$file" "$old" "$new"; then
+        echo "[mutation] $name: planting pattern no longer applies to $file; re-point it" >&2
+        exit 3
+    fi
+    mv "$SCRATCH/$file.orig" "$SCRATCH/$file"
+done
 start=$SECONDS
 if ! run_tests "${all_tests[@]}"; then
     tail -20 "$SCRATCH/log"
