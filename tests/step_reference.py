@@ -95,6 +95,7 @@ def thought_sequence(prefix: list[int], record: dict, row: int, think_start: int
                      think_end: int) -> tuple[list[int], int]:
     """(prefix <think> c </think>, number of sampled thought tokens) for one row."""
     n = int(record["thought_mask"][row].sum())
+    assert bool(record["thought_mask"][row, :n].all()), "a thought's tokens come first"
     thought = record["thought_tokens"][row, :n].tolist()
     seq = [*prefix, think_start, *thought]
     if not bool(record["closed"][row]):  # force-closed at the limit: </think> is given
@@ -127,7 +128,8 @@ def reference_step(policy: torch.nn.Module, teacher: torch.nn.Module, record: di
         first = len(prefixes[b])  # logits after `<think>` predict thought token 0
         for u in range(n):
             logprobs[row, u] = lp[first + u, seq[first + 1 + u]]
-    rewards = s_pred - s_ema.repeat_interleave(group_size)  # r = S_pred - S_ema
+    # r = S_pred - S_ema of the thought's own context: row b*G + g belongs to context b
+    rewards = torch.stack([s_pred[row] - s_ema[row // group_size] for row in range(rows)])
     r = rewards.view(-1, group_size)
     advantages = (group_size / (group_size - 1) * (r - r.mean(1, keepdim=True))).view(-1)
     return Reference(s_ema, s_pred, logprobs, rewards, advantages, sequences)
