@@ -27,6 +27,7 @@ BUGS=(
   "teacher-is-policy|megatron_rlp/train/rlp_step.py|score_next_tokens(state.teacher.model,|score_next_tokens(state.policy,|$STEP_REF"
   "s-ema-wrong-thoughts|megatron_rlp/train/rlp_step.py|s_ema.repeat_interleave(r.group_size)|s_ema.repeat(r.group_size)|$STEP_REF"
   "ema-tau|megatron_rlp/scoring/ema_teacher.py|torch._foreach_mul_(phi, self.decay)@@alpha=1.0 - self.decay)|torch._foreach_mul_(phi, 1.0 - self.decay)@@alpha=self.decay)|$STEP_REF $STEP"
+  "s-ema-wrong-column|megatron_rlp/data/batches.py|cols.append(c.position - ws - 1)|cols.append(c.position - ws - 2)|$STEP_REF"
   "entropy-padded-vocab|megatron_rlp/scoring/entropy.py|logits = logits.masked_fill(ids >= vocab_size, float(\"-inf\"))|logits = logits|$ENTROPY"
 )
 
