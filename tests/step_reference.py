@@ -265,6 +265,15 @@ def check_run_against_reference(config: str, overrides: tuple[str, ...], ckpt_ro
                                  vocab_size=tok.vocab_size, temperature=r.temperature,
                                  think_start=tok.think_start, think_end=tok.think_end)
             assert_step_matches(records[k], ref, atol)
+            if k > 1:  # the teacher is not the policy: S_ema can tell them apart
+                load_weights(teacher, thetas[k - 1])
+                as_policy = reference_step(
+                    policy, teacher, records[k], state.corpus.documents,
+                    max_prefix=r.max_prefix_tokens, group_size=r.group_size,
+                    vocab_size=tok.vocab_size, temperature=r.temperature,
+                    think_start=tok.think_start, think_end=tok.think_end)
+                gap = (as_policy.s_ema - ref.s_ema).abs().max().item()
+                assert gap > 10 * atol, f"step {k}: teacher and policy S_ema differ by {gap:.1e}"
             _, grads = reference_gradient(
                 policy, ref, records[k], group_size=r.group_size, vocab_size=tok.vocab_size,
                 temperature=r.temperature, eps_low=r.clip_eps_low, eps_high=r.clip_eps_high,
