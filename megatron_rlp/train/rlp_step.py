@@ -25,6 +25,7 @@ from megatron_rlp.objective import group_advantages, info_gain_reward, rlp_polic
 from megatron_rlp.rollout.thoughts import PromptBatch, ThoughtBatch, sample_thoughts_chunked
 from megatron_rlp.scoring.next_token import score_next_tokens, token_logprobs_vocab_parallel
 from megatron_rlp.train.builder import TrainState
+from megatron_rlp.train.record import record_step
 from megatron_rlp.train.reduce import (
     gather_data_parallel,
     max_data_parallel,
@@ -169,6 +170,8 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer) -> d
         if applied:  # a skipped (non-finite) update leaves policy and teacher as they were
             state.teacher.update(state.policy)
         state.step = step  # the step's batch is consumed either way (keyed by the step)
+    # Test hook (MEGATRON_RLP_RECORD, train/record.py): the step's internals for references.
+    record_step(step, contexts, ids, prompts, thoughts, s_ema, rewards, advantages)
     local = {k: float(torch.stack([d[k] for d in losses]).mean()) if losses else 0.0
              for k in LOSS_METRICS}
     if losses:

@@ -1,9 +1,12 @@
 """Shared by the layout-equivalence tests: train a few steps under torchrun, return the
-metrics rows and the final checkpoint's model tensors (read without a process group)."""
+metrics rows and the final checkpoint's model tensors (read without a process group). Every
+run also records its steps' internals in `tmp/record` (`MEGATRON_RLP_RECORD`, see
+megatron_rlp/train/record.py and tests/step_reference.py)."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +24,8 @@ def train_and_collect(tmp: Path, nproc: int, config: str, *overrides: str
     cmd = [TORCHRUN, "--standalone", "--nproc-per-node", str(nproc), "pretrain_rlp.py",
            "--config", config, *overrides,
            f"train.metrics_file={tmp / 'metrics.jsonl'}", f"train.save={tmp / 'ckpt'}"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "MEGATRON_RLP_RECORD": str(tmp / "record")}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp / "metrics.jsonl").read_text().splitlines()]
     latest = (tmp / "ckpt" / "latest").read_text().strip()

@@ -1,6 +1,9 @@
 """Tensor parallel for Mamba layers: a tiny hybrid (`M-M*-M-`) trained with RLP for 3 steps
 under `torchrun` with 2 gloo processes and TP=2 reports what the one-rank run reports
-(rewards, S_pred/S_ema, loss, gradient norms) and ends with the same parameters. With
+(the same contexts and thoughts; per-thought log-probs, S_pred/S_ema, rewards, advantages,
+gradient norms) and ends with the same parameters; its steps also equal the independent
+reference of tests/step_reference.py (per-step checkpoints read back on one rank). Loss and
+clip fraction are not compared for RLP: ~0 in every layout, they cannot tell layouts apart. With
 `-m slow`: also TP=2 + sequence parallel (NTP) and PP=2 (pattern `M-M*|-M-`).
 
 Both layouts start from the same weights: `LocalMambaMixer` draws Mamba parameters whole
@@ -23,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 from layout_runs import train_and_collect
+from step_reference import assert_records_match, check_run_against_reference, merged_records
 
 SMALL = (
     "model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_attention_heads=4",
@@ -33,8 +37,9 @@ SMALL = (
     "device.num_threads=1",
 )
 LR, STEPS = 1e-3, 3
-KEYS = ("loss", "reward_mean", "reward_std", "advantage_std", "clip_fraction", "thought_len",
-        "closed_fraction", "s_ema", "s_pred", "grad_norm", "lr", "tokens")
+KEYS = ("reward_mean", "reward_std", "advantage_std", "thought_len", "closed_fraction", "s_ema",
+        "s_pred", "grad_norm", "lr", "tokens")
+RECORD_ATOL = 2e-5  # per-thought fp32 log-probs of O(5), another reduction order
 
 
 def run(tmp: Path, nproc: int, *overrides: str) -> tuple[list[dict], dict[str, torch.Tensor]]:
@@ -44,7 +49,9 @@ def run(tmp: Path, nproc: int, *overrides: str) -> tuple[list[dict], dict[str, t
 
 @pytest.fixture(scope="module")
 def one_rank(tmp_path_factory):
-    return run(tmp_path_factory.mktemp("tp1"), 1)
+    tmp = tmp_path_factory.mktemp("tp1")
+    rows, params = run(tmp, 1)
+    return rows, params, merged_records(tmp / "record")
 
 
 LAYOUTS = [
@@ -60,11 +67,12 @@ LAYOUTS = [
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_two_ranks_match_one_rank(one_rank, tmp_path, layout):
-    ref_rows, ref_params = one_rank
-    if "train.objective=ntp" in layout:  # sequence parallel trains NTP only (config rule)
+    ref_rows, ref_params, ref_records = one_rank
+    rlp = "train.objective=ntp" not in layout
+    if not rlp:  # sequence parallel trains NTP only (config rule)
         ref_rows, ref_params = run(tmp_path / "ntp1", 1, "train.objective=ntp",
                                      "data.ntp_seq_length=64")
-    rows, params = run(tmp_path, 2, *layout)
+    rows, params = run(tmp_path, 2, *layout, *(("train.save_interval=1",) if rlp else ()))
     assert [r["step"] for r in rows] == [r["step"] for r in ref_rows] == [1, 2, 3]
     keys = KEYS if rows[0]["objective"] == "rlp" else ("loss", "grad_norm", "lr", "tokens")
     for ref, got in zip(ref_rows, rows, strict=True):
@@ -77,3 +85,8 @@ def test_two_ranks_match_one_rank(one_rank, tmp_path, layout):
         err = (params[name] - value).abs().max().item()
         assert err <= 1e-5 * value.abs().max().item() + 1e-4 * adam_reach, (
             f"{name}: max |diff| {err:.2e}")
+    if rlp:
+        assert_records_match(ref_records, merged_records(tmp_path / "record"), RECORD_ATOL)
+        check_run_against_reference("examples/configs/tiny_hybrid_cpu.yaml",
+                                    (*SMALL, f"optimizer.lr={LR}", f"train.steps={STEPS}"),
+                                    tmp_path / "ckpt", tmp_path / "record", rows)
