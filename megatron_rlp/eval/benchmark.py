@@ -188,6 +188,7 @@ def _run_batch(em: EvalModel, opts: BenchmarkOptions, batch: list[tuple[int, dic
         if thought_rows is not None:
             mine = thought_rows[b * n: b * n + n]
             res.update(thoughts=[tok.decode(t[1]) for t in mine],
+                       thought_ids=[t[1] for t in mine],
                        thought_tokens=sum(len(t[1]) for t in mine) / n,
                        closed_fraction=sum(t[2] for t in mine) / n)
         results.append(res)
