@@ -174,7 +174,7 @@ def test_benchmark_with_thoughts(em):
 # --------------------------------------------------------------------------------------
 # lm-eval adapter
 
-lm_eval = pytest.importorskip("lm_eval")
+# lm-eval is the `eval` extra (in `dev`): without it these tests skip, the others still run.
 
 
 def instances(kind: str, args: list[tuple]):
@@ -185,6 +185,7 @@ def instances(kind: str, args: list[tuple]):
 
 @pytest.fixture(scope="module")
 def lm(em):
+    pytest.importorskip("lm_eval")
     from megatron_rlp.eval.lm_eval_adapter import MegatronRLPLM
 
     return MegatronRLPLM(eval_model=em, batch_size=2)
