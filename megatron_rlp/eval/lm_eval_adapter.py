@@ -20,7 +20,10 @@ The requests lm-eval sends map onto the evaluation code of this package:
 
 With `think=true` a thought is sampled first (`rollout/thoughts.sample_thoughts`, the run's
 `rlp.max_thought_tokens` and `rlp.temperature`), `<think> c </think>` goes after the context,
-then the continuation is scored or generated: the thinking variants of both metrics.
+then the continuation is scored or generated: the thinking variants of both metrics. Thought
+noise is keyed by a hash of the context tokens (`context_key`): a context gets the same
+thought on any rank and in any batch, and all continuations of one context (multiple-choice
+options) are scored after the same thought.
 
 Layouts: lm-eval deals requests to `rank` of `world_size`, which are the data-parallel rank
 and size here, so tensor/pipeline-parallel peers receive the same requests and run the same
@@ -32,6 +35,7 @@ raises ImportError with the install line.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -51,6 +55,14 @@ from megatron_rlp.eval.benchmark import ANSWER_STEP_KEY, THOUGHT_STEP_KEY
 from megatron_rlp.eval.decode import continuation_logprobs, generate, truncate_at_stop
 from megatron_rlp.eval.loading import EvalModel
 from megatron_rlp.rollout.thoughts import PromptBatch, sample_thoughts
+
+
+def context_key(ids: Sequence[int]) -> int:
+    """A sampling key for a thought after `ids`: a hash of the context tokens (62 bits), so
+    a context gets the same thought on any rank, in any batch, and all continuations of one
+    context (e.g. multiple-choice options) are scored after the same thought."""
+    digest = hashlib.sha256(json.dumps(list(map(int, ids))).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 2
 
 
 def _flag(value) -> bool:
@@ -127,13 +139,14 @@ class MegatronRLPLM(TemplateLM):
 
     # ---- thoughts ----
 
-    def _with_thoughts(self, contexts: list[list[int]], ids: Sequence[int],
-                       targets: Sequence[int]) -> list[list[int]]:
-        """`context <think> c </think>` for one thought per row (`ids`: sampling keys;
-        `targets`: the token S_pred scores, unused here but required by the rollout)."""
+    def _with_thoughts(self, contexts: list[list[int]], targets: Sequence[int]
+                       ) -> list[list[int]]:
+        """`context <think> c </think>` for one thought per row, keyed by `context_key`
+        (`targets`: the token the rollout's S_pred scores; not used here)."""
         r, tok = self.em.cfg.rlp, self.tok
         room = self.max_length - r.max_thought_tokens - 2 - 1
         contexts = [c[-room:] for c in contexts]
+        ids = [context_key(c) for c in contexts]
         tokens, valid = left_pad(contexts, tok.pad)
         d = self._device
         pb = PromptBatch(tokens=tokens.to(d), valid=valid.to(d), lengths=valid.sum(1).to(d),
@@ -163,8 +176,7 @@ class MegatronRLPLM(TemplateLM):
             contexts = [list(ctx) for _, ctx, _ in batch]
             conts = [list(cont) for _, _, cont in batch]
             if self.think:
-                contexts = self._with_thoughts(contexts, range(start, start + len(batch)),
-                                               [c[0] for c in conts])
+                contexts = self._with_thoughts(contexts, [c[0] for c in conts])
             lps, greedy = continuation_logprobs(self.em.policy, contexts, conts, **common)
             for (key, _, _), lp, g in zip(batch, lps, greedy, strict=True):
                 results.append((float(sum(lp)), bool(g)))
@@ -199,10 +211,11 @@ class MegatronRLPLM(TemplateLM):
                 rows = members[start:start + self.batch_size]
                 contexts = [self.tok_encode(requests[i].args[0]) or [tok.eos] for i in rows]
                 if self.think:
-                    contexts = self._with_thoughts(contexts, rows, [tok.eos] * len(rows))
+                    contexts = self._with_thoughts(contexts, [tok.eos] * len(rows))
                 keys = None
                 if temperature > 0:
-                    keys = torch.tensor([[self.seed, ANSWER_STEP_KEY, i] for i in rows])
+                    keys = torch.tensor([[self.seed, ANSWER_STEP_KEY, context_key(c)]
+                                         for c in contexts])
                 outs = generate(self.em.policy, contexts, max_new_tokens=max_new,
                                 max_sequence_length=self.max_length, vocab_size=tok.vocab_size,
                                 pad=tok.pad, stop_ids=[tok.eos], stop_texts=until,

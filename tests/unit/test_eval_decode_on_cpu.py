@@ -233,12 +233,17 @@ def test_adapter_thinking_inserts_a_sampled_thought(lm, em):
     thinker = MegatronRLPLM(eval_model=em, think=True)
     text = "Question: What is 1 + 2?\nAnswer:"
     ctx = TOK.encode(text)
-    (with_thought,) = thinker._with_thoughts([ctx], [0], [TOK.encode(" 3")[0]])
+    (with_thought,) = thinker._with_thoughts([ctx], [TOK.encode(" 3")[0]])
     assert with_thought[:len(ctx) + 1] == ctx + [TOK.think_start]
     assert with_thought[-1] == TOK.think_end and len(with_thought) <= len(ctx) + 2 + 6
-    (lp, _), = thinker.loglikelihood(instances("loglikelihood", [(text, " 3")]))
+    # the thought is keyed by the context: the same for every continuation, in any batch
+    (lp, _), (lp2, _) = thinker.loglikelihood(instances("loglikelihood", [
+        ("x", " y"), (text, " 3")]))[1:] + thinker.loglikelihood(instances("loglikelihood", [
+            (text, " 4")]))
     want = direct_continuation(em.policy, with_thought, TOK.encode(" 3"))[0]
     assert lp == pytest.approx(want, abs=1e-3)
+    want2 = direct_continuation(em.policy, with_thought, TOK.encode(" 4"))[0]
+    assert lp2 == pytest.approx(want2, abs=1e-3)
     (gen,) = thinker.generate_until(instances("generate_until", [(text, {"until": ["\n"],
                                                                         "max_gen_toks": 4})]))
     ids = generate(em.policy, [with_thought], max_new_tokens=4, max_sequence_length=WINDOW,
