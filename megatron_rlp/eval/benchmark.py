@@ -164,13 +164,16 @@ def _run_batch(em: EvalModel, opts: BenchmarkOptions, batch: list[tuple[int, dic
         outputs = generate(model, rows, max_new_tokens=opts.max_new_tokens, stop_ids=[tok.eos],
                            stop_texts=opts.stop, decode=tok.decode, temperature=opts.temperature,
                            top_p=opts.top_p, keys=keys, **common)
-        answer_prompts = rows
 
     lls = greedy = None
-    if opts.loglik:
+    if opts.loglik and opts.think:  # one score per thought
         lls, greedy = continuation_logprobs(
             model, answer_prompts, [answer_ids[row // n] for row in range(len(answer_prompts))],
             **common)
+    elif opts.loglik:  # the n sampled answers share one prompt: score it once
+        lls, greedy = continuation_logprobs(model, prompts, answer_ids, **common)
+        lls = [lp for lp in lls for _ in range(n)]
+        greedy = [g for g in greedy for _ in range(n)]
 
     results = []
     for b, (index, rec) in enumerate(batch):
