@@ -311,6 +311,28 @@ class TrainConfig:
     tensorboard_dir: str | None = None  # TensorBoard scalars (needs the tensorboard package)
     wandb_project: str | None = None  # Weights & Biases (needs wandb; WANDB_MODE=offline works)
     progress: bool = True  # rank 0: ETA column on console lines, a live bar on a terminal
+    # Resuming (train/resume.py), as Megatron-LM's flags: `finetune` (--finetune) loads the
+    # policy weights only and starts at step 0; `load_optimizer` / `load_rng` false skip the
+    # Adam state / the RNG states (--no-load-optim / --no-load-rng); `override_scheduler`
+    # true makes the configured lr/wd schedule apply from the loaded step
+    # (--override-opt_param-scheduler), false keeps the checkpoint's
+    # (--use-checkpoint-opt_param-scheduler).
+    finetune: bool = False
+    load_optimizer: bool = True
+    load_rng: bool = True
+    override_scheduler: bool = True
+    # Hangs (train/watchdog.py): the process-group timeout of every collective (Megatron's
+    # --distributed-timeout-minutes), and the longest a step or a save may take before the
+    # rank prints every thread's stack and exits 3 (null = distributed_timeout_minutes; 0 =
+    # off). Fractions of a minute are allowed.
+    distributed_timeout_minutes: float = 10.0
+    watchdog_minutes: float | None = None
+
+    def watchdog_seconds(self) -> float:
+        """The per-step/per-save limit in seconds (0 = off)."""
+        minutes = self.distributed_timeout_minutes if self.watchdog_minutes is None \
+            else self.watchdog_minutes
+        return 60.0 * minutes
 
     def validate(self) -> None:
         _check(self.steps >= 0, "train.steps", self.steps, "an integer >= 0")
@@ -335,6 +357,19 @@ class TrainConfig:
         if self.load is not None:
             _check(Path(self.load).is_dir(), "train.load", self.load,
                    "an existing checkpoint directory")
+            _check(not _hf_model_dir(Path(self.load)), "train.load", self.load,
+                   "a checkpoint directory; this is a Hugging Face model directory: convert it "
+                   f"first with `python tools/convert_checkpoint.py hf-to-megatron --hf-dir "
+                   f"{self.load} --out {self.load.rstrip('/')}-megatron`, then "
+                   f"train.load={self.load.rstrip('/')}-megatron")
+        _check(0 < self.distributed_timeout_minutes < math.inf,
+               "train.distributed_timeout_minutes", self.distributed_timeout_minutes,
+               "a finite number of minutes > 0 (Megatron's default: 10)")
+        _check(self.watchdog_minutes is None or 0 <= self.watchdog_minutes < math.inf,
+               "train.watchdog_minutes", self.watchdog_minutes,
+               "null (= distributed_timeout_minutes), 0 (off) or a finite number of minutes")
+        _check(not (self.finetune and self.load is None), "train.finetune", self.finetune,
+               "true only with train.load set (the weights to fine-tune)")
         if self.tensorboard_dir is not None:
             _check(bool(self.tensorboard_dir) and not Path(self.tensorboard_dir).is_file(),
                    "train.tensorboard_dir", self.tensorboard_dir,
@@ -342,6 +377,16 @@ class TrainConfig:
         if self.wandb_project is not None:
             _check(bool(self.wandb_project.strip()) and "/" not in self.wandb_project,
                    "train.wandb_project", self.wandb_project, "a W&B project name or null")
+
+
+def _hf_model_dir(path: Path) -> bool:
+    """A Hugging Face model directory (config.json + weights), not a checkpoint?"""
+    if (path / "latest").exists() or (path / "metadata.json").exists() or \
+            any(path.glob("step_*")):
+        return False
+    return (path / "config.json").is_file() and (
+        any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
+        or (path / "model.safetensors.index.json").is_file())
 
 
 @dataclass(kw_only=True)
@@ -658,9 +703,15 @@ def load_launch_config(path: str | None, overrides: tuple[str, ...]) -> RunConfi
     """`load_config` for an entry point under torchrun or srun (world size from `launch_env`),
     before torch.distributed starts. A bad value prints one `error:` line, from global rank 0
     only (every rank of a job reads the same config), and every rank exits 2."""
-    world, rank, _ = launch_env()
+    world, rank, local_rank = launch_env()
     try:
         cfg = load_config(path, overrides, world_size=world)
+        if cfg.device.type == "cuda":
+            import torch
+
+            visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            _check(local_rank < visible, "device.type", cfg.device.type,
+                   f"cpu: this process (local rank {local_rank}) sees {visible} CUDA device(s)")
         if world > 1 and "WORLD_SIZE" not in os.environ:  # srun: env:// rendezvous
             missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
             if missing:
