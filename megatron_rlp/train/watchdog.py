@@ -30,6 +30,19 @@ EXIT_CODE = 3  # README fault table: a hung step or save
 BACKSTOP_S = 30.0  # after the limit, the GIL-free dump of faulthandler (exit 1)
 
 
+def _fd_stream():
+    """The process's stderr, if it has a file descriptor (faulthandler writes to fds; a
+    test may have swapped sys.stderr for a StringIO)."""
+    for stream in (sys.stderr, sys.__stderr__):
+        try:
+            if stream is not None:
+                stream.fileno()
+                return stream
+        except (AttributeError, OSError, ValueError):
+            continue
+    return None
+
+
 class Watchdog:
     """Arms a deadline around each step or save of this rank.
 
@@ -60,11 +73,15 @@ class Watchdog:
         with self._lock:
             self._deadline, self._what = time.monotonic() + self.limit_s, what
             self._lock.notify()
-        faulthandler.dump_traceback_later(self.limit_s + BACKSTOP_S, exit=True)
+        backstop = _fd_stream()
+        if backstop is not None:
+            faulthandler.dump_traceback_later(self.limit_s + BACKSTOP_S, exit=True,
+                                              file=backstop)
         try:
             yield
         finally:
-            faulthandler.cancel_dump_traceback_later()
+            if backstop is not None:
+                faulthandler.cancel_dump_traceback_later()
             with self._lock:
                 self._deadline = None
                 self._lock.notify()
