@@ -1,0 +1,101 @@
+"""Bad input is refused at start-up, once per job: the failing commands of issue 14 exit 2
+with one `error:` line from global rank 0 (the other ranks exit 2 silently), before any
+step; the world size comes from torchrun's or srun's variables; a Hugging Face directory
+given as `train.load` names the conversion command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_rlp.config import ConfigError, launch_env, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = "examples/configs/tiny_cpu.yaml"
+LAUNCH = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items()
+             if k not in LAUNCH and not k.startswith("SLURM_")}
+    return subprocess.run([sys.executable, "pretrain_rlp.py", "--config", CONFIG, *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**clean, "PYTHONPATH": str(ROOT), **env})
+
+
+ISSUE_COMMANDS = [
+    pytest.param(["rlp.group_size=3", "train.micro_batch_size=4", "rlp.contexts_per_step=4"],
+                 "train.micro_batch_size=4", id="rlp-6-sequences-per-rank"),
+    pytest.param(["train.objective=ntp", "train.micro_batch_size=5"],
+                 "train.micro_batch_size=5", id="ntp-16-sequences-per-rank"),
+]
+
+
+@pytest.mark.parametrize("args, key", ISSUE_COMMANDS)
+@pytest.mark.parametrize("launcher", ["torchrun", "srun"])
+def test_issue_commands_exit_2_with_one_line_from_rank_0(args, key, launcher):
+    world = 2 if "rlp.group_size=3" in args else 1
+    for rank in range(world):
+        if launcher == "torchrun":
+            env = dict(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+        else:  # srun: one process per task, SLURM's variables only
+            env = dict(SLURM_PROCID=str(rank), SLURM_NTASKS=str(world), SLURM_STEP_ID="0",
+                       SLURM_LOCALID=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT="29999")
+        proc = _cli(args, env)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stdout == ""  # no step, no log line
+        if rank == 0:
+            lines = proc.stderr.splitlines()
+            assert len(lines) == 1 and lines[0].startswith("error: invalid config: "), lines
+            assert key in lines[0]
+        else:
+            assert proc.stderr == "", proc.stderr
+
+
+def test_launch_env_from_torchrun_srun_or_alone():
+    assert launch_env({"WORLD_SIZE": "8", "RANK": "3", "LOCAL_RANK": "1"}) == (8, 3, 1)
+    srun = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_STEP_ID": "0",
+            "SLURM_LOCALID": "1"}
+    assert launch_env(srun) == (16, 5, 1)
+    assert launch_env({**srun, "SLURM_STEP_NUM_TASKS": "8"}) == (8, 5, 1)
+    assert launch_env({"SLURM_PROCID": "0", "SLURM_NPROCS": "4", "SLURM_STEP_ID": "0"}) == (
+        4, 0, 0)
+    # the batch script itself (no job step) and torchrun inside srun: not SLURM's tasks
+    assert launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}) == (1, 0, 0)
+    assert launch_env({**srun, "WORLD_SIZE": "32", "RANK": "9"}) == (32, 9, 0)
+    assert launch_env({}) == (1, 0, 0)
+
+
+def test_srun_without_rendezvous_address_is_one_line():
+    env = dict(SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_STEP_ID="0")
+    proc = _cli(["rlp.contexts_per_step=8"], env)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "MASTER_ADDR and MASTER_PORT" in proc.stderr
+
+
+def test_hf_directory_as_train_load_names_the_conversion(tmp_path):
+    hf = tmp_path / "Qwen3-0.6B"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    (hf / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError) as err:
+        load_config(None, (f"train.load={hf}",))
+    msg = str(err.value)
+    assert "\n" not in msg and f"train.load='{hf}'" in msg
+    assert (f"python tools/convert_checkpoint.py hf-to-megatron --hf-dir {hf} --out "
+            f"{hf}-megatron" in msg and f"train.load={hf}-megatron" in msg)
+
+
+def test_hf_like_directory_at_load_time_names_the_conversion(tmp_path):
+    """A directory with config.json but no weights passes start-up (it may be neither); the
+    loader's refusal names the conversion too."""
+    from megatron_rlp.train.checkpoint import CheckpointError, resolve_checkpoint
+
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="convert it first with `python "
+                       "tools/convert_checkpoint.py hf-to-megatron"):
+        resolve_checkpoint(str(tmp_path))
