@@ -99,3 +99,36 @@ def test_hf_like_directory_at_load_time_names_the_conversion(tmp_path):
     with pytest.raises(CheckpointError, match="convert it first with `python "
                        "tools/convert_checkpoint.py hf-to-megatron"):
         resolve_checkpoint(str(tmp_path))
+
+
+@pytest.mark.parametrize("env, how", [
+    ({}, {"rank": 0, "world_size": 1}),  # alone: a private tcp:// rendezvous
+    ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0",
+      "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"},
+     {"init_method": "env://", "rank": 1, "world_size": 2}),  # srun: SLURM's rank and size
+])
+def test_process_group_timeout_is_distributed_timeout_minutes(monkeypatch, env, how):
+    """`train.distributed_timeout_minutes` (Megatron's name and default, 10) is the timeout
+    of the default group and of Megatron's groups."""
+    import datetime
+
+    from megatron_rlp import distributed
+
+    for key in (*LAUNCH, "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    seen = {}
+    monkeypatch.setattr(distributed, "setup_device", lambda cfg: None)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group",
+                        lambda **kw: seen.setdefault("init", kw))
+    monkeypatch.setattr(distributed.parallel_state, "initialize_model_parallel",
+                        lambda **kw: seen.setdefault("megatron", kw))
+    monkeypatch.setattr(distributed.tensor_parallel, "model_parallel_cuda_manual_seed",
+                        lambda seed: None)
+    assert load_config().train.distributed_timeout_minutes == 10
+    distributed.initialize(load_config(None, ("train.distributed_timeout_minutes=0.5",)))
+    assert seen["init"]["timeout"] == datetime.timedelta(seconds=30)
+    assert seen["megatron"]["distributed_timeout_minutes"] == 0.5
+    assert {k: seen["init"][k] for k in how} == how
