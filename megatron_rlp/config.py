@@ -482,8 +482,7 @@ class RunConfig:
           and under an interleaved pipeline gives a multiple of PP micro-batches (Megatron's
           `forward_backward_pipelining_with_interleaving` asserts it);
         - a document's contexts stay on one rank (`data/batches.py` rebuilds their shared
-          window from the contexts a rank holds; split, it would depend on DP);
-        - `rlp.rollout_chunk_contexts` is at most the contexts a rank rolls out.
+          window from the contexts a rank holds; split, it would depend on DP).
         """
         p, r, t = self.parallel, self.rlp, self.train
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
@@ -504,10 +503,10 @@ class RunConfig:
                    f"a divisor of the {local} contexts per data-parallel rank (contexts_per_step"
                    f"={r.contexts_per_step} / DP={dp}): one document's contexts share a window "
                    "and stay on one rank")
-            _check(r.rollout_chunk_contexts <= local, "rlp.rollout_chunk_contexts",
-                   r.rollout_chunk_contexts,
-                   f"0 or at most the {local} contexts per data-parallel rank (contexts_per_step"
-                   f"={r.contexts_per_step} / DP={dp})")
+            # Rollout chunks need no check: a chunk of more contexts than a rank holds is one
+            # chunk of all of them (thoughts.sample_thoughts_chunked), so a chunk size set for
+            # a small job stays valid when the job grows; keyed sampling makes the thoughts
+            # independent of the chunking.
             sequences, what = local * r.group_size, (
                 f"{local} contexts x group_size={r.group_size} thoughts")
         else:

@@ -209,8 +209,6 @@ SILENT = [
     # a document's contexts split over two ranks: each rebuilds its own window (DP-dependent)
     (("rlp.contexts_per_step=4", "rlp.positions_per_document=4"), 2,
      "rlp.positions_per_document=4"),
-    # a chunk larger than the rank's contexts bounds nothing
-    (("rlp.rollout_chunk_contexts=8",), 2, "rlp.rollout_chunk_contexts=8"),
     # an empty pipeline stage
     (("parallel.pipeline_model_parallel_size=2", "model.hybrid_layer_pattern=*-*-|"), 2,
      "model.hybrid_layer_pattern='*-*-|'"),
@@ -304,6 +302,8 @@ def test_valid_neighbours_pass():
         (("train.objective=ntp", "train.micro_batch_size=4"), 1),
         (("rlp.contexts_per_step=8", "rlp.positions_per_document=4"), 2),
         (("rlp.rollout_chunk_contexts=4",), 2),
+        # a chunk of more contexts than a rank holds is one chunk: valid at any scale
+        (("rlp.rollout_chunk_contexts=64",), 2),
         (("train.objective=ntp", "parallel.tensor_model_parallel_size=2",
           "parallel.sequence_parallel=true", "data.ntp_seq_length=32"), 2),
         (("parallel.pipeline_model_parallel_size=2",
