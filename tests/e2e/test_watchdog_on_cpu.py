@@ -1,8 +1,8 @@
 """A hung rank ends the job with its stacks (train/watchdog.py): one rank of two stops at the
-start of step 2 (the `step_stall` fault hook), the other waits for it in the step's first
-collective. With a 3 s watchdog both leave within the limit plus a margin, exit 3, each
-printing every thread's stack tagged with its rank; the checkpoint of step 1 stays `latest`
-and loads."""
+start of step 2 (the `step_stall` fault hook) or in the middle of writing the checkpoint of
+step 2 (`save_stall`), the other waits for it in a collective. With a 3 s watchdog both
+leave within the limit plus a margin, exit 3, each printing every thread's stack tagged with
+its rank; the checkpoint of step 1 stays `latest` and loads."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 
+import pytest
 from checkpoint_helpers import CONFIG, ROOT, SMALL, ok
 
 from megatron_rlp.train.watchdog import EXIT_CODE
@@ -42,11 +43,18 @@ def _launch(overrides: list[str], world: int, faults: str = "") -> list[subproce
     return procs
 
 
-def test_stalled_rank_ends_the_job_with_every_stack(tmp_path):
+@pytest.mark.parametrize("fault, what, marker, where", [
+    # rank 1 asleep at the start of step 2; rank 0 in the step's first all-reduce
+    ("step_stall@2", "step 2", "[fault] step stalled", ("should_stop", "stall_if_planned")),
+    # rank 1's checkpoint writer stalls in the save of step 2; rank 0 waits in the save
+    ("save_stall@2", "the checkpoint save of step 2", "[fault] save stalled",
+     ("save_checkpoint", "save_checkpoint")),
+], ids=["in-a-step", "in-a-save"])
+def test_stalled_rank_ends_the_job_with_every_stack(tmp_path, fault, what, marker, where):
     save = tmp_path / "ckpt"
     procs = _launch(["train.steps=2", "train.save_interval=1", f"train.save={save}",
                      "train.watchdog_minutes=0.05", "train.distributed_timeout_minutes=2"],
-                    world=2, faults="step_stall@2")
+                    world=2, faults=fault)
     stalled_at: list[float] = []
     errs = ["", ""]
     ended = [0.0, 0.0]
@@ -54,7 +62,7 @@ def test_stalled_rank_ends_the_job_with_every_stack(tmp_path):
     def read(i: int) -> None:
         for line in procs[i].stderr:
             errs[i] += line
-            if "[fault] step stalled" in line:
+            if marker in line:
                 stalled_at.append(time.monotonic())
         procs[i].wait()
         ended[i] = time.monotonic()
@@ -72,12 +80,11 @@ def test_stalled_rank_ends_the_job_with_every_stack(tmp_path):
         assert p.returncode == EXIT_CODE, (rank, p.returncode, errs[rank][-3000:])
         took = ended[rank] - stalled_at[0]
         assert took <= LIMIT_S + MARGIN_S, (rank, took)
-        header = f"[rank {rank}] [watchdog] step 2 did not finish within 3 s"
+        header = f"[rank {rank}] [watchdog] {what} did not finish within 3 s"
         assert header in errs[rank], errs[rank][-3000:]
         stack = [ln for ln in errs[rank].splitlines() if ln.startswith(f"[rank {rank}] ")]
         assert any("Thread 0x" in ln or "Current thread" in ln for ln in stack), stack
-        where = "stall_if_planned" if rank == 1 else "should_stop"  # asleep / in all_reduce
-        assert any(where in ln for ln in stack), (rank, stack)
+        assert any(where[rank] in ln for ln in stack), (rank, stack)
     assert (save / "latest").read_text().strip() == "step_00000001"
     # the previous checkpoint still loads (one rank, in this process: a new layout is fine)
     load = ok("train.steps=1", f"train.load={save}")
