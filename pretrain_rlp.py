@@ -9,6 +9,8 @@ before torch.distributed starts, with the world size of the launcher (torchrun o
 value exits 2 with one line naming it, printed by global rank 0 only. Exit codes: 0 done or
 stopped cleanly, 1 non-finite steps, 2 bad config / data / checkpoint, 3 a step or save that
 hung past train.watchdog_minutes (every thread's stack printed, tagged with the rank).
+torchrun adds its own failure report when a worker exits non-zero; `--check-world-size N`
+validates for N ranks in one process first (exit 0 or 2 with the one line).
 """
 
 from __future__ import annotations
@@ -24,10 +26,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML config file (sections: model, parallel, rlp, "
                         "optimizer, data, train, device, precision)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    parser.add_argument("--check-world-size", type=int, metavar="N",
+                        help="only validate the config for N ranks (no launcher needed) and "
+                        "exit: 0 valid, 2 with the one-line error")
     args = parser.parse_args(argv)
 
-    from megatron_rlp.config import launch_env, load_launch_config
+    from megatron_rlp.config import ConfigError, launch_env, load_config, load_launch_config
 
+    if args.check_world_size is not None:
+        try:
+            load_config(args.config, tuple(args.overrides), world_size=args.check_world_size)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"config valid for {args.check_world_size} rank(s)")
+        return 0
     try:
         cfg = load_launch_config(args.config, tuple(args.overrides))
     except SystemExit as e:  # a bad config: its one-line error is printed

@@ -132,3 +132,14 @@ def test_process_group_timeout_is_distributed_timeout_minutes(monkeypatch, env, 
     assert seen["init"]["timeout"] == datetime.timedelta(seconds=30)
     assert seen["megatron"]["distributed_timeout_minutes"] == 0.5
     assert {k: seen["init"][k] for k in how} == how
+
+
+def test_check_world_size_validates_without_a_launcher():
+    """torchrun adds its own report when a worker exits 2; `--check-world-size N` gives the
+    one line (or 'valid') from one process."""
+    bad = _cli(["--check-world-size", "2", "rlp.group_size=3", "train.micro_batch_size=4",
+                "rlp.contexts_per_step=4"], {})
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.count("\n") == 1 and "train.micro_batch_size=4" in bad.stderr
+    good = _cli(["--check-world-size", "2"], {})
+    assert good.returncode == 0 and good.stdout.strip() == "config valid for 2 rank(s)"
