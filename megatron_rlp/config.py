@@ -322,17 +322,16 @@ class TrainConfig:
     load_rng: bool = True
     override_scheduler: bool = True
     # Hangs (train/watchdog.py): the process-group timeout of every collective (Megatron's
-    # --distributed-timeout-minutes), and the longest a step or a save may take before the
-    # rank prints every thread's stack and exits 3 (null = distributed_timeout_minutes; 0 =
-    # off). Fractions of a minute are allowed.
+    # --distributed-timeout-minutes), and the longest one step, save or load may take before
+    # the rank prints every thread's stack and exits 3 (0 = off). A whole step can take
+    # longer than one collective: the default hour leaves room for long RLP steps at scale;
+    # set it to a few times your step time. Fractions of a minute are allowed.
     distributed_timeout_minutes: float = 10.0
-    watchdog_minutes: float | None = None
+    watchdog_minutes: float = 60.0
 
     def watchdog_seconds(self) -> float:
         """The per-step/per-save limit in seconds (0 = off)."""
-        minutes = self.distributed_timeout_minutes if self.watchdog_minutes is None \
-            else self.watchdog_minutes
-        return 60.0 * minutes
+        return 60.0 * self.watchdog_minutes
 
     def validate(self) -> None:
         _check(self.steps >= 0, "train.steps", self.steps, "an integer >= 0")
@@ -365,9 +364,8 @@ class TrainConfig:
         _check(0 < self.distributed_timeout_minutes < math.inf,
                "train.distributed_timeout_minutes", self.distributed_timeout_minutes,
                "a finite number of minutes > 0 (Megatron's default: 10)")
-        _check(self.watchdog_minutes is None or 0 <= self.watchdog_minutes < math.inf,
-               "train.watchdog_minutes", self.watchdog_minutes,
-               "null (= distributed_timeout_minutes), 0 (off) or a finite number of minutes")
+        _check(0 <= self.watchdog_minutes < math.inf, "train.watchdog_minutes",
+               self.watchdog_minutes, "a finite number of minutes >= 0 (0 = off)")
         _check(not (self.finetune and self.load is None), "train.finetune", self.finetune,
                "true only with train.load set (the weights to fine-tune)")
         if self.tensorboard_dir is not None:

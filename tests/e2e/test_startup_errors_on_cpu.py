@@ -143,3 +143,15 @@ def test_check_world_size_validates_without_a_launcher():
     assert bad.stderr.count("\n") == 1 and "train.micro_batch_size=4" in bad.stderr
     good = _cli(["--check-world-size", "2"], {})
     assert good.returncode == 0 and good.stdout.strip() == "config valid for 2 rank(s)"
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.distributed_timeout_minutes=0", "train.distributed_timeout_minutes=0.0"),
+    ("train.distributed_timeout_minutes=inf", "train.distributed_timeout_minutes=inf"),
+    ("train.watchdog_minutes=-1", "train.watchdog_minutes=-1.0"),
+    ("train.finetune=true", "train.finetune=True"),  # without train.load
+])
+def test_new_train_keys_are_validated(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, (override,))
+    assert expected in str(err.value) and "\n" not in str(err.value)
