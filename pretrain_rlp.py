@@ -5,14 +5,18 @@ by the information it adds about the real next token (see README.md).
         rlp.group_size=4 train.steps=20
 
 Everything after the config file is a `section.key=value` override. The config is validated
-before torch.distributed starts: a bad value exits with one line naming it.
+before torch.distributed starts, with the world size of the launcher (torchrun or srun): a bad
+value exits 2 with one line naming it, printed by global rank 0 only. Exit codes: 0 done or
+stopped cleanly, 1 non-finite steps, 2 bad config / data / checkpoint, 3 a step or save that
+hung past train.watchdog_minutes (every thread's stack printed, tagged with the rank).
+torchrun adds its own failure report when a worker exits non-zero; `--check-world-size N`
+validates for N ranks in one process first (exit 0 or 2 with the one line).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import warnings
 
@@ -22,10 +26,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML config file (sections: model, parallel, rlp, "
                         "optimizer, data, train, device, precision)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    parser.add_argument("--check-world-size", type=int, metavar="N",
+                        help="only validate the config for N ranks (no launcher needed) and "
+                        "exit: 0 valid, 2 with the one-line error")
     args = parser.parse_args(argv)
 
-    from megatron_rlp.config import load_launch_config
+    from megatron_rlp.config import ConfigError, launch_env, load_config, load_launch_config
 
+    if args.check_world_size is not None:
+        try:
+            load_config(args.config, tuple(args.overrides), world_size=args.check_world_size)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"config valid for {args.check_world_size} rank(s)")
+        return 0
     try:
         cfg = load_launch_config(args.config, tuple(args.overrides))
     except SystemExit as e:  # a bad config: its one-line error is printed
@@ -45,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(cfg)  # a clean stop (signal, wall time, exit_interval) also returns: exit 0
     except (CheckpointError, DataError, TrainingError) as e:
-        # Raised on every rank alike; one line from global rank 0, no traceback.
-        if int(os.environ.get("RANK", "0")) == 0:
+        # Raised on every rank alike; one line from global rank 0, the same exit code on
+        # every rank, no traceback.
+        if launch_env()[1] == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 1 if isinstance(e, TrainingError) else 2
     finally:

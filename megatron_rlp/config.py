@@ -323,6 +323,27 @@ class TrainConfig:
     tensorboard_dir: str | None = None  # TensorBoard scalars (needs the tensorboard package)
     wandb_project: str | None = None  # Weights & Biases (needs wandb; WANDB_MODE=offline works)
     progress: bool = True  # rank 0: ETA column on console lines, a live bar on a terminal
+    # Resuming (train/resume.py), as Megatron-LM's flags: `finetune` (--finetune) loads the
+    # policy weights only and starts at step 0; `load_optimizer` / `load_rng` false skip the
+    # Adam state / the RNG states (--no-load-optim / --no-load-rng); `override_scheduler`
+    # true makes the configured lr/wd schedule apply from the loaded step
+    # (--override-opt_param-scheduler), false keeps the checkpoint's
+    # (--use-checkpoint-opt_param-scheduler).
+    finetune: bool = False
+    load_optimizer: bool = True
+    load_rng: bool = True
+    override_scheduler: bool = True
+    # Hangs (train/watchdog.py): the process-group timeout of every collective (Megatron's
+    # --distributed-timeout-minutes), and the longest one step, save or load may take before
+    # the rank prints every thread's stack and exits 3 (0 = off). A whole step can take
+    # longer than one collective: the default hour leaves room for long RLP steps at scale;
+    # set it to a few times your step time. Fractions of a minute are allowed.
+    distributed_timeout_minutes: float = 10.0
+    watchdog_minutes: float = 60.0
+
+    def watchdog_seconds(self) -> float:
+        """The per-step/per-save limit in seconds (0 = off)."""
+        return 60.0 * self.watchdog_minutes
 
     def validate(self) -> None:
         _check(self.steps >= 0, "train.steps", self.steps, "an integer >= 0")
@@ -347,6 +368,18 @@ class TrainConfig:
         if self.load is not None:
             _check(Path(self.load).is_dir(), "train.load", self.load,
                    "an existing checkpoint directory")
+            _check(not _hf_model_dir(Path(self.load)), "train.load", self.load,
+                   "a checkpoint directory; this is a Hugging Face model directory: convert it "
+                   f"first with `python tools/convert_checkpoint.py hf-to-megatron --hf-dir "
+                   f"{self.load} --out {self.load.rstrip('/')}-megatron`, then "
+                   f"train.load={self.load.rstrip('/')}-megatron")
+        _check(0 < self.distributed_timeout_minutes < math.inf,
+               "train.distributed_timeout_minutes", self.distributed_timeout_minutes,
+               "a finite number of minutes > 0 (Megatron's default: 10)")
+        _check(0 <= self.watchdog_minutes < math.inf, "train.watchdog_minutes",
+               self.watchdog_minutes, "a finite number of minutes >= 0 (0 = off)")
+        _check(not (self.finetune and self.load is None), "train.finetune", self.finetune,
+               "true only with train.load set (the weights to fine-tune)")
         if self.tensorboard_dir is not None:
             _check(bool(self.tensorboard_dir) and not Path(self.tensorboard_dir).is_file(),
                    "train.tensorboard_dir", self.tensorboard_dir,
@@ -354,6 +387,16 @@ class TrainConfig:
         if self.wandb_project is not None:
             _check(bool(self.wandb_project.strip()) and "/" not in self.wandb_project,
                    "train.wandb_project", self.wandb_project, "a W&B project name or null")
+
+
+def _hf_model_dir(path: Path) -> bool:
+    """A Hugging Face model directory (config.json + weights), not a checkpoint?"""
+    if (path / "latest").exists() or (path / "metadata.json").exists() or \
+            any(path.glob("step_*")):
+        return False
+    return (path / "config.json").is_file() and (
+        any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
+        or (path / "model.safetensors.index.json").is_file())
 
 
 @dataclass(kw_only=True)
@@ -430,16 +473,7 @@ class RunConfig:
                tp, f"a divisor of model.make_vocab_size_divisible_by="
                f"{m.make_vocab_size_divisible_by} (the padded vocabulary is split over TP)")
         if world_size is not None:
-            _check(world_size % (tp * pp) == 0, "parallel.tensor_model_parallel_size", tp,
-                   f"TP*PP dividing the world size {world_size}")
-            dp = world_size // (tp * pp)
-            _check(self.rlp.contexts_per_step % dp == 0, "rlp.contexts_per_step",
-                   self.rlp.contexts_per_step, f"a multiple of the data-parallel size {dp}")
-            _check(self.data.ntp_batch_size % dp == 0, "data.ntp_batch_size",
-                   self.data.ntp_batch_size, f"a multiple of the data-parallel size {dp}")
-            _check(self.train.eval_interval == 0 or self.train.eval_contexts % dp == 0,
-                   "train.eval_contexts", self.train.eval_contexts,
-                   f"a multiple of the data-parallel size {dp}")
+            self._check_run_shapes(world_size)
         _check(self.train.eval_interval == 0 or self.data.split_weights()[1] > 0,
                "train.eval_interval", self.train.eval_interval,
                f"0 unless data.split holds out a valid split (data.split={self.data.split!r}, "
@@ -457,13 +491,11 @@ class RunConfig:
             _check(all(seg for seg in m.hybrid_layer_pattern.split("|")),
                    "model.hybrid_layer_pattern", m.hybrid_layer_pattern,
                    "no empty chunk between | separators")
-            if world_size is not None:
-                self._check_interleaved_microbatches(world_size // (tp * pp), pp)
-        need = self.rlp.max_prefix_tokens + self.rlp.max_thought_tokens + 2
-        if self.train.objective == "ntp":
-            need = self.data.ntp_seq_length
-        _check(m.max_sequence_length >= need, "model.max_sequence_length",
-               m.max_sequence_length, f">= {need} (prefix + <think> + thought + </think>)")
+        if vp is None:
+            _check(stages == 1 or all(seg for seg in m.hybrid_layer_pattern.split("|")),
+                   "model.hybrid_layer_pattern", m.hybrid_layer_pattern,
+                   "no empty pipeline stage between | separators")
+        self._check_sequence_lengths()
         self._check_transformer_engine()
         return self
 
@@ -507,18 +539,78 @@ class RunConfig:
                 _check(v <= stage, f"precision.{key}", v,
                        f"<= {stage} layers per pipeline stage (Megatron's limit)")
 
-    def _check_interleaved_microbatches(self, dp: int, pp: int) -> None:
-        """Megatron's interleaved schedule runs micro-batches in groups of PP: their number
-        must be a multiple of PP."""
-        if self.train.objective == "rlp":
-            sequences = self.rlp.contexts_per_step // dp * self.rlp.group_size
+    def _check_run_shapes(self, world_size: int) -> None:
+        """The run-time constraints that depend on the world size, checked here so that a
+        run never stops at step 1 over them. Each names the code that would fail:
+
+        - TP x PP divides the world; DP = world / (TP x PP) divides the global batches
+          (`rlp_step.local_contexts`, `ntp_step`, `validate.validate` slice them evenly);
+        - `train.micro_batch_size` divides the sequences of a rank (`update.split_microbatches`),
+          and under an interleaved pipeline gives a multiple of PP micro-batches (Megatron's
+          `forward_backward_pipelining_with_interleaving` asserts it);
+        - a document's contexts stay on one rank (`data/batches.py` rebuilds their shared
+          window from the contexts a rank holds; split, it would depend on DP).
+        """
+        p, r, t = self.parallel, self.rlp, self.train
+        tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+        _check(isinstance(world_size, int) and world_size >= 1 and world_size % (tp * pp) == 0,
+               "parallel.tensor_model_parallel_size", tp,
+               f"TP*PP dividing the world size {world_size} (pipeline_model_parallel_size={pp})")
+        dp = world_size // (tp * pp)
+        _check(r.contexts_per_step % dp == 0, "rlp.contexts_per_step", r.contexts_per_step,
+               f"a multiple of the data-parallel size {dp}")
+        _check(self.data.ntp_batch_size % dp == 0, "data.ntp_batch_size",
+               self.data.ntp_batch_size, f"a multiple of the data-parallel size {dp}")
+        _check(t.eval_interval == 0 or t.eval_contexts % dp == 0, "train.eval_contexts",
+               t.eval_contexts, f"a multiple of the data-parallel size {dp}")
+        local = r.contexts_per_step // dp
+        if t.objective == "rlp":
+            _check(local % r.positions_per_document == 0, "rlp.positions_per_document",
+                   r.positions_per_document,
+                   f"a divisor of the {local} contexts per data-parallel rank (contexts_per_step"
+                   f"={r.contexts_per_step} / DP={dp}): one document's contexts share a window "
+                   "and stay on one rank")
+            # Rollout chunks need no check: a chunk of more contexts than a rank holds is one
+            # chunk of all of them (thoughts.sample_thoughts_chunked), so a chunk size set for
+            # a small job stays valid when the job grows; keyed sampling makes the thoughts
+            # independent of the chunking.
+            sequences, what = local * r.group_size, (
+                f"{local} contexts x group_size={r.group_size} thoughts")
         else:
             sequences = self.data.ntp_batch_size // dp
-        mbs = self.train.micro_batch_size
-        count = sequences // mbs if mbs and sequences % mbs == 0 else 1
-        _check(count % pp == 0, "train.micro_batch_size", mbs,
-               f"a size giving a multiple of pipeline_model_parallel_size={pp} micro-batches "
-               f"(interleaved pipeline; {sequences} sequences per data-parallel rank)")
+            what = f"data.ntp_batch_size={self.data.ntp_batch_size} / DP={dp}"
+        mbs = t.micro_batch_size
+        _check(sequences % (mbs or sequences) == 0, "train.micro_batch_size", mbs,
+               f"0 or a divisor of the {sequences} sequences per data-parallel rank ({what})")
+        if p.virtual_pipeline_model_parallel_size is not None:
+            count = sequences // (mbs or sequences)
+            _check(count % pp == 0, "train.micro_batch_size", mbs,
+                   f"a size giving a multiple of pipeline_model_parallel_size={pp} micro-batches "
+                   f"(interleaved pipeline; {sequences} sequences per data-parallel rank)")
+
+    def _check_sequence_lengths(self) -> None:
+        """The longest sequence a run builds fits `model.max_sequence_length`: a rollout is
+        prefix + `<think>` + thought (`</think>` included) + the `</think>` a cut-off thought
+        is given (`rollout/thoughts.py` sizes its KV cache so); NTP windows are
+        `data.ntp_seq_length` long. Evaluation samples thoughts in NTP runs too."""
+        m, r = self.model, self.rlp
+        rlp_need = r.max_prefix_tokens + r.max_thought_tokens + 2
+        needs = []
+        if self.train.objective == "rlp" or self.train.eval_interval:
+            needs.append((rlp_need, "rlp.max_prefix_tokens + <think> + rlp.max_thought_tokens + "
+                                    "</think>"))
+        if self.train.objective == "ntp":
+            needs.append((self.data.ntp_seq_length, "data.ntp_seq_length"))
+        for need, what in needs:
+            _check(m.max_sequence_length >= need, "model.max_sequence_length",
+                   m.max_sequence_length, f">= {need} ({what})")
+        p = self.parallel
+        if self.train.objective == "ntp" and p.sequence_parallel:
+            # The NTP update feeds whole windows; sequence parallel splits them over TP.
+            _check(self.data.ntp_seq_length % p.tensor_model_parallel_size == 0,
+                   "data.ntp_seq_length", self.data.ntp_seq_length,
+                   f"a multiple of tensor_model_parallel_size={p.tensor_model_parallel_size} "
+                   "with parallel.sequence_parallel=true")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -654,11 +746,47 @@ def load_config(path: str | None = None, overrides: tuple[str, ...] = (),
     return cfg.validate(world_size)
 
 
+def launch_env(env: typing.Mapping[str, str] | None = None) -> tuple[int, int, int]:
+    """(world size, global rank, local rank) of this process, from its launcher.
+
+    torchrun sets WORLD_SIZE / RANK / LOCAL_RANK. `srun` starting one process per task sets
+    SLURM_STEP_NUM_TASKS (or SLURM_NTASKS / SLURM_NPROCS) / SLURM_PROCID / SLURM_LOCALID; those
+    count only inside a job step (SLURM_STEP_ID), not in the batch script itself. Otherwise
+    the process is alone: (1, 0, 0).
+    """
+    env = os.environ if env is None else env
+    if "WORLD_SIZE" in env or "RANK" in env:
+        return (int(env.get("WORLD_SIZE", "1")), int(env.get("RANK", "0")),
+                int(env.get("LOCAL_RANK", "0")))
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+        for key in ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS"):
+            if env.get(key, "").isdigit():
+                return int(env[key]), int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", "0"))
+    return 1, 0, 0
+
+
 def load_launch_config(path: str | None, overrides: tuple[str, ...]) -> RunConfig:
-    """`load_config` for an entry point under torchrun (world size from WORLD_SIZE): a bad
-    value prints its one-line error and exits 2, before torch.distributed starts."""
+    """`load_config` for an entry point under torchrun or srun (world size from `launch_env`),
+    before torch.distributed starts. A bad value prints one `error:` line, from global rank 0
+    only (every rank of a job reads the same config), and every rank exits 2."""
+    world, rank, local_rank = launch_env()
     try:
-        return load_config(path, overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        cfg = load_config(path, overrides, world_size=world)
+        if cfg.device.type == "cuda":
+            import torch
+
+            visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            _check(local_rank < visible, "device.type", cfg.device.type,
+                   f"cpu: this process (local rank {local_rank}) sees {visible} CUDA device(s)")
+        if world > 1 and "WORLD_SIZE" not in os.environ:  # srun: env:// rendezvous
+            missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+            if missing:
+                raise ConfigError(f"invalid launch: srun started {world} tasks but "
+                                  f"{' and '.join(missing)} is not set (allowed: export "
+                                  "MASTER_ADDR=<first node> MASTER_PORT=<free port>, or "
+                                  "launch with torchrun)")
+        return cfg
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

@@ -9,15 +9,16 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from megatron_rlp.config import RunConfig
+from megatron_rlp.config import RunConfig, launch_env
 
 
 def torch_device(cfg: RunConfig) -> torch.device:
     """The one device this rank's model, teacher, caches and batches live on: `cpu`, or
-    `cuda:LOCAL_RANK` for `device.type=cuda` (torchrun's local rank; 0 for a plain run)."""
+    `cuda:LOCAL_RANK` for `device.type=cuda` (the launcher's local rank, `config.launch_env`;
+    0 for a plain run)."""
     if cfg.device.type == "cpu":
         return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cuda", launch_env()[2])
 
 
 def setup_device(cfg: RunConfig) -> None:
@@ -26,7 +27,8 @@ def setup_device(cfg: RunConfig) -> None:
         from megatron_rlp.backends import cpu
 
         cpu.activate()
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE",
+                                                                      "1").split("(")[0]))
         threads = cfg.device.num_threads or max(1, (os.cpu_count() or 1) // local)
         torch.set_num_threads(threads)
     else:
@@ -36,24 +38,34 @@ def setup_device(cfg: RunConfig) -> None:
 
 
 def initialize(cfg: RunConfig) -> None:
-    """Start torch.distributed (env:// from torchrun, or a 1-process group) and Megatron's
-    TP/PP/DP groups, then seed Megatron's RNG tracker."""
+    """Start torch.distributed (env:// from torchrun or srun, or a 1-process group) and
+    Megatron's TP/PP/DP groups, then seed Megatron's RNG tracker.
+
+    Every collective waits at most `train.distributed_timeout_minutes` (Megatron-LM's
+    --distributed-timeout-minutes, default 10), Megatron's groups included."""
     setup_device(cfg)
     if not dist.is_initialized():
-        # torchrun sets env:// variables; a plain `python` run is a group of one, set up
-        # without touching os.environ (child processes must not inherit a stale rendezvous).
-        alone = {} if "RANK" in os.environ else dict(
-            init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        # torchrun sets env:// variables; srun sets SLURM ones (rank and size passed here,
+        # MASTER_ADDR/PORT checked at start-up); a plain `python` run is a group of one, set
+        # up without touching os.environ (children must not inherit a stale rendezvous).
+        world, rank, _ = launch_env()
+        if "RANK" in os.environ:
+            how = {}
+        elif world > 1:
+            how = dict(init_method="env://", rank=rank, world_size=world)
+        else:
+            how = dict(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
         dist.init_process_group(
             backend="gloo" if cfg.device.type == "cpu" else "nccl",
-            timeout=datetime.timedelta(minutes=10),
-            **alone,
+            timeout=datetime.timedelta(minutes=cfg.train.distributed_timeout_minutes),
+            **how,
         )
     p = cfg.parallel
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        distributed_timeout_minutes=cfg.train.distributed_timeout_minutes,  # float is fine
     )
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)

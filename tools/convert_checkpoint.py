@@ -8,6 +8,10 @@
     python tools/convert_checkpoint.py megatron-to-hf --checkpoint runs/rlp \
         --out exported/ --template Qwen3-1.7B-Base [--weights teacher] [--dtype bf16]
 
+A config field the converter does not model (YaRN or other RoPE scaling, a sliding window,
+biases, MoE settings on a dense model, ...) is refused: one `error:` line naming the field
+and value, exit code 2 (megatron_rlp/convert/refusals.py).
+
 Runs in one CPU process (no GPU, no network); the Megatron side may use any TP/PP when
 training: dist_checkpointing reshards at load. Needs `safetensors` (pip install
 megatron-rlp[convert]).
@@ -54,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
             dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
             out = megatron_to_hf(args.checkpoint, args.out, args.template, args.weights, dtype)
             print(f"wrote {out}/model.safetensors and config.json")
-    except (ConversionError, CheckpointError, OSError, ImportError) as e:
+    except (ConversionError, CheckpointError) as e:  # input it does not model: exit 2
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

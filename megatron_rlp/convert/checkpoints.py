@@ -32,6 +32,7 @@ from megatron_rlp.convert.mapping import (
     architecture_of_hf,
     architecture_of_megatron,
 )
+from megatron_rlp.convert.refusals import check_hf_config, check_megatron_model
 
 # Megatron's modules must be imported before the CPU backend patches torch.cuda (their
 # torch.compile decorators run at import), so import them here, not after `initialize`.
@@ -146,6 +147,10 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tokenizer: str | Non
     """
     from megatron.core import dist_checkpointing
 
+    config_json = Path(hf_dir) / "config.json"
+    if config_json.is_file():  # refuse what is not modelled before reading any weights
+        early = json.loads(config_json.read_text())
+        ARCHITECTURES[architecture_of_hf(early)]["model_config"](early)
     hf_cfg, hf_sd = read_hf(hf_dir)
     arch = architecture_of_hf(hf_cfg)
     spec = ARCHITECTURES[arch]
@@ -253,7 +258,9 @@ def megatron_to_hf(path: str | Path, out_dir: str | Path, template: str | Path |
         base = json.loads((Path(template) / "config.json").read_text())
     rows = int(sd["embedding.word_embeddings.weight"].shape[0])
     spec = ARCHITECTURES[arch]
+    check_megatron_model(fields, arch)
     hf_cfg = spec["hf_config"](fields, rows, base)
+    check_hf_config(hf_cfg, arch, "megatron-to-hf")  # e.g. a template's YaRN or MoE keys
     if dtype is not None:
         hf_cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
     hf_sd = spec["to_hf"](sd, fields)

@@ -63,12 +63,18 @@ def _take(sd: dict[str, Tensor], key: str) -> Tensor:
 
 
 def _rope_theta(hf: dict) -> float:
+    """RoPE base from `rope_parameters` (transformers 5) or `rope_theta`; the RoPE type of
+    both `rope_parameters` and `rope_scaling` is checked by refusals.py first."""
     rope = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    kind = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if kind not in (None, "default"):
-        raise ConversionError(f"RoPE type {kind!r} is not supported (only the default RoPE)")
+    if rope and all(isinstance(v, dict) for v in rope.values()):  # one dict per layer type
+        rope = rope.get("full_attention") or next(iter(rope.values()))
     return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def _check(hf: dict, arch: str) -> None:
+    from megatron_rlp.convert.refusals import check_hf_config  # imports ConversionError
+
+    check_hf_config(hf, arch)
 
 
 # ---------------------------------------------------------------------------------------
@@ -76,13 +82,8 @@ def _rope_theta(hf: dict) -> float:
 
 
 def qwen3_model_config(hf: dict) -> dict:
-    """HF Qwen3 config.json -> `ModelConfig` fields."""
-    if hf.get("attention_bias"):
-        raise ConversionError("Qwen3 with attention_bias=true is not supported")
-    if hf.get("use_sliding_window"):
-        raise ConversionError("Qwen3 with sliding-window attention is not supported")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ConversionError(f"Qwen3 hidden_act {hf.get('hidden_act')!r} (only silu/SwiGLU)")
+    """HF Qwen3 config.json -> `ModelConfig` fields (refusals.py: what is not modelled)."""
+    _check(hf, "qwen3")
     theta = _rope_theta(hf)
     if theta != int(theta):
         raise ConversionError(f"rope_theta={theta} is not an integer (model.rotary_base)")
@@ -216,7 +217,7 @@ NEMOTRON_H_MLP = {  # "-" layers: squared-ReLU MLP, not gated
 }
 NEMOTRON_H_MAMBA = {  # "M" layers: Megatron 0.19 MambaLayer / MambaMixer parameter names.
     # in_proj rows are [z, x, B, C, dt] on both sides (TP=1); conv weight [conv_dim, 1, k].
-    # Not yet checked against a forward: add "M" to the Nemotron-H conversion test.
+    # Checked against transformers' forward with M layers (tests/e2e/test_convert_on_cpu.py).
     "norm.weight": "norm.weight",
     "mixer.in_proj.weight": "mixer.in_proj.weight",
     "mixer.conv1d.weight": "mixer.conv1d_weight",
@@ -242,11 +243,8 @@ def nemotron_h_pattern(hf: dict) -> str:
 
 
 def nemotron_h_model_config(hf: dict) -> dict:
-    """HF Nemotron-H config.json -> `ModelConfig` fields."""
-    if hf.get("mlp_hidden_act", "relu2") != "relu2":
-        raise ConversionError(f"Nemotron-H mlp_hidden_act {hf.get('mlp_hidden_act')!r}")
-    if hf.get("attention_bias") or hf.get("mlp_bias") or hf.get("use_bias"):
-        raise ConversionError("Nemotron-H with biases is not supported")
+    """HF Nemotron-H config.json -> `ModelConfig` fields (refusals.py: what is not modelled)."""
+    _check(hf, "nemotron_h")
     heads = int(hf["num_attention_heads"])
     out = dict(
         name=str(hf.get("_name_or_path") or "nemotron_h") or "nemotron_h",

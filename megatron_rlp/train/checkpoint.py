@@ -54,6 +54,7 @@ from megatron_rlp.models.provider import padded_vocab_size
 from megatron_rlp.parallel.pipeline import ModelChunks
 from megatron_rlp.train import faults
 from megatron_rlp.train.builder import TrainState
+from megatron_rlp.train.resume import ResumeOptions, match_param_groups, use_checkpoint_schedule
 
 LATEST = "latest"
 FORMAT_VERSION = 2
@@ -527,8 +528,14 @@ def resolve_checkpoint(path: str) -> Path:
         complete = [c for _, c in _checkpoints(p) if (c / "metadata.json").is_file()] \
             if p.is_dir() else []
         if not complete:
+            hint = ""
+            if (p / "config.json").is_file():  # a Hugging Face model directory
+                out = f"{str(path).rstrip('/')}-megatron"
+                hint = (f"; it looks like a Hugging Face model: convert it first with "
+                        f"`python tools/convert_checkpoint.py hf-to-megatron --hf-dir {path} "
+                        f"--out {out}`, then train.load={out}")
             raise CheckpointError(f"train.load={path!r} is not a checkpoint (no '{LATEST}' "
-                                  f"pointer, no metadata.json, no step_* checkpoint)")
+                                  f"pointer, no metadata.json, no step_* checkpoint){hint}")
         ckpt = complete[-1]  # saved, but killed before `latest` was first written
     if not (ckpt / "metadata.json").is_file():
         raise CheckpointError(f"checkpoint {ckpt} is incomplete or corrupted (no metadata.json)")
@@ -603,13 +610,17 @@ def _restore_steps(state: TrainState) -> None:
 
 
 def load_checkpoint(state: TrainState, path: str, checksums: bool = True,
-                    counters: dict[str, int] | None = None) -> str:
+                    counters: dict[str, int] | None = None,
+                    options: ResumeOptions | None = None) -> str:
     """Load into `state` (collective). Same objective: resume everything. Other objective
-    (e.g. NTP warm-up into RLP): warm-start the policy weights only, from step 0.
+    (e.g. NTP warm-up into RLP), or `options.finetune`: warm-start the policy weights only,
+    from step 0.
 
     Args:
         checksums: verify the SHA-256 manifest, when the checkpoint has one.
         counters: updated in place with the loop counters saved with the checkpoint.
+        options: what a resume restores (train/resume.py; default: everything, with the
+            configured lr schedule applying from the loaded step).
 
     Returns:
         A line for the log: "resumed ..." or "warm-started ...".
@@ -634,13 +645,14 @@ def load_checkpoint(state: TrainState, path: str, checksums: bool = True,
     if not isinstance(common, dict) or "step" not in common:
         raise CheckpointError(f"checkpoint {ckpt} was not written by megatron-rlp (no step)")
     _check_model(common, state, ckpt)
-    resume = common.get("objective") == state.cfg.train.objective
+    options = options or ResumeOptions()
+    resume = common.get("objective") == state.cfg.train.objective and not options.finetune
     teacher = resume and state.teacher is not None and bool(common.get("teacher_initialized"))
     layout = common.get("layout")
     same_layout = layout == _layout()
-    rng = resume and same_layout
+    rng = resume and same_layout and options.load_rng
     optimizer = None
-    if resume and common.get("optimizer_saved", True):
+    if resume and options.load_optimizer and common.get("optimizer_saved", True):
         optimizer = common.get("optimizer_kind") or "local"  # format 1: local optimizer only
         _check_optimizer(optimizer, state, ckpt, layout)
     if optimizer and optimizer.startswith("distributed/"):
@@ -657,13 +669,28 @@ def load_checkpoint(state: TrainState, path: str, checksums: bool = True,
                                   f"{_reason(e, logged)}") from None
     _load_model(state.policy, loaded["model"], _MODEL)
     if not resume:
+        if options.finetune:
+            return (f"fine-tuning from the policy weights of a {common.get('objective')} "
+                    "checkpoint (train.finetune: step 0, fresh optimizer)")
         return f"warm-started the policy (a {common.get('objective')} checkpoint)"
+    if not options.override_scheduler:
+        use_checkpoint_schedule(state.optimizer, common["scheduler"])
     if optimizer:
-        with torch.no_grad(), _step_entries(state):  # copies into leaf-parameter views
-            state.optimizer.load_state_dict(loaded["optimizer"])
+        # Pair Adam state with parameters whatever lr / wd either run had (train/resume.py).
+        match_param_groups(state.optimizer, loaded["optimizer"])
+        try:
+            with torch.no_grad(), _step_entries(state):  # copies into leaf-parameter views
+                state.optimizer.load_state_dict(loaded["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(
+                f"checkpoint {ckpt}: its optimizer state does not fit this optimizer "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); resume "
+                "with train.load_optimizer=false to start Adam afresh") from None
         _restore_steps(state)
-    # The configured schedule wins (e.g. more train.steps); the step count comes from here.
-    state.scheduler.override_opt_param_scheduler = True
+    # train.override_scheduler: the configured schedule wins (e.g. more train.steps, a new
+    # lr), or the checkpoint's; the step count comes from the checkpoint either way.
+    state.scheduler.override_opt_param_scheduler = options.override_scheduler
+    state.scheduler.use_checkpoint_opt_param_scheduler = not options.override_scheduler
     state.scheduler.load_state_dict(common["scheduler"])
     if teacher:
         _load_model(state.teacher.model, loaded["teacher"], _TEACHER)

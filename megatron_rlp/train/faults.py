@@ -10,6 +10,9 @@ every rank reaches the same decision:
     save_stall@K    writing checkpoint step K stops after part of a file is on disk and
                     prints `[fault] save stalled` to stderr, so a test can SIGKILL the job
                     in the middle of a save
+    step_stall@K    at the start of step K the rank stops (sleeps) and prints `[fault] step
+                    stalled`, while the others wait for it in the step's first collective
+                    (a hung rank; the watchdog test, train/watchdog.py)
 
 Everything else in a test run is the real code path.
 """
@@ -17,6 +20,8 @@ Everything else in a test run is the real code path.
 from __future__ import annotations
 
 import os
+import sys
+import time
 
 ENV = "MEGATRON_RLP_FAULTS"
 
@@ -39,3 +44,11 @@ def planned(kind: str, step: int) -> bool:
     if dist.is_initialized() and dist.get_rank() != dist.get_world_size() - 1:
         return False
     return f"{kind}@{step}" in {item.strip() for item in spec.split(",")}
+
+
+def stall_if_planned(kind: str, step: int, seconds: float = 600.0) -> None:
+    """Test hook: stop this rank for `seconds` when fault `kind` is planned at `step`."""
+    if planned(kind, step):
+        print(f"[fault] {kind.replace('_', ' ').replace('stall', 'stalled')} (step {step})",
+              file=sys.stderr, flush=True)
+        time.sleep(seconds)

@@ -7,6 +7,8 @@ How a run ends (docs/reliability.md):
     TrainingError `train.max_consecutive_skips` non-finite steps in a row; nothing is saved
                   after the last good checkpoint
     CheckpointError / DataError  bad checkpoint, save failure, unusable data
+    hung          a step or save not finished within `train.watchdog_minutes`: the rank
+                  prints its threads' stacks and exits 3 (train/watchdog.py)
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_rlp.config import RunConfig
+from megatron_rlp.train import faults
 from megatron_rlp.train.builder import TrainState, build_state
 from megatron_rlp.train.checkpoint import (
     check_writable,
@@ -28,11 +31,13 @@ from megatron_rlp.train.checkpoint import (
 from megatron_rlp.train.faults import DataError, TrainingError
 from megatron_rlp.train.metrics import MetricsWriter
 from megatron_rlp.train.ntp_step import ntp_step
+from megatron_rlp.train.resume import resume_options
 from megatron_rlp.train.rlp_step import rlp_step
 from megatron_rlp.train.samplers import make_context_sampler, make_ntp_batcher
 from megatron_rlp.train.signals import StopGuard
 from megatron_rlp.train.timers import PhaseTimer
 from megatron_rlp.train.validate import eval_sampler, validate
+from megatron_rlp.train.watchdog import Watchdog
 
 
 @dataclass
@@ -86,19 +91,23 @@ def train(cfg: RunConfig) -> RunResult:
     or a clean stop; see the module docstring for how a run ends."""
     t = cfg.train
     device = "cuda" if cfg.device.type == "cuda" else "cpu"
-    with StopGuard(t.wall_time_limit_minutes, device) as guard:
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    with StopGuard(t.wall_time_limit_minutes, device) as guard, \
+            Watchdog(t.watchdog_seconds(), rank) as watchdog:
         if t.save:
             check_writable(t.save)
         state = _build(cfg)
         writer = MetricsWriter.from_config(cfg)
         try:
-            return _run(cfg, state, writer, guard)
+            return _run(cfg, state, writer, guard, watchdog)
         finally:
             writer.close()
 
 
-def _run(cfg: RunConfig, state: TrainState, writer: MetricsWriter, guard: StopGuard
-         ) -> RunResult:
+def _run(cfg: RunConfig, state: TrainState, writer: MetricsWriter, guard: StopGuard,
+         watchdog: Watchdog) -> RunResult:
     t = cfg.train
     counters = {"skipped_total": 0, "skipped_in_a_row": 0}
     saved_step = None  # the step whose complete checkpoint exists (never re-saved)
@@ -108,7 +117,9 @@ def _run(cfg: RunConfig, state: TrainState, writer: MetricsWriter, guard: StopGu
               "from step 0 and writes beside them", flush=True)
     if t.load:
         source = resolve_checkpoint(t.load)
-        how = load_checkpoint(state, str(source), t.checkpoint_checksums, counters)
+        with watchdog.watch(f"loading {source}"):
+            how = load_checkpoint(state, str(source), t.checkpoint_checksums, counters,
+                                  resume_options(t))
         if how.startswith("resumed") and t.save and source.parent.resolve() == Path(
                 t.save).resolve():
             saved_step = state.step  # already in train.save; elsewhere it is saved again
@@ -117,8 +128,9 @@ def _run(cfg: RunConfig, state: TrainState, writer: MetricsWriter, guard: StopGu
 
     def save() -> None:
         nonlocal saved_step
-        path = save_checkpoint(state, t.save, t.keep_last, t.checkpoint_checksums, counters,
-                               t.dist_optimizer_checkpoint)
+        with watchdog.watch(f"the checkpoint save of step {state.step}"):
+            path = save_checkpoint(state, t.save, t.keep_last, t.checkpoint_checksums,
+                                   counters, t.dist_optimizer_checkpoint)
         saved_step = state.step
         if writer.rank0:
             print(f"[save] {path}", flush=True)
@@ -126,27 +138,12 @@ def _run(cfg: RunConfig, state: TrainState, writer: MetricsWriter, guard: StopGu
     (step_fn, evaluate), timer = _step_fn(state), PhaseTimer()
     stopped = None
     while state.step < t.steps:
-        if guard.should_stop():  # collective; also before the first step
-            stopped = guard.reason
-            break
-        start = time.perf_counter()
-        metrics = step_fn(timer)  # advances state.step, also when the update is skipped
-        elapsed = time.perf_counter() - start
-        skipped = bool(metrics["skipped"])
-        metrics.update(
-            lr=state.optimizer.param_groups[0]["lr"],
-            step_time=elapsed,
-            tokens_per_s=metrics["tokens"] / elapsed,
-            **{f"t_{k}": v for k, v in timer.pop().items()},
-        )
-        if evaluate is not None and state.step % t.eval_interval == 0:
-            metrics.update(evaluate())  # held-out metrics on the same row
-        writer.log(state.step, metrics,
-                   console=state.step % t.log_interval == 0 or state.step == 1)
-        if skipped:
-            _count_skip(state, counters, t.max_consecutive_skips, t.save, writer.rank0)
-        else:
-            counters["skipped_in_a_row"] = 0
+        with watchdog.watch(f"step {state.step + 1}"):
+            faults.stall_if_planned("step_stall", state.step + 1)
+            if guard.should_stop():  # collective; also before the first step
+                stopped = guard.reason
+                break
+            skipped = _one_step(state, step_fn, evaluate, timer, writer, counters)
         # No interval checkpoint of a step that just failed to update (its state is the
         # previous step's, already saved or about to be saved at the next good step).
         if t.save and t.save_interval and state.step % t.save_interval == 0 and not skipped:
@@ -161,6 +158,31 @@ def _run(cfg: RunConfig, state: TrainState, writer: MetricsWriter, guard: StopGu
                  if t.save else "nothing saved (train.save is not set)")
         print(f"[stop] {stopped} after step {state.step}: {where}", flush=True)
     return RunResult(state=state, stopped=stopped, counters=counters)
+
+
+def _one_step(state: TrainState, step_fn, evaluate, timer: PhaseTimer, writer: MetricsWriter,
+              counters: dict[str, int]) -> bool:
+    """Step, evaluate when due, log, count a skipped update; return whether it was skipped."""
+    t = state.cfg.train
+    start = time.perf_counter()
+    metrics = step_fn(timer)  # advances state.step, also when the update is skipped
+    elapsed = time.perf_counter() - start
+    skipped = bool(metrics["skipped"])
+    metrics.update(
+        lr=state.optimizer.param_groups[0]["lr"],
+        step_time=elapsed,
+        tokens_per_s=metrics["tokens"] / elapsed,
+        **{f"t_{k}": v for k, v in timer.pop().items()},
+    )
+    if evaluate is not None and state.step % t.eval_interval == 0:
+        metrics.update(evaluate())  # held-out metrics on the same row
+    writer.log(state.step, metrics,
+               console=state.step % t.log_interval == 0 or state.step == 1)
+    if skipped:
+        _count_skip(state, counters, t.max_consecutive_skips, t.save, writer.rank0)
+    else:
+        counters["skipped_in_a_row"] = 0
+    return skipped
 
 
 def _count_skip(state: TrainState, counters: dict[str, int], limit: int, save: str | None,

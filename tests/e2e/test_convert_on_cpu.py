@@ -114,3 +114,25 @@ def test_converted_qwen3_trains_and_exports(qwen3, tmp_path):
     ids = torch.load(qwen3 / "hf" / "ref.pt")["ids"]
     torch.testing.assert_close(megatron_logits(tmp_path / "run", ids),
                                torch.load(tmp_path / "hf_logits.pt"), atol=1e-4, rtol=0)
+
+
+def test_export_refuses_a_template_the_weights_do_not_fit(qwen3, tmp_path):
+    """megatron-to-hf keeps template keys: a template with YaRN (or a sliding window, MoE
+    fields, ...) would describe another forward. Refused: exit 2, one line, nothing written."""
+    template = tmp_path / "template"
+    template.mkdir()
+    hf = json.loads((qwen3 / "hf" / "config.json").read_text())
+    hf["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0,
+                          "original_max_position_embeddings": 32}
+    (template / "config.json").write_text(json.dumps(hf))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "megatron-to-hf",
+                           "--checkpoint", str(qwen3 / "meg"), "--out", str(tmp_path / "out"),
+                           "--template", str(template)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: megatron-to-hf: qwen3"), lines
+    assert "rope_scaling.rope_type='yarn'" in lines[0]
+    assert not (tmp_path / "out").exists()
