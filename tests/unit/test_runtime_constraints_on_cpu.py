@@ -119,6 +119,27 @@ def _load_data_split(cfg, world=1):
         raise ValueError(f"data.split={cfg.data.split!r} leaves no training document")
 
 
+def _tis(cfg, world=1):
+    from megatron_rlp.objective.policy_loss import truncated_importance_weights
+
+    z = torch.zeros(2, 3)
+    truncated_importance_weights(z, z, torch.ones(2, 3, dtype=torch.bool), cfg.rlp.tis_cap)
+
+
+def _policy_loss(cfg, world=1):
+    from megatron_rlp.objective.policy_loss import rlp_policy_loss
+
+    z = torch.zeros(2, 3)
+    rlp_policy_loss(z, z, torch.zeros(2), torch.ones(2, 3, dtype=torch.bool), 0.2, 0.2,
+                    cfg.rlp.logp_old_source, cfg.rlp.tis_cap)
+
+
+def _transformer_impl(cfg, world=1):
+    from megatron_rlp.backends.transformer_engine import resolve_transformer_impl
+
+    resolve_transformer_impl(cfg.model.transformer_impl, cfg.device.type, te_available=False)
+
+
 # (site: file and a snippet of the raising line(s)) -> the config that reaches it:
 # (overrides, world size, key the start-up line names, run-time reproduction or None when
 # the raise is inside Megatron / a model build not run here)
@@ -170,6 +191,21 @@ CONFIG_REACHABLE = {
     ("models/mamba/ops.py", "is not a multiple of ngroups"): [
         (("model.hybrid_layer_pattern=M-", "model.mamba_num_groups=5"), 1,
          "model.mamba_num_groups=5", None)],
+    ("objective/policy_loss.py", "tis_cap must be > 0"): [
+        (("rlp.tis_cap=0",), 1, "rlp.tis_cap=0", _tis)],
+    ("objective/policy_loss.py", "logp_old_source must be one of"): [
+        (("rlp.logp_old_source=behaviour",), 1, "rlp.logp_old_source='behaviour'",
+         _policy_loss)],
+    ("backends/transformer_engine.py", "unknown transformer_impl"): [
+        (("model.transformer_impl=te",), 1, "model.transformer_impl='te'", _transformer_impl)],
+    ("backends/transformer_engine.py", "Transformer Engine layers are CUDA-only"): [
+        (("model.transformer_impl=transformer_engine",), 1,
+         "model.transformer_impl='transformer_engine'", _transformer_impl)],
+    ("backends/transformer_engine.py", "to be importable"): [
+        (("model.transformer_impl=transformer_engine",), 1,
+         "model.transformer_impl='transformer_engine'",
+         lambda cfg, w: _transformer_impl(_raw(("device.type=cuda",
+                                                "model.transformer_impl=transformer_engine"))))],
 }
 
 # Raised inside Megatron-Core (no site in this repository), reached from configuration.
@@ -245,6 +281,8 @@ INVARIANT = {
     ("models/mamba/ops.py", "unsupported activation"),
     ("models/mamba/ops.py", "conv_state holds"), ("models/mamba/ops.py", "headdim is required"),
     ("backends/cpu.py", "assert tensor is not None"),
+    ("objective/policy_loss.py", "logp_rollout \" f\"{tuple(logp_rollout.shape)}"),
+    ("objective/surrogate.py", "token_weights must be"),
 }
 
 
