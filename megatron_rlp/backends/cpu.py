@@ -125,8 +125,18 @@ class _DummyEvent:
         return 0.0
 
 
-def _noop(*args, **kwargs):
-    return None
+def _noop():
+    """A fresh do-nothing function. One object per patched name: Dynamo maps torch functions
+    to tracing rules by object, and rebuilds that map whenever a process group is created
+    (`torch.distributed` clears its caches); one shared stub standing for names with different
+    rules (`torch.cuda.synchronize`, `torch.cuda.set_device`, ...) makes the next
+    `torch.compile` fail with "Duplicate torch object" (Megatron compiles some modules at
+    import, e.g. its gated-delta-net kernels)."""
+
+    def noop(*args, **kwargs):
+        return None
+
+    return noop
 
 
 def _patch_rng() -> None:
@@ -149,8 +159,7 @@ def _patch_rng() -> None:
     torch.cuda.manual_seed = manual_seed
     torch.cuda.random.manual_seed = manual_seed
     # torch.manual_seed calls torch.cuda.manual_seed_all: a CPU version would recurse.
-    torch.cuda.manual_seed_all = _noop
-    torch.cuda.random.manual_seed_all = _noop
+    torch.cuda.manual_seed_all = torch.cuda.random.manual_seed_all = _noop()
     mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
 
@@ -164,9 +173,9 @@ def _patch_devices() -> None:
     torch.Tensor.type = _wrap_type(torch.Tensor.type)
     torch.cuda.current_device = lambda: 0
     torch.cuda.device_count = lambda: 1
-    torch.cuda.set_device = _noop
-    torch.cuda.synchronize = _noop
-    torch.cuda.empty_cache = _noop
+    torch.cuda.set_device = _noop()
+    torch.cuda.synchronize = _noop()
+    torch.cuda.empty_cache = _noop()
     torch.cuda.current_stream = lambda *a, **k: _DummyStream()
     torch.cuda.default_stream = lambda *a, **k: _DummyStream()
     torch.cuda.stream = lambda *a, **k: _DummyStream()
