@@ -39,7 +39,6 @@ import torch
 # which must happen before the CPU backend patches torch.cuda (backends/cpu.py).
 from megatron.training import arguments, checkpointing, global_vars
 
-from megatron_rlp.interop.megatron_lm import _drop_extra_state
 from megatron_rlp.models.provider import num_layers
 
 
@@ -78,15 +77,23 @@ def megatron_lm_argv(model, rows: int, gpt: bool) -> list[str]:
     return argv
 
 
+# validate_args wants a training setup; these values never reach a model and Megatron-LM's
+# `--use-checkpoint-args` copies only model and tokenizer args.
+_RUN_FLAGS = ["--save-interval", "1", "--train-iters", "1", "--lr", "0.0"]
+
+
 def parse_megatron_lm_args(argv: list[str]) -> Namespace:
-    """Megatron-LM's own parser (`megatron.training.arguments.parse_args`) over `argv`.
-    `validate_args` is not run: it asserts a complete training setup (intervals, data)."""
+    """Megatron-LM's own `parse_args` + `validate_args` over `argv` (derived args such as
+    `kv_channels`, `params_dtype`, `use_dist_ckpt` filled in as a Megatron-LM run has them)."""
     saved = sys.argv
-    sys.argv = ["megatron-rlp", *argv]
+    sys.argv = ["megatron-rlp", *argv, *_RUN_FLAGS]
     try:
-        return arguments.parse_args()
+        args = arguments.parse_args()
     finally:
         sys.argv = saved
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints every setting
+        arguments.validate_args(args)
+    return args
 
 
 def save_with_megatron_lm(models: list, args: Namespace, iteration: int) -> Path:
@@ -123,7 +130,6 @@ class AsGPTCheckpoint(torch.nn.Module):
         )
 
         sd = self.model.sharded_state_dict(prefix, sharded_offsets, metadata)
-        _drop_extra_state(sd)  # GPT checkpoints of the local spec hold none
         retarget_sharded_state_dict_to_gpt_checkpoint(sd, gpt_compatible_layer_maps(self.pattern))
         return sd
 

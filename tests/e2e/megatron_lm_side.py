@@ -56,15 +56,16 @@ HYBRID_FLAGS = ["--is-hybrid-model", "--hybrid-layer-pattern", "M-M*-M-", "--hid
                 "--make-vocab-size-divisible-by", "64"]
 
 
-def parse(argv: list[str]):
+def parse(argv: list[str], validate: bool = True):
     saved = sys.argv
     sys.argv = ["pretrain_x.py", *argv]
     try:
         args = arguments.parse_args()
     finally:
         sys.argv = saved
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints every setting
-        arguments.validate_args(args)
+    if validate:
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints every setting
+            arguments.validate_args(args)
     return args
 
 
@@ -100,16 +101,17 @@ def write_checkpoint(flags: list[str], save: str, padded_vocab: int, iteration: 
     return model.eval()
 
 
-def load_with_megatron_lm(load: str):
+def load_with_megatron_lm(load: str, flags: list[str]):
     """Megatron-LM's `--use-checkpoint-args` + `load_checkpoint` into a fresh model, as a
-    continued-pretraining / SFT run starts (`--finetune`: model only, iteration 0)."""
-    args = parse(CPU_FLAGS + ["--load", load, "--use-checkpoint-args", "--finetune",
-                              "--no-load-optim", "--no-load-rng", "--exit-on-missing-checkpoint"])
+    continued-pretraining / SFT run starts (`--finetune`: model only, iteration 0). `flags`:
+    model flags that `--use-checkpoint-args` does not copy (e.g. `--qk-layernorm`)."""
+    # initialize_megatron's order: parse, load_args_from_checkpoint, validate_args.
+    args = parse(CPU_FLAGS + flags + ["--load", load, "--use-checkpoint-args", "--finetune",
+                              "--no-load-optim", "--no-load-rng", "--exit-on-missing-checkpoint"],
+                 validate=False)
     args, ckpt_args = checkpointing.load_args_from_checkpoint(args)
-    if args.kv_channels is None:  # validate_args derives it
-        args.kv_channels = args.hidden_size // args.num_attention_heads
-    args.num_query_groups = args.num_query_groups if args.group_query_attention \
-        else args.num_attention_heads
+    with contextlib.redirect_stdout(io.StringIO()):
+        arguments.validate_args(args)
     global_vars.set_args(args)
     try:
         model = build_model(args, args.padded_vocab_size)

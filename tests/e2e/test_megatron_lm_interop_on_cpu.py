@@ -108,7 +108,8 @@ def test_mismatched_model_is_one_line_naming_each_key(megatron, tmp_path):
     assert "\n" not in msg
     assert "model.ffn_hidden_size=128 (config: 96)" in msg
     assert "model.rotary_base=1000000 (config: 10000)" in msg
-    assert "model.norm_epsilon" not in msg and "hidden_size=" not in msg
+    assert "model.untie_embeddings_and_output_weights=True (config: False)" in msg
+    assert "model.norm_epsilon" not in msg and "model.hidden_size" not in msg
 
 
 @pytest.mark.parametrize("layout", ["gpt", "hybrid"])
@@ -125,7 +126,9 @@ def test_exported_policy_reloads_in_megatron_lm_with_identical_logits(megatron, 
     out = tmp_path / "export"
     export_model(policy, state.cfg.model, out, iteration=12, layout=layout)
     assert (out / "latest_checkpointed_iteration.txt").read_text() == "12"
-    model, _, ckpt_args = mlm.load_with_megatron_lm(str(out))
+    # Megatron-LM's --use-checkpoint-args copies neither of these: the user passes them.
+    model, _, ckpt_args = mlm.load_with_megatron_lm(str(out), ["--qk-layernorm",
+                                                               "--norm-epsilon", "1e-6"])
     assert type(model).__name__ == ("GPTModel" if layout == "gpt" else "HybridModel")
     assert ckpt_args.padded_vocab_size == PADDED
     torch.testing.assert_close(mlm.logits(model, IDS), mlm.logits(policy, IDS), atol=ATOL, rtol=0)
