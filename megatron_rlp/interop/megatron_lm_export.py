@@ -41,6 +41,10 @@ from megatron.training import arguments, checkpointing, global_vars
 
 from megatron_rlp.models.provider import num_layers
 
+# How the export is stored, not what the model is (not among the flags shown to the user).
+_STORAGE_FLAGS = ("--ckpt-format", "torch_dist", "--micro-batch-size", "1", "--no-save-optim",
+                  "--no-save-rng")
+
 
 def megatron_lm_argv(model, rows: int, gpt: bool) -> list[str]:
     """Megatron-LM command-line flags that describe `model` (a `ModelConfig`) with `rows`
@@ -60,8 +64,6 @@ def megatron_lm_argv(model, rows: int, gpt: bool) -> list[str]:
         "--max-position-embeddings", str(m.max_sequence_length),
         "--disable-bias-linear",
         "--make-vocab-size-divisible-by", str(m.make_vocab_size_divisible_by),
-        "--ckpt-format", "torch_dist", "--micro-batch-size", "1",
-        "--no-save-optim", "--no-save-rng",
     ]
     argv += {"swiglu": ["--swiglu"], "squared_relu": ["--squared-relu"], "gelu": []}[m.activation]
     if m.qk_layernorm:
@@ -135,26 +137,37 @@ class AsGPTCheckpoint(torch.nn.Module):
 
 
 def export_model(model: torch.nn.Module, model_cfg, out_dir: str | Path, iteration: int,
-                 layout: str = "hybrid") -> Path:
+                 layout: str = "hybrid") -> tuple[Path, list[str]]:
     """Save a TP=1/PP=1 `model` (its `ModelConfig` `model_cfg`) as a Megatron-LM checkpoint
-    under `out_dir` (Megatron's process groups must be set up)."""
+    under `out_dir` (Megatron's process groups must be set up).
+
+    Returns:
+        The iteration directory and the Megatron-LM model flags that describe it (a
+        Megatron-LM run needs some of them even with `--use-checkpoint-args`, which does not
+        copy e.g. `--qk-layernorm` or `--norm-epsilon`).
+
+    Raises:
+        ValueError: `layout="gpt"` for a pattern that is not `*-` repeated.
+    """
     pattern = model_cfg.hybrid_layer_pattern.replace("|", "")
     gpt = layout == "gpt"
     if gpt and pattern != "*-" * (len(pattern) // 2):
         raise ValueError(f"--layout gpt needs a pattern of '*-' repeated (a GPT layer is "
                          f"attention then MLP), not {pattern!r}; use --layout hybrid")
     rows = int(model.embedding.word_embeddings.weight.shape[0])
-    args = parse_megatron_lm_args(megatron_lm_argv(model_cfg, rows, gpt) +
-                                  ["--save", str(out_dir)])
+    flags = megatron_lm_argv(model_cfg, rows, gpt)
+    args = parse_megatron_lm_args([*flags, *_STORAGE_FLAGS, "--save", str(out_dir)])
     args.padded_vocab_size = rows
     args.iteration = iteration
     args.world_size = 1
-    return save_with_megatron_lm([AsGPTCheckpoint(model, pattern) if gpt else model], args,
-                                 iteration)
+    out = save_with_megatron_lm([AsGPTCheckpoint(model, pattern) if gpt else model], args,
+                                iteration)
+    return out, flags
 
 
 def export_megatron_lm(path: str | Path, out_dir: str | Path, layout: str = "hybrid",
-                       weights: str = "policy", iteration: int | None = None) -> Path:
+                       weights: str = "policy", iteration: int | None = None
+                       ) -> tuple[Path, list[str]]:
     """Export a project checkpoint (a `train.save` root or a step dir; any layout it was
     trained with) as a Megatron-LM checkpoint. One process, CPU.
 
@@ -164,7 +177,7 @@ def export_megatron_lm(path: str | Path, out_dir: str | Path, layout: str = "hyb
         iteration: the iteration to record; default the checkpoint's step.
 
     Returns:
-        The iteration directory written.
+        The iteration directory written and the Megatron-LM model flags (`export_model`).
     """
     from megatron_rlp.config import RunConfig
     from megatron_rlp.convert.checkpoints import _megatron, _run_config, load_megatron

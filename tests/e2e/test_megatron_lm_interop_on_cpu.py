@@ -124,7 +124,8 @@ def test_exported_policy_reloads_in_megatron_lm_with_identical_logits(megatron, 
         for p in policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
     out = tmp_path / "export"
-    export_model(policy, state.cfg.model, out, iteration=12, layout=layout)
+    _, flags = export_model(policy, state.cfg.model, out, iteration=12, layout=layout)
+    assert "--qk-layernorm" in flags and flags[flags.index("--norm-epsilon") + 1] == "1e-06"
     assert (out / "latest_checkpointed_iteration.txt").read_text() == "12"
     # Megatron-LM's --use-checkpoint-args copies neither of these: the user passes them.
     model, _, ckpt_args = mlm.load_with_megatron_lm(str(out), ["--qk-layernorm",
