@@ -84,6 +84,16 @@ def add_rlp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def hybrid_pattern_args(args: argparse.Namespace) -> None:
+    """Before `validate_args`: a GPT-style run (`--num-layers N`, no pattern) becomes the
+    HybridModel pattern `*-` x N the plugin builds. The run's checkpoints then record the
+    pattern (so they resume as hybrid), and a GPT pretraining checkpoint in `--load` goes
+    through Megatron-LM's own GPT-to-hybrid loading."""
+    if not (args.hybrid_layer_pattern or args.hybrid_override_pattern):
+        args.hybrid_layer_pattern = "*-" * args.num_layers
+        args.is_hybrid_model = True
+
+
 def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     """This project's config for a Megatron-LM run: the model, layout, optimizer and seed from
     Megatron-LM's args, the RLP settings from the `--rlp-*` group. Validated as any config.

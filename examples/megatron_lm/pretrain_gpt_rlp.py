@@ -30,12 +30,13 @@ from megatron.core.enums import ModelType  # noqa: E402
 from megatron.training import arguments, get_args, global_vars, pretrain  # noqa: E402
 from megatron.training.argument_utils import pretrain_cfg_container_from_args  # noqa: E402
 
-from megatron_rlp.plugin import RLPPlugin, add_rlp_args  # noqa: E402
+from megatron_rlp.plugin import RLPPlugin, add_rlp_args, hybrid_pattern_args  # noqa: E402
 
 
 def main() -> None:
     args = arguments.parse_args(extra_args_provider=add_rlp_args)
     args.dataloader_type = "external"  # RLP draws its contexts itself, from (seed, iteration)
+    hybrid_pattern_args(args)  # the policy is a HybridModel (`*-` x N for a GPT run)
     if args.rlp_device == "cpu" and "RANK" not in os.environ:  # one process without torchrun
         from megatron_rlp.distributed import _free_port
 
