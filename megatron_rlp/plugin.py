@@ -81,6 +81,8 @@ def add_rlp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="`byte` or a tokenizer.json (with <think>, </think>)")
     g.add_argument("--rlp-metrics-file", default=None, help="JSON lines, pretrain_rlp.py's keys")
     g.add_argument("--rlp-device", choices=("cuda", "cpu"), default="cuda")
+    g.add_argument("--rlp-num-threads", type=int, default=0,
+                   help="CPU threads per rank (device.num_threads; 0: cores / local ranks)")
     return parser
 
 
@@ -127,7 +129,7 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     cfg.data.corpus, cfg.data.tokenizer = args.rlp_corpus, args.rlp_tokenizer
     cfg.train.seed, cfg.train.steps = args.seed, args.train_iters
     cfg.train.micro_batch_size = args.micro_batch_size
-    cfg.device.type = args.rlp_device
+    cfg.device.type, cfg.device.num_threads = args.rlp_device, args.rlp_num_threads
     return cfg.validate(args.world_size)
 
 
