@@ -1,21 +1,26 @@
 """A Megatron-LM checkpoint through the command line: `pretrain_rlp.py train.load=SAVE
 train.use_checkpoint_args=true` trains RLP steps from it (warm start at step 0, teacher copied
-at the first step), and `tools/convert_checkpoint.py megatron-to-megatron-lm` writes the
-trained policy back as a Megatron-LM checkpoint holding exactly its tensors."""
+at the first step), also as a 2-process TP=2 job (the TP=1 checkpoint resharded: same first
+step), and `tools/convert_checkpoint.py megatron-to-megatron-lm` writes the trained policy back
+as a Megatron-LM checkpoint holding exactly its tensors."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import megatron_lm_side as mlm
+import pytest
 import torch
-from checkpoint_helpers import ROOT, latest, ok, read_tensors, rows
+from checkpoint_helpers import ROOT, SMALL, latest, ok, read_tensors, rows
 from megatron.core import dist_checkpointing
 
 from megatron_rlp import distributed
 from megatron_rlp.config import RunConfig
+
+SMALL_RLP = tuple(o for o in SMALL if not o.startswith("model."))
 
 
 def test_rlp_from_a_megatron_lm_checkpoint_and_back(tmp_path):
@@ -46,6 +51,20 @@ def test_rlp_from_a_megatron_lm_checkpoint_and_back(tmp_path):
 
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    # The same warm start as a TP=2 job: the TP=1 Megatron-LM checkpoint resharded at load.
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    proc = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "pretrain_rlp.py",
+                           "--config", "examples/configs/tiny_cpu.yaml", *SMALL_RLP,
+                           f"train.load={tmp_path}/mlm", "train.use_checkpoint_args=true",
+                           "train.steps=1", "parallel.tensor_model_parallel_size=2",
+                           f"train.metrics_file={tmp_path}/tp2.jsonl"], cwd=ROOT,
+                          env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = rows(tmp_path / "m.jsonl")[0], rows(tmp_path / "tp2.jsonl")[0]
+    for key in ("s_ema", "s_pred", "reward_mean", "thought_len"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-5), key
+
     proc = subprocess.run([sys.executable, "tools/convert_checkpoint.py",
                            "megatron-to-megatron-lm", "--checkpoint", str(tmp_path / "rlp"),
                            "--out", str(tmp_path / "back")], cwd=ROOT, env=env,
