@@ -39,7 +39,7 @@ from megatron_rlp.train.checkpoint import (
 ROOT = Path(__file__).resolve().parents[2]
 PADDED = 320  # byte tokenizer (261 ids) padded to a multiple of 64
 IDS = torch.randint(0, 261, (2, 40), generator=torch.Generator().manual_seed(0))
-ATOL = 1e-5
+ATOL = 0.0  # measured: bitwise identical (same local modules, same op order)
 
 
 @pytest.fixture(scope="module")
