@@ -306,6 +306,9 @@ class TrainConfig:
     # save; loads into any TP/PP/DP layout).
     dist_optimizer_checkpoint: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
     load: str | None = None  # resume from (same objective) or warm-start (other objective)
+    # With a Megatron-LM checkpoint in `load`: take the model section from its saved args
+    # (Megatron-LM's --use-checkpoint-args); otherwise they are checked against the model.
+    use_checkpoint_args: bool = False
     micro_batch_size: int = 0  # sequences per update micro-batch; 0 = all at once
     # Activation recomputation in the update (Megatron's): `selective` recomputes the core
     # attention (the seq^2 scores) in backward, `full` whole layers in groups of
@@ -743,6 +746,8 @@ def load_config(path: str | None = None, overrides: tuple[str, ...] = (),
         key, value = item.split("=", 1)
         # Raw strings, not YAML: a pattern such as `*-*-` would read as a YAML alias.
         _apply(cfg, key.strip(), value.strip())
+    if cfg.train.use_checkpoint_args:
+        _use_checkpoint_args(cfg)
     return cfg.validate(world_size)
 
 
@@ -763,6 +768,16 @@ def launch_env(env: typing.Mapping[str, str] | None = None) -> tuple[int, int, i
             if env.get(key, "").isdigit():
                 return int(env[key]), int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", "0"))
     return 1, 0, 0
+
+
+def _use_checkpoint_args(cfg: RunConfig) -> None:
+    """The model section from a Megatron-LM checkpoint's args (interop/megatron_lm.py)."""
+    from megatron_rlp.interop import megatron_lm
+
+    try:
+        megatron_lm.apply_checkpoint_args(cfg)
+    except (megatron_lm.MegatronLMError, OSError) as e:
+        raise ConfigError(f"invalid config: train.use_checkpoint_args=true: {e}") from None
 
 
 def load_launch_config(path: str | None, overrides: tuple[str, ...]) -> RunConfig:

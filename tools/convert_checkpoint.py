@@ -8,6 +8,10 @@
     python tools/convert_checkpoint.py megatron-to-hf --checkpoint runs/rlp \
         --out exported/ --template Qwen3-1.7B-Base [--weights teacher] [--dtype bf16]
 
+    # this project's checkpoint -> Megatron-LM torch_dist (tracker file, iter_*/, args, TE names)
+    python tools/convert_checkpoint.py megatron-to-megatron-lm --checkpoint runs/rlp \
+        --out runs/rlp_mlm [--layout hybrid|gpt] [--weights teacher]
+
 A config field the converter does not model (YaRN or other RoPE scaling, a sliding window,
 biases, MoE settings on a dense model, ...) is refused: one `error:` line naming the field
 and value, exit code 2 (megatron_rlp/convert/refusals.py).
@@ -40,6 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--template", help="HF directory: config keys kept, tokenizer files copied")
     b.add_argument("--weights", choices=("policy", "teacher"), default="policy")
     b.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    c = sub.add_parser("megatron-to-megatron-lm", help="checkpoint -> Megatron-LM torch_dist "
+                       "checkpoint (pretrain_hybrid.py, or pretrain_gpt.py with --layout gpt)")
+    c.add_argument("--checkpoint", required=True, help="a train.save root or a step_* dir")
+    c.add_argument("--out", required=True, help="Megatron-LM save directory to write")
+    c.add_argument("--layout", choices=("hybrid", "gpt"), default="hybrid",
+                   help="HybridModel (any pattern) or GPTModel (patterns of '*-' repeated)")
+    c.add_argument("--weights", choices=("policy", "teacher"), default="policy")
+    c.add_argument("--iteration", type=int, help="iteration to record (default: the step)")
     args = parser.parse_args(argv)
 
     warnings.filterwarnings("ignore")
@@ -51,14 +63,21 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_rlp.train.checkpoint import CheckpointError
 
     try:
-        if args.command == "hf-to-megatron":
+        if args.command == "megatron-to-megatron-lm":
+            from megatron_rlp.interop.megatron_lm_export import export_megatron_lm
+
+            out, flags = export_megatron_lm(args.checkpoint, args.out, args.layout, args.weights,
+                                            args.iteration)
+            print(f"wrote {out} (Megatron-LM --load {args.out} --ckpt-format torch_dist)")
+            print("Megatron-LM model flags: " + " ".join(flags))
+        elif args.command == "hf-to-megatron":
             ckpt = hf_to_megatron(args.hf_dir, args.out, args.tokenizer)
             print(f"wrote {ckpt} (train.load={args.out}); model section: {args.out}/model.yaml")
         else:
             dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
             out = megatron_to_hf(args.checkpoint, args.out, args.template, args.weights, dtype)
             print(f"wrote {out}/model.safetensors and config.json")
-    except (ConversionError, CheckpointError) as e:  # input it does not model: exit 2
+    except (ConversionError, CheckpointError, ValueError) as e:  # input it does not model: exit 2
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (OSError, ImportError) as e:

@@ -211,6 +211,7 @@ def load_megatron(path: str | Path, weights: str = "policy"):
     """
     from megatron.core import dist_checkpointing
 
+    from megatron_rlp.interop import names
     from megatron_rlp.train.checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(str(path))
@@ -229,8 +230,10 @@ def load_megatron(path: str | Path, weights: str = "policy"):
     prefix = {"policy": "model.", "teacher": "ema."}[weights]
     if weights == "teacher" and not common.get("teacher_initialized"):
         raise ConversionError(f"{ckpt} has no EMA teacher (teacher_initialized is false)")
+    sharded = model.sharded_state_dict(prefix=prefix)
+    names.match_checkpoint_names(sharded, ckpt)  # saved before the TE key map: local names
     with torch.no_grad():
-        loaded = dist_checkpointing.load(model.sharded_state_dict(prefix=prefix), str(ckpt))
+        loaded = dist_checkpointing.load(sharded, str(ckpt))
     model.load_state_dict({k[len(prefix):]: v for k, v in loaded.items() if k.startswith(prefix)})
     fields = dataclasses.asdict(cfg.model)
     return model, fields, common

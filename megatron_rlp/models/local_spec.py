@@ -12,6 +12,15 @@ padding masks, batched static decoding and TP-invariant init); where `mamba_ssm`
 import, building a mixer first binds the pure-torch kernels (`models.mamba.adapter`).
 
 It runs everywhere (CPU, any GPU) and is what the CPU backend tests exercise.
+
+Checkpoint names are Transformer Engine's. Megatron's TE specs fuse each pre-norm into the
+linear after it (`TELayerNormColumnParallelLinear`), so a TE checkpoint stores the norm as
+`<linear>.layer_norm_weight`. Each local layer renames its norm to that key in its sharded
+state dict, through Megatron's own `sharded_state_dict_keys_map` (as
+`gpt_layer_specs.get_gpt_layer_local_submodules` does for GPT): checkpoints move between the
+local and the TE spec, and Megatron-LM runs read them (megatron_rlp/interop/). Module names
+(`state_dict()`) stay local. Checkpoints saved before this map are read by
+`interop.names.match_checkpoint_names`.
 """
 
 from __future__ import annotations
@@ -28,6 +37,11 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_rlp.models.mamba.mixer import LocalMambaLayer, LocalMambaMixer
+
+# Local norm -> TE fused-norm key (sharded_state_dict_keys_map; prefixes of a layer's keys).
+TE_NAMES_ATTENTION = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
+TE_NAMES_MLP = {"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+TE_NAMES_MAMBA = {"norm.": "mixer.in_proj.layer_norm_"}
 
 
 class LocalNorm:
@@ -73,12 +87,14 @@ def local_hybrid_stack_spec(qk_layernorm: bool, normalization: str) -> ModuleSpe
             input_layernorm=LocalNorm,
             self_attention=attention,
             self_attn_bda=full.self_attn_bda,
+            sharded_state_dict_keys_map=dict(TE_NAMES_ATTENTION),
         ),
     )
     mlp_layer = ModuleSpec(
         module=MLPLayer,
         submodules=TransformerLayerSubmodules(
-            pre_mlp_layernorm=LocalNorm, mlp=full.mlp, mlp_bda=full.mlp_bda
+            pre_mlp_layernorm=LocalNorm, mlp=full.mlp, mlp_bda=full.mlp_bda,
+            sharded_state_dict_keys_map=dict(TE_NAMES_MLP),
         ),
     )
     mamba_layer = ModuleSpec(
@@ -96,6 +112,7 @@ def local_hybrid_stack_spec(qk_layernorm: bool, normalization: str) -> ModuleSpe
                 ),
             ),
             mamba_bda=full.mlp_bda,
+            sharded_state_dict_keys_map=dict(TE_NAMES_MAMBA),
         ),
     )
     return ModuleSpec(

@@ -50,6 +50,7 @@ from megatron.core.dist_checkpointing.validation import verify_integrity_manifes
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from torch.distributed.checkpoint.api import CheckpointException as DCPException
 
+from megatron_rlp.interop import megatron_lm, names
 from megatron_rlp.models.provider import padded_vocab_size
 from megatron_rlp.parallel.pipeline import ModelChunks
 from megatron_rlp.train import faults
@@ -502,12 +503,23 @@ def save_checkpoint(state: TrainState, root: str, keep_last: int = 0, checksums:
 # Loading
 
 
+def _megatron_lm(path: str | Path) -> Path | None:
+    """The iteration dir of a Megatron-LM save (interop/megatron_lm.py), else None."""
+    try:
+        return megatron_lm.find(path)
+    except megatron_lm.MegatronLMError as e:
+        raise CheckpointError(str(e)) from None
+
+
 def resolve_checkpoint(path: str) -> Path:
-    """`path` is a checkpoint directory or a `train.save` root with a `latest` pointer.
+    """`path` is a checkpoint directory or a `train.save` root with a `latest` pointer, or a
+    Megatron-LM save (its tracker file) or `iter_*` directory.
 
     Raises:
         CheckpointError: nothing usable there (missing, empty, incomplete or bad pointer).
     """
+    if (mlm := _megatron_lm(path)) is not None:
+        return mlm
     p = Path(path)
     pointer = p / LATEST
     if pointer.exists():
@@ -629,6 +641,12 @@ def load_checkpoint(state: TrainState, path: str, checksums: bool = True,
         CheckpointError: on every rank; `state` may be partly loaded but is not used.
     """
     ckpt = resolve_checkpoint(path)
+    if _megatron_lm(ckpt) is not None:  # a Megatron-LM torch_dist save: the policy, step 0
+        try:
+            with _quiet():
+                return megatron_lm.load_policy(state, ckpt)
+        except megatron_lm.MegatronLMError as e:
+            raise CheckpointError(str(e)) from None
     with _quiet() as logged:
         if checksums and (ckpt / _INTEGRITY).is_file():
             try:  # collective: rank 0 hashes every file, the verdict is broadcast
@@ -663,6 +681,7 @@ def load_checkpoint(state: TrainState, path: str, checksums: bool = True,
         try:
             sd = _sharded_state_dict(state, training=resume, optimizer=optimizer,
                                      teacher=teacher, rng=rng, is_loading=True)
+            names.match_checkpoint_names(sd, ckpt)  # saved before the TE key map: local names
             loaded = dist_checkpointing.load(sd, str(ckpt))
         except (Exception, DCPException) as e:  # noqa: BLE001 - collective: on every rank
             raise CheckpointError(f"cannot load checkpoint {ckpt} (truncated or corrupted?): "

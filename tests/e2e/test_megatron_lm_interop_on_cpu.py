@@ -1,0 +1,171 @@
+"""Megatron-LM checkpoints in and out (interop/megatron_lm*.py), on CPU, one gloo process.
+
+In: a checkpoint written by Megatron-LM's own `save_checkpoint` (a GPTModel for the dense
+case, a HybridModel `M-M*-M-` for the hybrid one; tests/e2e/megatron_lm_side.py) is the
+`train.load` of an RLP state built from the config; with `train.use_checkpoint_args` the model
+section comes from the saved args. The policy's logits equal the source model's; the teacher
+is left for lazy initialisation and the step is 0.
+
+Out: the policy exported for Megatron-LM (`export_model`, GPT and hybrid layouts) is read by
+Megatron-LM's own `--use-checkpoint-args` + `load_checkpoint` into a fresh Megatron model whose
+logits equal the policy's.
+
+Also: the local spec stores TE names, and a checkpoint saved with the old local names loads.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import megatron_lm_side as mlm
+import pytest
+import torch
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+from megatron_rlp import distributed
+from megatron_rlp.config import RunConfig, load_config
+from megatron_rlp.interop import names
+from megatron_rlp.interop.megatron_lm_export import export_model
+from megatron_rlp.train.builder import build_state
+from megatron_rlp.train.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+PADDED = 320  # byte tokenizer (261 ids) padded to a multiple of 64
+IDS = torch.randint(0, 261, (2, 40), generator=torch.Generator().manual_seed(0))
+ATOL = 0.0  # measured: bitwise identical (same local modules, same op order)
+
+
+@pytest.fixture(scope="module")
+def megatron():
+    """Megatron's process groups, one gloo process, CPU backend (restored env afterwards)."""
+    env = dict(os.environ)
+    cfg = RunConfig()
+    cfg.device.type = "cpu"
+    cfg.device.num_threads = 1
+    distributed.initialize(cfg)
+    yield
+    distributed.shutdown()
+    os.environ.clear()
+    os.environ.update(env)
+
+
+def rlp_state(config: str, *overrides: str):
+    old = Path.cwd()
+    os.chdir(ROOT)
+    try:
+        cfg = load_config(config, ("device.num_threads=1", "rlp.contexts_per_step=4",
+                                   "rlp.group_size=2", *overrides))
+        return build_state(cfg)
+    finally:
+        os.chdir(old)
+
+
+CASES = {
+    "dense": ("examples/configs/tiny_cpu.yaml", mlm.DENSE_FLAGS),
+    "hybrid": ("examples/configs/tiny_hybrid_cpu.yaml", mlm.HYBRID_FLAGS),
+}
+
+
+@pytest.mark.parametrize("kind", CASES)
+def test_megatron_lm_checkpoint_warm_starts_rlp_with_identical_logits(megatron, tmp_path, kind):
+    config, flags = CASES[kind]
+    source = mlm.write_checkpoint(flags, str(tmp_path / "mlm"), PADDED, iteration=7, seed=3)
+    assert (tmp_path / "mlm" / "latest_checkpointed_iteration.txt").read_text() == "7"
+    expected = mlm.logits(source, IDS)
+
+    for load in (tmp_path / "mlm", tmp_path / "mlm" / "iter_0000007"):  # save dir or iter dir
+        state = rlp_state(config, f"train.load={load}", "train.use_checkpoint_args=true")
+        assert resolve_checkpoint(str(load)) == tmp_path / "mlm" / "iter_0000007"
+        how = load_checkpoint(state, str(load))
+        assert "Megatron-LM" in how and state.step == 0
+        assert not state.teacher.initialized  # copied from the policy at the first step
+        got = mlm.logits(state.policy.eval(), IDS)
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    if kind == "dense":  # GPT layout on disk: stacked layers, final_layernorm
+        keys = dist_checkpointing.load_tensors_metadata(str(load)).keys()
+        assert "decoder.layers.self_attention.linear_qkv.layer_norm_weight" in keys
+        assert "decoder.final_layernorm.weight" in keys
+    else:
+        keys = dist_checkpointing.load_tensors_metadata(str(load)).keys()
+        assert "decoder.layers.0.mixer.in_proj.layer_norm_weight" in keys
+
+
+def test_mismatched_model_is_one_line_naming_each_key(megatron, tmp_path):
+    mlm.write_checkpoint(mlm.DENSE_FLAGS, str(tmp_path / "mlm"), PADDED, iteration=1, seed=0)
+    state = rlp_state("examples/configs/tiny_cpu.yaml", "model.hybrid_layer_pattern=*-*-",
+                      "model.hidden_size=64", "model.ffn_hidden_size=96",
+                      "model.num_attention_heads=4", "model.rotary_base=10000")
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(state, str(tmp_path / "mlm"))
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "model.ffn_hidden_size=128 (config: 96)" in msg
+    assert "model.rotary_base=1000000 (config: 10000)" in msg
+    assert "model.untie_embeddings_and_output_weights=True (config: False)" in msg
+    assert "model.norm_epsilon" not in msg and "model.hidden_size" not in msg
+
+
+@pytest.mark.parametrize("layout", ["gpt", "hybrid"])
+def test_exported_policy_reloads_in_megatron_lm_with_identical_logits(megatron, tmp_path,
+                                                                      layout):
+    state = rlp_state("examples/configs/tiny_cpu.yaml", "model.hybrid_layer_pattern=*-*-",
+                      "model.hidden_size=64", "model.ffn_hidden_size=128",
+                      "model.num_attention_heads=4",
+                      "model.untie_embeddings_and_output_weights=true")
+    policy = state.policy.eval()
+    with torch.no_grad():  # not the seeded init alone: every tensor differs from a fresh build
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    out = tmp_path / "export"
+    _, flags = export_model(policy, state.cfg.model, out, iteration=12, layout=layout)
+    assert "--qk-layernorm" in flags and flags[flags.index("--norm-epsilon") + 1] == "1e-06"
+    assert (out / "latest_checkpointed_iteration.txt").read_text() == "12"
+    # Megatron-LM's --use-checkpoint-args copies neither of these: the user passes them.
+    model, _, ckpt_args = mlm.load_with_megatron_lm(str(out), ["--qk-layernorm",
+                                                               "--norm-epsilon", "1e-6"])
+    assert type(model).__name__ == ("GPTModel" if layout == "gpt" else "HybridModel")
+    assert ckpt_args.padded_vocab_size == PADDED
+    torch.testing.assert_close(mlm.logits(model, IDS), mlm.logits(policy, IDS), atol=ATOL, rtol=0)
+
+
+def test_local_spec_writes_te_names_and_old_local_names_still_load(megatron, tmp_path):
+    state = rlp_state("examples/configs/tiny_hybrid_cpu.yaml", "model.hidden_size=64",
+                      "model.ffn_hidden_size=128", "model.mamba_num_heads=8",
+                      "model.mamba_head_dim=16", "model.mamba_state_dim=16")
+    keys = {v.key for v in state.policy.sharded_state_dict().values()
+            if isinstance(v, ShardedBase)}
+    assert "decoder.layers.0.mixer.in_proj.layer_norm_weight" in keys  # M
+    assert "decoder.layers.1.mlp.linear_fc1.layer_norm_weight" in keys  # -
+    assert "decoder.layers.3.self_attention.linear_qkv.layer_norm_weight" in keys  # *
+    assert not names.has_local_names(keys)
+
+    # A checkpoint of the format before the key map: the same save with local names.
+    original = dist_checkpointing.save
+
+    def save_local_names(sd, *args, **kwargs):
+        names.to_local_names(sd)
+        return original(sd, *args, **kwargs)
+
+    dist_checkpointing.save = save_local_names
+    try:
+        ckpt = save_checkpoint(state, str(tmp_path / "old"), checksums=False)
+    finally:
+        dist_checkpointing.save = original
+    on_disk = dist_checkpointing.load_tensors_metadata(str(ckpt)).keys()
+    assert "model.decoder.layers.0.norm.weight" in on_disk and names.has_local_names(on_disk)
+
+    fresh = rlp_state("examples/configs/tiny_hybrid_cpu.yaml", "model.hidden_size=64",
+                      "model.ffn_hidden_size=128", "model.mamba_num_heads=8",
+                      "model.mamba_head_dim=16", "model.mamba_state_dim=16", "train.seed=99")
+    load_checkpoint(fresh, str(tmp_path / "old"), checksums=False)
+    for (k, a), (_, b) in zip(state.policy.state_dict().items(),
+                              fresh.policy.state_dict().items(), strict=True):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), k
