@@ -6,23 +6,25 @@
 #
 # Layout  TP=4 PP=1 DP=8, distributed optimizer, bf16 parameters, fp32 EMA teacher.
 # Batch   the paper's: 512 contexts/step (64 per rank, 8 per document window), G=16
-#         thoughts of up to 2048 tokens after prefixes of up to 2048 tokens; the update runs
-#         1024 micro-batches of 1 sequence per rank. lr 1e-6 constant, temperature 0.7,
-#         tau 0.999.
+#         thoughts of up to 2048 tokens after prefixes of up to 2048 tokens, sampled in 2
+#         chunks of 32 contexts (512 rows); the update runs 1024 micro-batches of 1
+#         sequence per rank. lr 1e-6 constant, temperature 0.7, tau 0.999.
 # Memory  per rank, GiB (tools/estimate_memory.py, printed at launch; unfused attention as
 #         the local Megatron spec runs it today):
 #           persistent 21.7 = params 3.8 + grads 7.5 + Adam 2.8 + EMA teacher 7.5
-#           rollout    40.0 = KV cache 16.0 (4 attention layers) + SSM/conv state 12.3
-#                             (24 Mamba layers, bf16) + prefill 11.6
-#           scoring     4.9   update 11.9
-#           peak       65.7 of 80  (with flash attention 59.7); TP=8 59.3, TP=2 83.1 (no fit)
+#           rollout    26.2 = KV cache 8.0 (4 attention layers) + SSM/conv state 12.3
+#                             (24 Mamba layers, fp32) + prefill 5.8
+#           scoring     2.9   update 11.7
+#           peak       51.9 of 80  (with flash attention 48.9); TP=8 30.1, TP=2 95.4 (no fit)
+# Why chunks: all 1024 rows in one pass would peak at 78.0 GiB (ROLLOUT_CHUNK=0 does that),
+# too close to 80 for allocator fragmentation; the fp32 Mamba decode state doubles its share.
 #
 # Environment (required): DATA (.jsonl/.txt or indexed-dataset prefix), TOKENIZER
 # (tokenizer.json or its folder), SAVE_DIR (checkpoints, metrics.jsonl, tensorboard/; a
 # SAVE_DIR with a checkpoint is resumed), LOAD (the base model's Megatron checkpoint:
 # `python tools/convert_checkpoint.py hf-to-megatron --hf-dir HF_MODEL --out DIR ...`).
 # Optional: CONFIG (the model config), NNODES (SLURM's, else 1), GPUS_PER_NODE (8), TP
-# (4), CONTEXTS (512), GROUP_SIZE (16), ROLLOUT_CHUNK (0: all of a rank's contexts at once),
+# (4), CONTEXTS (512), GROUP_SIZE (16), ROLLOUT_CHUNK (32; 0: all of a rank's contexts at once),
 # THOUGHT_TOKENS (2048), PREFIX_TOKENS (2048),
 # MICRO_BATCH (1), STEPS (500), SAVE_INTERVAL (25), WANDB_PROJECT, ESTIMATE=0 (skip the
 # estimate), DRY_RUN=1 (print only).
@@ -32,4 +34,4 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=examples/slurm/common.sh
 source examples/slurm/common.sh
 
-rlp_paper_recipe examples/configs/nemotron_h_8b.yaml 4 16 0 "$@"
+rlp_paper_recipe examples/configs/nemotron_h_8b.yaml 4 16 32 "$@"

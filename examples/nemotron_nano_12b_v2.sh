@@ -13,13 +13,13 @@
 # Memory  per rank, GiB (tools/estimate_memory.py, printed at launch; unfused attention as
 #         the local Megatron spec runs it today):
 #           persistent 18.6 = params 2.9 + grads 5.7 + Adam 4.3 + EMA teacher 5.7
-#           rollout    30.1 = KV cache 12.0 (6 attention layers) + SSM/conv state 9.0
-#                             (28 Mamba layers, bf16) + prefill 9.1 (attention scores of
+#           rollout    39.1 = KV cache 12.0 (6 attention layers) + SSM/conv state 18.0
+#                             (28 Mamba layers, fp32) + prefill 9.1 (attention scores of
 #                             64 contexts x 2049 tokens)
-#           scoring     6.6   update 10.9
-#           peak       52.8 of 80  (with flash attention 48.8)
-# Why chunks: all 2048 rows in one pass would peak at 82.9 GiB (ROLLOUT_CHUNK=0 does that;
-# with G=8 it fits at 61.9).
+#           scoring     4.6   update 10.8
+#           peak       61.8 of 80  (with flash attention 57.8)
+# Why chunks: all 2048 rows in one pass would peak at 100.9 GiB (ROLLOUT_CHUNK=0 does that;
+# with G=8 it fits at 70.9).
 #
 # Environment (required): DATA (.jsonl/.txt or indexed-dataset prefix), TOKENIZER
 # (tokenizer.json or its folder), SAVE_DIR (checkpoints, metrics.jsonl, tensorboard/; a
