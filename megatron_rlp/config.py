@@ -156,6 +156,12 @@ class RLPConfig:
     # Contexts sampled together in one rollout batch (rows = this x group_size); 0 = all of
     # the rank's contexts at once. Smaller chunks bound the KV/SSM cache of a rollout.
     rollout_chunk_contexts: int = 0
+    # One forward per document window serves all its positions and thoughts: the rollout
+    # prefills each window once, the update packs a document's (position, thought) branches
+    # after its window with a tree mask (megatron_rlp/packing). Same thoughts, rewards and loss
+    # as the per-context path (false), which stays as the reference. Models with Mamba layers
+    # keep the per-context update.
+    share_prefixes: bool = True
 
     def validate(self) -> None:
         _check(isinstance(self.rollout_chunk_contexts, int) and self.rollout_chunk_contexts >= 0,

@@ -25,6 +25,7 @@ from megatron_rlp.objective import (
     group_advantages,
     info_gain_reward,
 )
+from megatron_rlp.packing.update import packable, packed_forward_step, packed_update_batches
 from megatron_rlp.rollout.thoughts import PromptBatch, ThoughtBatch, sample_thoughts_chunked
 from megatron_rlp.scoring.next_token import score_next_tokens, token_logprobs_vocab_parallel
 from megatron_rlp.train.builder import TrainState
@@ -143,16 +144,27 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer) -> d
     with timer("update"):
         sp = cfg.parallel.sequence_parallel
         multiple = cfg.parallel.tensor_model_parallel_size if sp else 1
-        batch = update_batch(prompts, thoughts, advantages, r.group_size, tok.pad, tok.think_start,
-                             multiple)
-        if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-            mbs = trimmed_microbatches(batch, cfg.train.micro_batch_size, multiple)
-        else:  # the pipeline schedule sends one activation shape for all micro-batches
-            mbs = split_microbatches(batch, cfg.train.micro_batch_size)
-        forward = partial(_forward_step, len(mbs[0]["tokens"]) * len(mbs) / len(batch["tokens"]),
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        if r.share_prefixes and packable(cfg.model.hybrid_layer_pattern,
+                                         r.positions_per_document * r.group_size,
+                                         len(thoughts.tokens), cfg.train.micro_batch_size):
+            mbs = packed_update_batches(windows, prompts, thoughts, advantages, r.group_size,
+                                        cfg.train.micro_batch_size, tok.pad, tok.think_start,
+                                        equal_width=pp > 1, multiple=multiple)
+            step_fn, rows = packed_forward_step, len(thoughts.tokens)
+            mb_rows = mbs[0]["advantages"].numel()
+        else:
+            batch = update_batch(prompts, thoughts, advantages, r.group_size, tok.pad,
+                                 tok.think_start, multiple)
+            if pp == 1:
+                mbs = trimmed_microbatches(batch, cfg.train.micro_batch_size, multiple)
+            else:  # the pipeline schedule sends one activation shape for all micro-batches
+                mbs = split_microbatches(batch, cfg.train.micro_batch_size)
+            step_fn, rows, mb_rows = _forward_step, len(batch["tokens"]), len(mbs[0]["tokens"])
+        forward = partial(step_fn, mb_rows * len(mbs) / rows,
                           tok.vocab_size, r.temperature, (r.clip_eps_low, r.clip_eps_high))
         losses, grad_norm, applied = optimizer_update(state, mbs, forward,
-                                                      batch["tokens"].shape[1])
+                                                      mbs[0]["tokens"].shape[1])
         if applied:  # a skipped (non-finite) update leaves policy and teacher as they were
             state.teacher.update(state.policy)
         state.step = step  # the step's batch is consumed either way (keyed by the step)

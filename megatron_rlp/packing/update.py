@@ -1,0 +1,137 @@
+"""The branch-packed RLP update: micro-batches of packed sequences, forward step and loss.
+
+Same loss as `train.rlp_step`'s unpacked update (clipped surrogate, token-mean per thought,
+mean over thoughts) on the same thought rows, computed from one forward per document window
+instead of one per thought (`packing.tree`). Each micro-batch holds `micro_batch_size`
+thought rows (0 = all), as the unpacked update's do:
+- a micro-batch of whole documents packs each document into one sequence;
+- a micro-batch smaller than a document packs the document's rows into several sequences,
+  each repeating the window (with one row per micro-batch this is the unpacked layout).
+Other sizes, and models with Mamba layers (a branch would have to start from the SSM state
+at its t_k), keep the unpacked update: `packable` says which.
+
+On CPU the tree mask goes through Megatron's local `DotProductAttention` as an explicit
+[B, 1, S, S] mask (its `attn_mask_type` is set to `arbitrary` for the forward, so the fused
+GPU softmax honours the mask instead of substituting a causal one). A block-sparse kernel
+(FlexAttention) would skip the masked blocks; it needs attention modules other than
+Megatron's local one and is not wired in here.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from functools import partial
+
+import torch
+from megatron.core.transformer.enums import AttnMaskType
+from torch import Tensor
+
+from megatron_rlp.models.output_positions import logits_at_positions
+from megatron_rlp.models.provider import unwrap_model
+from megatron_rlp.objective import clip_fraction, clipped_surrogate_loss
+from megatron_rlp.packing.rotary import rotary_at_positions
+from megatron_rlp.packing.tree import pack_branches, plan_packing, tree_mask
+from megatron_rlp.scoring.next_token import token_logprobs_vocab_parallel
+
+
+def packable(pattern: str, rows_per_document: int, rows: int, micro_batch_size: int) -> bool:
+    """Whether the packed update applies: attention-only model and a micro-batch size that is
+    0, a multiple of a document's rows, or a divisor of them."""
+    if "M" in pattern:
+        return False
+    if micro_batch_size == 0:
+        return True
+    if rows % micro_batch_size:
+        return False
+    return micro_batch_size % rows_per_document == 0 or rows_per_document % micro_batch_size == 0
+
+
+@contextmanager
+def arbitrary_mask(model: torch.nn.Module):
+    """Make every attention's softmax apply the given mask as is (`AttnMaskType.arbitrary`)
+    for the duration of the block. Megatron's fused CUDA softmax ignores the mask for
+    `causal` layers (it builds an upper-triangular one); the torch path is unaffected."""
+    changed = []
+    for chunk in (model if isinstance(model, torch.nn.ModuleList) else [model]):
+        for module in unwrap_model(chunk).modules():
+            softmax = getattr(module, "scale_mask_softmax", None)
+            if softmax is not None and hasattr(softmax, "attn_mask_type"):
+                changed.append((softmax, softmax.attn_mask_type))
+                softmax.attn_mask_type = AttnMaskType.arbitrary
+    try:
+        yield
+    finally:
+        for softmax, kind in changed:
+            softmax.attn_mask_type = kind
+
+
+def packed_update_batches(windows, prompts, thoughts, advantages: Tensor, group_size: int,
+                          micro_batch_size: int, pad: int, think_start: int,
+                          equal_width: bool, multiple: int = 1) -> list[dict[str, Tensor]]:
+    """Micro-batches of packed sequences for `optimizer_update`.
+
+    Args:
+        windows: `data.batches.DocumentWindows` (tokens, valid [D, W]; rows, cols [B]).
+        prompts: `PromptBatch` (lengths [B]); thoughts: `ThoughtBatch` ([R, L] tokens,
+            mask, logprobs; [R] lengths); advantages: [R].
+        micro_batch_size: thought rows per micro-batch (0 = all); see `packable`.
+        equal_width: pad every sequence to one width (pipeline parallel sends one shape);
+            otherwise each micro-batch is cut to its own longest sequence.
+
+    Returns:
+        Micro-batches with tokens, positions, branch, lo, hi: [m, S]; index, labels, mask,
+        logp_old: [m, K*L]; advantages: [m, K].
+    """
+    rows = thoughts.tokens.shape[0]
+    per_doc = rows // len(torch.unique_consecutive(windows.rows)) if rows else 1
+    size = micro_batch_size or rows
+    plan = plan_packing(windows.rows, group_size, min(size, per_doc))
+    if plan is None:
+        raise ValueError(f"micro_batch_size={micro_batch_size} cannot be packed "
+                         f"({per_doc} thoughts per document)")
+    end = windows.cols + 1  # prefix [start, end) in the left-padded window row
+    start = end - prompts.lengths
+    packed = pack_branches(plan, windows.tokens, windows.valid, start, end, group_size,
+                           think_start, thoughts.tokens, thoughts.lengths, pad,
+                           multiple=multiple)
+    r = plan.seq_rows
+    n_seq = r.shape[0]
+    packed.update(labels=torch.where(thoughts.mask, thoughts.tokens, 0)[r].view(n_seq, -1),
+                  mask=thoughts.mask[r].view(n_seq, -1),
+                  logp_old=thoughts.logprobs[r].view(n_seq, -1), advantages=advantages[r])
+    del packed["rows"]
+    seqs_per_mb = max(1, size // per_doc) if size >= per_doc else 1
+    mbs = [{k: v[i:i + seqs_per_mb] for k, v in packed.items()}
+           for i in range(0, n_seq, seqs_per_mb)]
+    if not equal_width:
+        for mb in mbs:  # right padding never changes what a query reads
+            used = int((mb["branch"] != -2).sum(1).max())
+            width = -(-used // multiple) * multiple
+            for key in ("tokens", "positions", "branch", "lo", "hi"):
+                mb[key] = mb[key][:, :width]
+    return mbs
+
+
+def packed_loss(batch: dict[str, Tensor], scale: float, vocab_size: int, temperature: float,
+                eps: tuple[float, float], logits: Tensor):
+    """Clipped surrogate of a packed micro-batch; the rows' losses as in the unpacked update.
+
+    `logits`: [m, K*L, V/tp] at `batch["index"]`; reshaped to the [m*K, L] thought rows.
+    """
+    rows = batch["advantages"].numel()
+    logp_new = token_logprobs_vocab_parallel(logits, batch["labels"], vocab_size, temperature)
+    args = (logp_new.reshape(rows, -1), batch["logp_old"].reshape(rows, -1),
+            batch["advantages"].reshape(-1), batch["mask"].reshape(rows, -1), *eps)
+    loss = clipped_surrogate_loss(*args)
+    return loss * scale, {"loss": loss.detach(), "clip_fraction": clip_fraction(*args)}
+
+
+def packed_forward_step(scale: float, vocab_size: int, temperature: float,
+                        eps: tuple[float, float], data_iterator, model):
+    """Megatron `forward_step_func` for packed micro-batches (see `train.update`)."""
+    batch = next(data_iterator)
+    mask = tree_mask(batch["branch"], batch["lo"], batch["hi"])
+    with (logits_at_positions(model, batch["index"]), arbitrary_mask(model),
+          rotary_at_positions(model, batch["positions"])):
+        logits = model(batch["tokens"], batch["positions"], mask)
+    return logits, partial(packed_loss, batch, scale, vocab_size, temperature, eps)
