@@ -119,8 +119,11 @@ def _forward_step(scale: float, vocab_size: int, temperature: float, eps: tuple[
     return logits, partial(_loss, batch, scale, vocab_size, temperature, eps)
 
 
-def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer) -> dict[str, float]:
-    """Run RLP step `state.step + 1`; return its global metrics."""
+def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer,
+             trace: dict | None = None) -> dict[str, float]:
+    """Run RLP step `state.step + 1`; return its global metrics. A `trace` dict receives this
+    rank's prompts, windows, thoughts, rewards and advantages (tools/bench_rlp.py compares
+    them across paths)."""
     cfg, tok = state.cfg, state.tokenizer
     r, step = cfg.rlp, state.step + 1
     with timer("rollout"):
@@ -168,6 +171,9 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer) -> d
         if applied:  # a skipped (non-finite) update leaves policy and teacher as they were
             state.teacher.update(state.policy)
         state.step = step  # the step's batch is consumed either way (keyed by the step)
+    if trace is not None:
+        trace.update(prompts=prompts, windows=windows, thoughts=thoughts, rewards=rewards,
+                     advantages=advantages)
     local = {k: float(torch.stack([d[k] for d in losses]).mean()) if losses else 0.0
              for k in ("loss", "clip_fraction")}
     local = share_last_stage_values(local, ("loss", "clip_fraction"))
