@@ -25,6 +25,8 @@ from megatron_rlp.objective import (
     group_advantages,
     info_gain_reward,
 )
+from megatron_rlp.packing.prefill import SharedWindows
+from megatron_rlp.packing.prefill import supported as shared_prefill_supported
 from megatron_rlp.packing.update import packable, packed_forward_step, packed_update_batches
 from megatron_rlp.rollout.thoughts import PromptBatch, ThoughtBatch, sample_thoughts_chunked
 from megatron_rlp.scoring.next_token import score_next_tokens, token_logprobs_vocab_parallel
@@ -135,7 +137,10 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer,
             state.policy, prompts, r.rollout_chunk_contexts, group_size=r.group_size,
             max_thought_tokens=r.max_thought_tokens, temperature=r.temperature, top_p=r.top_p,
             think_start=tok.think_start, think_end=tok.think_end, pad=tok.pad,
-            vocab_size=tok.vocab_size, seed=cfg.train.seed, step=step)
+            vocab_size=tok.vocab_size, seed=cfg.train.seed, step=step,
+            shared=(SharedWindows.from_windows(windows, prompts)
+                    if r.share_prefixes and shared_prefill_supported(cfg.model.hybrid_layer_pattern)
+                    else None))
         state.policy.train()
     with timer("scoring"):
         if not state.teacher.initialized:
