@@ -406,6 +406,15 @@ class RunConfig:
             dp = world_size // (tp * pp)
             _check(self.rlp.contexts_per_step % dp == 0, "rlp.contexts_per_step",
                    self.rlp.contexts_per_step, f"a multiple of the data-parallel size {dp}")
+            # A document's positions share one window (prefill, teacher, packed update): they
+            # must stay on one rank, or prefixes and packing would depend on the layout.
+            ppd = self.rlp.positions_per_document
+            _check(self.rlp.contexts_per_step % dp != 0
+                   or (self.rlp.contexts_per_step // dp) % ppd == 0,
+                   "rlp.positions_per_document", ppd,
+                   f"a divisor of the {self.rlp.contexts_per_step // dp} contexts per "
+                   f"data-parallel rank (contexts_per_step / DP size {dp}), so that no document "
+                   f"is split over ranks")
             _check(self.data.ntp_batch_size % dp == 0, "data.ntp_batch_size",
                    self.data.ntp_batch_size, f"a multiple of the data-parallel size {dp}")
             _check(self.train.eval_interval == 0 or self.train.eval_contexts % dp == 0,

@@ -28,6 +28,7 @@ one run, not absolute times across runs.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import logging
 import os
@@ -51,18 +52,30 @@ SIZES = {  # the issue's yardstick sizes: (layers, hidden, ffn, heads, query gro
 }
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                               "usmblks", "fsmblks", "uordblks", "fordblks",
+                                               "keepcost")]
+
+
+_LIBC = ctypes.CDLL("libc.so.6")
+_LIBC.mallinfo2.restype = _MallInfo2
+
+
 class PeakMemory:
-    """Peak memory of a block: CUDA max allocated, or on CPU the resident set sampled every
-    2 ms by a thread (ru_maxrss is per process and never goes down, so it cannot tell two
-    paths of one process apart). Reported as the increase over the block's start."""
+    """Peak memory of a block: CUDA max allocated, or on CPU the bytes glibc malloc has handed
+    out (`mallinfo2`: heap in use + mmapped blocks; torch's CPU allocator uses malloc),
+    sampled every 2 ms by a thread. Peak RSS cannot tell two paths of one process apart (it
+    never goes down, and freed memory stays mapped). Reported as the increase over the
+    block's start."""
 
     def __init__(self):
         self.peak = 0
 
     @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    def _in_use() -> int:
+        info = _LIBC.mallinfo2()
+        return info.uordblks + info.hblkhd
 
     def __enter__(self):
         import torch
@@ -72,11 +85,11 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.start = torch.cuda.memory_allocated()
             return self
-        self.start, self.peak, self.stop = self._rss(), self._rss(), threading.Event()
+        self.start, self.peak, self.stop = self._in_use(), self._in_use(), threading.Event()
 
         def sample():
             while not self.stop.wait(0.002):
-                self.peak = max(self.peak, self._rss())
+                self.peak = max(self.peak, self._in_use())
 
         self.thread = threading.Thread(target=sample, daemon=True)
         self.thread.start()
@@ -90,7 +103,7 @@ class PeakMemory:
         else:
             self.stop.set()
             self.thread.join()
-            self.peak = max(self.peak, self._rss())
+            self.peak = max(self.peak, self._in_use())
         self.bytes = self.peak - self.start
 
 
