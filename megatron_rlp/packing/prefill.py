@@ -69,7 +69,8 @@ def prefill_shared(engine, shared: SharedWindows, think_start: int) -> Tensor | 
     """Encode each window once, cut one cache row per context, feed `<think>`.
 
     Args:
-        engine: a fresh `rollout.engine.KVCacheEngine` with max_sequence_length >= W + 1.
+        engine: a fresh `rollout.engine.KVCacheEngine` (or `packing.decode.SharedPrefixEngine`,
+            whose cache is then rotated once) with max_sequence_length >= W + 1.
         shared: the windows and prefixes.
         think_start: the `<think>` id.
 
@@ -102,5 +103,7 @@ def prefill_shared(engine, shared: SharedWindows, think_start: int) -> Tensor | 
     cols = torch.arange(ctx.max_sequence_length, device=device)
     start = w - shared.lengths.to(device)
     engine.key_valid = (cols[None] >= start[:, None]) & (cols[None] < w)
+    if hasattr(engine, "rotate_cache"):  # `packing.decode.SharedPrefixEngine`
+        engine.rotate_cache()
     tokens = torch.full((len(rows),), think_start, dtype=torch.long, device=device)
     return engine.step(tokens)

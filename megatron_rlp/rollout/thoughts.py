@@ -130,7 +130,12 @@ def sample_thoughts(
     rows, device = b * g, prompts.tokens.device
     if shared is not None:
         p = shared.tokens.shape[1]
-    engine = KVCacheEngine(model, max_batch_size=rows, max_sequence_length=p + n + 2)
+    engine_cls = KVCacheEngine
+    if shared is not None:
+        from megatron_rlp.packing.decode import SharedPrefixEngine  # imports rollout.engine
+
+        engine_cls = SharedPrefixEngine
+    engine = engine_cls(model, max_batch_size=rows, max_sequence_length=p + n + 2)
 
     if shared is not None:
         logits = prefill_shared(engine, shared, think_start)
