@@ -189,6 +189,7 @@ def run(cfg, steps: int, warmup: int, with_hf: bool, peak_tflops: float | None) 
             "tokens_per_s": sum(r["tokens"] for r in rows) / step_s,
             "peak_memory_bytes": max(r["peak_bytes"] for r in rows),
             "thought_len": statistics.fmean(r["thought_len"] for r in rows),
+            "per_step": rows,  # raw seconds per phase, tokens, FLOPs of every timed step
         }
         if "flops" in rows[0]:
             total = {k: sum(r["flops"][k] for r in rows) for k in rows[0]["flops"]}
