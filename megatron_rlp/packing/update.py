@@ -65,9 +65,33 @@ def arbitrary_mask(model: torch.nn.Module):
             softmax.attn_mask_type = kind
 
 
+def rows_per_sequence(model_cfg, rows: int, limit: int, window: float, thought: float) -> int:
+    """How many thought branches to pack after one copy of a window: the divisor k of `limit`
+    minimising a cost model of the update's forward over rows/k sequences of
+    L = window + k * thought tokens: 2 x layer weights per token (the linear layers) plus,
+    per (query, key) pair, 4 x heads x head_dim per attention layer, tripled for the masked
+    softmax and its memory traffic. All branches after one window (k = limit) wastes most of
+    a dense attention on masked branch-to-branch blocks once the branches outweigh the
+    window; one branch per sequence (k = 1) is the unpacked update."""
+    m = model_cfg
+    h, heads = m.hidden_size, m.num_attention_heads
+    hd = m.kv_channels or h // heads
+    attn_layers, mlp_layers = m.hybrid_layer_pattern.count("*"), m.hybrid_layer_pattern.count("-")
+    weights = attn_layers * h * hd * (2 * heads + 2 * m.num_query_groups)
+    weights += mlp_layers * (3 if m.activation == "swiglu" else 2) * h * m.ffn_hidden_size
+    pair = attn_layers * heads * hd * 4 * 3
+
+    def cost(k: int) -> float:
+        length = window + k * thought
+        return rows / k * (2 * weights * length + pair * length * length)
+
+    return min((k for k in range(1, limit + 1) if limit % k == 0), key=cost)
+
+
 def packed_update_batches(windows, prompts, thoughts, advantages: Tensor, group_size: int,
                           micro_batch_size: int, pad: int, think_start: int,
-                          equal_width: bool, multiple: int = 1) -> list[dict[str, Tensor]]:
+                          equal_width: bool, multiple: int = 1, model_cfg=None,
+                          rows_per_seq: int | None = None) -> list[dict[str, Tensor]]:
     """Micro-batches of packed sequences for `optimizer_update`.
 
     Args:
@@ -77,6 +101,10 @@ def packed_update_batches(windows, prompts, thoughts, advantages: Tensor, group_
         micro_batch_size: thought rows per micro-batch (0 = all); see `packable`.
         equal_width: pad every sequence to one width (pipeline parallel sends one shape);
             otherwise each micro-batch is cut to its own longest sequence.
+        model_cfg: `config.ModelConfig`, for `rows_per_sequence` (None: a whole document's
+            rows, or the micro-batch's, per sequence).
+        rows_per_seq: force the branches per sequence (a divisor of both a document's rows
+            and a micro-batch's).
 
     Returns:
         Micro-batches with tokens, positions, branch, lo, hi: [m, S]; index, labels, mask,
@@ -85,10 +113,17 @@ def packed_update_batches(windows, prompts, thoughts, advantages: Tensor, group_
     rows = thoughts.tokens.shape[0]
     per_doc = rows // len(torch.unique_consecutive(windows.rows)) if rows else 1
     size = micro_batch_size or rows
-    plan = plan_packing(windows.rows, group_size, min(size, per_doc))
-    if plan is None:
+    limit = min(size, per_doc)  # `packable`: one divides the other
+    if rows_per_seq is None:
+        rows_per_seq = limit
+        if model_cfg is not None:
+            rows_per_seq = rows_per_sequence(model_cfg, rows, limit,
+                                             float(windows.valid.sum(1).float().mean()),
+                                             float(thoughts.lengths.float().mean()))
+    plan = plan_packing(windows.rows, group_size, rows_per_seq)
+    if plan is None or limit % rows_per_seq:
         raise ValueError(f"micro_batch_size={micro_batch_size} cannot be packed "
-                         f"({per_doc} thoughts per document)")
+                         f"({per_doc} thoughts per document, {rows_per_seq} per sequence)")
     end = windows.cols + 1  # prefix [start, end) in the left-padded window row
     start = end - prompts.lengths
     packed = pack_branches(plan, windows.tokens, windows.valid, start, end, group_size,
@@ -100,7 +135,7 @@ def packed_update_batches(windows, prompts, thoughts, advantages: Tensor, group_
                   mask=thoughts.mask[r].view(n_seq, -1),
                   logp_old=thoughts.logprobs[r].view(n_seq, -1), advantages=advantages[r])
     del packed["rows"]
-    seqs_per_mb = max(1, size // per_doc) if size >= per_doc else 1
+    seqs_per_mb = size // rows_per_seq
     mbs = [{k: v[i:i + seqs_per_mb] for k, v in packed.items()}
            for i in range(0, n_seq, seqs_per_mb)]
     if not equal_width:

@@ -158,7 +158,8 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer,
                                          len(thoughts.tokens), cfg.train.micro_batch_size):
             mbs = packed_update_batches(windows, prompts, thoughts, advantages, r.group_size,
                                         cfg.train.micro_batch_size, tok.pad, tok.think_start,
-                                        equal_width=pp > 1, multiple=multiple)
+                                        equal_width=pp > 1, multiple=multiple,
+                                        model_cfg=cfg.model)
             step_fn, rows = packed_forward_step, len(thoughts.tokens)
             mb_rows = mbs[0]["advantages"].numel()
         else:

@@ -18,7 +18,12 @@ from megatron_rlp.data.batches import build_rlp_inputs
 from megatron_rlp.data.contexts import Context
 from megatron_rlp.models.provider import build_model
 from megatron_rlp.packing.tree import WINDOW, tree_mask
-from megatron_rlp.packing.update import packable, packed_forward_step, packed_update_batches
+from megatron_rlp.packing.update import (
+    packable,
+    packed_forward_step,
+    packed_update_batches,
+    rows_per_sequence,
+)
 from megatron_rlp.rollout.thoughts import ThoughtBatch
 from megatron_rlp.tokenizer import ByteTokenizer
 from megatron_rlp.train.rlp_step import _forward_step, update_batch
@@ -78,8 +83,9 @@ def _run(model, step, mbs, rows):
     return total, _grads(model)
 
 
-@pytest.mark.parametrize("micro_batch_size", [0, 6, 3, 1])
-def test_packed_loss_and_gradients_equal_unpacked(model, micro_batch_size):
+@pytest.mark.parametrize("micro_batch_size, rows_per_seq", [(0, 6), (0, 2), (6, 3), (3, 3),
+                                                          (1, 1)])
+def test_packed_loss_and_gradients_equal_unpacked(model, micro_batch_size, rows_per_seq):
     prompts, windows, thoughts, adv = _inputs()
     rows = len(adv)
     assert packable("*-*-", 2 * G, rows, micro_batch_size)
@@ -88,7 +94,8 @@ def test_packed_loss_and_gradients_equal_unpacked(model, micro_batch_size):
            for i in range(0, rows, micro_batch_size or rows)]
     ref_loss, ref = _run(model, _forward_step, mbs, rows)
     packed = packed_update_batches(windows, prompts, thoughts, adv, G, micro_batch_size,
-                                   TOK.pad, TOK.think_start, equal_width=micro_batch_size == 3)
+                                   TOK.pad, TOK.think_start, equal_width=micro_batch_size == 3,
+                                   rows_per_seq=rows_per_seq)
     assert len(packed) == len(mbs)
     loss, got = _run(model, packed_forward_step, packed, rows)
     assert loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-6)
@@ -96,6 +103,7 @@ def test_packed_loss_and_gradients_equal_unpacked(model, micro_batch_size):
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
     # Packing saves work: whole documents use fewer token columns than the unpacked rows.
+    assert packed[0]["advantages"].shape[1] == rows_per_seq
     if micro_batch_size == 0:
         assert packed[0]["tokens"].numel() < batch["tokens"].numel()
 
@@ -116,6 +124,15 @@ def test_tree_mask_reads_prefix_and_own_branch_only():
                 assert sees == list(range(int(lo[i]), int(hi[i]))) + own
             else:
                 assert sees == []
+
+
+def test_rows_per_sequence_trades_window_copies_for_masked_attention():
+    cfg = load_config("examples/configs/tiny_cpu.yaml", ()).model
+    # Short thoughts after a long window: everything behind one copy of the window.
+    assert rows_per_sequence(cfg, 64, 64, window=2048, thought=4) == 64
+    # Long thoughts: the masked branch-to-branch attention costs more than window copies.
+    k = rows_per_sequence(cfg, 64, 64, window=221, thought=32)
+    assert 1 < k < 64 and 64 % k == 0
 
 
 def test_packable_refuses_mamba_and_misaligned_micro_batches():
