@@ -120,21 +120,26 @@ def packed_update_batches(windows, prompts, thoughts, advantages: Tensor, group_
             rows_per_seq = rows_per_sequence(model_cfg, rows, limit,
                                              float(windows.valid.sum(1).float().mean()),
                                              float(thoughts.lengths.float().mean()))
-    plan = plan_packing(windows.rows, group_size, rows_per_seq)
+    plan = plan_packing(windows.rows.cpu(), group_size, rows_per_seq)
     if plan is None or limit % rows_per_seq:
         raise ValueError(f"micro_batch_size={micro_batch_size} cannot be packed "
                          f"({per_doc} thoughts per document, {rows_per_seq} per sequence)")
-    end = windows.cols + 1  # prefix [start, end) in the left-padded window row
-    start = end - prompts.lengths
-    packed = pack_branches(plan, windows.tokens, windows.valid, start, end, group_size,
-                           think_start, thoughts.tokens, thoughts.lengths, pad,
-                           multiple=multiple)
+    # The layout is built on the host (a loop over small slices), then moved in one go.
+    device = thoughts.tokens.device
+    end = windows.cols.cpu() + 1  # prefix [start, end) in the left-padded window row
+    start = end - prompts.lengths.cpu()
+    packed = pack_branches(plan, windows.tokens.cpu(), windows.valid.cpu(), start, end,
+                           group_size, think_start, thoughts.tokens.cpu(),
+                           thoughts.lengths.cpu(), pad, multiple=multiple)
     r = plan.seq_rows
     n_seq = r.shape[0]
+    del packed["rows"]
+    packed = {k: v.to(device) for k, v in packed.items()}
+    r = r.to(device)
     packed.update(labels=torch.where(thoughts.mask, thoughts.tokens, 0)[r].view(n_seq, -1),
                   mask=thoughts.mask[r].view(n_seq, -1),
-                  logp_old=thoughts.logprobs[r].view(n_seq, -1), advantages=advantages[r])
-    del packed["rows"]
+                  logp_old=thoughts.logprobs[r].view(n_seq, -1),
+                  advantages=advantages.to(device)[r])
     seqs_per_mb = size // rows_per_seq
     mbs = [{k: v[i:i + seqs_per_mb] for k, v in packed.items()}
            for i in range(0, n_seq, seqs_per_mb)]
