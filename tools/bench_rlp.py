@@ -6,7 +6,8 @@
         rlp.max_prefix_tokens=160
 
 Defaults: the tiny model (examples/configs/tiny_cpu.yaml), 8 contexts from one document
-(8 positions per document), G=8, 256-token windows, 32-token thoughts. Two `TrainState`s are
+(8 positions per document), G=8, 256-token windows, 32-token thoughts, lr 1e-7 (so the
+random policy keeps thinking to the budget on every timed step). Two `TrainState`s are
 built from the same config and seed (identical weights); every step runs
 
     naive      rlp.share_prefixes=false: a prefill per context (its KV copied G ways), one
@@ -45,7 +46,10 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 DEFAULTS = ("rlp.contexts_per_step=8", "rlp.positions_per_document=8", "rlp.group_size=8",
             "rlp.min_prefix_tokens=32", "rlp.max_prefix_tokens=256", "rlp.max_thought_tokens=32",
-            "model.max_sequence_length=512")
+            "model.max_sequence_length=512",
+            # A learning random policy shortens its thoughts within two steps (32 -> ~2
+            # tokens at lr 3e-4); a tiny lr keeps every timed step at the stated shape.
+            "optimizer.lr=1e-7")
 SIZES = {  # the yardstick sizes: (layers, hidden, ffn, heads, query groups)
     "0.8m": (4, 128, 384, 4, 2),
     "25m": (8, 512, 1536, 8, 4),
