@@ -14,7 +14,8 @@ built from the same config and seed (identical weights); every step runs
                update sequence per thought (the prefix recomputed with gradients G times)
     optimised  rlp.share_prefixes=true: one prefill per document window, branch-packed update
     hf         (--hf) tools/bench_rlp_hf.py: transformers `generate` per row, separate
-               scoring and update forwards, same model dimensions
+               scoring and update forwards, same model dimensions; --hf-batched: one
+               `generate` over all rows (a stronger yardstick)
 
 on the same contexts, the paths' order rotating from step to step so that machine load
 (other users of a shared CPU) hits them alike. It checks that naive and optimised draw
@@ -129,7 +130,7 @@ def _compare(a: dict, b: dict) -> dict:
     }
 
 
-def run(cfg, steps: int, warmup: int, with_hf: bool, peak_tflops: float | None) -> dict:
+def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | None) -> dict:
     import dataclasses
 
     from bench_rlp_flops import model_dims, step_flops
@@ -148,7 +149,7 @@ def run(cfg, steps: int, warmup: int, with_hf: bool, peak_tflops: float | None) 
     if with_hf:
         from bench_rlp_hf import HFRLPStep
 
-        hf = HFRLPStep(cfg, variants["naive"][0].tokenizer)
+        hf = HFRLPStep(cfg, variants["naive"][0].tokenizer, batched=with_hf == "batched")
     dims = model_dims(cfg, variants["naive"][0].tokenizer.vocab_size)
 
     names = list(variants) + (["hf"] if hf else [])
@@ -183,7 +184,7 @@ def run(cfg, steps: int, warmup: int, with_hf: bool, peak_tflops: float | None) 
                 results[name].append(row)
         checks.append({"step": i + 1, **_compare(traces["naive"], traces["optimised"])})
 
-    out = {"paths": {}, "checks": checks}
+    out = {"paths": {}, "checks": checks, "hf_variant": with_hf}
     for name, rows in results.items():
         phases = {k: _summary([r[k] for r in rows]) for k in ("step", "rollout", "scoring",
                                                                "update")}
@@ -222,7 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per path first")
     parser.add_argument("--size", choices=["config", *SIZES], default="config",
                         help="model dimensions: the config's, or a yardstick size")
-    parser.add_argument("--hf", action="store_true", help="also run the transformers step")
+    parser.add_argument("--hf", action="store_true", help="also run the transformers step "
+                        "(`generate` per row)")
+    parser.add_argument("--hf-batched", action="store_true", help="the transformers step with "
+                        "one batched `generate` over all rows instead")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="device peak (dense, the run's dtype) for MFU")
     parser.add_argument("--out", default="runs/bench/rlp_paths.json")
@@ -248,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
 
     distributed.initialize(cfg)
     try:
-        res = run(cfg, args.steps, args.warmup, args.hf, args.peak_tflops)
+        hf = "batched" if args.hf_batched else "per-row" if args.hf else None
+        res = run(cfg, args.steps, args.warmup, hf, args.peak_tflops)
     finally:
         distributed.shutdown()
     import torch

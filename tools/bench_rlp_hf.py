@@ -6,7 +6,8 @@ groups, RoPE base, tied embeddings), an fp32 deep-copy EMA teacher, and per step
 
     rollout  `generate` per (context, thought) row (prompt `prefix <think>`, sampling at the
              RLP temperature/top-p, stop at `</think>`), then one scoring forward per row over
-             `prefix <think> thought </think>` for S_pred
+             `prefix <think> thought </think>` for S_pred; `batched=True` (bench --hf-batched):
+             one `generate` over all rows, left-padded, and one batched scoring forward
     scoring  one teacher forward per context for S_ema
     update   one right-padded batch forward/backward over `prefix <think> thought` rows, the
              project's clipped surrogate (megatron_rlp.objective), grad clipping, AdamW, EMA
@@ -56,8 +57,8 @@ class HFRLPStep:
     """One RLP step with transformers, on the contexts `tools/bench_rlp.py` also gives the
     Megatron paths (`PromptBatch`)."""
 
-    def __init__(self, cfg, tokenizer):
-        self.cfg, self.tok = cfg, tokenizer
+    def __init__(self, cfg, tokenizer, batched: bool = False):
+        self.cfg, self.tok, self.batched = cfg, tokenizer, batched
         self.policy = hf_model(cfg, tokenizer.vocab_size, cfg.train.seed)
         self.teacher = copy.deepcopy(self.policy).eval().requires_grad_(False)
         self.padded_ids = list(range(tokenizer.vocab_size, self.policy.config.vocab_size))
@@ -65,6 +66,41 @@ class HFRLPStep:
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=o.lr,
                                            betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
                                            weight_decay=o.weight_decay)
+
+    def _rollout_batched(self, prompts, seed: int):
+        """One `generate` over all B*G rows (left-padded), one scoring forward for S_pred."""
+        r, tok, v = self.cfg.rlp, self.tok, self.tok.vocab_size
+        torch.manual_seed(seed)
+        ids = torch.cat([prompts.tokens, torch.full((len(prompts.tokens), 1), tok.think_start)],
+                        1).repeat_interleave(r.group_size, 0)
+        attn = torch.cat([prompts.valid, torch.ones(len(prompts.valid), 1, dtype=torch.bool)],
+                         1).repeat_interleave(r.group_size, 0).long()
+        out = self.policy.generate(
+            ids, attention_mask=attn, do_sample=True, temperature=r.temperature, top_p=r.top_p,
+            top_k=0, max_new_tokens=r.max_thought_tokens, eos_token_id=tok.think_end,
+            pad_token_id=tok.pad, output_scores=True, return_dict_in_generate=True,
+            suppress_tokens=self.padded_ids)
+        new = out.sequences[:, ids.shape[1]:]
+        scores = torch.log_softmax(torch.stack(out.scores, 1), -1)  # [R, n, V]
+        rows, full = [], []
+        for i in range(len(ids)):
+            ends = (new[i] == tok.think_end).nonzero()
+            n = int(ends[0]) + 1 if len(ends) else new.shape[1]
+            thought = new[i, :n]
+            lp = scores[i, torch.arange(n)].gather(-1, thought[:, None])[:, 0]
+            prefix = ids[i, attn[i].bool()]
+            rows.append((prefix, thought, lp))
+            closed = bool(thought[-1] == tok.think_end)
+            full.append(torch.cat([prefix, thought] + ([] if closed else [
+                torch.tensor([tok.think_end])])))
+        width = max(len(f) for f in full)  # left-padded scoring batch: last column predicts
+        batch = torch.full((len(full), width), tok.pad, dtype=torch.long)
+        mask = torch.zeros(len(full), width, dtype=torch.long)
+        for i, f in enumerate(full):
+            batch[i, width - len(f):], mask[i, width - len(f):] = f, 1
+        logits = self.policy(batch, attention_mask=mask).logits[:, -1]
+        targets = prompts.targets.repeat_interleave(r.group_size)
+        return rows, list(_logprob(logits, targets, v))
 
     def step(self, prompts, timer, seed: int) -> dict[str, float]:
         r, tok, v = self.cfg.rlp, self.tok, self.tok.vocab_size
@@ -74,7 +110,9 @@ class HFRLPStep:
         with timer("rollout"), torch.no_grad():
             self.policy.eval()
             torch.manual_seed(seed)
-            for b in range(len(prompts.lengths)):
+            if self.batched:
+                rows, s_pred = self._rollout_batched(prompts, seed)
+            for b in range(0 if self.batched else len(prompts.lengths)):
                 prefix = prompts.tokens[b, -int(prompts.lengths[b]):]
                 ids = torch.cat([prefix, torch.tensor([tok.think_start])])[None]
                 for _ in range(g):
