@@ -167,6 +167,12 @@ class RLPConfig:
     # truncated importance ratio min(pi_old / pi_rollout, tis_cap).
     logp_old_source: Literal["update", "rollout"] = "update"
     tis_cap: float = 2.0
+    # One forward per document window serves all its positions and thoughts: the rollout
+    # prefills each window once, the update packs a document's (position, thought) branches
+    # after its window with a tree mask (megatron_rlp/packing). Same thoughts, rewards and loss
+    # as the per-context path (false), which stays as the reference. Models with Mamba layers
+    # keep the per-context update.
+    share_prefixes: bool = True
 
     def validate(self) -> None:
         _check(0 < self.tis_cap < math.inf, "rlp.tis_cap", self.tis_cap, "a finite number > 0")

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from megatron_rlp.packing.prefill import prefill_shared
 from megatron_rlp.parallel.pipeline import from_last_stage
 from megatron_rlp.rollout.engine import KVCacheEngine
 from megatron_rlp.rollout.vocab_parallel import sample_vocab_parallel
@@ -80,14 +81,17 @@ def _chunk(prompts: PromptBatch, start: int, end: int) -> PromptBatch:
 
 
 def sample_thoughts_chunked(model: torch.nn.Module, prompts: PromptBatch, chunk_contexts: int,
-                            max_thought_tokens: int, pad: int, **kwargs) -> ThoughtBatch:
+                            max_thought_tokens: int, pad: int, shared=None,
+                            **kwargs) -> ThoughtBatch:
     """`sample_thoughts` over chunks of `chunk_contexts` contexts (0 = one chunk), so the cache
     holds chunk x G rows at a time. Keyed sampling makes the result independent of the
-    chunking."""
+    chunking. `shared` (`packing.prefill.SharedWindows`): prefill document windows once."""
     b = prompts.tokens.shape[0]
     size = chunk_contexts or b
     parts = [sample_thoughts(model, _chunk(prompts, i, min(i + size, b)),
-                             max_thought_tokens=max_thought_tokens, pad=pad, **kwargs)
+                             max_thought_tokens=max_thought_tokens, pad=pad,
+                             shared=None if shared is None else shared.chunk(i, min(i + size, b)),
+                             **kwargs)
              for i in range(0, b, size)]
     if len(parts) == 1:
         return parts[0]
@@ -112,6 +116,7 @@ def sample_thoughts(
     step: int,
     compact_below: float = 0.5,
     check_every: int = 8,
+    shared=None,
 ) -> ThoughtBatch:
     """Sample `group_size` thoughts for every prompt and score the real next token after each.
 
@@ -125,15 +130,29 @@ def sample_thoughts(
             Keyed sampling makes the thoughts independent of it.
         check_every: decode steps between host-side looks at the open thoughts (early stop,
             compaction); the only device-to-host syncs of the decode loop.
+        shared: `packing.prefill.SharedWindows` of these contexts: each document window is
+            prefilled once and the contexts' caches are cut from it (attention-only models);
+            None prefills every prompt.
     """
     b, p = prompts.tokens.shape
     g, n = group_size, max_thought_tokens
     rows, device = b * g, prompts.tokens.device
-    engine = KVCacheEngine(model, max_batch_size=rows, max_sequence_length=p + n + 2)
+    if shared is not None:
+        p = shared.tokens.shape[1]
+    engine_cls = KVCacheEngine
+    if shared is not None:
+        from megatron_rlp.packing.decode import SharedPrefixEngine  # imports rollout.engine
 
-    start = torch.full((b, 1), think_start, dtype=torch.long, device=device)
-    logits = engine.prefill(torch.cat([prompts.tokens, start], 1),
-                            torch.cat([prompts.valid, torch.ones_like(start, dtype=torch.bool)], 1))
+        engine_cls = SharedPrefixEngine
+    engine = engine_cls(model, max_batch_size=rows, max_sequence_length=p + n + 2)
+
+    if shared is not None:
+        logits = prefill_shared(engine, shared, think_start)
+    else:
+        start = torch.full((b, 1), think_start, dtype=torch.long, device=device)
+        logits = engine.prefill(
+            torch.cat([prompts.tokens, start], 1),
+            torch.cat([prompts.valid, torch.ones_like(start, dtype=torch.bool)], 1))
     engine.fork(g)
     if logits is not None:
         logits = logits.repeat_interleave(g, 0)

@@ -22,6 +22,9 @@ from megatron_rlp.data.batches import build_rlp_inputs
 from megatron_rlp.models.fp8 import rollout_precision, token_multiple
 from megatron_rlp.models.output_positions import logits_at_positions
 from megatron_rlp.objective import group_advantages, info_gain_reward, rlp_policy_loss
+from megatron_rlp.packing.prefill import SharedWindows
+from megatron_rlp.packing.prefill import supported as shared_prefill_supported
+from megatron_rlp.packing.update import packable, packed_forward_step, packed_update_batches
 from megatron_rlp.rollout.thoughts import PromptBatch, ThoughtBatch, sample_thoughts_chunked
 from megatron_rlp.scoring.next_token import score_next_tokens, token_logprobs_vocab_parallel
 from megatron_rlp.train.builder import TrainState
@@ -129,8 +132,11 @@ def _forward_step(scale: float, vocab_size: int, temperature: float, eps: tuple[
     return logits, partial(_loss, batch, scale, vocab_size, temperature, eps, **loss_options)
 
 
-def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer) -> dict[str, float]:
-    """Run RLP step `state.step + 1`; return its global metrics."""
+def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer,
+             trace: dict | None = None) -> dict[str, float]:
+    """Run RLP step `state.step + 1`; return its global metrics. A `trace` dict receives this
+    rank's prompts, windows, thoughts, rewards and advantages (tools/bench_rlp.py compares
+    them across paths)."""
     cfg, tok = state.cfg, state.tokenizer
     r, step = cfg.rlp, state.step + 1
     # Under FP8 training, rollouts and scoring run in bf16 unless precision.fp8_rollouts.
@@ -143,7 +149,10 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer) -> d
             state.policy, prompts, r.rollout_chunk_contexts, group_size=r.group_size,
             max_thought_tokens=r.max_thought_tokens, temperature=r.temperature, top_p=r.top_p,
             think_start=tok.think_start, think_end=tok.think_end, pad=tok.pad,
-            vocab_size=tok.vocab_size, seed=cfg.train.seed, step=step)
+            vocab_size=tok.vocab_size, seed=cfg.train.seed, step=step,
+            shared=(SharedWindows.from_windows(windows, prompts)
+                    if r.share_prefixes and shared_prefill_supported(cfg.model.hybrid_layer_pattern)
+                    else None))
         state.policy.train()
     with timer("scoring"), rollout_precision(cfg.precision, state.teacher.model):
         if not state.teacher.initialized:
@@ -156,22 +165,37 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer) -> d
         sp = cfg.parallel.sequence_parallel
         multiple = cfg.parallel.tensor_model_parallel_size if sp else 1
         multiple = math.lcm(multiple, token_multiple(cfg.precision))  # FP8 GEMM alignment
-        batch = update_batch(prompts, thoughts, advantages, r.group_size, tok.pad, tok.think_start,
-                             multiple)
-        if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-            mbs = trimmed_microbatches(batch, cfg.train.micro_batch_size, multiple)
-        else:  # the pipeline schedule sends one activation shape for all micro-batches
-            mbs = split_microbatches(batch, cfg.train.micro_batch_size)
-        forward = partial(_forward_step, len(mbs[0]["tokens"]) * len(mbs) / len(batch["tokens"]),
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        if r.share_prefixes and packable(cfg.model.hybrid_layer_pattern,
+                                         r.positions_per_document * r.group_size,
+                                         len(thoughts.tokens), cfg.train.micro_batch_size):
+            mbs = packed_update_batches(windows, prompts, thoughts, advantages, r.group_size,
+                                        cfg.train.micro_batch_size, tok.pad, tok.think_start,
+                                        equal_width=pp > 1, multiple=multiple,
+                                        model_cfg=cfg.model)
+            step_fn, rows = packed_forward_step, len(thoughts.tokens)
+            mb_rows = mbs[0]["advantages"].numel()
+        else:
+            batch = update_batch(prompts, thoughts, advantages, r.group_size, tok.pad,
+                                 tok.think_start, multiple)
+            if pp == 1:
+                mbs = trimmed_microbatches(batch, cfg.train.micro_batch_size, multiple)
+            else:  # the pipeline schedule sends one activation shape for all micro-batches
+                mbs = split_microbatches(batch, cfg.train.micro_batch_size)
+            step_fn, rows, mb_rows = _forward_step, len(batch["tokens"]), len(mbs[0]["tokens"])
+        forward = partial(step_fn, mb_rows * len(mbs) / rows,
                           tok.vocab_size, r.temperature, (r.clip_eps_low, r.clip_eps_high),
                           logp_old_source=r.logp_old_source, tis_cap=r.tis_cap)
         losses, grad_norm, applied = optimizer_update(state, mbs, forward,
-                                                      batch["tokens"].shape[1])
+                                                      mbs[0]["tokens"].shape[1])
         if applied:  # a skipped (non-finite) update leaves policy and teacher as they were
             state.teacher.update(state.policy)
         state.step = step  # the step's batch is consumed either way (keyed by the step)
     # Test hook (MEGATRON_RLP_RECORD, train/record.py): the step's internals for references.
     record_step(step, contexts, ids, prompts, thoughts, s_ema, rewards, advantages)
+    if trace is not None:
+        trace.update(prompts=prompts, windows=windows, thoughts=thoughts, rewards=rewards,
+                     advantages=advantages)
     local = {k: float(torch.stack([d[k] for d in losses]).mean()) if losses else 0.0
              for k in LOSS_METRICS}
     if losses:

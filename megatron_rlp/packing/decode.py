@@ -1,0 +1,109 @@
+"""Decode steps without per-step work over the whole KV cache.
+
+Megatron's static-batching attention (`Attention._adjust_key_value_for_inference`, then
+`apply_rotary_pos_emb` and `DotProductAttention`) caches keys before RoPE and, at every decode
+step and layer, rotates *all* cached keys again and repeats K and V over the query heads of
+each group (grouped-query attention). Both are elementwise work and copies over the whole
+[S, R, heads, dim] cache for one new token per row: on the rollout's small decode batches
+they cost more than the attention itself (profiled: ~40% of a tiny model's rollout).
+
+`SharedPrefixEngine` keeps Megatron's prefill, then rotates the cached keys once, and for
+decode steps replaces each `SelfAttention.forward` by `_decode_attention`: the new key is
+rotated once when written, and scores are computed per query group against the unrepeated
+cache. Same projections (Megatron's `get_query_key_value_tensors`, `linear_proj`, q/k norms),
+same RoPE rows, same -10000 mask fill and fp32 softmax as `FusedScaleMaskSoftmax`'s torch
+path; only the summation order of the score matmuls differs (fp32 rounding).
+
+Written here because Megatron's fast decode paths (`flash_decode`, dynamic batching) need
+flash-attn kernels; this one is plain torch and runs on CPU and GPU. Attention-only models
+(Mamba layers keep the stock engine). Unfused RoPE only.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.transformer.attention import SelfAttention
+from torch import Tensor
+
+from megatron_rlp.models.provider import unwrap_model
+from megatron_rlp.parallel.pipeline import chunks_of
+from megatron_rlp.rollout.engine import KVCacheEngine
+
+
+def _decode_attention(self: SelfAttention, hidden_states: Tensor, attention_mask: Tensor,
+                      key_value_states=None, inference_context=None, rotary_pos_emb=None,
+                      **_unused) -> tuple[Tensor, Tensor | None]:
+    """One decode step of `self` (bound as the module's forward): [1, R, h] -> (out, bias).
+
+    The cache at `inference_context.key_value_memory_dict[layer]` holds rotated keys."""
+    ctx = inference_context
+    pos = ctx.sequence_len_offset
+    query, key, value = self.get_query_key_value_tensors(hidden_states, None)  # [1, R, n, d]
+    if rotary_pos_emb is not None:
+        emb = rotary_pos_emb[0] if isinstance(rotary_pos_emb, tuple) else rotary_pos_emb
+        freqs = emb[pos:pos + 1]
+        query = apply_rotary_pos_emb(query, freqs, config=self.config)
+        key = apply_rotary_pos_emb(key, freqs, config=self.config)
+    cache_k, cache_v = ctx.key_value_memory_dict[self.layer_number]
+    rows = key.shape[1]
+    cache_k[pos, :rows] = key[0]
+    cache_v[pos, :rows] = value[0]
+    k, v = cache_k[:pos + 1, :rows], cache_v[:pos + 1, :rows]  # [S, R, g, d]
+    _, _, heads, dim = query.shape
+    groups = k.shape[2]
+    q = query[0].view(rows, groups, heads // groups, dim)
+    scale = getattr(self.core_attention, "softmax_scale", None) or dim ** -0.5
+    scores = torch.einsum("rghd,srgd->rghs", q, k).float() * scale
+    if attention_mask is not None:  # [R, 1, 1, S] True = masked
+        scores = scores.masked_fill(attention_mask.view(rows, 1, 1, -1), -10000.0)
+    probs = torch.softmax(scores, -1).to(v.dtype)
+    context = torch.einsum("rghs,srgd->rghd", probs, v).reshape(1, rows, heads * dim)
+    return self.linear_proj(context)
+
+
+class SharedPrefixEngine(KVCacheEngine):
+    """`KVCacheEngine` whose decode steps use `_decode_attention` (rotated-key cache).
+
+    Call `rotate_cache()` once after the prefill (and after any rearranging of pre-RoPE
+    columns, see `packing.prefill`); `prefill` does it itself."""
+
+    def __init__(self, model: torch.nn.Module, max_batch_size: int, max_sequence_length: int):
+        super().__init__(model, max_batch_size, max_sequence_length)
+        self.attentions = [m for c in chunks_of(model) for m in unwrap_model(c).modules()
+                           if isinstance(m, SelfAttention)]
+        for chunk in chunks_of(model):
+            if unwrap_model(chunk).config.apply_rope_fusion:
+                raise ValueError("SharedPrefixEngine needs unfused RoPE")
+
+    def prefill(self, tokens: Tensor, valid: Tensor) -> Tensor:
+        logits = super().prefill(tokens, valid)
+        self.rotate_cache()
+        return logits
+
+    @torch.no_grad()
+    def rotate_cache(self) -> None:
+        """Apply RoPE to the cached keys [0, offset) once (Megatron caches them unrotated)."""
+        upto = self.ctx.sequence_len_offset
+        for chunk in chunks_of(self.model):
+            rope = getattr(unwrap_model(chunk), "rotary_pos_emb", None)
+            if rope is None:
+                continue
+            freqs = rope.get_emb(upto)
+            cache = self.ctx.key_value_memory_dict
+            for m in unwrap_model(chunk).modules():
+                if isinstance(m, SelfAttention) and m.layer_number in cache:
+                    k, _ = cache[m.layer_number]
+                    k[:upto] = apply_rotary_pos_emb(k[:upto], freqs.to(k.device),
+                                                    config=m.config)
+
+    def _forward(self, tokens: Tensor, mask: Tensor) -> Tensor | None:
+        if self.ctx.sequence_len_offset == 0:  # prefill: Megatron's own path
+            return super()._forward(tokens, mask)
+        for m in self.attentions:
+            m.forward = _decode_attention.__get__(m)
+        try:
+            return super()._forward(tokens, mask)
+        finally:
+            for m in self.attentions:
+                del m.forward  # back to the class method

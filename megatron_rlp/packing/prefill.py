@@ -1,0 +1,109 @@
+"""Shared-prefix rollout prefill: one forward per document window serves all its positions.
+
+The per-context prefill encodes `doc[ws : t_k] <think>` for every context k, so a document
+with ppd positions is encoded ppd times. Here its window `doc[ws : t_max]` is encoded once
+(`KVCacheEngine`'s static cache, D rows); each context's cache row is then cut from its
+document's row: the prefix columns [s_k, e_k) are moved to end at the window's last column,
+the later columns masked, and `<think>` is fed as the first decode step.
+
+Why moving columns is exact: Megatron's static-batching attention caches keys *before* RoPE
+and rotates every cached key by its cache slot when it is read, so after the move a context
+sees its prefix at the relative positions a left-padded prompt of the window's width has,
+which is what the per-context path computes (left padding is exact, see rollout/engine.py).
+Moved columns are one gather per layer ([W, B] indices); the G thought branches then fork
+from the B context rows as before.
+
+Mamba layers keep only the state at the window's end, not at each t_k; hybrid models use the
+per-context prefill (`supported`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from megatron_rlp.models.mamba.inference_state import MambaState
+from megatron_rlp.models.masks import padded_causal_mask
+
+
+@dataclass
+class SharedWindows:
+    """Document windows and where each context's prefix lies in them.
+
+    Attributes:
+        tokens, valid: [D, W] left-padded windows (`data.batches.DocumentWindows`).
+        rows: [B] long, window row of each context.
+        ends: [B] long, end column (exclusive) of each context's prefix in its row; the
+            prefix is the `lengths[b]` columns before it.
+        lengths: [B] long, prefix lengths.
+    """
+
+    tokens: Tensor
+    valid: Tensor
+    rows: Tensor
+    ends: Tensor
+    lengths: Tensor
+
+    @classmethod
+    def from_windows(cls, windows, prompts) -> SharedWindows:
+        return cls(tokens=windows.tokens, valid=windows.valid, rows=windows.rows,
+                   ends=windows.cols + 1, lengths=prompts.lengths)
+
+    def chunk(self, start: int, end: int) -> SharedWindows:
+        """Contexts [start, end), with only the windows they use."""
+        rows = self.rows[start:end]
+        used, inverse = torch.unique(rows, return_inverse=True)
+        return SharedWindows(tokens=self.tokens[used], valid=self.valid[used], rows=inverse,
+                             ends=self.ends[start:end], lengths=self.lengths[start:end])
+
+
+def supported(model_pattern: str) -> bool:
+    """Whether a model can fork per-position caches from one window prefill (no Mamba)."""
+    return "M" not in model_pattern
+
+
+@torch.no_grad()
+def prefill_shared(engine, shared: SharedWindows, think_start: int) -> Tensor | None:
+    """Encode each window once, cut one cache row per context, feed `<think>`.
+
+    Args:
+        engine: a fresh `rollout.engine.KVCacheEngine` (or `packing.decode.SharedPrefixEngine`,
+            whose cache is then rotated once) with max_sequence_length >= W + 1.
+        shared: the windows and prefixes.
+        think_start: the `<think>` id.
+
+    Returns:
+        [B, V/tp] fp32 logits after each context's `prefix <think>` (last pipeline stage,
+        else None), as `KVCacheEngine.prefill` returns for the per-context prompts.
+    """
+    ctx = engine.ctx
+    ctx.reset()
+    ctx.key_value_memory_dict.clear()
+    d, w = shared.tokens.shape
+    device = shared.tokens.device
+    engine.key_valid = torch.zeros(d, ctx.max_sequence_length, dtype=torch.bool, device=device)
+    engine.key_valid[:, :w] = shared.valid
+    engine._forward(shared.tokens, padded_causal_mask(shared.valid))
+
+    # Column j of context b's row holds window column j - shift[b]: its prefix ends at w.
+    rows = shared.rows.to(device)
+    shift = w - shared.ends.to(device)  # [B]
+    src = (torch.arange(w, device=device)[:, None] - shift[None, :]).clamp(0, w - 1)  # [W, B]
+    for layer, entry in list(ctx.key_value_memory_dict.items()):
+        if isinstance(entry, MambaState):
+            raise ValueError("shared-prefix prefill cannot fork Mamba states at each position")
+        moved = []
+        for cache in entry:  # [max_seq, batch, heads, dim]
+            out = cache[:, rows]  # a copy, [max_seq, B, ...]
+            out[:w] = cache[src, rows[None, :]]
+            moved.append(out)
+        ctx.key_value_memory_dict[layer] = tuple(moved)
+    cols = torch.arange(ctx.max_sequence_length, device=device)
+    start = w - shared.lengths.to(device)
+    engine.key_valid = (cols[None] >= start[:, None]) & (cols[None] < w)
+    if hasattr(engine, "rotate_cache"):  # `packing.decode.SharedPrefixEngine`
+        engine.rotate_cache()
+    tokens = torch.full((len(rows),), think_start, dtype=torch.long, device=device)
+    return engine.step(tokens)

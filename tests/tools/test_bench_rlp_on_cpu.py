@@ -1,0 +1,41 @@
+"""tools/bench_rlp.py: naive and shared-prefix paths (and the transformers yardstick) run on
+the same contexts in one process, agree on thoughts, rewards and loss, and the JSON holds
+phases, memory, FLOP model and speed-ups (no speed is asserted: that is the benchmark's job)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = ["model.hybrid_layer_pattern=*-*-", "model.hidden_size=64", "model.ffn_hidden_size=128",
+         "model.num_attention_heads=4", "model.num_query_groups=2",
+         "rlp.contexts_per_step=4", "rlp.positions_per_document=2", "rlp.group_size=2",
+         "rlp.max_thought_tokens=4", "rlp.min_prefix_tokens=8", "rlp.max_prefix_tokens=48",
+         "model.max_sequence_length=64", "device.num_threads=1"]
+
+
+def test_bench_rlp_compares_paths_on_the_same_contexts(tmp_path):
+    out = tmp_path / "paths.json"
+    proc = subprocess.run([sys.executable, "tools/bench_rlp.py", "--steps", "1", "--warmup", "1",
+                           "--hf", "--out", str(out), *SMALL], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["paths"]) == {"naive", "optimised", "hf"}
+    assert len(res["checks"]) == 2 and res["equal"]["identical_thoughts_all_steps"]
+    assert res["equal"]["max_reward_abs_diff"] < 1e-4
+    assert res["equal"]["max_loss_abs_diff"] < 1e-5
+    for name, path in res["paths"].items():
+        assert set(path["phases_s"]) == {"step", "rollout", "scoring", "update"}
+        assert path["tokens_per_s"] > 0 and path["peak_memory_bytes"] >= 0
+        if name != "hf":
+            flops = path["flop_model"]
+            assert flops["step"] == sum(flops[k] for k in ("prefill", "decode", "scoring",
+                                                           "update")) > 0
+            assert path["achieved_flop_per_s"] > 0
+    # The FLOP model counts the step's necessary work: the same for both paths.
+    assert res["paths"]["naive"]["flop_model"] == res["paths"]["optimised"]["flop_model"]
+    assert set(res["speedup"]) == {"optimised_vs_naive", "optimised_vs_hf", "naive_vs_hf"}

@@ -1,0 +1,58 @@
+"""Shared-prefix rollouts (packing/prefill.py): one prefill per document window gives the
+thoughts, sampling log-probs and S_pred of the per-context prefill, also in chunks that cut a
+document's contexts apart. One-process gloo group, tiny dense HybridModel, fp32."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_rlp import distributed
+from megatron_rlp.config import load_config
+from megatron_rlp.data.batches import build_rlp_inputs
+from megatron_rlp.data.contexts import Context
+from megatron_rlp.models.provider import build_model
+from megatron_rlp.packing.prefill import SharedWindows, supported
+from megatron_rlp.rollout.thoughts import sample_thoughts_chunked
+from megatron_rlp.tokenizer import ByteTokenizer
+
+TOK = ByteTokenizer()
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = load_config(None, (
+        "model.hybrid_layer_pattern=*-*-", "model.hidden_size=64", "model.ffn_hidden_size=128",
+        "model.num_attention_heads=4", "model.num_query_groups=2",
+    ))
+    distributed.initialize(cfg)
+    torch.manual_seed(0)
+    yield build_model(cfg, TOK.vocab_size).eval()
+    distributed.shutdown()
+
+
+@pytest.mark.parametrize("chunk", [0, 3])
+def test_shared_prefill_draws_the_per_context_thoughts(model, chunk):
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(0, 256, size=n).astype(np.int32) for n in (50, 30)]
+    contexts = [Context(d, t, docs[d][:t], int(docs[d][t])) for d, t in
+                ((0, 20), (0, 27), (0, 41), (1, 9), (1, 17))]
+    prompts, windows = build_rlp_inputs(contexts, list(range(5)), SimpleNamespace(documents=docs),
+                                        max_prefix=32, pad=TOK.pad)
+    kw = dict(group_size=3, max_thought_tokens=6, temperature=1.0, top_p=1.0,
+              think_start=TOK.think_start, think_end=TOK.think_end, pad=TOK.pad,
+              vocab_size=TOK.vocab_size, seed=3, step=1)
+    ref = sample_thoughts_chunked(model, prompts, chunk, **kw)
+    got = sample_thoughts_chunked(model, prompts, chunk,
+                                  shared=SharedWindows.from_windows(windows, prompts), **kw)
+    assert torch.equal(got.tokens, ref.tokens) and torch.equal(got.mask, ref.mask)
+    torch.testing.assert_close(got.logprobs, ref.logprobs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.s_pred, ref.s_pred, atol=1e-5, rtol=1e-5)
+    assert bool(ref.mask.sum(1).gt(1).any())  # thoughts longer than one token were compared
+
+
+def test_hybrid_models_keep_the_per_context_prefill():
+    assert supported("*-*-") and not supported("M-*-")

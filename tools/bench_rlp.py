@@ -1,0 +1,280 @@
+"""RLP step: naive path vs shared-prefix path (and a transformers yardstick), in one process.
+
+    python tools/bench_rlp.py --out runs/bench/rlp_paths.json
+    python tools/bench_rlp.py --hf --size 25m --out runs/bench/rlp_hf_25m.json \
+        rlp.positions_per_document=1 rlp.group_size=4 rlp.min_prefix_tokens=160 \
+        rlp.max_prefix_tokens=160
+
+Defaults: the tiny model (examples/configs/tiny_cpu.yaml), 8 contexts from one document
+(8 positions per document), G=8, 256-token windows, 32-token thoughts, lr 1e-7 (so the
+random policy keeps thinking to the budget on every timed step). Two `TrainState`s are
+built from the same config and seed (identical weights); every step runs
+
+    naive      rlp.share_prefixes=false: a prefill per context (its KV copied G ways), one
+               update sequence per thought (the prefix recomputed with gradients G times)
+    optimised  rlp.share_prefixes=true: one prefill per document window, branch-packed update
+    hf         (--hf) tools/bench_rlp_hf.py: transformers `generate` per row, separate
+               scoring and update forwards, same model dimensions; --hf-batched: one
+               `generate` over all rows (a stronger yardstick)
+
+on the same contexts, the paths' order rotating from step to step so that machine load
+(other users of a shared CPU) hits them alike. It checks that naive and optimised draw
+identical thoughts and rewards and reach the same loss, and writes JSON: per-phase seconds,
+tokens/s, peak memory, the speed-ups, and a FLOP model of the step (`flop_model`) giving
+achieved FLOP/s (and MFU with --peak-tflops on a GPU).
+
+Speed targets live here, never in timed tests. On a shared machine compare the ratios of
+one run, not absolute times across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import logging
+import os
+import statistics
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+DEFAULTS = ("rlp.contexts_per_step=8", "rlp.positions_per_document=8", "rlp.group_size=8",
+            "rlp.min_prefix_tokens=32", "rlp.max_prefix_tokens=256", "rlp.max_thought_tokens=32",
+            "model.max_sequence_length=512",
+            # A learning random policy shortens its thoughts within two steps (32 -> ~2
+            # tokens at lr 3e-4); a tiny lr keeps every timed step at the stated shape.
+            "optimizer.lr=1e-7")
+SIZES = {  # the issue's yardstick sizes: (layers, hidden, ffn, heads, query groups)
+    "0.8m": (4, 128, 384, 4, 2),
+    "25m": (8, 512, 1536, 8, 4),
+}
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                               "usmblks", "fsmblks", "uordblks", "fordblks",
+                                               "keepcost")]
+
+
+_LIBC = ctypes.CDLL("libc.so.6")
+_LIBC.mallinfo2.restype = _MallInfo2
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA max allocated, or on CPU the bytes glibc malloc has handed
+    out (`mallinfo2`: heap in use + mmapped blocks; torch's CPU allocator uses malloc),
+    sampled every 2 ms by a thread. Peak RSS cannot tell two paths of one process apart (it
+    never goes down, and freed memory stays mapped). Reported as the increase over the
+    block's start."""
+
+    def __init__(self):
+        self.peak = 0
+
+    @staticmethod
+    def _in_use() -> int:
+        info = _LIBC.mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    def __enter__(self):
+        import torch
+
+        self.cuda = torch.cuda.is_available()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+            return self
+        self.start, self.peak, self.stop = self._in_use(), self._in_use(), threading.Event()
+
+        def sample():
+            while not self.stop.wait(0.002):
+                self.peak = max(self.peak, self._in_use())
+
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.cuda:
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self.stop.set()
+            self.thread.join()
+            self.peak = max(self.peak, self._in_use())
+        self.bytes = self.peak - self.start
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "mean": statistics.fmean(values),
+            "min": min(values), "max": max(values)}
+
+
+def _compare(a: dict, b: dict) -> dict:
+    """Naive vs optimised trace of one step: thoughts, rewards, S_pred."""
+    ta, tb = a["thoughts"], b["thoughts"]
+    same_tokens = bool((ta.tokens == tb.tokens).all() and (ta.mask == tb.mask).all())
+    return {
+        "identical_thoughts": same_tokens,
+        "thought_rows_differing": int((ta.tokens != tb.tokens).any(1).sum()),
+        "rewards_max_abs_diff": float((a["rewards"] - b["rewards"]).abs().max()),
+        "s_pred_max_abs_diff": float((ta.s_pred - tb.s_pred).abs().max()),
+        "loss_abs_diff": abs(a["loss"] - b["loss"]),
+    }
+
+
+def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | None) -> dict:
+    import dataclasses
+
+    from bench_rlp_flops import model_dims, step_flops
+
+    from megatron_rlp.train.builder import build_state
+    from megatron_rlp.train.rlp_step import rlp_step
+    from megatron_rlp.train.samplers import make_context_sampler
+    from megatron_rlp.train.timers import PhaseTimer
+
+    variants = {}
+    for name, share in (("naive", False), ("optimised", True)):
+        c = dataclasses.replace(cfg, rlp=dataclasses.replace(cfg.rlp, share_prefixes=share))
+        state = build_state(c)
+        variants[name] = (state, make_context_sampler(state))
+    hf = None
+    if with_hf:
+        from bench_rlp_hf import HFRLPStep
+
+        hf = HFRLPStep(cfg, variants["naive"][0].tokenizer, batched=with_hf == "batched")
+    dims = model_dims(cfg, variants["naive"][0].tokenizer.vocab_size)
+
+    names = list(variants) + (["hf"] if hf else [])
+    results = {n: [] for n in names}
+    checks = []
+    for i in range(warmup + steps):
+        order = names[i % len(names):] + names[:i % len(names)]
+        traces = {}
+        for name in order:
+            timer, trace = PhaseTimer(), {}
+            with PeakMemory() as mem:
+                start = time.perf_counter()
+                if name == "hf":
+                    state, sampler = variants["naive"]
+                    from megatron_rlp.data.batches import build_rlp_inputs
+                    from megatron_rlp.train.rlp_step import local_contexts
+
+                    contexts, ids = local_contexts(state, sampler, i + 1)
+                    prompts, _ = build_rlp_inputs(contexts, ids, state.corpus,
+                                                  cfg.rlp.max_prefix_tokens, state.tokenizer.pad)
+                    metrics = hf.step(prompts, timer, cfg.train.seed + i)
+                else:
+                    state, sampler = variants[name]
+                    metrics = rlp_step(state, sampler, timer, trace)
+                seconds = time.perf_counter() - start
+            traces[name] = {**trace, "loss": metrics["loss"]}
+            if i >= warmup:
+                row = {"step": seconds, **timer.pop(), "peak_bytes": mem.bytes,
+                       "tokens": metrics["tokens"], "thought_len": metrics["thought_len"]}
+                if name != "hf":
+                    row["flops"] = step_flops(dims, trace)
+                results[name].append(row)
+        checks.append({"step": i + 1, **_compare(traces["naive"], traces["optimised"])})
+
+    out = {"paths": {}, "checks": checks, "hf_variant": with_hf}
+    for name, rows in results.items():
+        phases = {k: _summary([r[k] for r in rows]) for k in ("step", "rollout", "scoring",
+                                                               "update")}
+        step_s = sum(r["step"] for r in rows)
+        entry = {
+            "phases_s": phases,
+            "tokens_per_s": sum(r["tokens"] for r in rows) / step_s,
+            "peak_memory_bytes": max(r["peak_bytes"] for r in rows),
+            "thought_len": statistics.fmean(r["thought_len"] for r in rows),
+            "per_step": rows,  # raw seconds per phase, tokens, FLOPs of every timed step
+        }
+        if "flops" in rows[0]:
+            total = {k: sum(r["flops"][k] for r in rows) for k in rows[0]["flops"]}
+            entry["flop_model"] = {k: v / len(rows) for k, v in total.items()}
+            entry["achieved_flop_per_s"] = total["step"] / step_s
+            if peak_tflops:
+                entry["mfu"] = entry["achieved_flop_per_s"] / (peak_tflops * 1e12)
+        out["paths"][name] = entry
+    med = {n: out["paths"][n]["phases_s"]["step"]["median"] for n in names}
+    out["speedup"] = {"optimised_vs_naive": med["naive"] / med["optimised"]}
+    if hf:
+        out["speedup"]["optimised_vs_hf"] = med["hf"] / med["optimised"]
+        out["speedup"]["naive_vs_hf"] = med["hf"] / med["naive"]
+    out["equal"] = {
+        "identical_thoughts_all_steps": all(c["identical_thoughts"] for c in checks),
+        "max_reward_abs_diff": max(c["rewards_max_abs_diff"] for c in checks),
+        "max_loss_abs_diff": max(c["loss_abs_diff"] for c in checks),
+    }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(ROOT / "examples/configs/tiny_cpu.yaml"))
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per path")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per path first")
+    parser.add_argument("--size", choices=["config", *SIZES], default="config",
+                        help="model dimensions: the config's, or a yardstick size")
+    parser.add_argument("--hf", action="store_true", help="also run the transformers step "
+                        "(`generate` per row)")
+    parser.add_argument("--hf-batched", action="store_true", help="the transformers step with "
+                        "one batched `generate` over all rows instead")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="device peak (dense, the run's dtype) for MFU")
+    parser.add_argument("--out", default="runs/bench/rlp_paths.json")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, after the defaults")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        print("error: --steps must be >= 1 and --warmup >= 0", file=sys.stderr)
+        return 2
+
+    from megatron_rlp.config import load_config
+
+    size = ()
+    if args.size != "config":
+        layers, hidden, ffn, heads, groups = SIZES[args.size]
+        size = (f"model.hybrid_layer_pattern={'*-' * layers}", f"model.hidden_size={hidden}",
+                f"model.ffn_hidden_size={ffn}", f"model.num_attention_heads={heads}",
+                f"model.num_query_groups={groups}")
+    cfg = load_config(args.config, DEFAULTS + size + tuple(args.overrides), world_size=1)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    import megatron_rlp.train.loop  # noqa: F401  (Megatron imports before the CPU backend)
+    from megatron_rlp import distributed
+
+    distributed.initialize(cfg)
+    try:
+        hf = "batched" if args.hf_batched else "per-row" if args.hf else None
+        res = run(cfg, args.steps, args.warmup, hf, args.peak_tflops)
+    finally:
+        distributed.shutdown()
+    import torch
+
+    res["run"] = {"device": torch.cuda.get_device_name() if torch.cuda.is_available()
+                  else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
+                  "command": " ".join(sys.argv), "steps": args.steps, "warmup": args.warmup,
+                  "config": cfg.to_dict()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    for name, p in res["paths"].items():
+        ph = p["phases_s"]
+        print(f"[bench_rlp] {name:9s} step {ph['step']['median']:.3f}s | rollout "
+              f"{ph['rollout']['median']:.3f}s | scoring {ph['scoring']['median']:.3f}s | "
+              f"update {ph['update']['median']:.3f}s | {p['tokens_per_s']:.0f} tok/s | "
+              + (f"{p['achieved_flop_per_s'] / 1e9:.2f} GFLOP/s | " if "achieved_flop_per_s"
+                 in p else "") + f"peak +{p['peak_memory_bytes'] / 2**20:.0f} MiB")
+    print("[bench_rlp] speed-up " + ", ".join(f"{k} {v:.2f}x" for k, v in res["speedup"].items())
+          + f" | equal {res['equal']}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""FLOP model of one RLP step, for tools/bench_rlp.py (achieved FLOP/s, MFU).
+
+Model FLOPs of the work the step needs, counted once whatever a path executes (as MFU is
+defined): each document window's prefix is computed once per phase, attention counts only
+the (query, key) pairs a query reads. Per token, forward:
+
+    linear   2 x (weights of the layers it passes: attention QKV/O, MLP, Mamba in/out proj)
+    attention 4 x heads x head_dim per (query, key) pair and attention layer (QK^T and PV)
+    logits   2 x hidden x padded vocabulary, only where a distribution is needed
+
+Backward is twice the forward. Phases:
+    prefill  every window once (causal) + `<think>` per context; logits per context
+    decode   every fed thought token (sampled ones and a forced `</think>`), attending to its
+             prefix and the thought so far; logits each
+    scoring  the teacher over every window; logits per context
+    update   3 x forward over windows + every branch `<think> thought[:-1]`; logits per
+             thought token
+Mamba's scan and conv are left out (linear projections only): small next to the projections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ModelDims:
+    linear_weights: int  # weights of all layers' matmuls (no embedding / output layer)
+    attention_layers: int
+    attn_width: int  # heads x head_dim
+    hidden: int
+    vocab: int  # padded
+
+
+def model_dims(cfg, vocab_size: int) -> ModelDims:
+    from megatron_rlp.models.provider import padded_vocab_size
+
+    m = cfg.model
+    h = m.hidden_size
+    hd = m.kv_channels or h // m.num_attention_heads
+    attn = h * hd * (2 * m.num_attention_heads + 2 * m.num_query_groups)  # QKV and O
+    mlp = (3 if m.activation == "swiglu" else 2) * h * m.ffn_hidden_size
+    d_inner = 2 * h
+    heads = m.mamba_num_heads or d_inner // m.mamba_head_dim
+    mamba = h * (2 * d_inner + 2 * m.mamba_num_groups * m.mamba_state_dim + heads) + d_inner * h
+    p = m.hybrid_layer_pattern
+    return ModelDims(linear_weights=p.count("*") * attn + p.count("-") * mlp + p.count("M") * mamba,
+                     attention_layers=p.count("*"), attn_width=m.num_attention_heads * hd,
+                     hidden=h, vocab=padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by))
+
+
+def _forward(d: ModelDims, tokens: int, pairs: int, logits: int) -> float:
+    return (2.0 * d.linear_weights * tokens + 4.0 * d.attention_layers * d.attn_width * pairs
+            + 2.0 * d.hidden * d.vocab * logits)
+
+
+def step_flops(d: ModelDims, trace: dict) -> dict[str, float]:
+    """FLOPs per phase of the step a `rlp_step` trace describes (prompts, windows, thoughts)."""
+    prompts, windows, thoughts = trace["prompts"], trace["windows"], trace["thoughts"]
+    win = windows.valid.sum(1).tolist()  # window lengths (= longest prefix of the document)
+    win_tokens, win_pairs = sum(win), sum(n * (n + 1) // 2 for n in win)
+    p = prompts.lengths.tolist()
+    g = len(thoughts.lengths) // len(p)
+    n_rows = thoughts.lengths.tolist()
+    closed = thoughts.closed.tolist()
+    prefill = _forward(d, win_tokens + len(p), win_pairs + sum(x + 1 for x in p), len(p))
+    dec_tokens = dec_pairs = upd_tokens = upd_pairs = 0
+    for r, n in enumerate(n_rows):
+        pk = p[r // g]
+        fed = n + (0 if closed[r] else 1)
+        dec_tokens += fed
+        dec_pairs += sum(pk + 2 + j for j in range(fed))  # prefix, <think>, thought so far
+        upd_tokens += n
+        upd_pairs += sum(pk + 1 + j for j in range(n))
+    decode = _forward(d, dec_tokens, dec_pairs, dec_tokens)
+    scoring = _forward(d, win_tokens, win_pairs, len(p))
+    update = 3.0 * _forward(d, win_tokens + upd_tokens, win_pairs + upd_pairs, sum(n_rows))
+    out = {"prefill": prefill, "decode": decode, "scoring": scoring, "update": update}
+    out["step"] = sum(out.values())
+    return out
