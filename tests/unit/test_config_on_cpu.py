@@ -157,7 +157,7 @@ BAD = [
     pytest.param((), 3, ["rlp.contexts_per_step=8", "data-parallel size 3"], id="dp-3"),
     pytest.param(("rlp.positions_per_document=4", "rlp.contexts_per_step=8"), 4,
                  ["rlp.positions_per_document=4", "2 contexts per data-parallel rank",
-                  "no document is split"], id="document-split-over-ranks"),
+                  "stay on one rank"], id="document-split-over-ranks"),
     pytest.param(("parallel.tensor_model_parallel_size=2",), 3,
                  ["parallel.tensor_model_parallel_size=2", "world size 3"], id="tp-2-world-3"),
     pytest.param(("rlp.group_size4",), None, ["'rlp.group_size4'", "section.key=value"],
