@@ -43,20 +43,22 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.num_microbatches_calculator import get_num_microbatches
 
-from megatron_rlp.config import RunConfig
+from megatron_rlp.config import ConfigError, RunConfig
 from megatron_rlp.data import load_data
-from megatron_rlp.data.batches import build_rlp_inputs
+from megatron_rlp.distributed import torch_device
 from megatron_rlp.interop.megatron_lm import architecture
 from megatron_rlp.models.output_positions import logits_at_positions
-from megatron_rlp.models.provider import build_model, unwrap_model
-from megatron_rlp.objective import group_advantages, info_gain_reward
-from megatron_rlp.rollout.thoughts import sample_thoughts_chunked
+from megatron_rlp.models.provider import build_model, transformer_config, unwrap_model
 from megatron_rlp.scoring.ema_teacher import EMATeacher
-from megatron_rlp.scoring.next_token import score_next_tokens
 from megatron_rlp.tokenizer import build_tokenizer
 from megatron_rlp.train.builder import TrainState
 from megatron_rlp.train.reduce import gather_data_parallel
-from megatron_rlp.train.rlp_step import _loss, local_contexts, trimmed_microbatches, update_batch
+from megatron_rlp.train.rlp_step import (
+    _loss,
+    rollout_and_score,
+    trimmed_microbatches,
+    update_batch,
+)
 from megatron_rlp.train.samplers import make_context_sampler
 from megatron_rlp.train.update import split_microbatches
 
@@ -75,6 +77,13 @@ def add_rlp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    metavar=("LOW", "HIGH"))
     g.add_argument("--rlp-prefix-tokens", type=int, nargs=2, default=(32, 128),
                    metavar=("MIN", "MAX"), help="context prefix length range")
+    g.add_argument("--rlp-logp-old-source", choices=("update", "rollout"), default="update",
+                   help="the ratio's denominator (rlp.logp_old_source)")
+    g.add_argument("--rlp-tis-cap", type=float, default=2.0,
+                   help="truncated importance weight cap with --rlp-logp-old-source rollout")
+    g.add_argument("--rlp-no-share-prefixes", action="store_false", dest="rlp_share_prefixes",
+                   help="prefill every context's prefix itself (rlp.share_prefixes=false); "
+                        "the plugin's update is always per sequence")
     g.add_argument("--rlp-corpus", default="data/corpus.jsonl",
                    help="RLP documents: .jsonl/.txt or an indexed-dataset prefix")
     g.add_argument("--rlp-tokenizer", default="byte",
@@ -122,6 +131,8 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     r.temperature, r.top_p, r.ema_decay = args.rlp_temperature, args.rlp_top_p, args.rlp_ema_decay
     r.clip_eps_low, r.clip_eps_high = args.rlp_clip_eps
     r.min_prefix_tokens, r.max_prefix_tokens = args.rlp_prefix_tokens
+    r.logp_old_source, r.tis_cap = args.rlp_logp_old_source, args.rlp_tis_cap
+    r.share_prefixes = args.rlp_share_prefixes
     o = cfg.optimizer
     o.lr, o.min_lr, o.weight_decay, o.clip_grad = args.lr, args.min_lr, args.weight_decay, \
         args.clip_grad
@@ -130,6 +141,11 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     cfg.train.seed, cfg.train.steps = args.seed, args.train_iters
     cfg.train.micro_batch_size = args.micro_batch_size
     cfg.device.type, cfg.device.num_threads = args.rlp_device, args.rlp_num_threads
+    # Megatron-LM's --bf16 (Float16Module, fp32 main weights); --fp16 has no RLP path.
+    if getattr(args, "fp16", False):
+        raise ConfigError("invalid config: --fp16 (allowed: --bf16 or fp32; RLP has no fp16 "
+                          "loss-scaling path)")
+    cfg.precision.params_dtype = "bf16" if getattr(args, "bf16", False) else "fp32"
     return cfg.validate(args.world_size)
 
 
@@ -188,7 +204,10 @@ class RLPPlugin:
                              "for --num-layers-per-virtual-pipeline-stage)")
         vocab = self.tokenizer.vocab_size
         policy = build_model(self.cfg, vocab, pre_process, post_process)
-        self.teacher = EMATeacher(build_model(self.cfg, vocab, pre_process, post_process),
+        # The fp32 shadow is built from its own fp32 TransformerConfig (scoring/ema_teacher.py).
+        self.teacher = EMATeacher(build_model(self.cfg, vocab, pre_process, post_process,
+                                              config=transformer_config(self.cfg, "fp32")
+                                              ).to(torch_device(self.cfg)),
                                   self.cfg.rlp.ema_decay)
         policy.__class__ = type("RLPPolicy", (_TeacherInCheckpoint, type(policy)), {})
         policy.__dict__["_rlp_plugin"] = self  # not a submodule: no optimizer, no DDP
@@ -216,7 +235,8 @@ class RLPPlugin:
             logits = model(batch["tokens"], batch["positions"], None)
         r = self.cfg.rlp
         loss = partial(_loss, batch, 1.0, self.tokenizer.vocab_size, r.temperature,
-                       (r.clip_eps_low, r.clip_eps_high))
+                       (r.clip_eps_low, r.clip_eps_high), logp_old_source=r.logp_old_source,
+                       tis_cap=r.tis_cap)
         return logits, partial(self._loss_and_report, loss)
 
     def _loss_and_report(self, loss_fn, logits):
@@ -235,22 +255,9 @@ class RLPPlugin:
         self._apply_pending_update()
         cfg, tok, r = self.cfg, self.tokenizer, self.cfg.rlp
         step = int(getattr(self.args, "curr_iteration", 0)) + 1
-        contexts, ids = local_contexts(state, self._sampler, step)
-        prompts, windows = build_rlp_inputs(contexts, ids, state.corpus, r.max_prefix_tokens,
-                                            tok.pad)
-        self.policy.eval()
-        thoughts = sample_thoughts_chunked(
-            self.policy, prompts, r.rollout_chunk_contexts, group_size=r.group_size,
-            max_thought_tokens=r.max_thought_tokens, temperature=r.temperature, top_p=r.top_p,
-            think_start=tok.think_start, think_end=tok.think_end, pad=tok.pad,
-            vocab_size=tok.vocab_size, seed=cfg.train.seed, step=step)
-        self.policy.train()
-        if not self.teacher.initialized:
-            self.teacher.initialize_from(self.policy)  # lazy phi <- theta
-        s_ema = score_next_tokens(self.teacher.model, windows.tokens, windows.valid,
-                                  windows.rows, windows.cols, windows.targets, tok.vocab_size)
-        rewards = info_gain_reward(thoughts.s_pred, s_ema.repeat_interleave(r.group_size))
-        advantages = group_advantages(rewards.view(-1, r.group_size)).view(-1)
+        ro = rollout_and_score(state, self._sampler, step)
+        prompts, thoughts, s_ema = ro.prompts, ro.thoughts, ro.s_ema
+        rewards, advantages = ro.rewards, ro.advantages
         multiple = cfg.parallel.tensor_model_parallel_size if cfg.parallel.sequence_parallel else 1
         batch = update_batch(prompts, thoughts, advantages, r.group_size, tok.pad,
                              tok.think_start, multiple)
@@ -318,7 +325,8 @@ class RLPPlugin:
                              d.cache_dir)
             self._state = TrainState(cfg=self.cfg, tokenizer=self.tokenizer, corpus=data.train,
                                      model_chunks=[model], policy=unwrap_model(model),
-                                     optimizer=None, scheduler=None, teacher=self.teacher)
+                                     optimizer=None, scheduler=None, teacher=self.teacher,
+                                     device=torch_device(self.cfg))
             self._sampler = make_context_sampler(self._state)
         return self._state
 

@@ -10,7 +10,9 @@ metrics are global-batch values on every rank.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -18,7 +20,7 @@ from megatron.core import parallel_state
 from torch import Tensor
 
 from megatron_rlp.data import ContextSampler
-from megatron_rlp.data.batches import build_rlp_inputs
+from megatron_rlp.data.batches import DocumentWindows, build_rlp_inputs
 from megatron_rlp.models.fp8 import rollout_precision, token_multiple
 from megatron_rlp.models.output_positions import logits_at_positions
 from megatron_rlp.objective import group_advantages, info_gain_reward, rlp_policy_loss
@@ -132,13 +134,28 @@ def _forward_step(scale: float, vocab_size: int, temperature: float, eps: tuple[
     return logits, partial(_loss, batch, scale, vocab_size, temperature, eps, **loss_options)
 
 
-def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer,
-             trace: dict | None = None) -> dict[str, float]:
-    """Run RLP step `state.step + 1`; return its global metrics. A `trace` dict receives this
-    rank's prompts, windows, thoughts, rewards and advantages (tools/bench_rlp.py compares
-    them across paths)."""
-    cfg, tok = state.cfg, state.tokenizer
-    r, step = cfg.rlp, state.step + 1
+@dataclass
+class ScoredRollout:
+    """One step's contexts on this rank, their thoughts and their RLP signal (RLP.md, steps
+    1-4). Rows are context-major: row c*G + g is thought g of context c."""
+
+    contexts: list
+    ids: list[int]            # global context ids
+    prompts: PromptBatch
+    windows: DocumentWindows  # the document windows the teacher (and shared prefill) read
+    thoughts: ThoughtBatch
+    s_ema: Tensor             # [C] log pbar_phi(x_t | x_<t)
+    rewards: Tensor           # [C*G] S_pred - S_ema
+    advantages: Tensor        # [C*G] group advantages
+
+
+def rollout_and_score(state: TrainState, sampler: ContextSampler, step: int,
+                      timer: PhaseTimer | None = None) -> ScoredRollout:
+    """The phases of step `step` before the update: draw this rank's contexts, sample G thoughts
+    each (S_pred), score S_ema with the EMA teacher, rewards and group advantages. Shared by
+    `rlp_step` and the `megatron.training.pretrain()` plugin (megatron_rlp/plugin.py)."""
+    cfg, tok, r = state.cfg, state.tokenizer, state.cfg.rlp
+    timer = timer or (lambda phase: contextlib.nullcontext())
     # Under FP8 training, rollouts and scoring run in bf16 unless precision.fp8_rollouts.
     with timer("rollout"), rollout_precision(cfg.precision, state.policy, state.teacher.model):
         contexts, ids = local_contexts(state, sampler, step)
@@ -161,6 +178,19 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer,
                                   windows.rows, windows.cols, windows.targets, tok.vocab_size)
         rewards = info_gain_reward(thoughts.s_pred, s_ema.repeat_interleave(r.group_size))
         advantages = group_advantages(rewards.view(-1, r.group_size)).view(-1)
+    return ScoredRollout(contexts, ids, prompts, windows, thoughts, s_ema, rewards, advantages)
+
+
+def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer,
+             trace: dict | None = None) -> dict[str, float]:
+    """Run RLP step `state.step + 1`; return its global metrics. A `trace` dict receives this
+    rank's prompts, windows, thoughts, rewards and advantages (tools/bench_rlp.py compares
+    them across paths)."""
+    cfg, tok = state.cfg, state.tokenizer
+    r, step = cfg.rlp, state.step + 1
+    ro = rollout_and_score(state, sampler, step, timer)
+    contexts, ids, prompts, windows = ro.contexts, ro.ids, ro.prompts, ro.windows
+    thoughts, s_ema, rewards, advantages = ro.thoughts, ro.s_ema, ro.rewards, ro.advantages
     with timer("update"):
         sp = cfg.parallel.sequence_parallel
         multiple = cfg.parallel.tensor_model_parallel_size if sp else 1
