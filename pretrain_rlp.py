@@ -21,17 +21,30 @@ import sys
 import warnings
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} (allowed: a world size >= 1)")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML config file (sections: model, parallel, rlp, "
                         "optimizer, data, train, device, precision)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    parser.add_argument("--check-world-size", type=int, metavar="N",
+    parser.add_argument("--check-world-size", type=_positive_int, metavar="N",
                         help="only validate the config for N ranks (no launcher needed) and "
                         "exit: 0 valid, 2 with the one-line error")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow the options too
 
-    from megatron_rlp.config import ConfigError, launch_env, load_config, load_launch_config
+    from megatron_rlp.config import (
+        ConfigError,
+        launch_env,
+        let_rank0_print,
+        load_config,
+        load_launch_config,
+    )
 
     if args.check_world_size is not None:
         try:
@@ -64,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         # every rank, no traceback.
         if launch_env()[1] == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
+        else:
+            let_rank0_print()
         return 1 if isinstance(e, TrainingError) else 2
     finally:
         distributed.shutdown()

@@ -11,6 +11,7 @@ import dataclasses
 import math
 import os
 import sys
+import time
 import types
 import typing
 from dataclasses import dataclass, field
@@ -783,7 +784,17 @@ def _use_checkpoint_args(cfg: RunConfig) -> None:
     try:
         megatron_lm.apply_checkpoint_args(cfg)
     except (megatron_lm.MegatronLMError, OSError) as e:
-        raise ConfigError(f"invalid config: train.use_checkpoint_args=true: {e}") from None
+        text = str(e)
+        if not text.startswith("train.use_checkpoint_args"):
+            text = f"train.use_checkpoint_args=true: {text}"
+        raise ConfigError(f"invalid config: {text}") from None
+
+
+def let_rank0_print(seconds: float = 3.0) -> None:
+    """On a rank other than 0 that is about to exit over an error rank 0 prints: wait a moment
+    first. torchrun stops the whole job as soon as one worker exits non-zero, and a rank that
+    exited at once could get rank 0 killed before its `error:` line is out."""
+    time.sleep(seconds)
 
 
 def load_launch_config(path: str | None, overrides: tuple[str, ...]) -> RunConfig:
@@ -810,4 +821,6 @@ def load_launch_config(path: str | None, overrides: tuple[str, ...]) -> RunConfi
     except ConfigError as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
+        else:
+            let_rank0_print()
         raise SystemExit(2) from None

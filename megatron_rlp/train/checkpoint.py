@@ -673,6 +673,16 @@ def load_checkpoint(state: TrainState, path: str, checksums: bool = True,
     if resume and options.load_optimizer and common.get("optimizer_saved", True):
         optimizer = common.get("optimizer_kind") or "local"  # format 1: local optimizer only
         _check_optimizer(optimizer, state, ckpt, layout)
+        # fp32 and bf16 runs keep different optimizer states (bf16: fp32 main weights), so
+        # Adam state does not move between them; the weights do.
+        saved_dtype = ((common.get("config") or {}).get("precision") or {}).get("params_dtype")
+        now_dtype = state.cfg.precision.params_dtype
+        if saved_dtype and saved_dtype != now_dtype:
+            raise CheckpointError(
+                f"checkpoint {ckpt} was trained with precision.params_dtype={saved_dtype}; its "
+                f"optimizer state does not load into a {now_dtype} run: keep "
+                f"precision.params_dtype={saved_dtype}, or set train.load_optimizer=false "
+                "(the weights load in either precision; Adam starts fresh)")
     if optimizer and optimizer.startswith("distributed/"):
         for o in _inner_optimizers(state):
             if isinstance(o, DistributedOptimizer):
@@ -722,4 +732,6 @@ def load_checkpoint(state: TrainState, path: str, checksums: bool = True,
         counters.update(common.get("counters") or {})
     note = "" if same_layout else (f" into a new layout ({_fmt(common.get('layout'))} -> "
                                    f"{_fmt(_layout())}; RNG states kept from train.seed)")
+    if not optimizer:
+        note += " (weights, teacher and schedule; fresh optimizer state: train.load_optimizer)"
     return f"resumed{note}"

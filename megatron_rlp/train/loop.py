@@ -125,6 +125,9 @@ def _run(cfg: RunConfig, state: TrainState, writer: MetricsWriter, guard: StopGu
             saved_step = state.step  # already in train.save; elsewhere it is saved again
         if writer.rank0:
             print(f"[load] {how} from {source} at step {state.step}", flush=True)
+            if state.step >= t.steps:
+                print(f"[load] nothing to train: the checkpoint is at step {state.step} and "
+                      f"train.steps={t.steps} (the total, counted from step 0)", flush=True)
 
     def save() -> None:
         nonlocal saved_step

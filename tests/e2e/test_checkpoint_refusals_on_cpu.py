@@ -75,6 +75,16 @@ def test_other_tokenizer_is_refused(local_ckpt):
                       "check data.tokenizer"))
 
 
+def test_other_precision_refuses_the_optimizer_state_and_loads_the_weights(local_ckpt):
+    """fp32 Adam state does not move into a bf16 run (fp32 main weights there): one line that
+    names both settings; with train.load_optimizer=false the weights resume in bf16."""
+    _refused(local_ckpt, "precision.params_dtype=bf16",
+             needles=("precision.params_dtype=fp32", "bf16 run", "train.load_optimizer=false"))
+    run = ok("train.steps=3", f"train.load={local_ckpt}", "precision.params_dtype=bf16",
+             "train.load_optimizer=false", "train.save=null")
+    assert "fresh optimizer state" in run.out and "[rlp step     3]" in run.out
+
+
 def test_switching_to_the_distributed_optimizer_is_refused(local_ckpt):
     _refused(local_ckpt, DIST_OPT, needles=("holds local optimizer state",
                                             "parallel.use_distributed_optimizer=false"))
