@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --steps must be >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
 
-    from megatron_rlp.config import load_config
+    from megatron_rlp.config import ConfigError, load_config
 
     size = ()
     if args.size != "config":
@@ -244,7 +244,11 @@ def main(argv: list[str] | None = None) -> int:
         size = (f"model.hybrid_layer_pattern={'*-' * layers}", f"model.hidden_size={hidden}",
                 f"model.ffn_hidden_size={ffn}", f"model.num_attention_heads={heads}",
                 f"model.num_query_groups={groups}")
-    cfg = load_config(args.config, DEFAULTS + size + tuple(args.overrides), world_size=1)
+    try:
+        cfg = load_config(args.config, DEFAULTS + size + tuple(args.overrides), world_size=1)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     warnings.filterwarnings("ignore")
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     import megatron_rlp.train.loop  # noqa: F401  (Megatron imports before the CPU backend)

@@ -41,7 +41,7 @@ def write_jsonl(path: Path, records) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--out-dir", type=Path, default=Path("runs/tasks"))
     parser.add_argument("--num-docs", type=int, default=2000, help="training documents")
     parser.add_argument("--items-per-doc", type=int, default=6)
@@ -55,6 +55,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args(argv)
     kinds = tuple(k for k in args.kinds.split(",") if k)
+    bad = [(flag, value, allowed) for flag, value, allowed, good in [
+        ("--kinds", args.kinds, f"a comma-separated subset of {','.join(KINDS)}",
+         kinds and set(kinds) <= set(KINDS)),
+        ("--digits", args.digits, "an integer >= 1", args.digits >= 1),
+        ("--num-docs", args.num_docs, "an integer >= 1", args.num_docs >= 1),
+        ("--items-per-doc", args.items_per_doc, "an integer >= 1", args.items_per_doc >= 1),
+        ("--think-rate", args.think_rate, "a fraction in [0, 1]", 0 <= args.think_rate <= 1),
+        ("--num-heldout", args.num_heldout, "an integer >= 1", args.num_heldout >= 1),
+        ("--held-out-percent", args.held_out_percent, "a percentage in (0, 100)",
+         0 < args.held_out_percent < 100),
+    ] if not good]
+    if bad:
+        flag, value, allowed = bad[0]
+        print(f"error: {flag}={value} (allowed: {allowed})", file=sys.stderr)
+        return 2
     out = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
     common = dict(held_out_percent=args.held_out_percent, kinds=kinds, digits=args.digits)

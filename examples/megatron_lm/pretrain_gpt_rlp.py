@@ -30,6 +30,7 @@ from megatron.core.enums import ModelType  # noqa: E402
 from megatron.training import arguments, get_args, global_vars, pretrain  # noqa: E402
 from megatron.training.argument_utils import pretrain_cfg_container_from_args  # noqa: E402
 
+from megatron_rlp.config import ConfigError  # noqa: E402
 from megatron_rlp.plugin import RLPPlugin, add_rlp_args, hybrid_pattern_args  # noqa: E402
 
 
@@ -45,7 +46,12 @@ def main() -> None:
         args.rank, args.world_size = 0, 1
     arguments.validate_args(args)
     global_vars.set_global_variables(args)
-    plugin = RLPPlugin(get_args())
+    try:
+        plugin = RLPPlugin(get_args())
+    except ConfigError as e:  # one line (it names the project's key behind the --rlp-* flag)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     if args.rlp_device == "cpu":
         from megatron_rlp import distributed
         from megatron_rlp.backends.training_cpu import allow_pretrain_on_cpu
