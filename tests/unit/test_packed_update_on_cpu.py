@@ -11,12 +11,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from tiny_models import tiny_dense_model
 
-from megatron_rlp import distributed
 from megatron_rlp.config import load_config
 from megatron_rlp.data.batches import build_rlp_inputs
 from megatron_rlp.data.contexts import Context
-from megatron_rlp.models.provider import build_model
 from megatron_rlp.packing.tree import WINDOW, tree_mask
 from megatron_rlp.packing.update import (
     packable,
@@ -34,14 +33,8 @@ G, L, EPS = 3, 6, (0.2, 0.2)
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = load_config(None, (
-        "model.hybrid_layer_pattern=*-*-", "model.hidden_size=64", "model.ffn_hidden_size=128",
-        "model.num_attention_heads=4", "model.num_query_groups=2",
-    ))
-    distributed.initialize(cfg)
-    torch.manual_seed(0)
-    yield build_model(cfg, TOK.vocab_size)
-    distributed.shutdown()
+    with tiny_dense_model(TOK.vocab_size) as net:
+        yield net
 
 
 def _inputs(seed: int = 0):

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import tiny_dense_model
 
-from megatron_rlp import distributed
-from megatron_rlp.config import load_config
-from megatron_rlp.models.provider import build_model
 from megatron_rlp.rollout import thoughts as thoughts_module
 from megatron_rlp.rollout.engine import KVCacheEngine
 from megatron_rlp.rollout.sampling import sample_tokens, token_logprobs
@@ -26,15 +24,8 @@ ATOL = 1e-4
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = load_config(None, (
-        "model.hybrid_layer_pattern=*-*-", "model.hidden_size=64", "model.ffn_hidden_size=128",
-        "model.num_attention_heads=4", "model.num_query_groups=2",
-    ))
-    distributed.initialize(cfg)
-    torch.manual_seed(0)
-    net = build_model(cfg, VOCAB).eval()
-    yield net
-    distributed.shutdown()
+    with tiny_dense_model(VOCAB) as net:
+        yield net.eval()
 
 
 def full_logits(model, ids: list[int] | torch.Tensor) -> torch.Tensor:

@@ -9,12 +9,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from tiny_models import tiny_dense_model
 
-from megatron_rlp import distributed
-from megatron_rlp.config import load_config
 from megatron_rlp.data.batches import build_rlp_inputs
 from megatron_rlp.data.contexts import Context
-from megatron_rlp.models.provider import build_model
 from megatron_rlp.packing.prefill import SharedWindows, supported
 from megatron_rlp.rollout.thoughts import sample_thoughts_chunked
 from megatron_rlp.tokenizer import ByteTokenizer
@@ -24,14 +22,8 @@ TOK = ByteTokenizer()
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = load_config(None, (
-        "model.hybrid_layer_pattern=*-*-", "model.hidden_size=64", "model.ffn_hidden_size=128",
-        "model.num_attention_heads=4", "model.num_query_groups=2",
-    ))
-    distributed.initialize(cfg)
-    torch.manual_seed(0)
-    yield build_model(cfg, TOK.vocab_size).eval()
-    distributed.shutdown()
+    with tiny_dense_model(TOK.vocab_size) as net:
+        yield net.eval()
 
 
 @pytest.mark.parametrize("chunk", [0, 3])
