@@ -449,6 +449,8 @@ class PrecisionConfig:
             for key in ("fp8_param_gather", "first_last_layers_bf16", "fp8_rollouts"):
                 _check(not getattr(self, key), f"precision.{key}", getattr(self, key),
                        "false unless precision.fp8 is set (e4m3 or hybrid)")
+            _check(self.fp8_recipe == "delayed", "precision.fp8_recipe", self.fp8_recipe,
+                   "the default (delayed) unless precision.fp8 is set (e4m3 or hybrid)")
         # The FP8 rules that need the machine (TE, GPU) are in RunConfig._check_transformer_engine.
 
 
