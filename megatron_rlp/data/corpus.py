@@ -7,6 +7,7 @@ skipped or mangled line would quietly change what the model trains on.
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -52,23 +53,32 @@ def _text_of(record: object) -> str | None:
     return None
 
 
-def _read_jsonl(path: Path) -> list[str]:
-    """Returns the "text" field of every non-blank line of a JSONL file."""
-    texts = []
-    with path.open(encoding="utf-8") as f:
+def jsonl_records(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON) for every non-blank line of a JSONL file.
+
+    Raises:
+        ValueError: a line that is not JSON (file and line named).
+    """
+    with Path(path).open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
-            text = _text_of(record)
-            if text is None:
-                raise ValueError(
-                    f'{path}:{lineno}: expected an object with a string "text" field'
-                )
-            texts.append(text)
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    """Returns the "text" field of every non-blank line of a JSONL file."""
+    texts = []
+    for lineno, record in jsonl_records(path):
+        text = _text_of(record)
+        if text is None:
+            raise ValueError(
+                f'{path}:{lineno}: expected an object with a string "text" field'
+            )
+        texts.append(text)
     return texts
 
 

@@ -28,7 +28,6 @@ the batch size or the number of ranks.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -40,6 +39,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_rlp.data.batches import left_pad
+from megatron_rlp.data.corpus import jsonl_records
 from megatron_rlp.eval.answers import extract_answer, is_match, pass_at_k
 from megatron_rlp.eval.decode import continuation_logprobs, generate, truncate_at_stop
 from megatron_rlp.eval.loading import EvalModel
@@ -91,19 +91,12 @@ def read_benchmark(path: str | Path) -> list[dict]:
         ValueError: a line that is not such an object (file and line named), or no item.
     """
     records = []
-    with Path(path).open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not (isinstance(r, dict) and isinstance(r.get("question"), str)
-                    and isinstance(r.get("answer"), (str, int, float))):
-                raise ValueError(f'{path}:{lineno}: expected {{"question": str, "answer": ...}}')
-            r["answer"] = str(r["answer"])
-            records.append(r)
+    for lineno, r in jsonl_records(Path(path)):
+        if not (isinstance(r, dict) and isinstance(r.get("question"), str)
+                and isinstance(r.get("answer"), (str, int, float))):
+            raise ValueError(f'{path}:{lineno}: expected {{"question": str, "answer": ...}}')
+        r["answer"] = str(r["answer"])
+        records.append(r)
     if not records:
         raise ValueError(f"{path}: no benchmark item")
     return records
