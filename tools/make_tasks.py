@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_rlp.eval.lm_eval_tasks import write_lm_eval_tasks  # noqa: E402
+from megatron_rlp.eval.task_space import split_shortfall  # noqa: E402
 from megatron_rlp.eval.tasks import (  # noqa: E402 - after the path fix-up
     KINDS,
     benchmark_record,
@@ -38,6 +39,30 @@ def write_jsonl(path: Path, records) -> int:
             f.write(json.dumps(r) + "\n")
             n += 1
     return n
+
+
+def space_error(args: argparse.Namespace, kinds: tuple[str, ...]) -> str | None:
+    """One line when a split has fewer distinct instances than asked for (the drawing would
+    never end), naming the flag, its value and the most it allows; else None."""
+    k, total = len(kinds), args.num_docs * args.items_per_doc
+    split = dict(held_out_percent=args.held_out_percent, digits=args.digits)
+    settings = f"--digits {args.digits} and --held-out-percent {args.held_out_percent}"
+    # The training stream takes kinds in turn: kind i is drawn ceil((total - i) / k) times.
+    short = {kind: s for i, kind in enumerate(kinds) if (s := split_shortfall(
+        kind, -(-(total - i) // k), held_out=False, **split)) is not None}
+    if short:
+        most = min(short[kind] * k + i for i, kind in enumerate(kinds) if kind in short)
+        kind = min(short, key=short.get)
+        return (f"--num-docs={args.num_docs} (allowed: at most {most // args.items_per_doc} "
+                f"with --items-per-doc {args.items_per_doc}: the training split has "
+                f"{short[kind]} {kind} instances with {settings})")
+    short = {kind: s for kind in kinds if (s := split_shortfall(
+        kind, args.num_heldout, held_out=True, **split)) is not None}
+    if short:
+        kind = min(short, key=short.get)
+        return (f"--num-heldout={args.num_heldout} (allowed: at most {short[kind]}: the "
+                f"held-out split has {short[kind]} {kind} instances with {settings})")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         flag, value, allowed = bad[0]
         print(f"error: {flag}={value} (allowed: {allowed})", file=sys.stderr)
+        return 2
+    if (error := space_error(args, kinds)) is not None:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     out = args.out_dir
     out.mkdir(parents=True, exist_ok=True)

@@ -143,7 +143,9 @@ def make_item(rng: random.Random, kind: str, digits: int = 3) -> Item:
 
 def items(seed: int, *, held_out: bool, held_out_percent: float = 10.0,
           kinds: tuple[str, ...] = KINDS, digits: int = 3) -> Iterator[Item]:
-    """An endless stream of distinct items of one split, kinds in turn.
+    """A stream of distinct items of one split, kinds in turn; it ends when the kind whose
+    turn it is has no unused instance left in the split (eval/task_space.py sizes a split, so
+    callers can refuse such a request up front).
 
     Args:
         seed: stream seed (the split itself does not depend on it).
@@ -153,17 +155,28 @@ def items(seed: int, *, held_out: bool, held_out_percent: float = 10.0,
     Raises:
         ValueError: an unknown kind, or a percentage outside (0, 100).
     """
+    from megatron_rlp.eval.task_space import split_shortfall
+
     if not 0 < held_out_percent < 100:
         raise ValueError(f"held_out_percent must be in (0, 100), got {held_out_percent}")
     for kind in kinds:
         make_item(random.Random(0), kind, digits)  # fail early on an unknown kind
-    rng, seen, turn = random.Random(seed), set(), 0
+    rng, seen, turn, misses = random.Random(seed), set(), 0, 0
+    drawn = dict.fromkeys(kinds, 0)
     while True:
-        item = make_item(rng, kinds[turn % len(kinds)], digits)
+        kind = kinds[turn % len(kinds)]
+        item = make_item(rng, kind, digits)
         if item.key in seen or is_held_out(item.key, held_out_percent) != held_out:
+            misses += 1
+            # Many misses in a row: is the split used up? (a costly question, asked rarely)
+            if misses % 10_000 == 0 and split_shortfall(
+                    kind, drawn[kind] + 1, held_out=held_out,
+                    held_out_percent=held_out_percent, digits=digits) is not None:
+                return
             continue
         seen.add(item.key)
-        turn += 1
+        drawn[kind] += 1
+        turn, misses = turn + 1, 0
         yield item
 
 

@@ -4,6 +4,7 @@ but never instances, and the files tools/make_tasks.py writes are deterministic 
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -116,3 +117,63 @@ def test_make_tasks_writes_deterministic_loadable_files(tmp_path):
     train_text = first["train.jsonl"].decode()
     assert not any(h["question"] in train_text for h in held)
     assert (tmp_path / "a" / "lm_eval" / "rlp_heldout_gen.yaml").is_file()
+
+
+def test_drawn_keys_follow_the_counted_rules():
+    """task_space counts instances by the generators' rules: every drawn key is among them."""
+    from megatron_rlp.eval.task_space import _chain_ops, instance_count, split_keys
+    from megatron_rlp.eval.tasks import make_item
+
+    rng = random.Random(5)
+    listed = set(split_keys("add", 1))
+    assert len(listed) == instance_count("add", 1) == 81
+    assert all(make_item(rng, "add", 1).key in listed for _ in range(500))
+    for _ in range(2000):  # chain: start 2..20, 2-3 operations each allowed by _chain_ops
+        start, *ops = make_item(rng, "chain").key.removeprefix("chain:").split(",")
+        value = int(start)
+        assert 2 <= value <= 20 and len(ops) in (2, 3)
+        for op in ops:
+            value = {part: result for part, _, result in _chain_ops(value)}[op]
+
+    @functools.cache
+    def sequences(value: int, depth: int) -> int:  # chains of 2-3 operations from here
+        here = depth in (2, 3)
+        return here + (sum(sequences(r, depth + 1) for _, _, r in _chain_ops(value))
+                       if depth < 3 else 0)
+
+    # The count over values (instance_count) equals a walk of the operation tree.
+    assert sum(sequences(s, 0) for s in range(2, 21)) == instance_count("chain") == 6_070_960
+
+
+def test_exhausted_split_ends_the_stream_and_make_tasks_refuses(tmp_path):
+    from megatron_rlp.eval.task_space import split_shortfall, split_size
+
+    held, train = split_size("add", 1, 10.0, True), split_size("add", 1, 10.0, False)
+    assert held + train == 81 and held == sum(is_held_out(f"add:{a}+{b}", 10.0)
+                                              for a in range(1, 10) for b in range(1, 10))
+    drawn = list(items(3, held_out=True, kinds=("add",), digits=1))  # ends, does not hang
+    assert len(drawn) == len({i.key for i in drawn}) == held
+    assert split_shortfall("add", held, held_out=True, held_out_percent=10.0, digits=1) is None
+    assert split_shortfall("add", held + 1, held_out=True, held_out_percent=10.0,
+                           digits=1) == held
+    assert split_shortfall("lookup", 10**9, held_out=True, held_out_percent=10.0) is None
+
+    def make(*args):
+        return subprocess.run([sys.executable, "tools/make_tasks.py", "--out-dir",
+                               str(tmp_path), "--kinds", "add", "--digits", "1", *args],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+    for args, line in [
+        (("--num-docs", "1", "--num-heldout", str(held + 1)),
+         f"error: --num-heldout={held + 1} (allowed: at most {held}: the held-out split has "
+         f"{held} add instances with --digits 1 and --held-out-percent 10.0)"),
+        (("--num-docs", str(train // 6 + 1), "--num-heldout", "1"),
+         f"error: --num-docs={train // 6 + 1} (allowed: at most {train // 6} with "
+         f"--items-per-doc 6: the training split has {train} add instances with --digits 1 "
+         "and --held-out-percent 10.0)"),
+    ]:
+        proc = make(*args)
+        assert proc.returncode == 2 and proc.stderr.splitlines() == [line], proc.stderr
+    proc = make("--num-docs", str(train // 6), "--num-heldout", str(held))
+    assert proc.returncode == 0, proc.stderr
+    assert len((tmp_path / "heldout.jsonl").read_text().splitlines()) == held
