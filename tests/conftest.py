@@ -2,6 +2,8 @@
 
 - `tests/` is on `sys.path` (pytest's default rootdir-conftest insertion), so the shared test
   helpers there (`step_reference`) import from every test directory.
+- `state`: one built TrainState per test module (one rank, gloo, CPU) of
+  examples/configs/tiny_cpu.yaml with the module's `TINY` overrides.
 - Honest skips: after the run, one line says how many tests were skipped and why, grouped by
   reason (e.g. "SLURM/munge not installed", "shellcheck not installed"), so `make test` never
   looks greener than it is; tests left out by `-m "not slow"` are counted on the same line.
@@ -11,6 +13,23 @@
 from __future__ import annotations
 
 from collections import Counter
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def state(request):
+    """A built `TrainState` (world size 1) of examples/configs/tiny_cpu.yaml with the test
+    module's `TINY` tuple of `section.key=value` overrides; torch.distributed is up while the
+    module's tests run and shut down after them."""
+    from megatron_rlp import distributed
+    from megatron_rlp.config import load_config
+    from megatron_rlp.train.builder import build_state
+
+    cfg = load_config("examples/configs/tiny_cpu.yaml", request.module.TINY, world_size=1)
+    distributed.initialize(cfg)
+    yield build_state(cfg)
+    distributed.shutdown()
 
 
 def _reason(report) -> str:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -52,7 +53,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="HybridModel (any pattern) or GPTModel (patterns of '*-' repeated)")
     c.add_argument("--weights", choices=("policy", "teacher"), default="policy")
     c.add_argument("--iteration", type=int, help="iteration to record (default: the step)")
+    c.add_argument("--overwrite", action="store_true", help="write into an existing, non-empty "
+                   "--out as a Megatron-LM run saves again (that iteration replaced, others "
+                   "kept, the tracker pointed at it)")
     args = parser.parse_args(argv)
+    if args.command == "megatron-to-megatron-lm" and not args.overwrite and (
+            Path(args.out).is_dir() and any(Path(args.out).iterdir())):
+        print(f"error: --out={args.out} is not empty (allowed: a new or empty directory, or "
+              "add --overwrite to write into it)", file=sys.stderr)
+        return 2
 
     warnings.filterwarnings("ignore")
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
@@ -60,16 +69,21 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from megatron_rlp.convert import ConversionError, hf_to_megatron, megatron_to_hf
-    from megatron_rlp.train.checkpoint import CheckpointError
+    from megatron_rlp.train.checkpoint import CheckpointError, resolve_checkpoint
 
     try:
+        # Resolved here, so that a bad path is named by the flag the user gave (--checkpoint),
+        # not by the train.load key the library's message uses.
+        if args.command != "hf-to-megatron":
+            args.checkpoint = str(resolve_checkpoint(args.checkpoint, "--checkpoint"))
         if args.command == "megatron-to-megatron-lm":
             from megatron_rlp.interop.megatron_lm_export import export_megatron_lm
 
             out, flags = export_megatron_lm(args.checkpoint, args.out, args.layout, args.weights,
                                             args.iteration)
-            print(f"wrote {out} (Megatron-LM --load {args.out} --ckpt-format torch_dist)")
-            print("Megatron-LM model flags: " + " ".join(flags))
+            print(f"wrote {out} (Megatron-LM --load {shlex.quote(args.out)} --ckpt-format "
+                  "torch_dist)")
+            print("Megatron-LM model flags: " + shlex.join(flags))
         elif args.command == "hf-to-megatron":
             ckpt = hf_to_megatron(args.hf_dir, args.out, args.tokenizer)
             print(f"wrote {ckpt} (train.load={args.out}); model section: {args.out}/model.yaml")

@@ -52,7 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="which number of an output is the answer (last: chain of thought)")
     p.add_argument("--no-loglik", action="store_true", help="skip answer log-likelihoods")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--limit", type=int, default=0, help="first N items of each benchmark")
+    p.add_argument("--limit", type=int, help="first N items of each benchmark (N >= 1; "
+                   "default: all)")
     p.add_argument("--seed", type=int, help="sampling seed (default: the run's train.seed)")
     p.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     return p.parse_args(argv)
@@ -60,6 +61,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if args.limit is not None and args.limit < 1:  # a cap: 0 must not mean "no cap"
+        if rank0:
+            print(f"error: --limit={args.limit} (allowed: an integer >= 1; leave it out for all "
+                  "items)", file=sys.stderr, flush=True)
+        return 2
     # As pretrain_rlp.py: Megatron warns at import about kernels a CPU run never uses.
     warnings.filterwarnings("ignore", module=r"megatron\..*")
     warnings.filterwarnings("ignore", module=r"torch\.distributed\.checkpoint\..*")
@@ -67,9 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_rlp.config import ConfigError
     from megatron_rlp.eval.benchmark import BenchmarkOptions, read_benchmark
     from megatron_rlp.eval.loading import eval_config
-
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    from megatron_rlp.train.checkpoint import CheckpointError
+    from megatron_rlp.train.checkpoint import CheckpointError, resolve_checkpoint
 
     def fail(message: str) -> int:
         if rank0:
@@ -86,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts.validate()
         benchmarks = {b: read_benchmark(b) for b in args.benchmark}
-        cfg = eval_config(args.load, args.config, tuple(args.overrides),
+        # Resolved here, so that a bad path is named as the user gave it (--load, not the
+        # train.load key it becomes); the resolved step directory is what is loaded below.
+        load = None if args.load is None else str(resolve_checkpoint(args.load, "--load"))
+        cfg = eval_config(load, args.config, tuple(args.overrides),
                           int(os.environ.get("WORLD_SIZE", "1")))
     except (ConfigError, CheckpointError, ValueError, OSError) as e:
         return fail(str(e).removeprefix("error: "))
@@ -97,12 +105,12 @@ def main(argv: list[str] | None = None) -> int:
 
     distributed.initialize(cfg)
     try:
-        em = load_eval_model(cfg, args.load, cfg.train.checkpoint_checksums)
+        em = load_eval_model(cfg, load, cfg.train.checkpoint_checksums)
         report = {"checkpoint": em.source, "think": opts.think, "samples": opts.samples,
                   "max_thought_tokens": cfg.rlp.max_thought_tokens if opts.think else 0,
                   "benchmarks": {}}
         for path, records in benchmarks.items():
-            records = records[:args.limit] if args.limit else records
+            records = records[:args.limit]  # None: all
             metrics, details = run_benchmark(em, records, opts)
             entry = {"metrics": metrics}
             if args.details:

@@ -19,7 +19,9 @@ and `pretrain()` gets the plugin's model provider, dataset provider and forward 
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -34,8 +36,21 @@ from megatron_rlp.config import ConfigError  # noqa: E402
 from megatron_rlp.plugin import RLPPlugin, add_rlp_args, hybrid_pattern_args  # noqa: E402
 
 
+def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`add_rlp_args`, then `--help` made to work: argparse %-formats every help string, and
+    megatron-core 0.19's `--moe-paged-stash-buffer-size-factor-cuda` help ends in a bare
+    "... (e.g. 1.10 = 10%)." which makes `--help` raise ValueError. A "%" that does not start
+    a `%(name)s` field or a "%%" is escaped (the text shown is unchanged)."""
+    parser = add_rlp_args(parser)
+    for action in parser._actions:
+        if isinstance(action.help, str):
+            action.help = re.sub(r"%%|%\(\w+\)[a-z]|%",
+                                 lambda m: m[0] if len(m[0]) > 1 else "%%", action.help)
+    return parser
+
+
 def main() -> None:
-    args = arguments.parse_args(extra_args_provider=add_rlp_args)
+    args = arguments.parse_args(extra_args_provider=add_args)
     args.dataloader_type = "external"  # RLP draws its contexts itself, from (seed, iteration)
     hybrid_pattern_args(args)  # the policy is a HybridModel (`*-` x N for a GPT run)
     if args.rlp_device == "cpu" and "RANK" not in os.environ:  # one process without torchrun

@@ -48,7 +48,9 @@ _STORAGE_FLAGS = ("--ckpt-format", "torch_dist", "--micro-batch-size", "1", "--n
 
 def megatron_lm_argv(model, rows: int, gpt: bool) -> list[str]:
     """Megatron-LM command-line flags that describe `model` (a `ModelConfig`) with `rows`
-    embedding rows (`gpt`: as a GPTModel, else a HybridModel with the pattern)."""
+    embedding rows (`gpt`: as a GPTModel, else a HybridModel with the pattern). Mamba sizes
+    only for patterns with `M` layers (as interop/megatron_lm.py compares them only there);
+    join them with `shlex.join` to show them (a pattern's `*` is a shell glob)."""
     m = model
     pattern = m.hybrid_layer_pattern.replace("|", "")
     kv = m.kv_channels or m.hidden_size // m.num_attention_heads
@@ -71,9 +73,10 @@ def megatron_lm_argv(model, rows: int, gpt: bool) -> list[str]:
     if m.untie_embeddings_and_output_weights:
         argv.append("--untie-embeddings-and-output-weights")
     if not gpt:
+        argv += ["--is-hybrid-model", "--hybrid-layer-pattern", pattern]
+    if not gpt and "M" in pattern:
         heads = m.mamba_num_heads or 2 * m.hidden_size // m.mamba_head_dim
-        argv += ["--is-hybrid-model", "--hybrid-layer-pattern", pattern,
-                 "--mamba-num-heads", str(heads), "--mamba-head-dim", str(m.mamba_head_dim),
+        argv += ["--mamba-num-heads", str(heads), "--mamba-head-dim", str(m.mamba_head_dim),
                  "--mamba-state-dim", str(m.mamba_state_dim),
                  "--mamba-num-groups", str(m.mamba_num_groups)]
     return argv

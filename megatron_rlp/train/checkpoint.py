@@ -511,9 +511,10 @@ def _megatron_lm(path: str | Path) -> Path | None:
         raise CheckpointError(str(e)) from None
 
 
-def resolve_checkpoint(path: str) -> Path:
+def resolve_checkpoint(path: str, flag: str = "train.load") -> Path:
     """`path` is a checkpoint directory or a `train.save` root with a `latest` pointer, or a
-    Megatron-LM save (its tracker file) or `iter_*` directory.
+    Megatron-LM save (its tracker file) or `iter_*` directory. `flag`: what the user set it
+    with, as errors name it (a tool's `--load`, `--checkpoint`).
 
     Raises:
         CheckpointError: nothing usable there (missing, empty, incomplete or bad pointer).
@@ -545,8 +546,8 @@ def resolve_checkpoint(path: str) -> Path:
                 out = f"{str(path).rstrip('/')}-megatron"
                 hint = (f"; it looks like a Hugging Face model: convert it first with "
                         f"`python tools/convert_checkpoint.py hf-to-megatron --hf-dir {path} "
-                        f"--out {out}`, then train.load={out}")
-            raise CheckpointError(f"train.load={path!r} is not a checkpoint (no '{LATEST}' "
+                        f"--out {out}`, then {flag}={out}")
+            raise CheckpointError(f"{flag}={path!r} is not a checkpoint (no '{LATEST}' "
                                   f"pointer, no metadata.json, no step_* checkpoint){hint}")
         ckpt = complete[-1]  # saved, but killed before `latest` was first written
     if not (ckpt / "metadata.json").is_file():

@@ -184,12 +184,12 @@ def rollout_and_score(state: TrainState, sampler: ContextSampler, step: int,
 def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer,
              trace: dict | None = None) -> dict[str, float]:
     """Run RLP step `state.step + 1`; return its global metrics. A `trace` dict receives this
-    rank's prompts, windows, thoughts, rewards and advantages (tools/bench_rlp.py compares
-    them across paths)."""
+    rank's prompts, windows, thoughts, rewards and advantages (train/record.py;
+    tools/bench_rlp.py compares them across paths)."""
     cfg, tok = state.cfg, state.tokenizer
     r, step = cfg.rlp, state.step + 1
     ro = rollout_and_score(state, sampler, step, timer)
-    contexts, ids, prompts, windows = ro.contexts, ro.ids, ro.prompts, ro.windows
+    prompts, windows = ro.prompts, ro.windows
     thoughts, s_ema, rewards, advantages = ro.thoughts, ro.s_ema, ro.rewards, ro.advantages
     with timer("update"):
         sp = cfg.parallel.sequence_parallel
@@ -221,11 +221,8 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer,
         if applied:  # a skipped (non-finite) update leaves policy and teacher as they were
             state.teacher.update(state.policy)
         state.step = step  # the step's batch is consumed either way (keyed by the step)
-    # Test hook (MEGATRON_RLP_RECORD, train/record.py): the step's internals for references.
-    record_step(step, contexts, ids, prompts, thoughts, s_ema, rewards, advantages)
-    if trace is not None:
-        trace.update(prompts=prompts, windows=windows, thoughts=thoughts, rewards=rewards,
-                     advantages=advantages)
+    # The one step hook (train/record.py): fills `trace`, and writes MEGATRON_RLP_RECORD files.
+    record_step(step, ro, trace)
     local = {k: float(torch.stack([d[k] for d in losses]).mean()) if losses else 0.0
              for k in LOSS_METRICS}
     if losses:

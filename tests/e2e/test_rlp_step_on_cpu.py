@@ -9,13 +9,10 @@ from functools import partial
 import pytest
 import torch
 
-from megatron_rlp import distributed
-from megatron_rlp.config import load_config
 from megatron_rlp.data import ContextSampler
 from megatron_rlp.data.batches import build_rlp_inputs
 from megatron_rlp.rollout.thoughts import sample_thoughts_chunked
 from megatron_rlp.scoring.next_token import token_logprobs_vocab_parallel
-from megatron_rlp.train.builder import build_state
 from megatron_rlp.train.rlp_step import (
     _forward_step,
     _loss,
@@ -34,14 +31,6 @@ TINY = (
     "rlp.min_prefix_tokens=8", "rlp.max_prefix_tokens=32", "rlp.ema_decay=0.9",
     "optimizer.lr=1e-2", "train.seed=7",
 )
-
-
-@pytest.fixture(scope="module")
-def state():
-    cfg = load_config("examples/configs/tiny_cpu.yaml", TINY, world_size=1)
-    distributed.initialize(cfg)
-    yield build_state(cfg)
-    distributed.shutdown()
 
 
 def _params(module) -> dict[str, torch.Tensor]:

@@ -20,11 +20,8 @@ from step_reference import (
     teacher_history,
 )
 
-from megatron_rlp import distributed
-from megatron_rlp.config import load_config
 from megatron_rlp.models.provider import build_model, unwrap_model
 from megatron_rlp.rollout.thoughts import PromptBatch, sample_thoughts
-from megatron_rlp.train.builder import build_state
 from megatron_rlp.train.rlp_step import rlp_step
 from megatron_rlp.train.samplers import make_context_sampler
 from megatron_rlp.train.timers import PhaseTimer
@@ -39,14 +36,6 @@ TINY = (
     "data.split=90,10,0", "train.eval_contexts=6",
 )
 ATOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def state():
-    cfg = load_config("examples/configs/tiny_cpu.yaml", TINY, world_size=1)
-    distributed.initialize(cfg)
-    yield build_state(cfg)
-    distributed.shutdown()
 
 
 def reference_metrics(state, policy_w, teacher_w) -> dict[str, float]:

@@ -19,14 +19,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
 import megatron_rlp
 from megatron_rlp import distributed
-from megatron_rlp.config import load_config
-from megatron_rlp.train.builder import build_state
 from megatron_rlp.train.rlp_step import rlp_step
 from megatron_rlp.train.samplers import make_context_sampler
 from megatron_rlp.train.timers import PhaseTimer
@@ -76,18 +73,13 @@ def _first_caller_outside_torch():
     return f
 
 
-@pytest.fixture(scope="module")
-def state():
-    cfg = load_config("examples/configs/tiny_cpu.yaml", (
-        "model.hybrid_layer_pattern=M*-", "model.hidden_size=64", "model.ffn_hidden_size=128",
-        "model.num_attention_heads=4", "model.num_query_groups=2", "model.max_sequence_length=64",
-        "model.mamba_num_heads=4", "model.mamba_head_dim=16", "model.mamba_state_dim=8",
-        "model.mamba_num_groups=2", "rlp.contexts_per_step=4", "rlp.group_size=3",
-        "rlp.max_thought_tokens=4", "rlp.min_prefix_tokens=8", "rlp.max_prefix_tokens=32",
-        "rlp.position_strategy=entropy", "precision.params_dtype=bf16"), world_size=1)
-    distributed.initialize(cfg)
-    yield build_state(cfg)
-    distributed.shutdown()
+TINY = (  # the `state` fixture's overrides (tests/conftest.py)
+    "model.hybrid_layer_pattern=M*-", "model.hidden_size=64", "model.ffn_hidden_size=128",
+    "model.num_attention_heads=4", "model.num_query_groups=2", "model.max_sequence_length=64",
+    "model.mamba_num_heads=4", "model.mamba_head_dim=16", "model.mamba_state_dim=8",
+    "model.mamba_num_groups=2", "rlp.contexts_per_step=4", "rlp.group_size=3",
+    "rlp.max_thought_tokens=4", "rlp.min_prefix_tokens=8", "rlp.max_prefix_tokens=32",
+    "rlp.position_strategy=entropy", "precision.params_dtype=bf16")
 
 
 def test_step_creates_tensors_on_the_configured_device(state):

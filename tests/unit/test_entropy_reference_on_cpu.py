@@ -14,11 +14,8 @@ tests/distributed/vocab_parallel_worker.py).
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
-from megatron_rlp import distributed
-from megatron_rlp.config import load_config
 from megatron_rlp.data import ContextSampler
 from megatron_rlp.models.provider import unwrap_model
 from megatron_rlp.scoring.entropy import (
@@ -26,7 +23,6 @@ from megatron_rlp.scoring.entropy import (
     model_entropy_scorer,
     window_entropies,
 )
-from megatron_rlp.train.builder import build_state
 
 TINY = (
     "model.hybrid_layer_pattern=*-*-", "model.hidden_size=64", "model.ffn_hidden_size=128",
@@ -35,14 +31,6 @@ TINY = (
     "train.seed=3", "device.num_threads=1", "precision.params_dtype=fp32",
 )
 MIN_PREFIX, MAX_PREFIX = 8, 24
-
-
-@pytest.fixture(scope="module")
-def state():
-    cfg = load_config("examples/configs/tiny_cpu.yaml", TINY, world_size=1)
-    distributed.initialize(cfg)
-    yield build_state(cfg)
-    distributed.shutdown()
 
 
 def reference_entropy(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
