@@ -65,12 +65,18 @@ def test_rlp_from_a_megatron_lm_checkpoint_and_back(tmp_path):
     for key in ("s_ema", "s_pred", "reward_mean", "thought_len"):
         assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-5), key
 
-    proc = subprocess.run([sys.executable, "tools/convert_checkpoint.py",
-                           "megatron-to-megatron-lm", "--checkpoint", str(tmp_path / "rlp"),
-                           "--out", str(tmp_path / "back")], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    export = [sys.executable, "tools/convert_checkpoint.py", "megatron-to-megatron-lm",
+              "--checkpoint", str(tmp_path / "rlp"), "--out", str(tmp_path / "back")]
+    proc = subprocess.run(export, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "--hybrid-layer-pattern M-M*-M-" in proc.stdout
+    assert "--hybrid-layer-pattern 'M-M*-M-'" in proc.stdout  # shlex-quoted: `*` is a glob
+    again = subprocess.run(export, cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)  # into the now non-empty --out: refused
+    assert again.returncode == 2 and "--overwrite" in again.stderr, again.stderr[-3000:]
+    again = subprocess.run([*export, "--overwrite"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=300)  # the same iteration written again
+    assert again.returncode == 0, again.stderr[-3000:]
     assert (tmp_path / "back" / "latest_checkpointed_iteration.txt").read_text() == "2"
     back = read_tensors(tmp_path / "back" / "iter_0000002")
     assert back.keys() == source.keys()  # Megatron-LM's names and layout, as it was read
