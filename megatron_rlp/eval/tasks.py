@@ -155,7 +155,7 @@ def items(seed: int, *, held_out: bool, held_out_percent: float = 10.0,
     Raises:
         ValueError: an unknown kind, or a percentage outside (0, 100).
     """
-    from megatron_rlp.eval.task_space import split_shortfall
+    from megatron_rlp.eval.task_space import split_shortfall  # it imports this module
 
     if not 0 < held_out_percent < 100:
         raise ValueError(f"held_out_percent must be in (0, 100), got {held_out_percent}")
