@@ -12,9 +12,10 @@ at its t_k), keep the unpacked update: `packable` says which.
 
 On CPU the tree mask goes through Megatron's local `DotProductAttention` as an explicit
 [B, 1, S, S] mask (its `attn_mask_type` is set to `arbitrary` for the forward, so the fused
-GPU softmax honours the mask instead of substituting a causal one). A block-sparse kernel
-(FlexAttention) would skip the masked blocks; it needs attention modules other than
-Megatron's local one and is not wired in here.
+GPU softmax honours the mask instead of substituting a causal one). With
+`model.packed_attention=flex` (the default on CUDA) the forward passes the tree's O(S)
+descriptor instead and `packing.flex` runs core attention as FlexAttention with a BlockMask,
+skipping the masked tiles.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch import Tensor
 from megatron_rlp.models.output_positions import logits_at_positions
 from megatron_rlp.models.provider import unwrap_model
 from megatron_rlp.objective import rlp_policy_loss
+from megatron_rlp.packing.flex import route_core_attention, tree_block_mask, tree_descriptors
 from megatron_rlp.packing.rotary import rotary_at_positions
 from megatron_rlp.packing.tree import pack_branches, plan_packing, tree_mask
 from megatron_rlp.scoring.next_token import token_logprobs_vocab_parallel
@@ -171,10 +173,21 @@ def packed_loss(batch: dict[str, Tensor], scale: float, vocab_size: int, tempera
 
 
 def packed_forward_step(scale: float, vocab_size: int, temperature: float,
-                        eps: tuple[float, float], data_iterator, model, **loss_options):
-    """Megatron `forward_step_func` for packed micro-batches (see `train.update`)."""
+                        eps: tuple[float, float], data_iterator, model, *,
+                        attention: str = "mask", **loss_options):
+    """Megatron `forward_step_func` for packed micro-batches (see `train.update`).
+
+    `attention`: `mask` passes the explicit [B, 1, S, S] tree mask to Megatron's attention;
+    `flex` passes the [B, 3, S] tree descriptor, which `packing.flex` routes to FlexAttention
+    (block-sparse on CUDA).
+    """
     batch = next(data_iterator)
-    mask = tree_mask(batch["branch"], batch["lo"], batch["hi"])
+    if attention == "flex":
+        route_core_attention(model)
+        mask = tree_descriptors(batch["branch"], batch["lo"], batch["hi"])
+        tree_block_mask(mask)  # built once here; every layer (and recompute) reuses it
+    else:
+        mask = tree_mask(batch["branch"], batch["lo"], batch["hi"])
     with (logits_at_positions(model, batch["index"]), arbitrary_mask(model),
           rotary_at_positions(model, batch["positions"])):
         logits = model(batch["tokens"], batch["positions"], mask)

@@ -24,6 +24,7 @@ from megatron_rlp.data.batches import DocumentWindows, build_rlp_inputs
 from megatron_rlp.models.fp8 import rollout_precision, token_multiple
 from megatron_rlp.models.output_positions import logits_at_positions
 from megatron_rlp.objective import group_advantages, info_gain_reward, rlp_policy_loss
+from megatron_rlp.packing.flex import resolve as resolve_packed_attention
 from megatron_rlp.packing.prefill import SharedWindows
 from megatron_rlp.packing.prefill import supported as shared_prefill_supported
 from megatron_rlp.packing.update import packable, packed_forward_step, packed_update_batches
@@ -203,7 +204,10 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer,
                                         cfg.train.micro_batch_size, tok.pad, tok.think_start,
                                         equal_width=pp > 1, multiple=multiple,
                                         model_cfg=cfg.model)
-            step_fn, rows = packed_forward_step, len(thoughts.tokens)
+            attention = resolve_packed_attention(cfg.model.packed_attention, cfg.device.type,
+                                                 cfg.model.hybrid_layer_pattern)
+            step_fn = partial(packed_forward_step, attention=attention)
+            rows = len(thoughts.tokens)
             mb_rows = mbs[0]["advantages"].numel()
         else:
             batch = update_batch(prompts, thoughts, advantages, r.group_size, tok.pad,
