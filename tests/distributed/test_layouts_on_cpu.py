@@ -69,6 +69,12 @@ LAYOUTS = {
     "tp2-sequence-parallel": ("parallel.tensor_model_parallel_size=2",
                               "parallel.sequence_parallel=true"),
     "pp2": ("parallel.pipeline_model_parallel_size=2",),
+    # the packed update's FlexAttention path (packing/flex.py, eager on CPU) against the
+    # one-rank run's explicit tree mask: heads split over TP, one padded width over PP
+    "tp2-sequence-parallel-flex": ("parallel.tensor_model_parallel_size=2",
+                                   "parallel.sequence_parallel=true",
+                                   "model.packed_attention=flex"),
+    "pp2-flex": ("parallel.pipeline_model_parallel_size=2", "model.packed_attention=flex"),
     # interleaved: rank 0 holds chunks 0 and 2 of "*|-|*|-", rank 1 chunks 1 and 3; Megatron's
     # interleaved schedule runs the 4 micro-batches, rollouts visit the chunks round by round
     "pp2-virtual2": ("parallel.pipeline_model_parallel_size=2",
