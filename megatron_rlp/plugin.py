@@ -285,10 +285,12 @@ class RLPPlugin:
                                          len(thoughts.tokens), cfg.train.micro_batch_size):
             # train/rlp_step.py's packed update: --micro-batch-size thought rows per
             # micro-batch as unpacked, so Megatron's micro-batch count is unchanged.
+            attention = resolve_packed_attention(cfg.model.packed_attention, cfg.device.type,
+                                                 cfg.model.hybrid_layer_pattern)
             self._microbatches = packed_update_batches(
                 ro.windows, prompts, thoughts, advantages, r.group_size,
                 cfg.train.micro_batch_size, tok.pad, tok.think_start, equal_width=pp > 1,
-                multiple=multiple, model_cfg=cfg.model)
+                multiple=multiple, model_cfg=cfg.model, block_sparse=attention == "flex")
             if pp > 1:  # Megatron's schedule sends --seq-length activations between stages
                 self._microbatches = [_pad_packed_to(mb, self.args.seq_length, tok.pad)
                                       for mb in self._microbatches]

@@ -8,9 +8,11 @@
 One packed update (`packing.update.packed_update_batches`) over a synthetic batch: `--docs`
 documents, `--positions` positions each spread over a `--window`-token window, `--group`
 thoughts of `--thought` tokens per position (all full length: the worst case for masked
-branch-to-branch tiles). The config's model (default examples/configs/tiny_cpu.yaml) runs
-forward + backward of every micro-batch with `model.packed_attention` = mask, then flex, and
-the JSON holds:
+branch-to-branch tiles), laid out as `model.packed_attention=flex` lays them out (every
+branch of a micro-batch behind one window copy; `--dense-layout`: the explicit mask's
+choice, `packing.update.rows_per_sequence`). The config's model (default
+examples/configs/tiny_cpu.yaml) runs forward + backward of every micro-batch with
+`model.packed_attention` = mask, then flex, and the JSON holds:
 
 - `sparsity`: per micro-batch mean, `block` = fraction of (query tile, key tile) FlexAttention
   skips at `--block-size`, `pair` = fraction of (query, key) pairs the tree mask masks;
@@ -138,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--thought", type=int, default=32)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dense-layout", action="store_true",
+                        help="branches per window copy as chosen for the explicit mask "
+                             "(packing.update.rows_per_sequence), not for FlexAttention")
+    parser.add_argument("--sparsity-only", action="store_true",
+                        help="report the block sparsity, time nothing (no model forward)")
     parser.add_argument("--out", default="runs/bench/packed_attention.json")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
@@ -174,11 +181,15 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model(cfg, tok.vocab_size).to(device)
         windows, prompts, thoughts, adv = synthetic_update(
             args.docs, args.positions, args.group, args.window, args.thought, tok, device)
+        # One layout for both kernels: the cost model's for the block-sparse kernel (every
+        # branch behind one window copy) unless --dense-layout (its choice for the mask).
         mbs = packed_update_batches(windows, prompts, thoughts, adv, args.group,
                                     cfg.train.micro_batch_size, tok.pad, tok.think_start,
-                                    equal_width=False, model_cfg=cfg.model)
-        res = {"sparsity": sparsity_report(mbs, args.block_size),
-               **time_attention(model, mbs, tok.vocab_size, repeats=args.repeats)}
+                                    equal_width=False, model_cfg=cfg.model,
+                                    block_sparse=not args.dense_layout)
+        res = {"sparsity": sparsity_report(mbs, args.block_size)}
+        if not args.sparsity_only:
+            res.update(time_attention(model, mbs, tok.vocab_size, repeats=args.repeats))
     finally:
         distributed.shutdown()
     res["run"] = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -187,11 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     s = res["sparsity"]
+    timing = "" if args.sparsity_only else (
+        f" | mask {res['seconds']['mask']:.4f}s | flex {res['seconds']['flex']:.4f}s | "
+        f"flex/mask speed-up {res['speedup_flex_vs_mask']:.2f}x | loss diff "
+        f"{res['loss_abs_diff']:.2e}")
     print(f"[bench_packed_attention] {res['run']['device']}: block sparsity {s['block']:.3f} "
-          f"(pair {s['pair']:.3f}, S={s['width']}) | mask {res['seconds']['mask']:.4f}s | "
-          f"flex {res['seconds']['flex']:.4f}s | flex/mask speed-up "
-          f"{res['speedup_flex_vs_mask']:.2f}x | loss diff {res['loss_abs_diff']:.2e}",
-          flush=True)
+          f"(pair {s['pair']:.3f}, {s['micro_batches']} micro-batches of S={s['width']})"
+          + timing, flush=True)
     return 0
 
 

@@ -139,6 +139,7 @@ def _packed_attention(cfg, state, trace: dict, block_size: int) -> dict | None:
     import torch
     from bench_packed_attention import sparsity_report, time_attention
 
+    from megatron_rlp.packing.flex import resolve
     from megatron_rlp.packing.update import packable, packed_update_batches
 
     r, tok = cfg.rlp, state.tokenizer
@@ -146,9 +147,12 @@ def _packed_attention(cfg, state, trace: dict, block_size: int) -> dict | None:
     if not packable(cfg.model.hybrid_layer_pattern, r.positions_per_document * r.group_size,
                     len(th.tokens), cfg.train.micro_batch_size):
         return None
+    attention = resolve(cfg.model.packed_attention, cfg.device.type,
+                        cfg.model.hybrid_layer_pattern)
     mbs = packed_update_batches(trace["windows"], trace["prompts"], th, trace["advantages"],
                                 r.group_size, cfg.train.micro_batch_size, tok.pad,
-                                tok.think_start, equal_width=False, model_cfg=cfg.model)
+                                tok.think_start, equal_width=False, model_cfg=cfg.model,
+                                block_sparse=attention == "flex")  # the optimised path's
     out = {"sparsity": sparsity_report(mbs, block_size)}
     if torch.cuda.is_available() and cfg.device.type == "cuda":
         out.update(time_attention(state.policy, mbs, tok.vocab_size))

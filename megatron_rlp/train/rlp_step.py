@@ -200,12 +200,12 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer,
         if r.share_prefixes and packable(cfg.model.hybrid_layer_pattern,
                                          r.positions_per_document * r.group_size,
                                          len(thoughts.tokens), cfg.train.micro_batch_size):
+            attention = resolve_packed_attention(cfg.model.packed_attention, cfg.device.type,
+                                                 cfg.model.hybrid_layer_pattern)
             mbs = packed_update_batches(windows, prompts, thoughts, advantages, r.group_size,
                                         cfg.train.micro_batch_size, tok.pad, tok.think_start,
                                         equal_width=pp > 1, multiple=multiple,
-                                        model_cfg=cfg.model)
-            attention = resolve_packed_attention(cfg.model.packed_attention, cfg.device.type,
-                                                 cfg.model.hybrid_layer_pattern)
+                                        model_cfg=cfg.model, block_sparse=attention == "flex")
             step_fn = partial(packed_forward_step, attention=attention)
             rows = len(thoughts.tokens)
             mb_rows = mbs[0]["advantages"].numel()

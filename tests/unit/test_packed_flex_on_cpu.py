@@ -103,3 +103,13 @@ def test_config_refuses_flex_where_it_cannot_run():
         load_config(None, ("model.packed_attention=flex", "model.hybrid_layer_pattern=M*-",
                            "model.mamba_num_groups=2"))
     assert load_config(None, ("model.packed_attention=flex",)).model.packed_attention == "flex"
+
+
+def test_block_sparse_cost_model_puts_every_branch_behind_one_window():
+    from megatron_rlp.config import load_config
+    from megatron_rlp.packing.update import rows_per_sequence
+
+    cfg = load_config("examples/configs/tiny_cpu.yaml", ()).model
+    # Long thoughts: the dense mask splits the branches over window copies, flex does not.
+    assert rows_per_sequence(cfg, 64, 64, window=221, thought=32) < 64
+    assert rows_per_sequence(cfg, 64, 64, window=221, thought=32, block_sparse=True) == 64
