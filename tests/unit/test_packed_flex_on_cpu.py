@@ -113,3 +113,34 @@ def test_block_sparse_cost_model_puts_every_branch_behind_one_window():
     # Long thoughts: the dense mask splits the branches over window copies, flex does not.
     assert rows_per_sequence(cfg, 64, 64, window=221, thought=32) < 64
     assert rows_per_sequence(cfg, 64, 64, window=221, thought=32, block_sparse=True) == 64
+
+
+def test_flex_survives_core_attention_recompute(model):
+    """Selective recompute (Megatron's `checkpoint_core_attention`) reruns core attention in
+    the backward pass, after the forward step returned: the descriptor travels as the saved
+    mask argument, so the rerun is flex too (the BlockMask cache emptied in between)."""
+    prompts, windows, thoughts, adv = _inputs()
+    rows = len(adv)
+    packed = packed_update_batches(windows, prompts, thoughts, adv, G, 0, TOK.pad,
+                                   TOK.think_start, equal_width=False, rows_per_seq=6)
+    ref_loss, ref = _run(model, packed_forward_step, packed, rows)
+    layers = [m for m in model.modules() if hasattr(m, "checkpoint_core_attention")]
+    assert len(layers) == 2
+    step = partial(packed_forward_step, attention="flex")
+
+    def forward_then_forget(*args, **kwargs):
+        out = step(*args, **kwargs)
+        flex._block_masks.clear()  # the backward's recompute must rebuild it
+        return out
+
+    try:
+        for layer in layers:
+            layer.checkpoint_core_attention = True
+        loss, got = _run(model, forward_then_forget, packed, rows)
+    finally:
+        for layer in layers:
+            layer.checkpoint_core_attention = False
+    assert len(flex._block_masks) == 1  # rebuilt by the first recompute, reused by the next
+    assert loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-6)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
