@@ -144,3 +144,27 @@ def test_flex_survives_core_attention_recompute(model):
     assert loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-6)
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("attention", ["mask", "flex"])
+def test_plugin_pads_packed_micro_batches_to_seq_length(model, attention):
+    """The plugin under pipeline parallelism sends --seq-length activations: right padding a
+    packed micro-batch (plugin._pad_packed_to) changes neither its loss nor its gradients."""
+    from megatron_rlp.plugin import _pad_packed_to
+
+    prompts, windows, thoughts, adv = _inputs()
+    rows = len(adv)
+    packed = packed_update_batches(windows, prompts, thoughts, adv, G, 6, TOK.pad,
+                                   TOK.think_start, equal_width=True, rows_per_seq=3)
+    width = packed[0]["tokens"].shape[1] + 37
+    padded = [_pad_packed_to(mb, width, TOK.pad) for mb in packed]
+    assert all(mb["tokens"].shape[1] == width and (mb["branch"][:, -37:] == -2).all()
+               for mb in padded)
+    step = partial(packed_forward_step, attention=attention)
+    ref_loss, ref = _run(model, step, packed, rows)
+    loss, got = _run(model, step, padded, rows)
+    assert loss == pytest.approx(ref_loss, rel=1e-6, abs=1e-7)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-7, msg=name)
+    with pytest.raises(ValueError, match="exceeds --seq-length"):
+        _pad_packed_to(packed[0], width - 40, TOK.pad)
