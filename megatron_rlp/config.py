@@ -62,6 +62,11 @@ class ModelConfig:
     # (models/te_spec.py: fused norm+linear, TE attention; CUDA + TE), `auto` = TE when it
     # imports and device.type=cuda, else local.
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    # Core attention of the branch-packed update (packing/flex.py): `flex` = FlexAttention with
+    # a BlockMask (block-sparse, compiled, on CUDA; an eager fallback on CPU for tests), `mask`
+    # = the explicit [B, 1, S, S] tree mask through Megatron's attention, `auto` = flex on
+    # CUDA for attention-only patterns, else mask.
+    packed_attention: Literal["auto", "flex", "mask"] = "auto"
 
     def validate(self) -> None:
         pat = self.hybrid_layer_pattern
@@ -509,7 +514,20 @@ class RunConfig:
                    "no empty pipeline stage between | separators")
         self._check_sequence_lengths()
         self._check_transformer_engine()
+        self._check_packed_attention()
         return self
+
+    def _check_packed_attention(self) -> None:
+        """`model.packed_attention=flex` where FlexAttention cannot run the packed update."""
+        if self.model.packed_attention != "flex":
+            return
+        from megatron_rlp.packing import flex
+
+        try:
+            flex.resolve("flex", self.device.type, self.model.hybrid_layer_pattern)
+        except ValueError as e:
+            raise ConfigError(f"invalid config: model.packed_attention='flex' (allowed: auto or "
+                              f"mask here; flex needs {e})") from None
 
     def _check_transformer_engine(self) -> None:
         """`model.transformer_impl` and `precision.fp8` against this machine: TE importable,

@@ -26,7 +26,11 @@ Megatron-LM keeps its loop: micro-batches, DDP, optimizer, scheduler, logging, c
   (a pretraining run's) warm-starts with the teacher lazily copied from the policy.
 
 `--global-batch-size` is the step's sequences (`rlp contexts x --rlp-group-size`), and
-`--micro-batch-size` the sequences per update micro-batch.
+`--micro-batch-size` the sequences (thought rows) per update micro-batch. With shared prefixes
+(the default) and a micro-batch size that is a multiple or a divisor of a document's rows, the
+update is `pretrain_rlp.py`'s branch-packed one (packing/update.py; core attention per
+`--rlp-packed-attention`): a micro-batch packs the same thought rows, so Megatron's
+micro-batch count does not change. Otherwise every row is its own sequence.
 
 Why not a change to Megatron-LM's loop: STYLE.md asks to keep RLP out of `training.py`; a
 forward step is the extension point Megatron-LM scripts already use.
@@ -49,6 +53,9 @@ from megatron_rlp.distributed import torch_device
 from megatron_rlp.interop.megatron_lm import architecture
 from megatron_rlp.models.output_positions import logits_at_positions
 from megatron_rlp.models.provider import build_model, transformer_config, unwrap_model
+from megatron_rlp.packing.flex import resolve as resolve_packed_attention
+from megatron_rlp.packing.tree import PAD
+from megatron_rlp.packing.update import packable, packed_forward_step, packed_update_batches
 from megatron_rlp.scoring.ema_teacher import EMATeacher
 from megatron_rlp.tokenizer import build_tokenizer
 from megatron_rlp.train.builder import TrainState
@@ -82,8 +89,10 @@ def add_rlp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--rlp-tis-cap", type=float, default=2.0,
                    help="truncated importance weight cap with --rlp-logp-old-source rollout")
     g.add_argument("--rlp-no-share-prefixes", action="store_false", dest="rlp_share_prefixes",
-                   help="prefill every context's prefix itself (rlp.share_prefixes=false); "
-                        "the plugin's update is always per sequence")
+                   help="prefill every context's prefix itself and update per sequence "
+                        "(rlp.share_prefixes=false; default: shared prefill, packed update)")
+    g.add_argument("--rlp-packed-attention", choices=("auto", "flex", "mask"), default="auto",
+                   help="core attention of the packed update (model.packed_attention)")
     g.add_argument("--rlp-corpus", default="data/corpus.jsonl",
                    help="RLP documents: .jsonl/.txt or an indexed-dataset prefix")
     g.add_argument("--rlp-tokenizer", default="byte",
@@ -118,6 +127,7 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
         setattr(cfg.model, key, value)
     cfg.model.make_vocab_size_divisible_by = args.make_vocab_size_divisible_by
     cfg.model.init_method_std = args.init_method_std
+    cfg.model.packed_attention = args.rlp_packed_attention
     p = cfg.parallel
     p.tensor_model_parallel_size = args.tensor_model_parallel_size
     p.pipeline_model_parallel_size = args.pipeline_model_parallel_size
@@ -231,12 +241,22 @@ class RLPPlugin:
             self._rollout_and_score(model)
         batch = self._microbatches[self._calls % get_num_microbatches()]
         self._calls += 1
+        r, m = self.cfg.rlp, self.cfg.model
+        options = dict(logp_old_source=r.logp_old_source, tis_cap=r.tis_cap)
+        eps = (r.clip_eps_low, r.clip_eps_high)
+        if "branch" in batch:  # a branch-packed micro-batch: pretrain_rlp.py's packed step
+            # Every micro-batch holds --micro-batch-size thought rows, so the scale is 1 as
+            # in train/rlp_step.py (mb_rows * num_microbatches / rows).
+            attention = resolve_packed_attention(m.packed_attention, self.cfg.device.type,
+                                                 m.hybrid_layer_pattern)
+            logits, loss = packed_forward_step(1.0, self.tokenizer.vocab_size, r.temperature,
+                                               eps, iter([batch]), model,
+                                               attention=attention, **options)
+            return logits, partial(self._loss_and_report, loss)
         with logits_at_positions(model, batch["index"]):
             logits = model(batch["tokens"], batch["positions"], None)
-        r = self.cfg.rlp
-        loss = partial(_loss, batch, 1.0, self.tokenizer.vocab_size, r.temperature,
-                       (r.clip_eps_low, r.clip_eps_high), logp_old_source=r.logp_old_source,
-                       tis_cap=r.tis_cap)
+        loss = partial(_loss, batch, 1.0, self.tokenizer.vocab_size, r.temperature, eps,
+                       **options)
         return logits, partial(self._loss_and_report, loss)
 
     def _loss_and_report(self, loss_fn, logits):
@@ -259,13 +279,30 @@ class RLPPlugin:
         prompts, thoughts, s_ema = ro.prompts, ro.thoughts, ro.s_ema
         rewards, advantages = ro.rewards, ro.advantages
         multiple = cfg.parallel.tensor_model_parallel_size if cfg.parallel.sequence_parallel else 1
-        batch = update_batch(prompts, thoughts, advantages, r.group_size, tok.pad,
-                             tok.think_start, multiple)
-        if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-            self._microbatches = trimmed_microbatches(batch, cfg.train.micro_batch_size, multiple)
-        else:  # Megatron's schedule sends --seq-length activations between stages
-            batch = _pad_to(batch, self.args.seq_length, tok.pad)
-            self._microbatches = split_microbatches(batch, cfg.train.micro_batch_size)
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        if r.share_prefixes and packable(cfg.model.hybrid_layer_pattern,
+                                         r.positions_per_document * r.group_size,
+                                         len(thoughts.tokens), cfg.train.micro_batch_size):
+            # train/rlp_step.py's packed update: --micro-batch-size thought rows per
+            # micro-batch as unpacked, so Megatron's micro-batch count is unchanged.
+            attention = resolve_packed_attention(cfg.model.packed_attention, cfg.device.type,
+                                                 cfg.model.hybrid_layer_pattern)
+            self._microbatches = packed_update_batches(
+                ro.windows, prompts, thoughts, advantages, r.group_size,
+                cfg.train.micro_batch_size, tok.pad, tok.think_start, equal_width=pp > 1,
+                multiple=multiple, model_cfg=cfg.model, block_sparse=attention == "flex")
+            if pp > 1:  # Megatron's schedule sends --seq-length activations between stages
+                self._microbatches = [_pad_packed_to(mb, self.args.seq_length, tok.pad)
+                                      for mb in self._microbatches]
+        else:
+            batch = update_batch(prompts, thoughts, advantages, r.group_size, tok.pad,
+                                 tok.think_start, multiple)
+            if pp == 1:
+                self._microbatches = trimmed_microbatches(batch, cfg.train.micro_batch_size,
+                                                          multiple)
+            else:  # Megatron's schedule sends --seq-length activations between stages
+                batch = _pad_to(batch, self.args.seq_length, tok.pad)
+                self._microbatches = split_microbatches(batch, cfg.train.micro_batch_size)
         if len(self._microbatches) != get_num_microbatches():
             raise ValueError(f"{len(self._microbatches)} RLP micro-batches but Megatron runs "
                              f"{get_num_microbatches()}: --global-batch-size must be contexts x "
@@ -280,6 +317,7 @@ class RLPPlugin:
             "closed_fraction": float(gather_data_parallel(thoughts.closed.float()).mean()),
             "s_ema": float(gather_data_parallel(s_ema).mean()),
             "s_pred": float(gather_data_parallel(thoughts.s_pred).mean()),
+            "packed_update": "branch" in self._microbatches[0],  # plugin only: which update
         }
         self._losses = []
 
@@ -359,4 +397,16 @@ def _pad_to(batch: dict, width: int, pad: int) -> dict:
     out = dict(batch)
     out["tokens"] = torch.nn.functional.pad(tokens, (0, width - tokens.shape[1]), value=pad)
     out["positions"] = torch.arange(width).expand(tokens.shape[0], -1)
+    return out
+
+
+def _pad_packed_to(mb: dict, width: int, pad: int) -> dict:
+    """A packed micro-batch right-padded to `width` columns (padding reads nothing: branch
+    PAD, lo = hi = 0; see packing/tree.py)."""
+    have = mb["tokens"].shape[1]
+    if have > width:
+        raise ValueError(f"a packed RLP sequence of {have} tokens exceeds --seq-length {width}")
+    out = dict(mb)
+    for key, value in (("tokens", pad), ("positions", 0), ("branch", PAD), ("lo", 0), ("hi", 0)):
+        out[key] = torch.nn.functional.pad(mb[key], (0, width - have), value=value)
     return out

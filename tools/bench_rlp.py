@@ -21,7 +21,10 @@ on the same contexts, the paths' order rotating from step to step so that machin
 (other users of a shared CPU) hits them alike. It checks that naive and optimised draw
 identical thoughts and rewards and reach the same loss, and writes JSON: per-phase seconds,
 tokens/s, peak memory, the speed-ups, and a FLOP model of the step (`flop_model`) giving
-achieved FLOP/s (and MFU with --peak-tflops on a GPU).
+achieved FLOP/s (and MFU with --peak-tflops on a GPU). `packed_attention` holds the block
+sparsity of the optimised path's packed update (tiles FlexAttention skips at
+`--block-size`, tools/bench_packed_attention.py) and, on CUDA only, the time of that update
+with the explicit-mask and the FlexAttention core attention (`model.packed_attention`).
 
 Speed targets live here, never in timed tests. On a shared machine compare the ratios of
 one run, not absolute times across runs.
@@ -130,7 +133,34 @@ def _compare(a: dict, b: dict) -> dict:
     }
 
 
-def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | None) -> dict:
+def _packed_attention(cfg, state, trace: dict, block_size: int) -> dict | None:
+    """Block sparsity of the optimised path's packed update of one step (`trace`); on CUDA
+    also flex vs mask time of that update (tools/bench_packed_attention.py)."""
+    import torch
+    from bench_packed_attention import sparsity_report, time_attention
+
+    from megatron_rlp.packing.flex import resolve
+    from megatron_rlp.packing.update import packable, packed_update_batches
+
+    r, tok = cfg.rlp, state.tokenizer
+    th = trace["thoughts"]
+    if not packable(cfg.model.hybrid_layer_pattern, r.positions_per_document * r.group_size,
+                    len(th.tokens), cfg.train.micro_batch_size):
+        return None
+    attention = resolve(cfg.model.packed_attention, cfg.device.type,
+                        cfg.model.hybrid_layer_pattern)
+    mbs = packed_update_batches(trace["windows"], trace["prompts"], th, trace["advantages"],
+                                r.group_size, cfg.train.micro_batch_size, tok.pad,
+                                tok.think_start, equal_width=False, model_cfg=cfg.model,
+                                block_sparse=attention == "flex")  # the optimised path's
+    out = {"sparsity": sparsity_report(mbs, block_size)}
+    if torch.cuda.is_available() and cfg.device.type == "cuda":
+        out.update(time_attention(state.policy, mbs, tok.vocab_size))
+    return out
+
+
+def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | None,
+        block_size: int = 128) -> dict:
     import dataclasses
 
     from bench_rlp_flops import model_dims, step_flops
@@ -184,7 +214,9 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
                 results[name].append(row)
         checks.append({"step": i + 1, **_compare(traces["naive"], traces["optimised"])})
 
-    out = {"paths": {}, "checks": checks, "hf_variant": with_hf}
+    out = {"paths": {}, "checks": checks, "hf_variant": with_hf,
+           "packed_attention": _packed_attention(cfg, variants["optimised"][0],
+                                                 traces["optimised"], block_size)}
     for name, rows in results.items():
         phases = {k: _summary([r[k] for r in rows]) for k in ("step", "rollout", "scoring",
                                                                "update")}
@@ -229,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
                         "one batched `generate` over all rows instead")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="device peak (dense, the run's dtype) for MFU")
+    parser.add_argument("--block-size", type=int, default=128,
+                        help="FlexAttention tile for the packed update's block sparsity")
     parser.add_argument("--out", default="runs/bench/rlp_paths.json")
     parser.add_argument("overrides", nargs="*", help="section.key=value, after the defaults")
     args = parser.parse_args(argv)
@@ -257,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     distributed.initialize(cfg)
     try:
         hf = "batched" if args.hf_batched else "per-row" if args.hf else None
-        res = run(cfg, args.steps, args.warmup, hf, args.peak_tflops)
+        res = run(cfg, args.steps, args.warmup, hf, args.peak_tflops, args.block_size)
     finally:
         distributed.shutdown()
     import torch
@@ -275,6 +309,12 @@ def main(argv: list[str] | None = None) -> int:
               f"update {ph['update']['median']:.3f}s | {p['tokens_per_s']:.0f} tok/s | "
               + (f"{p['achieved_flop_per_s'] / 1e9:.2f} GFLOP/s | " if "achieved_flop_per_s"
                  in p else "") + f"peak +{p['peak_memory_bytes'] / 2**20:.0f} MiB")
+    pa = res["packed_attention"]
+    if pa:
+        print(f"[bench_rlp] packed update: block sparsity {pa['sparsity']['block']:.3f} at "
+              f"{pa['sparsity']['block_size']} (pair {pa['sparsity']['pair']:.3f})"
+              + (f" | flex {pa['seconds']['flex']:.4f}s vs mask {pa['seconds']['mask']:.4f}s"
+                 if "seconds" in pa else " | flex vs mask timed on CUDA only"))
     print("[bench_rlp] speed-up " + ", ".join(f"{k} {v:.2f}x" for k, v in res["speedup"].items())
           + f" | equal {res['equal']}", flush=True)
     return 0

@@ -19,7 +19,12 @@ run never share a process: the CPU backend patches torch process-wide):
    `--thought-tokens`; one untimed and one timed step.
 4. `te`, only where Transformer Engine imports (NGC images): the tiny configs on the TE spec
    in bf16 and the dense one in FP8 (hybrid, tensorwise), 2 steps each; skipped elsewhere.
-5. The JSON (`OUT/gpu_check.json`): per stage the metrics and wall time, plus
+5. `packed_attention`: tools/bench_packed_attention.py on the tiny dense config in `--dtype`:
+   one packed update (4 documents x 8 positions x G=8, 1024-token windows, 64-token thoughts,
+   5120-token packed sequences, 87% of 128x128 tiles masked) with the explicit tree mask and
+   with FlexAttention (compiled, block-sparse): block sparsity, seconds of each, loss and
+   gradient differences. Last, so it cannot take an earlier stage's budget.
+6. The JSON (`OUT/gpu_check.json`): per stage the metrics and wall time, plus
    - decode tokens/s (decoded thought tokens / rollout-phase seconds, prefill included)
      against the roofline of a full-batch decode step: max(bytes read / HBM bandwidth,
      FLOPs / peak), bytes = bf16 weights (output layer included) + each row's K/V
@@ -223,6 +228,28 @@ def tiny_stage(args, name: str, config: str, out: Path, budget: Budget) -> dict:
             "ok": all(r["rc"] == 0 for r in runs.values()) and check["ok"]}
 
 
+def packed_attention_stage(args, out: Path, budget: Budget) -> dict:
+    """Flex vs explicit-mask core attention of one packed update (bench_packed_attention.py)."""
+    shape = ["--docs", "4", "--positions", "8", "--group", "8", "--window", "1024",
+             "--thought", "64", "--repeats", "3"]
+    if args.dry_run:
+        shape = ["--docs", "1", "--positions", "2", "--group", "2", "--window", "32",
+                 "--thought", "4", "--repeats", "1", "--block-size", "16"]
+    result_file = out / "packed_attention.json"
+    result_file.unlink(missing_ok=True)
+    rc, seconds = run_child(["tools/bench_packed_attention.py", "--config", TINY["dense"],
+                             *shape, "--out", str(result_file), f"device.type={args.device}",
+                             f"precision.params_dtype={args.dtype}", f"train.seed={args.seed}"],
+                            budget, out / "packed_attention.log")
+    stage = {"rc": rc, "seconds": seconds, "ok": False}
+    if rc == 0 and result_file.is_file():
+        bench = json.loads(result_file.read_text())
+        stage.update(ok=True, **{k: bench[k] for k in ("sparsity", "seconds",
+                                                       "speedup_flex_vs_mask", "loss_abs_diff",
+                                                       "grad_max_abs_diff")})
+    return stage
+
+
 def te_stage(args, out: Path, budget: Budget) -> dict:
     """Where Transformer Engine imports (NGC images; never on the bare H200): the tiny configs
     with `model.transformer_impl=transformer_engine` in bf16, and the dense one in FP8
@@ -271,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hbm-tbps", type=float, default=4.8)
     p.add_argument("--peak-tflops", type=float, default=790.0)
     p.add_argument("--budget-s", type=float, default=480.0)
-    p.add_argument("--skip", nargs="*", default=[], choices=("tiny", "qwen3_shape", "te"))
+    p.add_argument("--skip", nargs="*", default=[],
+                   choices=("tiny", "qwen3_shape", "packed_attention", "te"))
     p.add_argument("--tiny-configs", nargs="*", default=list(TINY), choices=list(TINY))
     args = p.parse_args(argv)
     if args.dry_run:
@@ -299,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         report["stages"]["qwen3_shape"] = qwen3_stage(args, out, budget)
     if "te" not in args.skip:
         report["stages"]["te"] = te_stage(args, out, budget)
+    if "packed_attention" not in args.skip:  # last: it cannot eat an earlier stage's budget
+        report["stages"]["packed_attention"] = packed_attention_stage(args, out, budget)
     report["elapsed_s"] = budget.elapsed()
     report["within_budget"] = budget.elapsed() <= args.budget_s
     report["ok"] = report["within_budget"] and all(s["ok"] for s in report["stages"].values())
@@ -312,6 +342,11 @@ def main(argv: list[str] | None = None) -> int:
               f"({100 * q['decode_fraction_of_roofline']:.1f}% of roofline) | update "
               f"{q['update_tokens_per_s']:.0f} tok/s, MFU {100 * q['update_mfu']:.1f}% | peak "
               f"{q['peak_memory_gib']:.1f} GiB", flush=True)
+    pa = report["stages"].get("packed_attention", {})
+    if pa.get("ok"):
+        print(f"[gpu_check] packed update: block sparsity {pa['sparsity']['block']:.3f} | "
+              f"flex {pa['seconds']['flex']:.4f}s vs mask {pa['seconds']['mask']:.4f}s "
+              f"({pa['speedup_flex_vs_mask']:.2f}x)", flush=True)
     print(f"[gpu_check] {out / 'gpu_check.json'} ({report['elapsed_s']:.0f} s)", flush=True)
     return 0 if report["ok"] else 1
 

@@ -12,9 +12,10 @@ at its t_k), keep the unpacked update: `packable` says which.
 
 On CPU the tree mask goes through Megatron's local `DotProductAttention` as an explicit
 [B, 1, S, S] mask (its `attn_mask_type` is set to `arbitrary` for the forward, so the fused
-GPU softmax honours the mask instead of substituting a causal one). A block-sparse kernel
-(FlexAttention) would skip the masked blocks; it needs attention modules other than
-Megatron's local one and is not wired in here.
+GPU softmax honours the mask instead of substituting a causal one). With
+`model.packed_attention=flex` (the default on CUDA) the forward passes the tree's O(S)
+descriptor instead and `packing.flex` runs core attention as FlexAttention with a BlockMask,
+skipping the masked tiles.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch import Tensor
 from megatron_rlp.models.output_positions import logits_at_positions
 from megatron_rlp.models.provider import unwrap_model
 from megatron_rlp.objective import rlp_policy_loss
+from megatron_rlp.packing.flex import route_core_attention, tree_block_mask, tree_descriptors
 from megatron_rlp.packing.rotary import rotary_at_positions
 from megatron_rlp.packing.tree import pack_branches, plan_packing, tree_mask
 from megatron_rlp.scoring.next_token import token_logprobs_vocab_parallel
@@ -65,14 +67,20 @@ def arbitrary_mask(model: torch.nn.Module):
             softmax.attn_mask_type = kind
 
 
-def rows_per_sequence(model_cfg, rows: int, limit: int, window: float, thought: float) -> int:
+def rows_per_sequence(model_cfg, rows: int, limit: int, window: float, thought: float,
+                      block_sparse: bool = False) -> int:
     """How many thought branches to pack after one copy of a window: the divisor k of `limit`
     minimising a cost model of the update's forward over rows/k sequences of
     L = window + k * thought tokens: 2 x layer weights per token (the linear layers) plus,
     per (query, key) pair, 4 x heads x head_dim per attention layer, tripled for the masked
     softmax and its memory traffic. All branches after one window (k = limit) wastes most of
     a dense attention on masked branch-to-branch blocks once the branches outweigh the
-    window; one branch per sequence (k = 1) is the unpacked update."""
+    window; one branch per sequence (k = 1) is the unpacked update.
+
+    `block_sparse` (FlexAttention, `packing.flex`): masked tiles are skipped, so the pairs
+    counted are those the tree attends (the window causally, each branch its prefix and
+    itself), linear in k: every branch then goes behind one copy of the window (k = limit).
+    """
     m = model_cfg
     h, heads = m.hidden_size, m.num_attention_heads
     hd = m.kv_channels or h // heads
@@ -83,7 +91,9 @@ def rows_per_sequence(model_cfg, rows: int, limit: int, window: float, thought: 
 
     def cost(k: int) -> float:
         length = window + k * thought
-        return rows / k * (2 * weights * length + pair * length * length)
+        pairs = (window * window / 2 + k * thought * (window + thought / 2) if block_sparse
+                 else length * length)
+        return rows / k * (2 * weights * length + pair * pairs)
 
     return min((k for k in range(1, limit + 1) if limit % k == 0), key=cost)
 
@@ -91,7 +101,8 @@ def rows_per_sequence(model_cfg, rows: int, limit: int, window: float, thought: 
 def packed_update_batches(windows, prompts, thoughts, advantages: Tensor, group_size: int,
                           micro_batch_size: int, pad: int, think_start: int,
                           equal_width: bool, multiple: int = 1, model_cfg=None,
-                          rows_per_seq: int | None = None) -> list[dict[str, Tensor]]:
+                          rows_per_seq: int | None = None,
+                          block_sparse: bool = False) -> list[dict[str, Tensor]]:
     """Micro-batches of packed sequences for `optimizer_update`.
 
     Args:
@@ -105,6 +116,7 @@ def packed_update_batches(windows, prompts, thoughts, advantages: Tensor, group_
             rows, or the micro-batch's, per sequence).
         rows_per_seq: force the branches per sequence (a divisor of both a document's rows
             and a micro-batch's).
+        block_sparse: the forward runs FlexAttention (`rows_per_sequence`'s cost model).
 
     Returns:
         Micro-batches with tokens, positions, branch, lo, hi: [m, S]; index, labels, mask,
@@ -119,7 +131,8 @@ def packed_update_batches(windows, prompts, thoughts, advantages: Tensor, group_
         if model_cfg is not None:
             rows_per_seq = rows_per_sequence(model_cfg, rows, limit,
                                              float(windows.valid.sum(1).float().mean()),
-                                             float(thoughts.lengths.float().mean()))
+                                             float(thoughts.lengths.float().mean()),
+                                             block_sparse)
     plan = plan_packing(windows.rows.cpu(), group_size, rows_per_seq)
     if plan is None or limit % rows_per_seq:
         raise ValueError(f"micro_batch_size={micro_batch_size} cannot be packed "
@@ -171,10 +184,21 @@ def packed_loss(batch: dict[str, Tensor], scale: float, vocab_size: int, tempera
 
 
 def packed_forward_step(scale: float, vocab_size: int, temperature: float,
-                        eps: tuple[float, float], data_iterator, model, **loss_options):
-    """Megatron `forward_step_func` for packed micro-batches (see `train.update`)."""
+                        eps: tuple[float, float], data_iterator, model, *,
+                        attention: str = "mask", **loss_options):
+    """Megatron `forward_step_func` for packed micro-batches (see `train.update`).
+
+    `attention`: `mask` passes the explicit [B, 1, S, S] tree mask to Megatron's attention;
+    `flex` passes the [B, 3, S] tree descriptor, which `packing.flex` routes to FlexAttention
+    (block-sparse on CUDA).
+    """
     batch = next(data_iterator)
-    mask = tree_mask(batch["branch"], batch["lo"], batch["hi"])
+    if attention == "flex":
+        route_core_attention(model)
+        mask = tree_descriptors(batch["branch"], batch["lo"], batch["hi"])
+        tree_block_mask(mask)  # built once here; every layer (and recompute) reuses it
+    else:
+        mask = tree_mask(batch["branch"], batch["lo"], batch["hi"])
     with (logits_at_positions(model, batch["index"]), arbitrary_mask(model),
           rotary_at_positions(model, batch["positions"])):
         logits = model(batch["tokens"], batch["positions"], mask)

@@ -24,6 +24,7 @@ from megatron_rlp.data.batches import DocumentWindows, build_rlp_inputs
 from megatron_rlp.models.fp8 import rollout_precision, token_multiple
 from megatron_rlp.models.output_positions import logits_at_positions
 from megatron_rlp.objective import group_advantages, info_gain_reward, rlp_policy_loss
+from megatron_rlp.packing.flex import resolve as resolve_packed_attention
 from megatron_rlp.packing.prefill import SharedWindows
 from megatron_rlp.packing.prefill import supported as shared_prefill_supported
 from megatron_rlp.packing.update import packable, packed_forward_step, packed_update_batches
@@ -199,11 +200,14 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer,
         if r.share_prefixes and packable(cfg.model.hybrid_layer_pattern,
                                          r.positions_per_document * r.group_size,
                                          len(thoughts.tokens), cfg.train.micro_batch_size):
+            attention = resolve_packed_attention(cfg.model.packed_attention, cfg.device.type,
+                                                 cfg.model.hybrid_layer_pattern)
             mbs = packed_update_batches(windows, prompts, thoughts, advantages, r.group_size,
                                         cfg.train.micro_batch_size, tok.pad, tok.think_start,
                                         equal_width=pp > 1, multiple=multiple,
-                                        model_cfg=cfg.model)
-            step_fn, rows = packed_forward_step, len(thoughts.tokens)
+                                        model_cfg=cfg.model, block_sparse=attention == "flex")
+            step_fn = partial(packed_forward_step, attention=attention)
+            rows = len(thoughts.tokens)
             mb_rows = mbs[0]["advantages"].numel()
         else:
             batch = update_batch(prompts, thoughts, advantages, r.group_size, tok.pad,

@@ -69,6 +69,12 @@ LAYOUTS = {
     "tp2-sequence-parallel": ("parallel.tensor_model_parallel_size=2",
                               "parallel.sequence_parallel=true"),
     "pp2": ("parallel.pipeline_model_parallel_size=2",),
+    # the packed update's FlexAttention path (packing/flex.py, eager on CPU) against the
+    # one-rank run's explicit tree mask: heads split over TP, one padded width over PP
+    "tp2-sequence-parallel-flex": ("parallel.tensor_model_parallel_size=2",
+                                   "parallel.sequence_parallel=true",
+                                   "model.packed_attention=flex"),
+    "pp2-flex": ("parallel.pipeline_model_parallel_size=2", "model.packed_attention=flex"),
     # interleaved: rank 0 holds chunks 0 and 2 of "*|-|*|-", rank 1 chunks 1 and 3; Megatron's
     # interleaved schedule runs the 4 micro-batches, rollouts visit the chunks round by round
     "pp2-virtual2": ("parallel.pipeline_model_parallel_size=2",
@@ -92,7 +98,12 @@ RECORD_ATOL = 2e-5
 REFERENCE = ("tp2", "pp2")
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+# Run by `pytest -m slow` (the suite's budget): the flex path's padding is also unit-tested.
+SLOW_LAYOUTS = ("pp2-flex",)
+
+
+@pytest.mark.parametrize("layout", [pytest.param(k, marks=pytest.mark.slow)
+                                    if k in SLOW_LAYOUTS else k for k in LAYOUTS])
 def test_two_ranks_match_one_rank(one_rank, tmp_path, layout):
     ref_rows, ref_params, ref_records = one_rank
     extra = ("train.save_interval=1",) if layout in REFERENCE else ()

@@ -42,10 +42,9 @@ MEGATRON_FLAGS = [
     "--rlp-max-thought-tokens", "6", "--rlp-no-share-prefixes",
     "--rlp-prefix-tokens", "8", "64",
 ]
-# The same run for pretrain_rlp.py (tests/e2e/checkpoint_helpers.py SMALL + these). The plugin
-# runs the per-sequence update (Megatron's schedule fixes the micro-batch count), so both runs
-# take the per-context path (rlp.share_prefixes=false / --rlp-no-share-prefixes): at this
-# test's lr of 1e-2 the fp32 rounding differences of the packed path grow to ~2e-4 by step 3.
+# The same run for pretrain_rlp.py (tests/e2e/checkpoint_helpers.py SMALL + these). Both runs
+# take the per-context path (rlp.share_prefixes=false / --rlp-no-share-prefixes) here;
+# test_plugin_packed_update_matches_pretrain_rlp compares the shared-prefix, packed one.
 OWN = ("rlp.share_prefixes=false", "model.ffn_hidden_size=128", "model.max_sequence_length=256",
        "optimizer.min_lr=0", "optimizer.weight_decay=0.1", "optimizer.clip_grad=1.0",
        "train.micro_batch_size=4", "rlp.group_size=4")
@@ -81,6 +80,7 @@ def test_plugin_trains_rlp_through_megatron_pretrain_like_pretrain_rlp(own_run, 
     ref = rows(own_run / "m.jsonl")
     got = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert [r["step"] for r in got] == [1, 2, 3]
+    assert not any(r["packed_update"] for r in got)  # --rlp-no-share-prefixes: per sequence
     for a, b in zip(ref, got, strict=True):
         for key in COMPARED:
             # Steps 1-2 agree to fp32 rounding; after two updates through Megatron-LM's own
@@ -101,3 +101,25 @@ def test_plugin_trains_rlp_through_megatron_pretrain_like_pretrain_rlp(own_run, 
     resumed = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert [r["step"] for r in resumed] == [3]
     assert resumed[0]["s_ema"] == pytest.approx(got[2]["s_ema"], abs=1e-6)
+
+
+def test_plugin_packed_update_matches_pretrain_rlp(tmp_path):
+    """With shared prefixes (the default) both take the branch-packed update (4 thought rows
+    per micro-batch = one document's, packed behind one copy of its window)."""
+    ok(*(o for o in OWN if not o.startswith("rlp.share_prefixes")), "train.steps=2",
+       f"train.metrics_file={tmp_path}/own.jsonl")
+    flags = [f for f in MEGATRON_FLAGS if f != "--rlp-no-share-prefixes"]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "examples/megatron_lm/pretrain_gpt_rlp.py", *flags,
+                           "--train-iters", "2", "--rlp-metrics-file", f"{tmp_path}/p.jsonl"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    ref = rows(tmp_path / "own.jsonl")
+    got = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in got] == [1, 2]
+    assert all(r["packed_update"] for r in got)
+    for a, b in zip(ref, got, strict=True):
+        for key in COMPARED:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-4), (a["step"], key)

@@ -20,8 +20,8 @@ SMALL = ["model.hybrid_layer_pattern=*-*-", "model.hidden_size=64", "model.ffn_h
 def test_bench_rlp_compares_paths_on_the_same_contexts(tmp_path):
     out = tmp_path / "paths.json"
     proc = subprocess.run([sys.executable, "tools/bench_rlp.py", "--steps", "1", "--warmup", "1",
-                           "--hf", "--out", str(out), *SMALL], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+                           "--hf", "--block-size", "16", "--out", str(out), *SMALL], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert set(res["paths"]) == {"naive", "optimised", "hf"}
@@ -39,3 +39,7 @@ def test_bench_rlp_compares_paths_on_the_same_contexts(tmp_path):
     # The FLOP model counts the step's necessary work: the same for both paths.
     assert res["paths"]["naive"]["flop_model"] == res["paths"]["optimised"]["flop_model"]
     assert set(res["speedup"]) == {"optimised_vs_naive", "optimised_vs_hf", "naive_vs_hf"}
+    # The packed update's block sparsity (FlexAttention tiles skipped); no CUDA: not timed.
+    sparsity = res["packed_attention"]["sparsity"]
+    assert sparsity["block_size"] == 16 and 0 < sparsity["block"] <= sparsity["pair"] < 1
+    assert "seconds" not in res["packed_attention"]

@@ -124,8 +124,12 @@ def _dry_run(tmp_path: Path, *args: str) -> dict:
 
 def _check_report(report: dict, tiny: list[str]) -> None:
     assert report["ok"] and report["within_budget"]
-    assert set(report["stages"]) == {f"tiny_{n}" for n in tiny} | {"qwen3_shape", "te"}
+    assert set(report["stages"]) == {f"tiny_{n}" for n in tiny} | {"qwen3_shape",
+                                                                    "packed_attention", "te"}
     assert report["stages"]["te"]["skipped"]  # no TE, no CUDA here
+    pa = report["stages"]["packed_attention"]  # eager flex on CPU: plumbing, not speed
+    assert 0 < pa["sparsity"]["block"] < 1 and pa["seconds"]["flex"] > 0
+    assert pa["loss_abs_diff"] < 1e-5 and pa["grad_max_abs_diff"] < 1e-5
     for name in tiny:
         stage = report["stages"][f"tiny_{name}"]
         assert stage["device"]["steps"] == 2 and stage["device"]["rc"] == 0
