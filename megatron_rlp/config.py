@@ -174,8 +174,30 @@ class RLPConfig:
     # as the per-context path (false), which stays as the reference. Models with Mamba layers
     # keep the per-context update.
     share_prefixes: bool = True
+    # The prompt the policy thinks in (rollout/template.py): `none` = `x_<t <think>` as is;
+    # `paper` = the paper's short instruction (continue the text, think briefly between
+    # <think> and </think>, then continue in the same style) before the context; or a string
+    # with one `{context}`: its text before is prepended, its text after is fed as forced
+    # tokens before `<think>` (no loss on either). The EMA teacher always scores raw x_<t.
+    thought_template: str = "none"
+    # KL penalty beta to a frozen reference policy (the policy at the start of the RLP stage;
+    # objective/kl.py, k3 estimator on thought tokens); 0 = off and no reference is built.
+    kl_coef: float = 0.0
+    # Weight of a next-token cross-entropy on the step's raw document windows, added to the
+    # RLP loss (train/ntp_mix.py); 0 = off.
+    ntp_loss_coef: float = 0.0
 
     def validate(self) -> None:
+        from megatron_rlp.rollout.template import TemplateError, parse_template
+
+        try:
+            parse_template(self.thought_template)
+        except TemplateError as e:
+            raise ConfigError(f"invalid config: rlp.thought_template={self.thought_template!r} "
+                              f"(allowed: {e})") from None
+        for key in ("kl_coef", "ntp_loss_coef"):
+            v = getattr(self, key)
+            _check(0 <= v < math.inf, f"rlp.{key}", v, "a finite number >= 0 (0 = off)")
         _check(0 < self.tis_cap < math.inf, "rlp.tis_cap", self.tis_cap, "a finite number > 0")
         _check(isinstance(self.rollout_chunk_contexts, int) and self.rollout_chunk_contexts >= 0,
                "rlp.rollout_chunk_contexts", self.rollout_chunk_contexts,
@@ -329,6 +351,10 @@ class TrainConfig:
     # with a thought, every `eval_interval` steps (0 = never), on `eval_contexts` contexts.
     eval_interval: int = 0
     eval_contexts: int = 32
+    # Where the held-out contexts are (data/contexts.py strategies, one position per
+    # document): `uniform` (default), `stride` (rlp.position_stride) or `entropy` (the
+    # teacher's highest-entropy positions).
+    eval_position_strategy: Literal["uniform", "stride", "entropy"] = "uniform"
     # Logging (train/metrics.py): optional; a missing package is a notice, never an error.
     tensorboard_dir: str | None = None  # TensorBoard scalars (needs the tensorboard package)
     wandb_project: str | None = None  # Weights & Biases (needs wandb; WANDB_MODE=offline works)
@@ -607,6 +633,10 @@ class RunConfig:
         `data.ntp_seq_length` long. Evaluation samples thoughts in NTP runs too."""
         m, r = self.model, self.rlp
         rlp_need = r.max_prefix_tokens + r.max_thought_tokens + 2
+        if r.thought_template != "none":  # the template's instruction and forced tokens
+            from megatron_rlp.rollout.template import template_token_count
+
+            rlp_need += template_token_count(r.thought_template, self.data.tokenizer)
         needs = []
         if self.train.objective == "rlp" or self.train.eval_interval:
             needs.append((rlp_need, "rlp.max_prefix_tokens + <think> + rlp.max_thought_tokens + "

@@ -65,14 +65,16 @@ def supported(model_pattern: str) -> bool:
 
 
 @torch.no_grad()
-def prefill_shared(engine, shared: SharedWindows, think_start: int) -> Tensor | None:
-    """Encode each window once, cut one cache row per context, feed `<think>`.
+def prefill_shared(engine, shared: SharedWindows, think_start) -> Tensor | None:
+    """Encode each window once, cut one cache row per context, feed `<think>` (or a
+    template's lead `after <think>`, one decode step per id: it follows each context's own
+    prefix, so it cannot be part of the shared window; `rollout.template`).
 
     Args:
         engine: a fresh `rollout.engine.KVCacheEngine` (or `packing.decode.SharedPrefixEngine`,
-            whose cache is then rotated once) with max_sequence_length >= W + 1.
+            whose cache is then rotated once) with max_sequence_length >= W + lead length.
         shared: the windows and prefixes.
-        think_start: the `<think>` id.
+        think_start: the `<think>` id, or a list of lead ids ending with it.
 
     Returns:
         [B, V/tp] fp32 logits after each context's `prefix <think>` (last pipeline stage,
@@ -105,5 +107,7 @@ def prefill_shared(engine, shared: SharedWindows, think_start: int) -> Tensor | 
     engine.key_valid = (cols[None] >= start[:, None]) & (cols[None] < w)
     if hasattr(engine, "rotate_cache"):  # `packing.decode.SharedPrefixEngine`
         engine.rotate_cache()
-    tokens = torch.full((len(rows),), think_start, dtype=torch.long, device=device)
-    return engine.step(tokens)
+    logits = None
+    for token in torch.as_tensor(think_start).reshape(-1).tolist():
+        logits = engine.step(torch.full((len(rows),), token, dtype=torch.long, device=device))
+    return logits

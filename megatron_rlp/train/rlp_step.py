@@ -27,6 +27,7 @@ from megatron_rlp.objective import group_advantages, info_gain_reward, rlp_polic
 from megatron_rlp.packing.prefill import SharedWindows
 from megatron_rlp.packing.prefill import supported as shared_prefill_supported
 from megatron_rlp.packing.update import packable, packed_forward_step, packed_update_batches
+from megatron_rlp.rollout.template import apply_template, build_template, lead_ids
 from megatron_rlp.rollout.thoughts import PromptBatch, ThoughtBatch, sample_thoughts_chunked
 from megatron_rlp.scoring.next_token import score_next_tokens, token_logprobs_vocab_parallel
 from megatron_rlp.train.builder import TrainState
@@ -53,10 +54,11 @@ def local_contexts(state: TrainState, sampler: ContextSampler, step: int):
 
 
 def update_batch(prompts: PromptBatch, thoughts: ThoughtBatch, advantages: Tensor,
-                 group_size: int, pad: int, think_start: int, multiple: int = 1
+                 group_size: int, pad: int, think_start: int | list[int], multiple: int = 1
                  ) -> dict[str, Tensor]:
     """Right-padded `prefix <think> thought` sequences for the gradient forward; the width is
-    a multiple of `multiple` (the TP size under sequence parallel).
+    a multiple of `multiple` (the TP size under sequence parallel). `think_start` may be a
+    template's lead (`rollout.template`: forced ids ending with `<think>`, no loss on them).
 
     Returns a dict of (on the device of `advantages`; laid out on the host, one copy each):
         tokens, positions: [R, S]; index: [R, L] positions whose logits predict thought token
@@ -65,19 +67,21 @@ def update_batch(prompts: PromptBatch, thoughts: ThoughtBatch, advantages: Tenso
     device = advantages.device
     prompts = PromptBatch(**{k: v.cpu() for k, v in vars(prompts).items()})
     thoughts = ThoughtBatch(**{k: v.cpu() for k, v in vars(thoughts).items()})
+    lead = torch.tensor(lead_ids(think_start), dtype=torch.long)
+    m = len(lead)
     lengths = prompts.lengths.repeat_interleave(group_size)  # [R]
     rows, n = thoughts.tokens.shape
-    width = int((lengths + 1 + thoughts.lengths).max())
+    width = int((lengths + m + thoughts.lengths).max())
     width = -(-width // multiple) * multiple
     tokens = torch.full((rows, width), pad, dtype=torch.long)
     prefixes = prompts.tokens.repeat_interleave(group_size, 0)
     for r in range(rows):
         p = int(lengths[r])
         tokens[r, :p] = prefixes[r, -p:]
-        tokens[r, p] = think_start
-        tokens[r, p + 1:p + 1 + int(thoughts.lengths[r])] = thoughts.tokens[r, :thoughts.lengths[r]]
+        tokens[r, p:p + m] = lead
+        tokens[r, p + m:p + m + int(thoughts.lengths[r])] = thoughts.tokens[r, :thoughts.lengths[r]]
     k = torch.arange(n)[None]
-    index = torch.where(thoughts.mask, lengths[:, None] + k, 0)
+    index = torch.where(thoughts.mask, lengths[:, None] + (m - 1) + k, 0)
     batch = dict(tokens=tokens, positions=torch.arange(width).expand(rows, -1), index=index,
                  labels=torch.where(thoughts.mask, thoughts.tokens, 0), mask=thoughts.mask,
                  logp_old=thoughts.logprobs)
@@ -141,12 +145,16 @@ class ScoredRollout:
 
     contexts: list
     ids: list[int]            # global context ids
-    prompts: PromptBatch
-    windows: DocumentWindows  # the document windows the teacher (and shared prefill) read
+    prompts: PromptBatch      # the policy's prompts (`rlp.thought_template` applied)
+    windows: DocumentWindows  # the policy's shared windows (shared prefill, packed update)
     thoughts: ThoughtBatch
     s_ema: Tensor             # [C] log pbar_phi(x_t | x_<t)
     rewards: Tensor           # [C*G] S_pred - S_ema
     advantages: Tensor        # [C*G] group advantages
+    # The raw document windows the teacher read (== `windows` with the `none` template) and
+    # the lead fed before each thought (`rollout.template`: `<think>`, or `after <think>`).
+    raw_windows: DocumentWindows | None = None
+    lead: tuple[int, ...] = ()
 
 
 def rollout_and_score(state: TrainState, sampler: ContextSampler, step: int,
@@ -156,16 +164,19 @@ def rollout_and_score(state: TrainState, sampler: ContextSampler, step: int,
     `rlp_step` and the `megatron.training.pretrain()` plugin (megatron_rlp/plugin.py)."""
     cfg, tok, r = state.cfg, state.tokenizer, state.cfg.rlp
     timer = timer or (lambda phase: contextlib.nullcontext())
+    template = build_template(r.thought_template, tok)
     # Under FP8 training, rollouts and scoring run in bf16 unless precision.fp8_rollouts.
     with timer("rollout"), rollout_precision(cfg.precision, state.policy, state.teacher.model):
         contexts, ids = local_contexts(state, sampler, step)
-        prompts, windows = build_rlp_inputs(contexts, ids, state.corpus, r.max_prefix_tokens,
-                                            tok.pad, state.device)
+        raw_prompts, raw_windows = build_rlp_inputs(contexts, ids, state.corpus,
+                                                    r.max_prefix_tokens, tok.pad, state.device)
+        # The policy reads the template around x_<t; the teacher keeps the raw windows.
+        prompts, windows = apply_template(template, raw_prompts, raw_windows, tok.pad)
         state.policy.eval()
         thoughts = sample_thoughts_chunked(
             state.policy, prompts, r.rollout_chunk_contexts, group_size=r.group_size,
             max_thought_tokens=r.max_thought_tokens, temperature=r.temperature, top_p=r.top_p,
-            think_start=tok.think_start, think_end=tok.think_end, pad=tok.pad,
+            think_start=list(template.lead), think_end=tok.think_end, pad=tok.pad,
             vocab_size=tok.vocab_size, seed=cfg.train.seed, step=step,
             shared=(SharedWindows.from_windows(windows, prompts)
                     if r.share_prefixes and shared_prefill_supported(cfg.model.hybrid_layer_pattern)
@@ -174,11 +185,13 @@ def rollout_and_score(state: TrainState, sampler: ContextSampler, step: int,
     with timer("scoring"), rollout_precision(cfg.precision, state.teacher.model):
         if not state.teacher.initialized:
             state.teacher.initialize_from(state.policy)  # lazy phi <- theta
-        s_ema = score_next_tokens(state.teacher.model, windows.tokens, windows.valid,
-                                  windows.rows, windows.cols, windows.targets, tok.vocab_size)
+        w = raw_windows  # S_ema conditions on the raw prefix x_<t (RLP.md), template or not
+        s_ema = score_next_tokens(state.teacher.model, w.tokens, w.valid, w.rows, w.cols,
+                                  w.targets, tok.vocab_size)
         rewards = info_gain_reward(thoughts.s_pred, s_ema.repeat_interleave(r.group_size))
         advantages = group_advantages(rewards.view(-1, r.group_size)).view(-1)
-    return ScoredRollout(contexts, ids, prompts, windows, thoughts, s_ema, rewards, advantages)
+    return ScoredRollout(contexts, ids, prompts, windows, thoughts, s_ema, rewards, advantages,
+                         raw_windows=raw_windows, lead=template.lead)
 
 
 def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer,
@@ -200,14 +213,14 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer,
                                          r.positions_per_document * r.group_size,
                                          len(thoughts.tokens), cfg.train.micro_batch_size):
             mbs = packed_update_batches(windows, prompts, thoughts, advantages, r.group_size,
-                                        cfg.train.micro_batch_size, tok.pad, tok.think_start,
+                                        cfg.train.micro_batch_size, tok.pad, list(ro.lead),
                                         equal_width=pp > 1, multiple=multiple,
                                         model_cfg=cfg.model)
             step_fn, rows = packed_forward_step, len(thoughts.tokens)
             mb_rows = mbs[0]["advantages"].numel()
         else:
             batch = update_batch(prompts, thoughts, advantages, r.group_size, tok.pad,
-                                 tok.think_start, multiple)
+                                 list(ro.lead), multiple)
             if pp == 1:
                 mbs = trimmed_microbatches(batch, cfg.train.micro_batch_size, multiple)
             else:  # the pipeline schedule sends one activation shape for all micro-batches
