@@ -518,6 +518,10 @@ class RunConfig:
                f"e.g. 98,2,0)")
         stages = m.hybrid_layer_pattern.count("|") + 1
         vp = p.virtual_pipeline_model_parallel_size
+        # train/ntp_mix.py runs the NTP term as one micro-batch; an interleaved schedule
+        # needs a multiple of PP micro-batches.
+        _check(vp is None or self.rlp.ntp_loss_coef == 0, "rlp.ntp_loss_coef",
+               self.rlp.ntp_loss_coef, "0 with parallel.virtual_pipeline_model_parallel_size set")
         if vp is None:
             _check(stages == 1 or stages == pp, "model.hybrid_layer_pattern",
                    m.hybrid_layer_pattern,
@@ -640,7 +644,8 @@ class RunConfig:
         needs = []
         if self.train.objective == "rlp" or self.train.eval_interval:
             needs.append((rlp_need, "rlp.max_prefix_tokens + <think> + rlp.max_thought_tokens + "
-                                    "</think>"))
+                                    "</think>" + (" + rlp.thought_template tokens"
+                                                  if r.thought_template != "none" else "")))
         if self.train.objective == "ntp":
             needs.append((self.data.ntp_seq_length, "data.ntp_seq_length"))
         for need, what in needs:

@@ -24,13 +24,16 @@ from megatron_rlp.data.batches import DocumentWindows, build_rlp_inputs
 from megatron_rlp.models.fp8 import rollout_precision, token_multiple
 from megatron_rlp.models.output_positions import logits_at_positions
 from megatron_rlp.objective import group_advantages, info_gain_reward, rlp_policy_loss
+from megatron_rlp.objective.kl import kl_penalty
 from megatron_rlp.packing.prefill import SharedWindows
 from megatron_rlp.packing.prefill import supported as shared_prefill_supported
 from megatron_rlp.packing.update import packable, packed_forward_step, packed_update_batches
 from megatron_rlp.rollout.template import apply_template, build_template, lead_ids
 from megatron_rlp.rollout.thoughts import PromptBatch, ThoughtBatch, sample_thoughts_chunked
 from megatron_rlp.scoring.next_token import score_next_tokens, token_logprobs_vocab_parallel
+from megatron_rlp.scoring.reference import reference_logprobs
 from megatron_rlp.train.builder import TrainState
+from megatron_rlp.train.ntp_mix import ntp_pass
 from megatron_rlp.train.record import record_step
 from megatron_rlp.train.reduce import (
     gather_data_parallel,
@@ -117,16 +120,21 @@ LOSS_METRICS = ("loss", "clip_fraction", "is_weight_mean", "logp_diff_mean", "lo
 
 def _loss(batch: dict[str, Tensor], scale: float, vocab_size: int, temperature: float,
           eps: tuple[float, float], logits: Tensor, *, logp_old_source: str = "update",
-          tis_cap: float = 2.0):
+          tis_cap: float = 2.0, kl_coef: float = 0.0):
     """Clipped surrogate on this micro-batch; `scale` makes the micro-batch sum a local mean.
 
     `logits`: [B, L, V/tp], at the positions `batch["index"]` (see `_forward_step`).
     `batch["logp_old"]` holds the rollout's log-probs; what divides the ratio is chosen by
     `logp_old_source` (objective/policy_loss.py). Log-probs are fp32 from the logits.
+    With `kl_coef` > 0, `batch["logp_ref"]` (the frozen reference's log-probs) adds
+    kl_coef x the k3 KL penalty (objective/kl.py; metric `kl_ref`).
     """
     logp_new = token_logprobs_vocab_parallel(logits, batch["labels"], vocab_size, temperature)
     loss, metrics = rlp_policy_loss(logp_new, batch["logp_old"], batch["advantages"],
                                     batch["mask"], *eps, logp_old_source, tis_cap)
+    if kl_coef:
+        kl = kl_penalty(logp_new, batch["logp_ref"], batch["mask"])
+        loss, metrics = loss + kl_coef * kl, {**metrics, "kl_ref": kl.detach()}
     return loss * scale, {"loss": loss.detach(), **metrics}
 
 
@@ -185,6 +193,9 @@ def rollout_and_score(state: TrainState, sampler: ContextSampler, step: int,
     with timer("scoring"), rollout_precision(cfg.precision, state.teacher.model):
         if not state.teacher.initialized:
             state.teacher.initialize_from(state.policy)  # lazy phi <- theta
+        reference = getattr(state, "reference", None)
+        if reference is not None and not reference.initialized:
+            reference.initialize_from(state.policy)  # pi_ref: the policy of the first RLP step
         w = raw_windows  # S_ema conditions on the raw prefix x_<t (RLP.md), template or not
         s_ema = score_next_tokens(state.teacher.model, w.tokens, w.valid, w.rows, w.cols,
                                   w.targets, tok.vocab_size)
@@ -226,11 +237,21 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer,
             else:  # the pipeline schedule sends one activation shape for all micro-batches
                 mbs = split_microbatches(batch, cfg.train.micro_batch_size)
             step_fn, rows, mb_rows = _forward_step, len(batch["tokens"]), len(mbs[0]["tokens"])
+        options = dict(logp_old_source=r.logp_old_source, tis_cap=r.tis_cap)
+        if r.kl_coef > 0:  # the frozen reference's log-probs of the same thought tokens
+            options["kl_coef"] = r.kl_coef
+            for mb in mbs:
+                mb["logp_ref"] = reference_logprobs(state.reference.model, mb, tok.vocab_size,
+                                                    r.temperature)
         forward = partial(step_fn, mb_rows * len(mbs) / rows,
                           tok.vocab_size, r.temperature, (r.clip_eps_low, r.clip_eps_high),
-                          logp_old_source=r.logp_old_source, tis_cap=r.tis_cap)
+                          **options)
+        ntp_losses, extra = [], []
+        if r.ntp_loss_coef > 0:  # NTP on the raw windows, gradients added (train/ntp_mix.py)
+            extra.append(ntp_pass(ro.raw_windows, r.ntp_loss_coef, multiple, ntp_losses))
         losses, grad_norm, applied = optimizer_update(state, mbs, forward,
-                                                      mbs[0]["tokens"].shape[1])
+                                                      mbs[0]["tokens"].shape[1],
+                                                      extra_passes=extra)
         if applied:  # a skipped (non-finite) update leaves policy and teacher as they were
             state.teacher.update(state.policy)
         state.step = step  # the step's batch is consumed either way (keyed by the step)
@@ -243,7 +264,14 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer,
              for k in LOSS_METRICS}
     if losses:
         local["logp_diff_max"] = float(torch.stack([d["logp_diff_max"] for d in losses]).max())
-    local = share_last_stage_values(local, LOSS_METRICS)
+    optional = {}  # the knobs' metrics, only when they are on
+    if r.kl_coef > 0 and losses:
+        optional["kl_ref"] = float(torch.stack([d["kl_ref"] for d in losses]).mean())
+    if r.ntp_loss_coef > 0 and ntp_losses:
+        optional["ntp_loss"] = float(torch.stack(ntp_losses).mean())
+    names = tuple(k for k, on in (("kl_ref", r.kl_coef > 0), ("ntp_loss", r.ntp_loss_coef > 0))
+                  if on)
+    local = share_last_stage_values({**local, **optional}, LOSS_METRICS + names)
     g_rewards = gather_data_parallel(rewards)
     g_adv = gather_data_parallel(advantages)
     g_len = gather_data_parallel(thoughts.lengths.float())
@@ -268,4 +296,5 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer,
         "grad_norm": grad_norm,
         "tokens": float(tokens),
         "skipped": float(not applied),
+        **{k: mean_data_parallel(local[k]) for k in names},
     }
