@@ -283,6 +283,7 @@ INVARIANT = {
     ("backends/cpu.py", "assert tensor is not None"),
     ("objective/policy_loss.py", "logp_rollout \" f\"{tuple(logp_rollout.shape)}"),
     ("objective/surrogate.py", "token_weights must be"),
+    ("objective/kl.py", "differ"), ("objective/kl.py", "at least one token"),  # update batches
 }
 
 
