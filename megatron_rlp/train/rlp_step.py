@@ -275,7 +275,7 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer,
     g_rewards = gather_data_parallel(rewards)
     g_adv = gather_data_parallel(advantages)
     g_len = gather_data_parallel(thoughts.lengths.float())
-    seq_lengths = prompts.lengths.repeat_interleave(r.group_size) + 1 + thoughts.lengths
+    seq_lengths = prompts.lengths.repeat_interleave(r.group_size) + len(ro.lead) + thoughts.lengths
     tokens = gather_data_parallel(seq_lengths.float()).sum()
     state.consumed_tokens += int(tokens)
     return {
