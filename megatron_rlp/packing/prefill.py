@@ -26,6 +26,7 @@ from torch import Tensor
 
 from megatron_rlp.models.mamba.inference_state import MambaState
 from megatron_rlp.models.masks import padded_causal_mask
+from megatron_rlp.rollout.template import lead_ids
 
 
 @dataclass
@@ -108,6 +109,6 @@ def prefill_shared(engine, shared: SharedWindows, think_start) -> Tensor | None:
     if hasattr(engine, "rotate_cache"):  # `packing.decode.SharedPrefixEngine`
         engine.rotate_cache()
     logits = None
-    for token in torch.as_tensor(think_start).reshape(-1).tolist():
+    for token in lead_ids(think_start):
         logits = engine.step(torch.full((len(rows),), token, dtype=torch.long, device=device))
     return logits

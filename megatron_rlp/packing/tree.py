@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from megatron_rlp.rollout.template import lead_ids
+
 WINDOW, PAD = -1, -2  # `branch` values of window and padding tokens
 
 
@@ -96,7 +98,7 @@ def pack_branches(plan: PackPlan, window_tokens: Tensor, window_valid: Tensor,
     """
     n_seq, k = plan.seq_rows.shape
     length = thought_tokens.shape[1]
-    lead = torch.as_tensor(think_start, dtype=torch.long).reshape(-1)
+    lead = torch.tensor(lead_ids(think_start), dtype=torch.long)
     m = len(lead)
     ctx = plan.seq_rows // group_size  # [N, K] context of each row
     lens = thought_lengths[plan.seq_rows]  # [N, K]

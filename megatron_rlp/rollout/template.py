@@ -91,7 +91,9 @@ def build_template(spec: str, tokenizer) -> ThoughtTemplate:
 def lead_ids(think_start) -> list[int]:
     """`think_start` as given to the rollouts and update builders: one id (`<think>`) or the
     template's lead (forced ids ending with `<think>`) -> list of ids."""
-    return [int(t) for t in torch.as_tensor(think_start).reshape(-1).tolist()]
+    if isinstance(think_start, (list, tuple)):
+        return [int(t) for t in think_start]
+    return [int(think_start)]  # host ints only: nothing is created on any device
 
 
 def _prepend(tokens: torch.Tensor, valid: torch.Tensor, ids: torch.Tensor, pad: int):
