@@ -150,3 +150,20 @@ def test_bad_templates_are_one_line_config_errors():
     with pytest.raises(ConfigError, match=f">= {need}"):
         load_config(None, ("rlp.thought_template=paper", f"model.max_sequence_length={need - 1}"))
     load_config(None, ("rlp.thought_template=paper", f"model.max_sequence_length={need}"))
+
+
+def test_knob_config_errors_are_one_line():
+    cfg = load_config(None, ())
+    assert (cfg.rlp.thought_template, cfg.rlp.kl_coef, cfg.rlp.ntp_loss_coef,
+            cfg.train.eval_position_strategy) == ("none", 0.0, 0.0, "uniform")
+    for key in ("rlp.kl_coef", "rlp.ntp_loss_coef"):
+        for bad in ("-0.1", "inf"):
+            with pytest.raises(ConfigError, match=rf"{key}=.*>= 0"):
+                load_config(None, (f"{key}={bad}",))
+    with pytest.raises(ConfigError, match=r"train.eval_position_strategy='best'"):
+        load_config(None, ("train.eval_position_strategy=best",))
+    vp = ("parallel.pipeline_model_parallel_size=2",
+          "parallel.virtual_pipeline_model_parallel_size=2", "model.hybrid_layer_pattern=*|-|*|-")
+    load_config(None, vp)
+    with pytest.raises(ConfigError, match=r"rlp.ntp_loss_coef=0.5 .*virtual_pipeline"):
+        load_config(None, (*vp, "rlp.ntp_loss_coef=0.5"))
