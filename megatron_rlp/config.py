@@ -351,10 +351,11 @@ class TrainConfig:
     # with a thought, every `eval_interval` steps (0 = never), on `eval_contexts` contexts.
     eval_interval: int = 0
     eval_contexts: int = 32
-    # Where the held-out contexts are (data/contexts.py strategies, one position per
-    # document): `uniform` (default), `stride` (rlp.position_stride) or `entropy` (the
-    # teacher's highest-entropy positions).
-    eval_position_strategy: Literal["uniform", "stride", "entropy"] = "uniform"
+    # Where the held-out contexts are (one position per document): `uniform` (default),
+    # `stride` (rlp.position_stride), `entropy` (the teacher's highest-entropy positions;
+    # data/contexts.py) or `answer` (the answers' first tokens of a task corpus with
+    # answer_offsets, data/answer_positions.py).
+    eval_position_strategy: Literal["uniform", "stride", "entropy", "answer"] = "uniform"
     # Logging (train/metrics.py): optional; a missing package is a notice, never an error.
     tensorboard_dir: str | None = None  # TensorBoard scalars (needs the tensorboard package)
     wandb_project: str | None = None  # Weights & Biases (needs wandb; WANDB_MODE=offline works)

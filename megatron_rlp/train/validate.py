@@ -13,8 +13,9 @@ contexts of the valid split (`data.split`), this measures:
     val_closed_fraction  thoughts the policy closed itself
 
 The contexts are drawn with step key 0 (which training never uses) at positions chosen by
-`train.eval_position_strategy` (uniform by default, stride, or entropy: the teacher's
-highest-entropy positions, one per document), and the sampling keys of the thoughts are
+`train.eval_position_strategy` (uniform by default, stride, entropy: the teacher's
+highest-entropy positions, one per document, or answer: the answers' first tokens of a task
+corpus, `data/answer_positions.py`), and the sampling keys of the thoughts are
 fixed too: with uniform or stride positions successive evaluations differ only by the
 weights (entropy positions follow the teacher as it moves). The policy thinks in the
 training format (`rlp.thought_template`); the teacher and the no-thought policy score raw
@@ -27,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from megatron_rlp.data import ContextSampler
+from megatron_rlp.data.answer_positions import AnswerPositionSampler
 from megatron_rlp.data.batches import build_rlp_inputs
 from megatron_rlp.models.fp8 import rollout_precision
 from megatron_rlp.rollout.template import apply_template, build_template
@@ -46,6 +48,10 @@ def eval_sampler(state: TrainState) -> ContextSampler:
     r, strategy = state.cfg.rlp, state.cfg.train.eval_position_strategy
     if state.valid_corpus is None:
         raise ValueError(f"validation needs a valid split (data.split={state.cfg.data.split!r})")
+    if strategy == "answer":
+        return AnswerPositionSampler(state.valid_corpus, r.min_prefix_tokens,
+                                     r.max_prefix_tokens, state.cfg.train.seed,
+                                     state.tokenizer.think_end)
     scorer = None
     if strategy == "entropy":
         scorer = model_entropy_scorer(lambda: scoring_model(state), state.tokenizer.vocab_size,

@@ -16,6 +16,8 @@ so every run of step 1 samples the same contexts and thoughts.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from megatron_rlp import distributed
 from megatron_rlp.config import load_config
 from megatron_rlp.data.batches import build_rlp_inputs
+from megatron_rlp.data.corpus import load_corpus
 from megatron_rlp.models.masks import padded_causal_mask
 from megatron_rlp.objective.kl import kl_penalty
 from megatron_rlp.rollout.template import PAPER_INSTRUCTION
@@ -237,3 +240,23 @@ def test_all_knobs_per_context_path_equals_shared_prefix_path(state, step1, monk
         assert plain[key] == pytest.approx(shared[key], rel=1e-4, abs=1e-6), key
     assert shared["kl_ref"] > 1e-4
     _assert_close(g_plain, g_shared)
+
+
+def test_eval_at_answer_positions(state, monkeypatch, tmp_path):
+    """`answer`: held-out contexts at a task corpus's answers; refused (ValueError, which the
+    loop reports as a one-line data error) on a corpus without answer offsets."""
+    with pytest.raises(ValueError, match="no answer positions"):
+        monkeypatch.setattr(state.cfg.train, "eval_position_strategy", "answer")
+        eval_sampler(state)
+    lines = []
+    for i in range(5):  # answers 40 ... 48
+        text = f"Question: What is {10 + i} + {30 + i}?\nAnswer: "
+        lines.append(json.dumps({"text": text + str(40 + 2 * i), "answer_offsets": [len(text)]}))
+    (tmp_path / "tasks.jsonl").write_text("\n".join(lines))
+    monkeypatch.setattr(state, "valid_corpus",
+                        load_corpus(tmp_path / "tasks.jsonl", state.tokenizer))
+    sampler = eval_sampler(state)
+    assert sampler.strategy == "answer"
+    assert all(chr(c.target) == "4" for c in sampler.sample(0, 4))  # the answers' first digit
+    metrics = validate(state, sampler)
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
