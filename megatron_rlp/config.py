@@ -179,8 +179,30 @@ class RLPConfig:
     # as the per-context path (false), which stays as the reference. Models with Mamba layers
     # keep the per-context update.
     share_prefixes: bool = True
+    # The prompt the policy thinks in (rollout/template.py): `none` = `x_<t <think>` as is;
+    # `paper` = the paper's short instruction (continue the text, think briefly between
+    # <think> and </think>, then continue in the same style) before the context; or a string
+    # with one `{context}`: its text before is prepended, its text after is fed as forced
+    # tokens before `<think>` (no loss on either). The EMA teacher always scores raw x_<t.
+    thought_template: str = "none"
+    # KL penalty beta to a frozen reference policy (the policy at the start of the RLP stage;
+    # objective/kl.py, k3 estimator on thought tokens); 0 = off and no reference is built.
+    kl_coef: float = 0.0
+    # Weight of a next-token cross-entropy on the step's raw document windows, added to the
+    # RLP loss (train/ntp_mix.py); 0 = off.
+    ntp_loss_coef: float = 0.0
 
     def validate(self) -> None:
+        from megatron_rlp.rollout.template import TemplateError, parse_template
+
+        try:
+            parse_template(self.thought_template)
+        except TemplateError as e:
+            raise ConfigError(f"invalid config: rlp.thought_template={self.thought_template!r} "
+                              f"(allowed: {e})") from None
+        for key in ("kl_coef", "ntp_loss_coef"):
+            v = getattr(self, key)
+            _check(0 <= v < math.inf, f"rlp.{key}", v, "a finite number >= 0 (0 = off)")
         _check(0 < self.tis_cap < math.inf, "rlp.tis_cap", self.tis_cap, "a finite number > 0")
         _check(isinstance(self.rollout_chunk_contexts, int) and self.rollout_chunk_contexts >= 0,
                "rlp.rollout_chunk_contexts", self.rollout_chunk_contexts,
@@ -334,6 +356,11 @@ class TrainConfig:
     # with a thought, every `eval_interval` steps (0 = never), on `eval_contexts` contexts.
     eval_interval: int = 0
     eval_contexts: int = 32
+    # Where the held-out contexts are (one position per document): `uniform` (default),
+    # `stride` (rlp.position_stride), `entropy` (the teacher's highest-entropy positions;
+    # data/contexts.py) or `answer` (the answers' first tokens of a task corpus with
+    # answer_offsets, data/answer_positions.py).
+    eval_position_strategy: Literal["uniform", "stride", "entropy", "answer"] = "uniform"
     # Logging (train/metrics.py): optional; a missing package is a notice, never an error.
     tensorboard_dir: str | None = None  # TensorBoard scalars (needs the tensorboard package)
     wandb_project: str | None = None  # Weights & Biases (needs wandb; WANDB_MODE=offline works)
@@ -497,6 +524,10 @@ class RunConfig:
                f"e.g. 98,2,0)")
         stages = m.hybrid_layer_pattern.count("|") + 1
         vp = p.virtual_pipeline_model_parallel_size
+        # train/ntp_mix.py runs the NTP term as one micro-batch; an interleaved schedule
+        # needs a multiple of PP micro-batches.
+        _check(vp is None or self.rlp.ntp_loss_coef == 0, "rlp.ntp_loss_coef",
+               self.rlp.ntp_loss_coef, "0 with parallel.virtual_pipeline_model_parallel_size set")
         if vp is None:
             _check(stages == 1 or stages == pp, "model.hybrid_layer_pattern",
                    m.hybrid_layer_pattern,
@@ -625,10 +656,15 @@ class RunConfig:
         `data.ntp_seq_length` long. Evaluation samples thoughts in NTP runs too."""
         m, r = self.model, self.rlp
         rlp_need = r.max_prefix_tokens + r.max_thought_tokens + 2
+        if r.thought_template != "none":  # the template's instruction and forced tokens
+            from megatron_rlp.rollout.template import template_token_count
+
+            rlp_need += template_token_count(r.thought_template, self.data.tokenizer)
         needs = []
         if self.train.objective == "rlp" or self.train.eval_interval:
             needs.append((rlp_need, "rlp.max_prefix_tokens + <think> + rlp.max_thought_tokens + "
-                                    "</think>"))
+                                    "</think>" + (" + rlp.thought_template tokens"
+                                                  if r.thought_template != "none" else "")))
         if self.train.objective == "ntp":
             needs.append((self.data.ntp_seq_length, "data.ntp_seq_length"))
         for need, what in needs:

@@ -26,11 +26,15 @@ class TokenizedCorpus:
         documents: One read-only int32 array of token ids per document, none empty.
         eos: End-of-sequence id of the tokenizer, written between documents when they are
             concatenated.
+        answer_positions: Per document, the token positions of its answers' first tokens
+            (JSONL records with `answer_offsets`, eval/tasks.py), or None when the corpus
+            has none; the held-out evaluation's `answer` positions.
     """
 
     path: Path
     documents: list[np.ndarray]
     eos: int
+    answer_positions: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.documents)
@@ -69,8 +73,9 @@ def jsonl_records(path: Path) -> Iterator[tuple[int, object]]:
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
 
 
-def _read_jsonl(path: Path) -> list[str]:
-    """Returns the "text" field of every non-blank line of a JSONL file."""
+def _read_jsonl(path: Path, offsets: list | None = None) -> list[str]:
+    """Returns the "text" field of every non-blank line of a JSONL file; appends each record's
+    "answer_offsets" (a list of character offsets, or None) to `offsets` when given."""
     texts = []
     for lineno, record in jsonl_records(path):
         text = _text_of(record)
@@ -79,7 +84,17 @@ def _read_jsonl(path: Path) -> list[str]:
                 f'{path}:{lineno}: expected an object with a string "text" field'
             )
         texts.append(text)
+        if offsets is not None:
+            found = record.get("answer_offsets")
+            ok = isinstance(found, list) and all(isinstance(o, int) and 0 <= o < len(text)
+                                                 for o in found)
+            offsets.append(found if ok else None)
     return texts
+
+
+def _token_positions(text: str, offsets: list[int], tokenizer: Tokenizer) -> np.ndarray:
+    """Character offsets -> token positions (the token count of the text before each)."""
+    return np.array([len(tokenizer.encode(text[:o])) for o in offsets], dtype=np.int64)
 
 
 def _read_txt(path: Path) -> list[str]:
@@ -107,13 +122,19 @@ def load_corpus(path: str | Path, tokenizer: Tokenizer) -> TokenizedCorpus:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"corpus file not found: {path}")
-    texts = _read_txt(path) if path.suffix == ".txt" else _read_jsonl(path)
-    documents = []
-    for ids in tokenizer.encode_batch(texts):
+    offsets: list = []
+    texts = _read_txt(path) if path.suffix == ".txt" else _read_jsonl(path, offsets)
+    documents, answers = [], []
+    for i, ids in enumerate(tokenizer.encode_batch(texts)):
         if ids:
             doc = np.asarray(ids, dtype=np.int32)
             doc.setflags(write=False)  # contexts hand out views of it
             documents.append(doc)
+            found = offsets[i] if offsets else None
+            answers.append(np.zeros(0, dtype=np.int64) if not found
+                           else _token_positions(texts[i], found, tokenizer))
     if not documents:
         raise ValueError(f"{path}: no usable document (the corpus is empty)")
-    return TokenizedCorpus(path=path, documents=documents, eos=tokenizer.eos)
+    has_answers = any(len(a) for a in answers)
+    return TokenizedCorpus(path=path, documents=documents, eos=tokenizer.eos,
+                           answer_positions=answers if has_answers else None)

@@ -129,8 +129,10 @@ def split_corpus(corpus: TokenizedCorpus, split: str) -> list[TokenizedCorpus | 
             out.append(None)
             continue
         path = corpus.path if name == "train" else Path(f"{corpus.path}[{name}]")
+        answers = corpus.answer_positions
         out.append(TokenizedCorpus(path=path, documents=corpus.documents[rng[0]:rng[1]],
-                                   eos=corpus.eos))
+                                   eos=corpus.eos, answer_positions=None if answers is None
+                                   else answers[rng[0]:rng[1]]))
     return out
 
 

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from megatron_rlp.models.mamba.inference_state import MambaState
 from megatron_rlp.models.masks import padded_causal_mask
+from megatron_rlp.rollout.template import lead_ids
 
 
 @dataclass
@@ -65,14 +66,16 @@ def supported(model_pattern: str) -> bool:
 
 
 @torch.no_grad()
-def prefill_shared(engine, shared: SharedWindows, think_start: int) -> Tensor | None:
-    """Encode each window once, cut one cache row per context, feed `<think>`.
+def prefill_shared(engine, shared: SharedWindows, think_start) -> Tensor | None:
+    """Encode each window once, cut one cache row per context, feed `<think>` (or a
+    template's lead `after <think>`, one decode step per id: it follows each context's own
+    prefix, so it cannot be part of the shared window; `rollout.template`).
 
     Args:
         engine: a fresh `rollout.engine.KVCacheEngine` (or `packing.decode.SharedPrefixEngine`,
-            whose cache is then rotated once) with max_sequence_length >= W + 1.
+            whose cache is then rotated once) with max_sequence_length >= W + lead length.
         shared: the windows and prefixes.
-        think_start: the `<think>` id.
+        think_start: the `<think>` id, or a list of lead ids ending with it.
 
     Returns:
         [B, V/tp] fp32 logits after each context's `prefix <think>` (last pipeline stage,
@@ -105,5 +108,7 @@ def prefill_shared(engine, shared: SharedWindows, think_start: int) -> Tensor | 
     engine.key_valid = (cols[None] >= start[:, None]) & (cols[None] < w)
     if hasattr(engine, "rotate_cache"):  # `packing.decode.SharedPrefixEngine`
         engine.rotate_cache()
-    tokens = torch.full((len(rows),), think_start, dtype=torch.long, device=device)
-    return engine.step(tokens)
+    logits = None
+    for token in lead_ids(think_start):
+        logits = engine.step(torch.full((len(rows),), token, dtype=torch.long, device=device))
+    return logits

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from megatron_rlp.rollout.template import lead_ids
+
 WINDOW, PAD = -1, -2  # `branch` values of window and padding tokens
 
 
@@ -83,6 +85,8 @@ def pack_branches(plan: PackPlan, window_tokens: Tensor, window_valid: Tensor,
             causally from the window's first column, so exactness needs every context of a
             document to start there (what `data.batches.build_rlp_inputs` produces); a later
             start only narrows what the branch reads.
+        think_start: the `<think>` id, or a template's lead ids ending with it
+            (`rollout.template`): each branch is `lead thought[:-1]`, no loss on the lead.
         thought_tokens: [R, L] sampled thoughts (R = B*G), `thought_lengths`: [R] (>= 1).
         width: pad every sequence to this length (pipeline parallel: one shape for all), else
             to the longest; rounded up to a multiple of `multiple` (sequence parallel).
@@ -94,13 +98,15 @@ def pack_branches(plan: PackPlan, window_tokens: Tensor, window_valid: Tensor,
     """
     n_seq, k = plan.seq_rows.shape
     length = thought_tokens.shape[1]
+    lead = torch.tensor(lead_ids(think_start), dtype=torch.long)
+    m = len(lead)
     ctx = plan.seq_rows // group_size  # [N, K] context of each row
     lens = thought_lengths[plan.seq_rows]  # [N, K]
     # A window holds its document's columns up to the longest prefix end among its rows.
     win_first = (~window_valid).sum(1)[plan.seq_doc]  # [N] first valid column (left padding)
     win_end = prefix_end[ctx].max(1).values  # [N]
     win_len = win_end - win_first
-    need = win_len + lens.sum(1)
+    need = win_len + (lens + m - 1).sum(1)
     s = int(need.max()) if width is None else width
     s = -(-s // multiple) * multiple
     if int(need.max()) > s:
@@ -112,7 +118,7 @@ def pack_branches(plan: PackPlan, window_tokens: Tensor, window_valid: Tensor,
     lo = torch.zeros(n_seq, s, dtype=torch.long)
     hi = torch.zeros(n_seq, s, dtype=torch.long)
     index = torch.zeros(n_seq, k * length, dtype=torch.long)
-    steps = torch.arange(length)
+    steps = torch.arange(length + m - 1)
     for i in range(n_seq):
         d, first, wl = int(plan.seq_doc[i]), int(win_first[i]), int(win_len[i])
         tokens[i, :wl] = window_tokens[d, first:first + wl]
@@ -123,13 +129,14 @@ def pack_branches(plan: PackPlan, window_tokens: Tensor, window_valid: Tensor,
         for j in range(k):
             row, c, n = int(plan.seq_rows[i, j]), int(ctx[i, j]), int(lens[i, j])
             start, end = int(prefix_start[c]) - first, int(prefix_end[c]) - first
-            tokens[i, at] = think_start
-            tokens[i, at + 1:at + n] = thought_tokens[row, :n - 1]
-            positions[i, at:at + n] = end + steps[:n]  # continue from the prefix end
-            branch[i, at:at + n] = j
-            lo[i, at:at + n], hi[i, at:at + n] = start, end
-            index[i, j * length:j * length + n] = at + steps[:n]
-            at += n
+            b = n + m - 1  # the branch: lead, then the thought up to its last token
+            tokens[i, at:at + m] = lead
+            tokens[i, at + m:at + b] = thought_tokens[row, :n - 1]
+            positions[i, at:at + b] = end + steps[:b]  # continue from the prefix end
+            branch[i, at:at + b] = j
+            lo[i, at:at + b], hi[i, at:at + b] = start, end
+            index[i, j * length:j * length + n] = at + m - 1 + steps[:n]
+            at += b
     return dict(tokens=tokens, positions=positions, branch=branch, lo=lo, hi=hi, index=index,
                 rows=plan.seq_rows)
 

@@ -30,6 +30,7 @@ from torch import Tensor
 from megatron_rlp.models.output_positions import logits_at_positions
 from megatron_rlp.models.provider import unwrap_model
 from megatron_rlp.objective import rlp_policy_loss
+from megatron_rlp.objective.kl import kl_penalty
 from megatron_rlp.packing.flex import route_core_attention, tree_block_mask, tree_descriptors
 from megatron_rlp.packing.rotary import rotary_at_positions
 from megatron_rlp.packing.tree import pack_branches, plan_packing, tree_mask
@@ -167,9 +168,9 @@ def packed_update_batches(windows, prompts, thoughts, advantages: Tensor, group_
 
 def packed_loss(batch: dict[str, Tensor], scale: float, vocab_size: int, temperature: float,
                 eps: tuple[float, float], logits: Tensor, *, logp_old_source: str = "update",
-                tis_cap: float = 2.0):
+                tis_cap: float = 2.0, kl_coef: float = 0.0):
     """The update's loss of a packed micro-batch: `rlp_policy_loss` on its thought rows, exactly
-    as the unpacked update (`train.rlp_step._loss`) computes it.
+    as the unpacked update (`train.rlp_step._loss`) computes it (KL penalty included).
 
     `logits`: [m, K*L, V/tp] at `batch["index"]`; reshaped to the [m*K, L] thought rows.
     """
@@ -180,6 +181,10 @@ def packed_loss(batch: dict[str, Tensor], scale: float, vocab_size: int, tempera
                                     batch["advantages"].reshape(-1),
                                     batch["mask"].reshape(rows, -1), *eps, logp_old_source,
                                     tis_cap)
+    if kl_coef:  # rlp.kl_coef (objective/kl.py)
+        kl = kl_penalty(logp_new.reshape(rows, -1), batch["logp_ref"].reshape(rows, -1),
+                        batch["mask"].reshape(rows, -1))
+        loss, metrics = loss + kl_coef * kl, {**metrics, "kl_ref": kl.detach()}
     return loss * scale, {"loss": loss.detach(), **metrics}
 
 

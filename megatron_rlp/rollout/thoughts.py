@@ -27,6 +27,7 @@ from torch import Tensor
 from megatron_rlp.packing.prefill import prefill_shared
 from megatron_rlp.parallel.pipeline import from_last_stage
 from megatron_rlp.rollout.engine import KVCacheEngine
+from megatron_rlp.rollout.template import lead_ids
 from megatron_rlp.rollout.vocab_parallel import sample_vocab_parallel
 from megatron_rlp.scoring.next_token import token_logprobs_vocab_parallel
 
@@ -108,7 +109,7 @@ def sample_thoughts(
     max_thought_tokens: int,
     temperature: float,
     top_p: float,
-    think_start: int,
+    think_start: int | list[int],
     think_end: int,
     pad: int,
     vocab_size: int,
@@ -123,6 +124,8 @@ def sample_thoughts(
     Args:
         model: the policy, unwrapped (one pipeline stage holding the whole model).
         prompts: this rank's contexts.
+        think_start: the `<think>` id, or a template's lead (forced ids ending with `<think>`,
+            `rollout.template`) fed after every prefix.
         vocab_size: the tokenizer's vocabulary; padded-vocabulary ids are never sampled and
             are left out of every log-prob (as in the update and the teacher's scores).
         compact_below: once the unfinished thoughts are at most this fraction of the rows
@@ -136,6 +139,7 @@ def sample_thoughts(
     """
     b, p = prompts.tokens.shape
     g, n = group_size, max_thought_tokens
+    lead = lead_ids(think_start)
     rows, device = b * g, prompts.tokens.device
     if shared is not None:
         p = shared.tokens.shape[1]
@@ -144,12 +148,12 @@ def sample_thoughts(
         from megatron_rlp.packing.decode import SharedPrefixEngine  # imports rollout.engine
 
         engine_cls = SharedPrefixEngine
-    engine = engine_cls(model, max_batch_size=rows, max_sequence_length=p + n + 2)
+    engine = engine_cls(model, max_batch_size=rows, max_sequence_length=p + len(lead) + n + 1)
 
     if shared is not None:
-        logits = prefill_shared(engine, shared, think_start)
+        logits = prefill_shared(engine, shared, lead)
     else:
-        start = torch.full((b, 1), think_start, dtype=torch.long, device=device)
+        start = torch.tensor(lead, dtype=torch.long, device=device).expand(b, -1)
         logits = engine.prefill(
             torch.cat([prompts.tokens, start], 1),
             torch.cat([prompts.valid, torch.ones_like(start, dtype=torch.bool)], 1))

@@ -33,6 +33,7 @@ from megatron_rlp.models.fp8 import teacher_config
 from megatron_rlp.models.provider import build_stage
 from megatron_rlp.parallel.pipeline import ModelChunks, chunks_of
 from megatron_rlp.scoring.ema_teacher import EMATeacher
+from megatron_rlp.scoring.reference import FrozenReference
 from megatron_rlp.tokenizer import Tokenizer, build_tokenizer
 
 
@@ -52,6 +53,7 @@ class TrainState:
     consumed_tokens: int = 0
     valid_corpus: TokenizedCorpus | IndexedCorpus | None = None  # held out (data.split)
     device: torch.device = torch.device("cpu")  # where every tensor of a step lives
+    reference: FrozenReference | None = None  # KL reference, only with rlp.kl_coef > 0
 
 
 def wrap_ddp(cfg: RunConfig, policy: HybridModel | ModelChunks) -> list[DistributedDataParallel]:
@@ -115,6 +117,10 @@ def build_state(cfg: RunConfig) -> TrainState:
         # without FP8 parameters (models/fp8.py: teacher_config).
         teacher = EMATeacher(build_stage(teacher_config(cfg), tokenizer.vocab_size,
                                          params_dtype="fp32").to(device), cfg.rlp.ema_decay)
+    reference = None
+    if cfg.train.objective == "rlp" and cfg.rlp.kl_coef > 0:  # never allocated at beta = 0
+        reference = FrozenReference(build_stage(teacher_config(cfg), tokenizer.vocab_size,
+                                                params_dtype="fp32").to(device))
     return TrainState(cfg=cfg, tokenizer=tokenizer, corpus=data.train, model_chunks=chunks,
                       policy=policy, optimizer=optimizer, scheduler=scheduler, teacher=teacher,
-                      valid_corpus=data.valid, device=device)
+                      valid_corpus=data.valid, device=device, reference=reference)

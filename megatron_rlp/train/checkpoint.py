@@ -60,6 +60,7 @@ from megatron_rlp.train.resume import ResumeOptions, match_param_groups, use_che
 LATEST = "latest"
 FORMAT_VERSION = 2
 _MODEL, _TEACHER = "model.", "ema."
+_REFERENCE = "ref."  # the KL reference policy (rlp.kl_coef > 0, scoring/reference.py)
 _NAME = re.compile(r"^step_(\d{8,})$")
 _INTEGRITY = "integrity.json"
 # Distributed-optimizer formats (Megatron's default `fully_sharded_model_space` fails on save:
@@ -334,7 +335,8 @@ def _zero_padding(tree) -> None:
 
 
 def _sharded_state_dict(state: TrainState, *, training: bool, optimizer: str | None,
-                        teacher: bool, rng: bool, is_loading: bool) -> dict:
+                        teacher: bool, rng: bool, is_loading: bool,
+                        reference: bool = False) -> dict:
     """`optimizer`: None (no optimizer state) or the kind from `_optimizer_kind`."""
     model_sd = _model_sharded_state_dict(state.policy, _MODEL)
     sd = {"model": model_sd}
@@ -348,6 +350,8 @@ def _sharded_state_dict(state: TrainState, *, training: bool, optimizer: str | N
             _zero_padding(sd["optimizer"])
     if training and teacher:
         sd["teacher"] = _model_sharded_state_dict(state.teacher.model, _TEACHER)
+    if training and reference:
+        sd["reference"] = _model_sharded_state_dict(state.reference.model, _REFERENCE)
     if training and rng:
         sd["rng"] = _rng_object(state)
     return sd
@@ -444,8 +448,9 @@ def save_checkpoint(state: TrainState, root: str, keep_last: int = 0, checksums:
     teacher = state.teacher is not None and state.teacher.initialized
     optimizer = (_optimizer_kind(state, dist_optimizer_format) if _optimizer_has_state(state)
                  else None)
+    reference = getattr(state, "reference", None) is not None and state.reference.initialized
     sd = _sharded_state_dict(state, training=True, optimizer=optimizer, teacher=teacher,
-                             rng=True, is_loading=False)
+                             rng=True, is_loading=False, reference=reference)
     sd.update(
         format_version=FORMAT_VERSION,
         step=state.step,
@@ -453,6 +458,7 @@ def save_checkpoint(state: TrainState, root: str, keep_last: int = 0, checksums:
         counters=dict(counters or {}),
         objective=state.cfg.train.objective,
         teacher_initialized=teacher,
+        reference_initialized=reference,
         optimizer_saved=optimizer is not None,
         optimizer_kind=optimizer or "",
         scheduler=state.scheduler.state_dict(),
@@ -667,6 +673,14 @@ def load_checkpoint(state: TrainState, path: str, checksums: bool = True,
     options = options or ResumeOptions()
     resume = common.get("objective") == state.cfg.train.objective and not options.finetune
     teacher = resume and state.teacher is not None and bool(common.get("teacher_initialized"))
+    has_reference = getattr(state, "reference", None) is not None
+    reference = resume and has_reference and bool(common.get("reference_initialized"))
+    if resume and has_reference and not reference and common.get("teacher_initialized"):
+        # The RLP stage began without a reference: the resumed weights are not pi_ref.
+        raise CheckpointError(
+            f"checkpoint {ckpt} has no KL reference policy (saved with rlp.kl_coef=0), so "
+            f"rlp.kl_coef={state.cfg.rlp.kl_coef} cannot resume from it: resume with "
+            "rlp.kl_coef=0, or start a new RLP stage from it (train.finetune=true)")
     layout = common.get("layout")
     same_layout = layout == _layout()
     rng = resume and same_layout and options.load_rng
@@ -691,7 +705,8 @@ def load_checkpoint(state: TrainState, path: str, checksums: bool = True,
     with torch.no_grad(), _quiet() as logged:
         try:
             sd = _sharded_state_dict(state, training=resume, optimizer=optimizer,
-                                     teacher=teacher, rng=rng, is_loading=True)
+                                     teacher=teacher, rng=rng, is_loading=True,
+                                     reference=reference)
             names.match_checkpoint_names(sd, ckpt)  # saved before the TE key map: local names
             loaded = dist_checkpointing.load(sd, str(ckpt))
         except (Exception, DCPException) as e:  # noqa: BLE001 - collective: on every rank
@@ -725,6 +740,9 @@ def load_checkpoint(state: TrainState, path: str, checksums: bool = True,
     if teacher:
         _load_model(state.teacher.model, loaded["teacher"], _TEACHER)
         state.teacher.initialized = True
+    if reference:
+        _load_model(state.reference.model, loaded["reference"], _REFERENCE)
+        state.reference.initialized = True
     if rng:
         _set_rng_states(loaded["rng"])
     state.step = int(common["step"])

@@ -24,13 +24,17 @@ from megatron_rlp.data.batches import DocumentWindows, build_rlp_inputs
 from megatron_rlp.models.fp8 import rollout_precision, token_multiple
 from megatron_rlp.models.output_positions import logits_at_positions
 from megatron_rlp.objective import group_advantages, info_gain_reward, rlp_policy_loss
+from megatron_rlp.objective.kl import kl_penalty
 from megatron_rlp.packing.flex import resolve as resolve_packed_attention
 from megatron_rlp.packing.prefill import SharedWindows
 from megatron_rlp.packing.prefill import supported as shared_prefill_supported
 from megatron_rlp.packing.update import packable, packed_forward_step, packed_update_batches
+from megatron_rlp.rollout.template import apply_template, build_template, lead_ids
 from megatron_rlp.rollout.thoughts import PromptBatch, ThoughtBatch, sample_thoughts_chunked
 from megatron_rlp.scoring.next_token import score_next_tokens, token_logprobs_vocab_parallel
+from megatron_rlp.scoring.reference import reference_logprobs
 from megatron_rlp.train.builder import TrainState
+from megatron_rlp.train.ntp_mix import ntp_pass
 from megatron_rlp.train.record import record_step
 from megatron_rlp.train.reduce import (
     gather_data_parallel,
@@ -54,10 +58,11 @@ def local_contexts(state: TrainState, sampler: ContextSampler, step: int):
 
 
 def update_batch(prompts: PromptBatch, thoughts: ThoughtBatch, advantages: Tensor,
-                 group_size: int, pad: int, think_start: int, multiple: int = 1
+                 group_size: int, pad: int, think_start: int | list[int], multiple: int = 1
                  ) -> dict[str, Tensor]:
     """Right-padded `prefix <think> thought` sequences for the gradient forward; the width is
-    a multiple of `multiple` (the TP size under sequence parallel).
+    a multiple of `multiple` (the TP size under sequence parallel). `think_start` may be a
+    template's lead (`rollout.template`: forced ids ending with `<think>`, no loss on them).
 
     Returns a dict of (on the device of `advantages`; laid out on the host, one copy each):
         tokens, positions: [R, S]; index: [R, L] positions whose logits predict thought token
@@ -66,19 +71,21 @@ def update_batch(prompts: PromptBatch, thoughts: ThoughtBatch, advantages: Tenso
     device = advantages.device
     prompts = PromptBatch(**{k: v.cpu() for k, v in vars(prompts).items()})
     thoughts = ThoughtBatch(**{k: v.cpu() for k, v in vars(thoughts).items()})
+    lead = torch.tensor(lead_ids(think_start), dtype=torch.long)
+    m = len(lead)
     lengths = prompts.lengths.repeat_interleave(group_size)  # [R]
     rows, n = thoughts.tokens.shape
-    width = int((lengths + 1 + thoughts.lengths).max())
+    width = int((lengths + m + thoughts.lengths).max())
     width = -(-width // multiple) * multiple
     tokens = torch.full((rows, width), pad, dtype=torch.long)
     prefixes = prompts.tokens.repeat_interleave(group_size, 0)
     for r in range(rows):
         p = int(lengths[r])
         tokens[r, :p] = prefixes[r, -p:]
-        tokens[r, p] = think_start
-        tokens[r, p + 1:p + 1 + int(thoughts.lengths[r])] = thoughts.tokens[r, :thoughts.lengths[r]]
+        tokens[r, p:p + m] = lead
+        tokens[r, p + m:p + m + int(thoughts.lengths[r])] = thoughts.tokens[r, :thoughts.lengths[r]]
     k = torch.arange(n)[None]
-    index = torch.where(thoughts.mask, lengths[:, None] + k, 0)
+    index = torch.where(thoughts.mask, lengths[:, None] + (m - 1) + k, 0)
     batch = dict(tokens=tokens, positions=torch.arange(width).expand(rows, -1), index=index,
                  labels=torch.where(thoughts.mask, thoughts.tokens, 0), mask=thoughts.mask,
                  logp_old=thoughts.logprobs)
@@ -114,16 +121,21 @@ LOSS_METRICS = ("loss", "clip_fraction", "is_weight_mean", "logp_diff_mean", "lo
 
 def _loss(batch: dict[str, Tensor], scale: float, vocab_size: int, temperature: float,
           eps: tuple[float, float], logits: Tensor, *, logp_old_source: str = "update",
-          tis_cap: float = 2.0):
+          tis_cap: float = 2.0, kl_coef: float = 0.0):
     """Clipped surrogate on this micro-batch; `scale` makes the micro-batch sum a local mean.
 
     `logits`: [B, L, V/tp], at the positions `batch["index"]` (see `_forward_step`).
     `batch["logp_old"]` holds the rollout's log-probs; what divides the ratio is chosen by
     `logp_old_source` (objective/policy_loss.py). Log-probs are fp32 from the logits.
+    With `kl_coef` > 0, `batch["logp_ref"]` (the frozen reference's log-probs) adds
+    kl_coef x the k3 KL penalty (objective/kl.py; metric `kl_ref`).
     """
     logp_new = token_logprobs_vocab_parallel(logits, batch["labels"], vocab_size, temperature)
     loss, metrics = rlp_policy_loss(logp_new, batch["logp_old"], batch["advantages"],
                                     batch["mask"], *eps, logp_old_source, tis_cap)
+    if kl_coef:
+        kl = kl_penalty(logp_new, batch["logp_ref"], batch["mask"])
+        loss, metrics = loss + kl_coef * kl, {**metrics, "kl_ref": kl.detach()}
     return loss * scale, {"loss": loss.detach(), **metrics}
 
 
@@ -142,12 +154,16 @@ class ScoredRollout:
 
     contexts: list
     ids: list[int]            # global context ids
-    prompts: PromptBatch
-    windows: DocumentWindows  # the document windows the teacher (and shared prefill) read
+    prompts: PromptBatch      # the policy's prompts (`rlp.thought_template` applied)
+    windows: DocumentWindows  # the policy's shared windows (shared prefill, packed update)
     thoughts: ThoughtBatch
     s_ema: Tensor             # [C] log pbar_phi(x_t | x_<t)
     rewards: Tensor           # [C*G] S_pred - S_ema
     advantages: Tensor        # [C*G] group advantages
+    # The raw document windows the teacher read (== `windows` with the `none` template) and
+    # the lead fed before each thought (`rollout.template`: `<think>`, or `after <think>`).
+    raw_windows: DocumentWindows | None = None
+    lead: tuple[int, ...] = ()
 
 
 def rollout_and_score(state: TrainState, sampler: ContextSampler, step: int,
@@ -157,16 +173,19 @@ def rollout_and_score(state: TrainState, sampler: ContextSampler, step: int,
     `rlp_step` and the `megatron.training.pretrain()` plugin (megatron_rlp/plugin.py)."""
     cfg, tok, r = state.cfg, state.tokenizer, state.cfg.rlp
     timer = timer or (lambda phase: contextlib.nullcontext())
+    template = build_template(r.thought_template, tok)
     # Under FP8 training, rollouts and scoring run in bf16 unless precision.fp8_rollouts.
     with timer("rollout"), rollout_precision(cfg.precision, state.policy, state.teacher.model):
         contexts, ids = local_contexts(state, sampler, step)
-        prompts, windows = build_rlp_inputs(contexts, ids, state.corpus, r.max_prefix_tokens,
-                                            tok.pad, state.device)
+        raw_prompts, raw_windows = build_rlp_inputs(contexts, ids, state.corpus,
+                                                    r.max_prefix_tokens, tok.pad, state.device)
+        # The policy reads the template around x_<t; the teacher keeps the raw windows.
+        prompts, windows = apply_template(template, raw_prompts, raw_windows, tok.pad)
         state.policy.eval()
         thoughts = sample_thoughts_chunked(
             state.policy, prompts, r.rollout_chunk_contexts, group_size=r.group_size,
             max_thought_tokens=r.max_thought_tokens, temperature=r.temperature, top_p=r.top_p,
-            think_start=tok.think_start, think_end=tok.think_end, pad=tok.pad,
+            think_start=list(template.lead), think_end=tok.think_end, pad=tok.pad,
             vocab_size=tok.vocab_size, seed=cfg.train.seed, step=step,
             shared=(SharedWindows.from_windows(windows, prompts)
                     if r.share_prefixes and shared_prefill_supported(cfg.model.hybrid_layer_pattern)
@@ -175,11 +194,16 @@ def rollout_and_score(state: TrainState, sampler: ContextSampler, step: int,
     with timer("scoring"), rollout_precision(cfg.precision, state.teacher.model):
         if not state.teacher.initialized:
             state.teacher.initialize_from(state.policy)  # lazy phi <- theta
-        s_ema = score_next_tokens(state.teacher.model, windows.tokens, windows.valid,
-                                  windows.rows, windows.cols, windows.targets, tok.vocab_size)
+        reference = getattr(state, "reference", None)
+        if reference is not None and not reference.initialized:
+            reference.initialize_from(state.policy)  # pi_ref: the policy of the first RLP step
+        w = raw_windows  # S_ema conditions on the raw prefix x_<t (RLP.md), template or not
+        s_ema = score_next_tokens(state.teacher.model, w.tokens, w.valid, w.rows, w.cols,
+                                  w.targets, tok.vocab_size)
         rewards = info_gain_reward(thoughts.s_pred, s_ema.repeat_interleave(r.group_size))
         advantages = group_advantages(rewards.view(-1, r.group_size)).view(-1)
-    return ScoredRollout(contexts, ids, prompts, windows, thoughts, s_ema, rewards, advantages)
+    return ScoredRollout(contexts, ids, prompts, windows, thoughts, s_ema, rewards, advantages,
+                         raw_windows=raw_windows, lead=template.lead)
 
 
 def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer,
@@ -203,7 +227,7 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer,
             attention = resolve_packed_attention(cfg.model.packed_attention, cfg.device.type,
                                                  cfg.model.hybrid_layer_pattern)
             mbs = packed_update_batches(windows, prompts, thoughts, advantages, r.group_size,
-                                        cfg.train.micro_batch_size, tok.pad, tok.think_start,
+                                        cfg.train.micro_batch_size, tok.pad, list(ro.lead),
                                         equal_width=pp > 1, multiple=multiple,
                                         model_cfg=cfg.model, block_sparse=attention == "flex")
             step_fn = partial(packed_forward_step, attention=attention)
@@ -211,17 +235,27 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer,
             mb_rows = mbs[0]["advantages"].numel()
         else:
             batch = update_batch(prompts, thoughts, advantages, r.group_size, tok.pad,
-                                 tok.think_start, multiple)
+                                 list(ro.lead), multiple)
             if pp == 1:
                 mbs = trimmed_microbatches(batch, cfg.train.micro_batch_size, multiple)
             else:  # the pipeline schedule sends one activation shape for all micro-batches
                 mbs = split_microbatches(batch, cfg.train.micro_batch_size)
             step_fn, rows, mb_rows = _forward_step, len(batch["tokens"]), len(mbs[0]["tokens"])
+        options = dict(logp_old_source=r.logp_old_source, tis_cap=r.tis_cap)
+        if r.kl_coef > 0:  # the frozen reference's log-probs of the same thought tokens
+            options["kl_coef"] = r.kl_coef
+            for mb in mbs:
+                mb["logp_ref"] = reference_logprobs(state.reference.model, mb, tok.vocab_size,
+                                                    r.temperature)
         forward = partial(step_fn, mb_rows * len(mbs) / rows,
                           tok.vocab_size, r.temperature, (r.clip_eps_low, r.clip_eps_high),
-                          logp_old_source=r.logp_old_source, tis_cap=r.tis_cap)
+                          **options)
+        ntp_losses, extra = [], []
+        if r.ntp_loss_coef > 0:  # NTP on the raw windows, gradients added (train/ntp_mix.py)
+            extra.append(ntp_pass(ro.raw_windows, r.ntp_loss_coef, multiple, ntp_losses))
         losses, grad_norm, applied = optimizer_update(state, mbs, forward,
-                                                      mbs[0]["tokens"].shape[1])
+                                                      mbs[0]["tokens"].shape[1],
+                                                      extra_passes=extra)
         if applied:  # a skipped (non-finite) update leaves policy and teacher as they were
             state.teacher.update(state.policy)
         state.step = step  # the step's batch is consumed either way (keyed by the step)
@@ -231,11 +265,18 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer,
              for k in LOSS_METRICS}
     if losses:
         local["logp_diff_max"] = float(torch.stack([d["logp_diff_max"] for d in losses]).max())
-    local = share_last_stage_values(local, LOSS_METRICS)
+    optional = {}  # the knobs' metrics, only when they are on
+    if r.kl_coef > 0 and losses:
+        optional["kl_ref"] = float(torch.stack([d["kl_ref"] for d in losses]).mean())
+    if r.ntp_loss_coef > 0 and ntp_losses:
+        optional["ntp_loss"] = float(torch.stack(ntp_losses).mean())
+    names = tuple(k for k, on in (("kl_ref", r.kl_coef > 0), ("ntp_loss", r.ntp_loss_coef > 0))
+                  if on)
+    local = share_last_stage_values({**local, **optional}, LOSS_METRICS + names)
     g_rewards = gather_data_parallel(rewards)
     g_adv = gather_data_parallel(advantages)
     g_len = gather_data_parallel(thoughts.lengths.float())
-    seq_lengths = prompts.lengths.repeat_interleave(r.group_size) + 1 + thoughts.lengths
+    seq_lengths = prompts.lengths.repeat_interleave(r.group_size) + len(ro.lead) + thoughts.lengths
     tokens = gather_data_parallel(seq_lengths.float()).sum()
     state.consumed_tokens += int(tokens)
     return {
@@ -256,4 +297,5 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer,
         "grad_norm": grad_norm,
         "tokens": float(tokens),
         "skipped": float(not applied),
+        **{k: mean_data_parallel(local[k]) for k in names},
     }

@@ -13,34 +13,59 @@ before the optimizer is touched, and agreed on by every rank.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_rlp.parallel.pipeline import chunks_of
 from megatron_rlp.train import faults
 from megatron_rlp.train.builder import TrainState
 
 
 def optimizer_update(state: TrainState, microbatches: list[dict], forward_step: Callable,
-                     seq_length: int) -> tuple[list[dict], float, bool]:
+                     seq_length: int, extra_passes: Sequence[tuple] = ()
+                     ) -> tuple[list[dict], float, bool]:
     """Forward/backward over `microbatches`, then one optimizer + scheduler step.
 
     Args:
         microbatches: equal-sized dicts of tensors, consumed by `forward_step`.
         seq_length: padded sequence length of the micro-batches (pipeline p2p shapes).
+        extra_passes: (micro-batches, forward step, seq length) run first, each through the
+            schedule with `finalize_model_grads` held back, so their gradients add to the main
+            pass's in DDP's buffers and are reduced once with them (e.g. `train.ntp_mix`).
 
     Returns:
         (per-micro-batch metric dicts from the loss function (last stage only), grad norm,
         whether the update was applied).
     """
     _zero_grads(state)
+    extra_losses = []
+    for mbs, step_fn, length in extra_passes:
+        with _finalize_held_back(state):
+            extra_losses += _forward_backward(state, mbs, step_fn, length)
+    losses = _forward_backward(state, microbatches, forward_step, seq_length)
+    if faults.planned("nan_grad", state.step + 1):
+        _grad_buffers(state)[0].view(-1)[0] = float("nan")
+    if not _all_finite(state, losses + extra_losses):
+        # Skip: no optimizer, scheduler or parameter change; the caller keeps the teacher.
+        _zero_grads(state)
+        return losses, float("nan"), False
+    applied, grad_norm, _ = state.optimizer.step()
+    if applied:
+        state.scheduler.step(increment=1)
+    return losses, float(grad_norm) if grad_norm is not None else 0.0, bool(applied)
+
+
+def _forward_backward(state: TrainState, microbatches: list[dict], forward_step: Callable,
+                      seq_length: int) -> list[dict]:
     first = next(iter(microbatches[0].values()))
     chunks = state.model_chunks
     # Interleaved pipeline: each chunk reads every micro-batch once, from its own iterator.
     data = iter(microbatches) if len(chunks) == 1 else [iter(microbatches) for _ in chunks]
-    losses = get_forward_backward_func()(
+    return get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=data,
         model=chunks,
@@ -49,16 +74,21 @@ def optimizer_update(state: TrainState, microbatches: list[dict], forward_step: 
         micro_batch_size=first.shape[0],
         forward_only=False,
     )
-    if faults.planned("nan_grad", state.step + 1):
-        _grad_buffers(state)[0].view(-1)[0] = float("nan")
-    if not _all_finite(state, losses):
-        # Skip: no optimizer, scheduler or parameter change; the caller keeps the teacher.
-        _zero_grads(state)
-        return losses, float("nan"), False
-    applied, grad_norm, _ = state.optimizer.step()
-    if applied:
-        state.scheduler.step(increment=1)
-    return losses, float(grad_norm) if grad_norm is not None else 0.0, bool(applied)
+
+
+@contextmanager
+def _finalize_held_back(state: TrainState):
+    """No `finalize_model_grads` (DP/SP/embedding gradient reductions) at the end of a pass:
+    with `overlap_grad_reduce=False` (builder.wrap_ddp) gradients then just accumulate."""
+    configs = {id(c.config): c.config for c in chunks_of(state.policy)}.values()
+    saved = [(c, c.finalize_model_grads_func) for c in configs]
+    for c in configs:
+        c.finalize_model_grads_func = None
+    try:
+        yield
+    finally:
+        for c, fn in saved:
+            c.finalize_model_grads_func = fn
 
 
 def _zero_grads(state: TrainState) -> None:

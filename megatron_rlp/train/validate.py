@@ -12,9 +12,14 @@ contexts of the valid split (`data.split`), this measures:
                      reward on held-out text (positive: thinking helps)
     val_closed_fraction  thoughts the policy closed itself
 
-The contexts are the same at every evaluation (uniform positions, drawn with step key 0,
-which training never uses) and so are the sampling keys of the thoughts: successive
-evaluations differ only by the weights. Works under any DP/TP/PP layout the rollouts support
+The contexts are drawn with step key 0 (which training never uses) at positions chosen by
+`train.eval_position_strategy` (uniform by default, stride, entropy: the teacher's
+highest-entropy positions, one per document, or answer: the answers' first tokens of a task
+corpus, `data/answer_positions.py`), and the sampling keys of the thoughts are
+fixed too: with uniform or stride positions successive evaluations differ only by the
+weights (entropy positions follow the teacher as it moves). The policy thinks in the
+training format (`rlp.thought_template`); the teacher and the no-thought policy score raw
+x_<t. Works under any DP/TP/PP layout the rollouts support
 (contexts are split over data-parallel ranks; metrics are global).
 """
 
@@ -23,24 +28,37 @@ from __future__ import annotations
 import torch
 
 from megatron_rlp.data import ContextSampler
+from megatron_rlp.data.answer_positions import AnswerPositionSampler
 from megatron_rlp.data.batches import build_rlp_inputs
 from megatron_rlp.models.fp8 import rollout_precision
+from megatron_rlp.rollout.template import apply_template, build_template
 from megatron_rlp.rollout.thoughts import sample_thoughts
+from megatron_rlp.scoring.entropy import model_entropy_scorer
 from megatron_rlp.scoring.next_token import score_next_tokens
 from megatron_rlp.train.builder import TrainState
 from megatron_rlp.train.reduce import gather_data_parallel
-from megatron_rlp.train.samplers import thought_markers
+from megatron_rlp.train.samplers import scoring_model, thought_markers
 
 EVAL_STEP_KEY = 0  # training steps are numbered from 1
 
 
 def eval_sampler(state: TrainState) -> ContextSampler:
-    """Uniform positions over the valid split (independent of the training strategy)."""
-    r = state.cfg.rlp
+    """Positions over the valid split by `train.eval_position_strategy` (independent of the
+    training strategy, `rlp.position_strategy`)."""
+    r, strategy = state.cfg.rlp, state.cfg.train.eval_position_strategy
     if state.valid_corpus is None:
         raise ValueError(f"validation needs a valid split (data.split={state.cfg.data.split!r})")
+    if strategy == "answer":
+        return AnswerPositionSampler(state.valid_corpus, r.min_prefix_tokens,
+                                     r.max_prefix_tokens, state.cfg.train.seed,
+                                     state.tokenizer.think_end)
+    scorer = None
+    if strategy == "entropy":
+        scorer = model_entropy_scorer(lambda: scoring_model(state), state.tokenizer.vocab_size,
+                                      state.tokenizer.pad)
     return ContextSampler(state.valid_corpus, min_prefix=r.min_prefix_tokens,
                           max_prefix=r.max_prefix_tokens, seed=state.cfg.train.seed,
+                          strategy=strategy, stride=r.position_stride, scorer=scorer,
                           skip_spans=thought_markers(state) if r.skip_thought_spans else None)
 
 
@@ -64,6 +82,8 @@ def validate(state: TrainState, sampler: ContextSampler | None = None) -> dict[s
     ids = list(range(rank * per_rank, (rank + 1) * per_rank))
     prompts, windows = build_rlp_inputs([contexts[i] for i in ids], ids, state.valid_corpus,
                                         r.max_prefix_tokens, tok.pad, state.device)
+    template = build_template(r.thought_template, tok)
+    policy_prompts, _ = apply_template(template, prompts, windows, tok.pad)
     policy = state.policy
     was_training = policy.training
     policy.eval()
@@ -79,8 +99,9 @@ def validate(state: TrainState, sampler: ContextSampler | None = None) -> dict[s
             s_policy = score_next_tokens(policy, *score)
             s_teacher = s_policy if teacher is policy else score_next_tokens(teacher, *score)
             thoughts = sample_thoughts(
-                policy, prompts, group_size=r.group_size, max_thought_tokens=r.max_thought_tokens,
-                temperature=r.temperature, top_p=r.top_p, think_start=tok.think_start,
+                policy, policy_prompts, group_size=r.group_size,
+                max_thought_tokens=r.max_thought_tokens,
+                temperature=r.temperature, top_p=r.top_p, think_start=list(template.lead),
                 think_end=tok.think_end, pad=tok.pad, vocab_size=tok.vocab_size,
                 seed=cfg.train.seed, step=EVAL_STEP_KEY)
     finally:

@@ -264,6 +264,7 @@ DATA = {
     ("tokenizer/sentencepiece.py", "no end-of-sequence piece"),
     ("tokenizer/hf.py", "no end-of-sequence token"), ("tokenizer/hf.py", "which is not in the"),
     ("tokenizer/byte.py", "outside the byte vocabulary"),
+    ("data/answer_positions.py", "no answer positions"),  # a corpus without answer offsets
 }
 INVARIANT = {
     ("data/contexts.py", "assert width >= k_span"),  # after the window check above
@@ -283,6 +284,8 @@ INVARIANT = {
     ("backends/cpu.py", "assert tensor is not None"),
     ("objective/policy_loss.py", "logp_rollout \" f\"{tuple(logp_rollout.shape)}"),
     ("objective/surrogate.py", "token_weights must be"),
+    ("objective/kl.py", "differ"), ("objective/kl.py", "at least one token"),  # update batches
+    ("data/answer_positions.py", "one per document"),  # validate samples one per document
 }
 
 
