@@ -150,8 +150,11 @@ class RLPConfig:
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2
     min_prefix_tokens: int = 16
-    max_prefix_tokens: int = 192  # max context length: the prefixes of one document share
-    # one window of at most this many tokens
+    # Max context length: every context conditions on at least min(t, max_prefix_tokens)
+    # tokens, its full prefix. The contexts of one document share one window doc[ws : t_max],
+    # ws = max(0, t_min - max_prefix_tokens), so later positions read longer prefixes; a window
+    # is at most `max_window_tokens()` long (max_prefix_tokens with one position per document).
+    max_prefix_tokens: int = 192
     # Where in a document the contexts are (data/contexts.py): `uniform` random positions,
     # `stride` every `position_stride` tokens (random phase), `entropy` the positions where the
     # EMA teacher's next-token distribution has the highest entropy (one teacher forward).
@@ -174,6 +177,15 @@ class RLPConfig:
     # as the per-context path (false), which stays as the reference. Models with Mamba layers
     # keep the per-context update.
     share_prefixes: bool = True
+
+    def max_window_tokens(self) -> int:
+        """Longest document window (= longest prefix) the context sampler can draw
+        (`data.contexts.max_window_tokens`)."""
+        from megatron_rlp.data.contexts import max_window_tokens
+
+        return max_window_tokens(self.min_prefix_tokens, self.max_prefix_tokens,
+                                 self.positions_per_document, self.position_strategy,
+                                 self.position_stride)
 
     def validate(self) -> None:
         _check(0 < self.tis_cap < math.inf, "rlp.tis_cap", self.tis_cap, "a finite number > 0")
@@ -199,7 +211,9 @@ class RLPConfig:
                self.min_prefix_tokens, f"<= max_prefix_tokens={self.max_prefix_tokens}")
         _check(isinstance(self.position_stride, int) and self.position_stride >= 1,
                "rlp.position_stride", self.position_stride, "an integer >= 1")
-        band = self.max_prefix_tokens - self.min_prefix_tokens + 1  # positions one window holds
+        # The band one document's positions are drawn from (data/contexts.py); it also
+        # bounds how far apart they are, hence the window length.
+        band = self.max_prefix_tokens - self.min_prefix_tokens + 1
         need = self.positions_per_document
         if self.position_strategy == "stride":
             need = (self.positions_per_document - 1) * self.position_stride + 1
@@ -561,7 +575,8 @@ class RunConfig:
           and under an interleaved pipeline gives a multiple of PP micro-batches (Megatron's
           `forward_backward_pipelining_with_interleaving` asserts it);
         - a document's contexts stay on one rank (`data/batches.py` rebuilds their shared
-          window from the contexts a rank holds; split, it would depend on DP).
+          window from the contexts a rank holds, starting max_prefix_tokens before the first
+          position; split, the prefixes would depend on DP).
         """
         p, r, t = self.parallel, self.rlp, self.train
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
@@ -606,11 +621,18 @@ class RunConfig:
         is given (`rollout/thoughts.py` sizes its KV cache so); NTP windows are
         `data.ntp_seq_length` long. Evaluation samples thoughts in NTP runs too."""
         m, r = self.model, self.rlp
-        rlp_need = r.max_prefix_tokens + r.max_thought_tokens + 2
         needs = []
+        if self.train.objective == "rlp" and r.positions_per_document > 1:
+            # Contexts of one document share a window longer than max_prefix_tokens (issue 11):
+            # the last position's prefix spans it.
+            needs.append((r.max_window_tokens() + r.max_thought_tokens + 2,
+                          f"the longest document window, {r.max_window_tokens()} tokens with "
+                          f"rlp.positions_per_document={r.positions_per_document}, + <think> + "
+                          "rlp.max_thought_tokens + </think>"))
         if self.train.objective == "rlp" or self.train.eval_interval:
-            needs.append((rlp_need, "rlp.max_prefix_tokens + <think> + rlp.max_thought_tokens + "
-                                    "</think>"))
+            # Evaluation draws one position per document: windows of max_prefix_tokens.
+            needs.append((r.max_prefix_tokens + r.max_thought_tokens + 2,
+                          "rlp.max_prefix_tokens + <think> + rlp.max_thought_tokens + </think>"))
         if self.train.objective == "ntp":
             needs.append((self.data.ntp_seq_length, "data.ntp_seq_length"))
         for need, what in needs:

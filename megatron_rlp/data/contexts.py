@@ -19,12 +19,17 @@ Corpora that carry worked thoughts (`<think> ... </think>`, like the shipped one
 the model reads, not text it is asked to predict: with `skip_spans` a target x_t is never a
 thought marker or inside such a span, so every prefix ends outside any thought.
 
-All positions t of one document lie in one window of at most `max_prefix` tokens and leave
-each context at least `min_prefix` tokens of it: with t_max the document's last position, the
-shared window is doc[max(0, t_max - max_prefix) : t_max] (what `batches.build_rlp_inputs` feeds
-the policy and the teacher), and every t >= max(0, t_max - max_prefix) + min_prefix. Long
-documents therefore get a random band of max_prefix - min_prefix + 1 candidate positions; with
-one position per document (the default) the position is uniform over the whole document.
+Prefixes (issue 11): every context conditions on its full prefix. A document's positions
+t_1 < ... < t_k share one window doc[ws : t_k] with ws = max(0, t_1 - max_prefix), and context
+t reads doc[ws : t] -- the rule's prefix doc[max(0, t - max_prefix) : t] or a longer one, never
+a shorter one: at least min(t, max_prefix) tokens, and later positions of the document read a
+little more text so that one causal forward over the window serves them all (rollout prefill,
+teacher, packed update). `batches.build_rlp_inputs` applies the same rule. The window is at
+most `max_window_tokens(...)` long: positions lie in a band of max_prefix - min_prefix + 1
+candidates (or all of a short document, len - 1 <= max_prefix), so a window holds at most
+max_prefix + (max_prefix - min_prefix) tokens with several positions per document, and
+max_prefix with one, where the position is uniform over the whole document (the default).
+Every t >= min_prefix.
 """
 
 from __future__ import annotations
@@ -58,8 +63,9 @@ class Context:
     Attributes:
         doc_index: Index of the document in the corpus.
         position: Index t of the target token in the document.
-        prefix: The tokens the context is conditioned on: doc[ws:t], ws the start of its
-            document's shared window (int32, at least `min_prefix`, at most `max_prefix`).
+        prefix: The tokens the context is conditioned on: doc[ws:t], ws = max(0, t_1 -
+            max_prefix) with t_1 the first position of its document (int32; at least
+            min(t, max_prefix) >= min_prefix tokens, at most `max_window_tokens(...)`).
         target: tokens[t], the true next token.
     """
 
@@ -67,6 +73,22 @@ class Context:
     position: int
     prefix: np.ndarray
     target: int
+
+
+def max_window_tokens(min_prefix: int, max_prefix: int, positions_per_doc: int,
+                      strategy: str = "uniform", stride: int = 1) -> int:
+    """Longest document window (and so longest prefix) the sampler can produce, in tokens.
+
+    One position per document: `max_prefix`. Several: `max_prefix` plus the widest spread
+    t_k - t_1 of one document's positions, (positions_per_doc - 1) * stride for "stride",
+    else the band width minus one, max_prefix - min_prefix (see the module docstring). What
+    config validation checks `model.max_sequence_length` and memory estimates against.
+    """
+    if positions_per_doc <= 1:
+        return max_prefix
+    if strategy == "stride":
+        return max_prefix + (positions_per_doc - 1) * stride
+    return max_prefix + (max_prefix - min_prefix)
 
 
 def _band(length: int, k_span: int, min_prefix: int, max_prefix: int,
@@ -261,7 +283,9 @@ class ContextSampler:
 
         contexts = []
         for doc_index, tokens, positions in picks:
-            ws = max(0, int(positions[-1]) - self.max_prefix)  # the document's shared window
+            # The document's shared window: the first position keeps its full prefix, so
+            # no later one has a shorter one (module docstring).
+            ws = max(0, int(positions[0]) - self.max_prefix)
             for t in positions:
                 t = int(t)
                 contexts.append(Context(doc_index=doc_index, position=t, prefix=tokens[ws:t],
