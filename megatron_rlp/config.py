@@ -160,6 +160,10 @@ class RLPConfig:
     # EMA teacher's next-token distribution has the highest entropy (one teacher forward).
     position_strategy: Literal["uniform", "stride", "entropy"] = "uniform"
     position_stride: int = 64
+    # Candidate positions a document's positions are drawn from (a random band of the
+    # document; 0 = max_prefix_tokens - min_prefix_tokens + 1). It bounds the spread of one
+    # document's positions, so a window is at most max_prefix_tokens + this - 1 tokens.
+    position_band_tokens: int = 0
     # Never target a `<think>`/`</think>` marker or a token inside a span the corpus carries.
     skip_thought_spans: bool = True
     # Contexts sampled together in one rollout batch (rows = this x group_size); 0 = all of
@@ -185,7 +189,7 @@ class RLPConfig:
 
         return max_window_tokens(self.min_prefix_tokens, self.max_prefix_tokens,
                                  self.positions_per_document, self.position_strategy,
-                                 self.position_stride)
+                                 self.position_stride, self.position_band_tokens)
 
     def validate(self) -> None:
         _check(0 < self.tis_cap < math.inf, "rlp.tis_cap", self.tis_cap, "a finite number > 0")
@@ -211,16 +215,20 @@ class RLPConfig:
                self.min_prefix_tokens, f"<= max_prefix_tokens={self.max_prefix_tokens}")
         _check(isinstance(self.position_stride, int) and self.position_stride >= 1,
                "rlp.position_stride", self.position_stride, "an integer >= 1")
+        _check(isinstance(self.position_band_tokens, int) and self.position_band_tokens >= 0,
+               "rlp.position_band_tokens", self.position_band_tokens,
+               "an integer >= 0 (0 = max_prefix_tokens - min_prefix_tokens + 1)")
         # The band one document's positions are drawn from (data/contexts.py); it also
         # bounds how far apart they are, hence the window length.
-        band = self.max_prefix_tokens - self.min_prefix_tokens + 1
+        band = self.position_band_tokens or self.max_prefix_tokens - self.min_prefix_tokens + 1
+        what = (f"position_band_tokens={band}" if self.position_band_tokens else
+                f"max_prefix_tokens - min_prefix_tokens + 1 = {band}")
         need = self.positions_per_document
         if self.position_strategy == "stride":
             need = (self.positions_per_document - 1) * self.position_stride + 1
         _check(need <= band, "rlp.positions_per_document", self.positions_per_document,
-               f"positions that fit one window of max_prefix_tokens - min_prefix_tokens + 1 = "
-               f"{band} candidate positions ({need} needed with position_strategy="
-               f"{self.position_strategy})")
+               f"positions that fit one window of {what} candidate positions ({need} needed "
+               f"with position_strategy={self.position_strategy})")
 
 
 @dataclass(kw_only=True)

@@ -25,11 +25,11 @@ t reads doc[ws : t] -- the rule's prefix doc[max(0, t - max_prefix) : t] or a lo
 a shorter one: at least min(t, max_prefix) tokens, and later positions of the document read a
 little more text so that one causal forward over the window serves them all (rollout prefill,
 teacher, packed update). `batches.build_rlp_inputs` applies the same rule. The window is at
-most `max_window_tokens(...)` long: positions lie in a band of max_prefix - min_prefix + 1
-candidates (or all of a short document, len - 1 <= max_prefix), so a window holds at most
-max_prefix + (max_prefix - min_prefix) tokens with several positions per document, and
-max_prefix with one, where the position is uniform over the whole document (the default).
-Every t >= min_prefix.
+most `max_window_tokens(...)` long: positions lie in a random band of `band` candidates
+(`rlp.position_band_tokens`, by default max_prefix - min_prefix + 1; all positions of a
+short document), so a window holds at most max_prefix + band - 1 tokens with several
+positions per document (2 max_prefix - min_prefix by default), and max_prefix with one,
+where the position is uniform over the whole document (the default). Every t >= min_prefix.
 """
 
 from __future__ import annotations
@@ -75,29 +75,37 @@ class Context:
     target: int
 
 
+def band_width(min_prefix: int, max_prefix: int, band: int = 0) -> int:
+    """Candidate positions of one document's band: `band`, or 0 for max_prefix - min_prefix
+    + 1 (the default, the positions a window of max_prefix holds past min_prefix)."""
+    return band or max_prefix - min_prefix + 1
+
+
 def max_window_tokens(min_prefix: int, max_prefix: int, positions_per_doc: int,
-                      strategy: str = "uniform", stride: int = 1) -> int:
+                      strategy: str = "uniform", stride: int = 1, band: int = 0) -> int:
     """Longest document window (and so longest prefix) the sampler can produce, in tokens.
 
     One position per document: `max_prefix`. Several: `max_prefix` plus the widest spread
     t_k - t_1 of one document's positions, (positions_per_doc - 1) * stride for "stride",
-    else the band width minus one, max_prefix - min_prefix (see the module docstring). What
-    config validation checks `model.max_sequence_length` and memory estimates against.
+    else the band width minus one (max_prefix - min_prefix by default; see the module
+    docstring). What config validation checks `model.max_sequence_length` and memory
+    estimates against.
     """
     if positions_per_doc <= 1:
         return max_prefix
     if strategy == "stride":
         return max_prefix + (positions_per_doc - 1) * stride
-    return max_prefix + (max_prefix - min_prefix)
+    return max_prefix + band_width(min_prefix, max_prefix, band) - 1
 
 
-def _band(length: int, k_span: int, min_prefix: int, max_prefix: int,
+def _band(length: int, k_span: int, min_prefix: int, max_prefix: int, width: int,
           rng: np.random.Generator) -> tuple[int, int]:
     """Candidate positions [lo, hi] of one document: all of them when the document fits one
-    window, else a random band of max_prefix - min_prefix + 1 positions."""
-    if length - 1 <= max_prefix:
+    window (or is shorter than min_prefix + width), else a random band of `width` positions.
+    Either way t_k - t_1 < width and t_k < max_prefix + width, so windows stay within
+    `max_window_tokens`."""
+    if length - 1 <= max_prefix or length - width < min_prefix:
         return min_prefix, length - 1
-    width = max_prefix - min_prefix + 1
     assert width >= k_span
     lo = int(rng.integers(min_prefix, length - width + 1))
     return lo, lo + width - 1
@@ -130,6 +138,8 @@ class ContextSampler:
         seed: Seed shared by all steps.
         strategy: "uniform", "stride" or "entropy" (see the module docstring).
         stride: Token distance between positions of one document for "stride".
+        band: Candidate positions one document's positions are drawn from when it has more
+            (bounds the window, see `max_window_tokens`); 0 = max_prefix - min_prefix + 1.
         scorer: Required for "entropy": scores token windows (see `PositionScorer`).
         skip_spans: (begin, end) thought-marker ids: targets never fall on a marker or inside
             a span (None = any position).
@@ -141,7 +151,7 @@ class ContextSampler:
     def __init__(
         self, corpus: DocumentSource, min_prefix: int, max_prefix: int, seed: int, *,
         strategy: str = "uniform", stride: int = 1, scorer: PositionScorer | None = None,
-        skip_spans: tuple[int, int] | None = None,
+        skip_spans: tuple[int, int] | None = None, band: int = 0,
     ) -> None:
         if not 1 <= min_prefix <= max_prefix:
             raise ValueError(
@@ -154,12 +164,15 @@ class ContextSampler:
             raise ValueError("the entropy position strategy needs a scorer")
         if stride < 1:
             raise ValueError(f"stride must be >= 1, got {stride}")
+        if band < 0:
+            raise ValueError(f"band must be >= 0 (0 = max_prefix - min_prefix + 1), got {band}")
         self.corpus = corpus
         self.min_prefix = min_prefix
         self.max_prefix = max_prefix
         self.seed = seed
         self.strategy = strategy
         self.stride = stride
+        self.band = band_width(min_prefix, max_prefix, band)
         self.scorer = scorer
         self.skip_spans = skip_spans
         if not np.any(np.asarray(corpus.lengths) > min_prefix):
@@ -188,7 +201,7 @@ class ContextSampler:
             cands = np.arange(self.min_prefix, len(tokens))
             cands = cands if valid is None else cands[valid[cands]]
             return cands[rng.choice(len(cands), 1, replace=False)] if len(cands) else None
-        lo, hi = _band(len(tokens), span, self.min_prefix, self.max_prefix, rng)
+        lo, hi = _band(len(tokens), span, self.min_prefix, self.max_prefix, self.band, rng)
         cands = np.arange(lo, hi + 1)
         if self.strategy == "stride":
             starts = cands[:len(cands) - (span - 1)]
@@ -238,11 +251,11 @@ class ContextSampler:
                 f"positions_per_doc={positions_per_doc}"
             )
         span = self._span(positions_per_doc)
-        if span > self.max_prefix - self.min_prefix + 1:
+        if span > self.band:
             raise ValueError(
                 f"{positions_per_doc} positions ({self.strategy}, stride {self.stride}) do not "
                 f"fit one window of max_prefix={self.max_prefix} with min_prefix="
-                f"{self.min_prefix}"
+                f"{self.min_prefix} (a band of {self.band} candidate positions)"
             )
         num_docs = num_contexts // positions_per_doc
         lengths = np.asarray(self.corpus.lengths)
@@ -359,5 +372,5 @@ def build_context_sampler(rlp_cfg, corpus: DocumentSource, seed: int,
     return ContextSampler(corpus, min_prefix=rlp_cfg.min_prefix_tokens,
                           max_prefix=rlp_cfg.max_prefix_tokens, seed=seed,
                           strategy=rlp_cfg.position_strategy, stride=rlp_cfg.position_stride,
-                          scorer=scorer,
+                          scorer=scorer, band=rlp_cfg.position_band_tokens,
                           skip_spans=thought_markers if rlp_cfg.skip_thought_spans else None)

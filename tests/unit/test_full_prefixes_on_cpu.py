@@ -34,15 +34,18 @@ def _entropy(windows):  # a fake teacher: deterministic pseudo-entropies
     return [np.sin(np.asarray(w, dtype=np.float64)) for w in windows]
 
 
-CASES = [("uniform", 1, 1), ("uniform", 2, 1), ("uniform", 8, 1), ("stride", 4, 7),
-         ("stride", 8, 4), ("entropy", 4, 1)]
+CASES = [("uniform", 1, 1, 0), ("uniform", 2, 1, 0), ("uniform", 8, 1, 0),
+         ("stride", 4, 7, 0), ("stride", 8, 4, 0), ("entropy", 4, 1, 0),
+         ("uniform", 8, 1, 12), ("entropy", 4, 1, 200), ("uniform", 4, 1, 200)]
 
 
-@pytest.mark.parametrize("strategy,ppd,stride", CASES)
-def test_every_prefix_is_full_and_the_window_is_bounded(corpus, strategy, ppd, stride):
+@pytest.mark.parametrize("strategy,ppd,stride,band", CASES)
+def test_every_prefix_is_full_and_the_window_is_bounded(corpus, strategy, ppd, stride, band):
     sampler = ContextSampler(corpus, MIN_PREFIX, MAX_PREFIX, seed=1, strategy=strategy,
-                             stride=stride, scorer=_entropy)
-    bound = max_window_tokens(MIN_PREFIX, MAX_PREFIX, ppd, strategy, stride)
+                             stride=stride, scorer=_entropy, band=band)
+    bound = max_window_tokens(MIN_PREFIX, MAX_PREFIX, ppd, strategy, stride, band)
+    if band:
+        assert bound == MAX_PREFIX + band - 1
     longest = 0
     for step in range(6):
         contexts = sampler.sample(step, 4 * ppd, ppd)
@@ -132,3 +135,11 @@ def test_config_checks_the_longest_window():
     cfg = load_config(None, (*base, "rlp.positions_per_document=4", "rlp.position_stride=8",
                              "rlp.position_strategy=stride", "model.max_sequence_length=200"))
     assert cfg.rlp.max_window_tokens() == 128 + 3 * 8
+    # A narrower band bounds the window: 128 + 32 - 1 tokens.
+    cfg = load_config(None, (*base, "rlp.positions_per_document=8",
+                             "rlp.position_band_tokens=32", "model.max_sequence_length=177"))
+    assert cfg.rlp.max_window_tokens() == 159
+    with pytest.raises(ConfigError, match=r"rlp\.positions_per_document=8 .*position_band_"):
+        load_config(None, (*base, "rlp.positions_per_document=8", "rlp.position_band_tokens=4"))
+    with pytest.raises(ConfigError, match=r"rlp\.position_band_tokens=-1"):
+        load_config(None, (*base, "rlp.position_band_tokens=-1"))
