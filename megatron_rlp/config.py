@@ -161,8 +161,9 @@ class RLPConfig:
     position_strategy: Literal["uniform", "stride", "entropy"] = "uniform"
     position_stride: int = 64
     # Candidate positions a document's positions are drawn from (a random band of the
-    # document; 0 = max_prefix_tokens - min_prefix_tokens + 1). It bounds the spread of one
-    # document's positions, so a window is at most max_prefix_tokens + this - 1 tokens.
+    # document): max_prefix_tokens - min_prefix_tokens + 1 when 0 or more. It bounds the
+    # spread of one document's positions, so a window is at most max_prefix_tokens + band - 1
+    # tokens.
     position_band_tokens: int = 0
     # Never target a `<think>`/`</think>` marker or a token inside a span the corpus carries.
     skip_thought_spans: bool = True
@@ -218,10 +219,11 @@ class RLPConfig:
         _check(isinstance(self.position_band_tokens, int) and self.position_band_tokens >= 0,
                "rlp.position_band_tokens", self.position_band_tokens,
                "an integer >= 0 (0 = max_prefix_tokens - min_prefix_tokens + 1)")
+        widest = self.max_prefix_tokens - self.min_prefix_tokens + 1
         # The band one document's positions are drawn from (data/contexts.py); it also
         # bounds how far apart they are, hence the window length.
-        band = self.position_band_tokens or self.max_prefix_tokens - self.min_prefix_tokens + 1
-        what = (f"position_band_tokens={band}" if self.position_band_tokens else
+        band = min(self.position_band_tokens, widest) if self.position_band_tokens else widest
+        what = (f"position_band_tokens={band}" if band < widest else
                 f"max_prefix_tokens - min_prefix_tokens + 1 = {band}")
         need = self.positions_per_document
         if self.position_strategy == "stride":

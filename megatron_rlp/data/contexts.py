@@ -26,8 +26,8 @@ a shorter one: at least min(t, max_prefix) tokens, and later positions of the do
 little more text so that one causal forward over the window serves them all (rollout prefill,
 teacher, packed update). `batches.build_rlp_inputs` applies the same rule. The window is at
 most `max_window_tokens(...)` long: positions lie in a random band of `band` candidates
-(`rlp.position_band_tokens`, by default max_prefix - min_prefix + 1; all positions of a
-short document), so a window holds at most max_prefix + band - 1 tokens with several
+(`rlp.position_band_tokens`, at most and by default max_prefix - min_prefix + 1; all
+positions of a short document), so a window holds at most max_prefix + band - 1 tokens with several
 positions per document (2 max_prefix - min_prefix by default), and max_prefix with one,
 where the position is uniform over the whole document (the default). Every t >= min_prefix.
 """
@@ -76,9 +76,11 @@ class Context:
 
 
 def band_width(min_prefix: int, max_prefix: int, band: int = 0) -> int:
-    """Candidate positions of one document's band: `band`, or 0 for max_prefix - min_prefix
-    + 1 (the default, the positions a window of max_prefix holds past min_prefix)."""
-    return band or max_prefix - min_prefix + 1
+    """Candidate positions of one document's band: max_prefix - min_prefix + 1 (the positions
+    a window of max_prefix holds past min_prefix), narrowed to `band` when 0 < band < that
+    (a shrunk recipe keeps a band its prefixes allow)."""
+    widest = max_prefix - min_prefix + 1
+    return min(band, widest) if band else widest
 
 
 def max_window_tokens(min_prefix: int, max_prefix: int, positions_per_doc: int,
@@ -101,10 +103,9 @@ def max_window_tokens(min_prefix: int, max_prefix: int, positions_per_doc: int,
 def _band(length: int, k_span: int, min_prefix: int, max_prefix: int, width: int,
           rng: np.random.Generator) -> tuple[int, int]:
     """Candidate positions [lo, hi] of one document: all of them when the document fits one
-    window (or is shorter than min_prefix + width), else a random band of `width` positions.
-    Either way t_k - t_1 < width and t_k < max_prefix + width, so windows stay within
-    `max_window_tokens`."""
-    if length - 1 <= max_prefix or length - width < min_prefix:
+    window, else a random band of `width` (<= max_prefix - min_prefix + 1) positions. Either
+    way windows stay within `max_window_tokens`."""
+    if length - 1 <= max_prefix:
         return min_prefix, length - 1
     assert width >= k_span
     lo = int(rng.integers(min_prefix, length - width + 1))
@@ -139,7 +140,8 @@ class ContextSampler:
         strategy: "uniform", "stride" or "entropy" (see the module docstring).
         stride: Token distance between positions of one document for "stride".
         band: Candidate positions one document's positions are drawn from when it has more
-            (bounds the window, see `max_window_tokens`); 0 = max_prefix - min_prefix + 1.
+            (bounds the window, see `max_window_tokens`); 0 or more than max_prefix -
+            min_prefix + 1 = that many.
         scorer: Required for "entropy": scores token windows (see `PositionScorer`).
         skip_spans: (begin, end) thought-marker ids: targets never fall on a marker or inside
             a span (None = any position).

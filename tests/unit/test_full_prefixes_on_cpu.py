@@ -44,8 +44,8 @@ def test_every_prefix_is_full_and_the_window_is_bounded(corpus, strategy, ppd, s
     sampler = ContextSampler(corpus, MIN_PREFIX, MAX_PREFIX, seed=1, strategy=strategy,
                              stride=stride, scorer=_entropy, band=band)
     bound = max_window_tokens(MIN_PREFIX, MAX_PREFIX, ppd, strategy, stride, band)
-    if band:
-        assert bound == MAX_PREFIX + band - 1
+    if band:  # a band wider than max_prefix - min_prefix + 1 is capped at it
+        assert bound == MAX_PREFIX + min(band, MAX_PREFIX - MIN_PREFIX + 1) - 1
     longest = 0
     for step in range(6):
         contexts = sampler.sample(step, 4 * ppd, ppd)
