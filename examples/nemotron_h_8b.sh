@@ -6,18 +6,20 @@
 #
 # Layout  TP=4 PP=1 DP=8, distributed optimizer, bf16 parameters, fp32 EMA teacher.
 # Batch   the paper's: 512 contexts/step (64 per rank, 8 per document window), G=16
-#         thoughts of up to 2048 tokens after prefixes of up to 2048 tokens, sampled in 2
+#         thoughts of up to 2048 tokens after full 2048-token prefixes (a document's 8
+#         positions lie within 512 tokens and share one window of up to 2559 tokens;
+#         README "Full prefixes"), sampled in 2
 #         chunks of 32 contexts (512 rows); the update runs 1024 micro-batches of 1
 #         sequence per rank. lr 1e-6 constant, temperature 0.7, tau 0.999.
 # Memory  per rank, GiB (tools/estimate_memory.py, printed at launch; unfused attention as
 #         the local Megatron spec runs it today):
 #           persistent 21.7 = params 3.8 + grads 7.5 + Adam 2.8 + EMA teacher 7.5
-#           rollout    26.2 = KV cache 8.0 (4 attention layers) + SSM/conv state 12.3
-#                             (24 Mamba layers, fp32) + prefill 5.8
-#           scoring     2.9   update 11.7
-#           peak       51.9 of 80  (with flash attention 48.9); TP=8 30.1, TP=2 95.4 (no fit)
-# Why chunks: all 1024 rows in one pass would peak at 78.0 GiB (ROLLOUT_CHUNK=0 does that),
-# too close to 80 for allocator fragmentation; the fp32 Mamba decode state doubles its share.
+#           rollout    29.9 = KV cache 9.0 (4 attention layers) + SSM/conv state 12.4
+#                             (24 Mamba layers, fp32) + prefill 8.5
+#           scoring     4.3   update 13.3
+#           peak       55.6 of 80  (with flash attention 50.6); TP=8 32.1, TP=2 102.4 (no fit)
+# Why chunks: all 1024 rows in one pass would peak at 85.4 GiB (ROLLOUT_CHUNK=0 does that),
+# over 80; the fp32 Mamba decode state doubles its share.
 #
 # Environment (required): DATA (.jsonl/.txt or indexed-dataset prefix), TOKENIZER
 # (tokenizer.json or its folder), SAVE_DIR (checkpoints, metrics.jsonl, tensorboard/; a

@@ -7,19 +7,21 @@
 # Layout  TP=8 (one node) PP=1 DP=4, distributed optimizer, bf16 parameters, fp32 EMA
 #         teacher. TP=8 splits the 40 heads / 8 KV groups / 128 Mamba heads / 8 groups evenly.
 # Batch   the paper's: 512 contexts/step (128 per rank, 8 per document window), G=16
-#         thoughts of up to 2048 tokens after prefixes of up to 2048 tokens, sampled in 2
+#         thoughts of up to 2048 tokens after full 2048-token prefixes (a document's 8
+#         positions lie within 512 tokens and share one window of up to 2559 tokens;
+#         README "Full prefixes"), sampled in 2
 #         chunks of 64 contexts (1024 rows); the update runs 2048 micro-batches of 1
 #         sequence per rank. lr 1e-6 constant, temperature 0.7, tau 0.999 (paper).
 # Memory  per rank, GiB (tools/estimate_memory.py, printed at launch; unfused attention as
 #         the local Megatron spec runs it today):
 #           persistent 18.6 = params 2.9 + grads 5.7 + Adam 4.3 + EMA teacher 5.7
-#           rollout    39.1 = KV cache 12.0 (6 attention layers) + SSM/conv state 18.0
-#                             (28 Mamba layers, fp32) + prefill 9.1 (attention scores of
-#                             64 contexts x 2049 tokens)
-#           scoring     4.6   update 10.8
-#           peak       61.8 of 80  (with flash attention 57.8)
-# Why chunks: all 2048 rows in one pass would peak at 100.9 GiB (ROLLOUT_CHUNK=0 does that;
-# with G=8 it fits at 70.9).
+#           rollout    44.5 = KV cache 13.5 (6 attention layers) + SSM/conv state 18.0
+#                             (28 Mamba layers, fp32) + prefill 13.0 (attention scores of
+#                             64 contexts x 2560 tokens)
+#           scoring     6.5   update 12.4
+#           peak       67.1 of 80  (with flash attention 60.6)
+# Why chunks: all 2048 rows in one pass would peak at 111.6 GiB (ROLLOUT_CHUNK=0 does that;
+# with G=8 it needs 80.1, just over).
 #
 # Environment (required): DATA (.jsonl/.txt or indexed-dataset prefix), TOKENIZER
 # (tokenizer.json or its folder), SAVE_DIR (checkpoints, metrics.jsonl, tensorboard/; a

@@ -5,18 +5,20 @@
 #
 # Layout  TP=1 PP=1 DP=32, distributed optimizer, bf16 parameters, fp32 EMA teacher.
 # Batch   the paper's: 512 contexts/step (16 per rank, 8 per document window), G=16
-#         thoughts of up to 2048 tokens after prefixes of up to 2048 tokens, sampled in 4
+#         thoughts of up to 2048 tokens after full 2048-token prefixes (a document's 8
+#         positions lie within 512 tokens and share one window of up to 2559 tokens;
+#         README "Full prefixes"), sampled in 4
 #         chunks of 4 contexts (64 rows); the update runs 256 micro-batches of 1 sequence
 #         per rank. lr 1e-6 constant, temperature 0.7, tau 0.999 (paper).
 # Memory  per rank, GiB (tools/estimate_memory.py, printed at launch; unfused attention as
 #         the local Megatron spec runs it today):
 #           persistent 16.6 = params 3.2 + grads 6.4 + Adam 0.6 + EMA teacher 6.4
-#           rollout    29.2 = KV cache 28.0 (64 rows x 4098 tokens x 28 layers) + 1.2
-#           scoring     3.5   update 40.3 (activations 35.7, ~28 of it attention scores)
-#           peak       61.0 of 80  (with flash attention 49.0)
+#           rollout    33.3 = KV cache 31.5 (64 rows x 4609 tokens x 28 layers) + 1.8
+#           scoring     1.8   update 48.7 (activations 44.1, ~35 of it attention scores)
+#           peak       69.3 of 80  (with flash attention 52.6)
 # Why chunks: the KV cache per rank does not shrink with TP (TP halves the heads, DP
-# halves, rows per rank double), and all 256 rows at once would need 112 GiB of it.
-# ROLLOUT_CHUNK=0 samples them in one pass (G=4 fits that way: 61 GiB).
+# halves, rows per rank double), and all 256 rows at once would need 126 GiB of it.
+# ROLLOUT_CHUNK=0 samples them in one pass (G=4 fits that way: 69 GiB).
 #
 # Environment (required): DATA (.jsonl/.txt or indexed-dataset prefix), TOKENIZER
 # (tokenizer.json or its folder), SAVE_DIR (checkpoints, metrics.jsonl, tensorboard/; a

@@ -155,13 +155,21 @@ class RLPConfig:
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2
     min_prefix_tokens: int = 16
-    max_prefix_tokens: int = 192  # max context length: the prefixes of one document share
-    # one window of at most this many tokens
+    # Max context length: every context conditions on at least min(t, max_prefix_tokens)
+    # tokens, its full prefix. The contexts of one document share one window doc[ws : t_max],
+    # ws = max(0, t_min - max_prefix_tokens), so later positions read longer prefixes; a window
+    # is at most `max_window_tokens()` long (max_prefix_tokens with one position per document).
+    max_prefix_tokens: int = 192
     # Where in a document the contexts are (data/contexts.py): `uniform` random positions,
     # `stride` every `position_stride` tokens (random phase), `entropy` the positions where the
     # EMA teacher's next-token distribution has the highest entropy (one teacher forward).
     position_strategy: Literal["uniform", "stride", "entropy"] = "uniform"
     position_stride: int = 64
+    # Candidate positions a document's positions are drawn from (a random band of the
+    # document): max_prefix_tokens - min_prefix_tokens + 1 when 0 or more. It bounds the
+    # spread of one document's positions, so a window is at most max_prefix_tokens + band - 1
+    # tokens.
+    position_band_tokens: int = 0
     # Never target a `<think>`/`</think>` marker or a token inside a span the corpus carries.
     skip_thought_spans: bool = True
     # Contexts sampled together in one rollout batch (rows = this x group_size); 0 = all of
@@ -191,6 +199,15 @@ class RLPConfig:
     # Weight of a next-token cross-entropy on the step's raw document windows, added to the
     # RLP loss (train/ntp_mix.py); 0 = off.
     ntp_loss_coef: float = 0.0
+
+    def max_window_tokens(self) -> int:
+        """Longest document window (= longest prefix) the context sampler can draw
+        (`data.contexts.max_window_tokens`)."""
+        from megatron_rlp.data.contexts import max_window_tokens
+
+        return max_window_tokens(self.min_prefix_tokens, self.max_prefix_tokens,
+                                 self.positions_per_document, self.position_strategy,
+                                 self.position_stride, self.position_band_tokens)
 
     def validate(self) -> None:
         from megatron_rlp.rollout.template import TemplateError, parse_template
@@ -226,14 +243,21 @@ class RLPConfig:
                self.min_prefix_tokens, f"<= max_prefix_tokens={self.max_prefix_tokens}")
         _check(isinstance(self.position_stride, int) and self.position_stride >= 1,
                "rlp.position_stride", self.position_stride, "an integer >= 1")
-        band = self.max_prefix_tokens - self.min_prefix_tokens + 1  # positions one window holds
+        _check(isinstance(self.position_band_tokens, int) and self.position_band_tokens >= 0,
+               "rlp.position_band_tokens", self.position_band_tokens,
+               "an integer >= 0 (0 = max_prefix_tokens - min_prefix_tokens + 1)")
+        widest = self.max_prefix_tokens - self.min_prefix_tokens + 1
+        # The band one document's positions are drawn from (data/contexts.py); it also
+        # bounds how far apart they are, hence the window length.
+        band = min(self.position_band_tokens, widest) if self.position_band_tokens else widest
+        what = (f"position_band_tokens={band}" if band < widest else
+                f"max_prefix_tokens - min_prefix_tokens + 1 = {band}")
         need = self.positions_per_document
         if self.position_strategy == "stride":
             need = (self.positions_per_document - 1) * self.position_stride + 1
         _check(need <= band, "rlp.positions_per_document", self.positions_per_document,
-               f"positions that fit one window of max_prefix_tokens - min_prefix_tokens + 1 = "
-               f"{band} candidate positions ({need} needed with position_strategy="
-               f"{self.position_strategy})")
+               f"positions that fit one window of {what} candidate positions ({need} needed "
+               f"with position_strategy={self.position_strategy})")
 
 
 @dataclass(kw_only=True)
@@ -610,7 +634,8 @@ class RunConfig:
           and under an interleaved pipeline gives a multiple of PP micro-batches (Megatron's
           `forward_backward_pipelining_with_interleaving` asserts it);
         - a document's contexts stay on one rank (`data/batches.py` rebuilds their shared
-          window from the contexts a rank holds; split, it would depend on DP).
+          window from the contexts a rank holds, starting max_prefix_tokens before the first
+          position; split, the prefixes would depend on DP).
         """
         p, r, t = self.parallel, self.rlp, self.train
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
@@ -655,16 +680,25 @@ class RunConfig:
         is given (`rollout/thoughts.py` sizes its KV cache so); NTP windows are
         `data.ntp_seq_length` long. Evaluation samples thoughts in NTP runs too."""
         m, r = self.model, self.rlp
-        rlp_need = r.max_prefix_tokens + r.max_thought_tokens + 2
+        extra, extra_what = 0, ""
         if r.thought_template != "none":  # the template's instruction and forced tokens
             from megatron_rlp.rollout.template import template_token_count
 
-            rlp_need += template_token_count(r.thought_template, self.data.tokenizer)
+            extra = template_token_count(r.thought_template, self.data.tokenizer)
+            extra_what = " + rlp.thought_template tokens"
         needs = []
+        if self.train.objective == "rlp" and r.positions_per_document > 1:
+            # Contexts of one document share a window longer than max_prefix_tokens (issue 11):
+            # the last position's prefix spans it.
+            needs.append((r.max_window_tokens() + r.max_thought_tokens + 2 + extra,
+                          f"the longest document window, {r.max_window_tokens()} tokens with "
+                          f"rlp.positions_per_document={r.positions_per_document}, + <think> + "
+                          "rlp.max_thought_tokens + </think>" + extra_what))
         if self.train.objective == "rlp" or self.train.eval_interval:
-            needs.append((rlp_need, "rlp.max_prefix_tokens + <think> + rlp.max_thought_tokens + "
-                                    "</think>" + (" + rlp.thought_template tokens"
-                                                  if r.thought_template != "none" else "")))
+            # Evaluation draws one position per document: windows of max_prefix_tokens.
+            needs.append((r.max_prefix_tokens + r.max_thought_tokens + 2 + extra,
+                          "rlp.max_prefix_tokens + <think> + rlp.max_thought_tokens + </think>"
+                          + extra_what))
         if self.train.objective == "ntp":
             needs.append((self.data.ntp_seq_length, "data.ntp_seq_length"))
         for need, what in needs:

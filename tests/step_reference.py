@@ -68,14 +68,22 @@ def full_logprobs(model: torch.nn.Module, seq: list[int], vocab_size: int,
 
 
 def expected_prefixes(record: dict, documents, max_prefix: int) -> list[list[int]]:
-    """x_<t of each recorded context: the contexts of one document on one rank share the
-    window start ws = max(0, max t - max_prefix) (data/batches.py), so prefix = doc[ws:t]."""
+    """x_<t of each recorded context, by the rule the README states (issue 11): context t must
+    see its full prefix, the `max_prefix` tokens before t (fewer at a document's start), and the
+    contexts of one document read one shared window, so the window opens `max_prefix` tokens
+    before the document's *earliest* position and every context reads from there up to its t.
+    Checked here: each prefix holds its full prefix, doc[t - max_prefix : t] or all of doc[:t]."""
     docs, pos = record["doc_index"].tolist(), record["position"].tolist()
+    earliest: dict[int, int] = {}
+    for d, t in zip(docs, pos, strict=True):
+        earliest[d] = min(t, earliest.get(d, t))
     out = []
     for d, t in zip(docs, pos, strict=True):
-        t_max = max(p for dd, p in zip(docs, pos, strict=True) if dd == d)
-        ws = max(0, t_max - max_prefix)
-        out.append([int(x) for x in documents[d][ws:t]])
+        doc = [int(x) for x in documents[d]]
+        prefix = doc[max(earliest[d] - max_prefix, 0):t]
+        full = doc[:t][-max_prefix:]  # the full prefix of RLP.md's context x_<t
+        assert prefix[len(prefix) - len(full):] == full and len(prefix) >= min(t, max_prefix)
+        out.append(prefix)
     return out
 
 

@@ -6,7 +6,9 @@
         rlp.max_prefix_tokens=160
 
 Defaults: the tiny model (examples/configs/tiny_cpu.yaml), 8 contexts from one document
-(8 positions per document), G=8, 256-token windows, 32-token thoughts, lr 1e-7 (so the
+(8 positions per document), G=8, 256-token windows (max_prefix 144, min_prefix 32: each
+position keeps its full 144-token prefix, and the window opening 144 tokens before the
+first position spans at most 144 + 112 = 256 tokens), 32-token thoughts, lr 1e-7 (so the
 random policy keeps thinking to the budget on every timed step). Two `TrainState`s are
 built from the same config and seed (identical weights); every step runs
 
@@ -49,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 DEFAULTS = ("rlp.contexts_per_step=8", "rlp.positions_per_document=8", "rlp.group_size=8",
-            "rlp.min_prefix_tokens=32", "rlp.max_prefix_tokens=256", "rlp.max_thought_tokens=32",
+            "rlp.min_prefix_tokens=32", "rlp.max_prefix_tokens=144", "rlp.max_thought_tokens=32",
             "model.max_sequence_length=512",
             # A learning random policy shortens its thoughts within two steps (32 -> ~2
             # tokens at lr 3e-4); a tiny lr keeps every timed step at the stated shape.
@@ -211,6 +213,10 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
                        "tokens": metrics["tokens"], "thought_len": metrics["thought_len"]}
                 if name != "hf":
                     row["flops"] = step_flops(dims, trace)
+                    # what the contexts read (a position's prefix spans its document's
+                    # window up to it, data/contexts.py): mean prefix and window tokens
+                    row["prefix_len"] = float(trace["prompts"].lengths.float().mean())
+                    row["window_len"] = float(trace["windows"].valid.sum(1).float().mean())
                 results[name].append(row)
         checks.append({"step": i + 1, **_compare(traces["naive"], traces["optimised"])})
 

@@ -13,7 +13,8 @@ same ones). Prints a table (or `--json`) of what one GPU holds:
                (sharded like the policy: TP, not DP)
   rollout      KV cache (attention layers) and conv/SSM state (Mamba layers) for one
                rollout chunk: rlp.rollout_chunk_contexts contexts (0 = all B/DP of the
-               rank's) x G thoughts x (prefix + L_think + 2) tokens, as the engine
+               rank's) x G thoughts x (prefix + L_think + 2) tokens, the prefix as long as
+               a document window (`RLPConfig.max_window_tokens`), as the engine
                allocates them; one layer of prefill activations; the full-vocabulary fp32
                logits of a decode step and the sampler's copies
   scoring      the teacher's fp32 forward over the documents' windows (B/DP/positions per
@@ -185,21 +186,23 @@ def estimate(cfg: RunConfig, world_size: int, vocab_size: int, attention: str = 
     chunk_contexts = min(r.rollout_chunk_contexts or contexts, contexts)
     chunk_rows = chunk_contexts * r.group_size
     rollout_chunks = math.ceil(contexts / chunk_contexts)
-    seq = r.max_prefix_tokens + r.max_thought_tokens + 2
+    # The longest prefix is a document's whole window: longer than max_prefix_tokens with
+    # several positions per document (data/contexts.py, `RLPConfig.max_window_tokens`).
+    window = r.max_window_tokens()
+    seq = window + r.max_thought_tokens + 2
     layers_here = 1 / pp
     kv = (s.n_attn * layers_here * 2 * chunk_rows * seq * (s.groups * s.head_dim / tp) * pb)
     # The Mamba decode state is fp32 whatever the params dtype (models/mamba/mixer.py).
     conv_state = chunk_rows * (s.conv_dim / tp) * (MAMBA_CONV_KERNEL - 1) * 4
     ssm_state = chunk_rows * (s.m_heads / tp) * s.m_head_dim * s.m_state * 4
     mamba_state = s.n_mamba * layers_here * (conv_state + ssm_state)
-    prefill = one_layer_inference_bytes(s, tp, pb, chunk_contexts, r.max_prefix_tokens + 1,
+    prefill = one_layer_inference_bytes(s, tp, pb, chunk_contexts, window + 1,
                                         attention)
     decode_logits = chunk_rows * s.vocab * (pb + 3 * 4)  # gathered logits, fp32 + sampler copies
     rollout = {"kv_cache": kv, "ssm_conv_state": mamba_state,
                "transient": max(prefill, decode_logits)}
 
     documents = max(1, contexts // r.positions_per_document)
-    window = r.max_prefix_tokens
     scoring = {
         "activations": one_layer_inference_bytes(s, tp, 4, documents, window, attention),
         # scoring/next_token.py projects only the scored positions onto the vocabulary
@@ -207,7 +210,7 @@ def estimate(cfg: RunConfig, world_size: int, vocab_size: int, attention: str = 
     } if t.objective == "rlp" else {"activations": 0.0, "logits": 0.0}
 
     if t.objective == "rlp":
-        sequences, upd_seq, scored = rows, r.max_prefix_tokens + 1 + r.max_thought_tokens, \
+        sequences, upd_seq, scored = rows, window + 1 + r.max_thought_tokens, \
             r.max_thought_tokens
     else:
         sequences, upd_seq = cfg.data.ntp_batch_size // dp, cfg.data.ntp_seq_length

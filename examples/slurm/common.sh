@@ -206,7 +206,9 @@ rlp_launch() {
 # The paper's RLP settings (32 x H100: 512 contexts/step, 2048-token thoughts and prefixes,
 # lr 1e-6 constant, temperature 0.7, tau 0.999) for a model config, a default TP, G and
 # rollout chunk (contexts sampled together; 0 = all of a rank's); env vars override (see
-# the examples/*.sh headers), then the extra arguments.
+# the examples/*.sh headers), then the extra arguments. The 8 positions of a document share
+# one window of up to 2 x PREFIX_TOKENS - min_prefix_tokens tokens, so that each keeps its
+# full PREFIX_TOKENS prefix: max_sequence_length covers 2 x PREFIX_TOKENS + THOUGHT_TOKENS.
 rlp_paper_recipe() {
   local default_config=$1 default_tp=$2 default_g=$3 default_chunk=$4
   shift 4
@@ -228,7 +230,7 @@ rlp_paper_recipe() {
     rlp.rollout_chunk_contexts="$ROLLOUT_CHUNK"
     rlp.max_thought_tokens="$THOUGHT_TOKENS" rlp.max_prefix_tokens="$PREFIX_TOKENS"
     rlp.positions_per_document=8 rlp.temperature=0.7 rlp.ema_decay=0.999
-    model.max_sequence_length=$((PREFIX_TOKENS + THOUGHT_TOKENS + 64))
+    model.max_sequence_length=$((2 * PREFIX_TOKENS + THOUGHT_TOKENS + 64))
     optimizer.lr=1e-6 optimizer.min_lr=1e-6 optimizer.lr_decay_style=constant
     optimizer.weight_decay=0.1 optimizer.adam_beta1=0.9 optimizer.adam_beta2=0.95
     train.micro_batch_size="${MICRO_BATCH:-1}" train.steps="${STEPS:-500}"

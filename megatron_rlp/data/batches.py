@@ -1,9 +1,13 @@
 """Contexts -> tensors: the policy's left-padded prompts and the teacher's document windows.
 
-All contexts of one document share one window `doc[ws : t_max]` (ws = max(0, t_max -
-max_prefix)); context t reads the prefix `doc[ws : t]`. The teacher therefore scores every
-position of a document in one forward over its window, and policy and teacher condition
-on exactly the same prefix.
+All contexts of one document share one window `doc[ws : t_max]` with ws = max(0, t_min -
+max_prefix): context t reads the prefix `doc[ws : t]`, so no context gets less than its full
+prefix doc[max(0, t - max_prefix) : t] (the rule of `data.contexts`, issue 11). The teacher
+therefore scores every position of a document in one forward over its window, and policy and
+teacher condition on exactly the same prefix. The window depends on the document's first
+position, so all of a document's contexts must be on one rank (config validation keeps them
+together: `RLPRunConfig` refuses a positions_per_document that does not divide the contexts
+per data-parallel rank).
 
 The tensors are assembled on the host (they come from numpy documents) and moved to the
 run's device in one copy per tensor per step (`device=`).
@@ -57,13 +61,26 @@ def build_rlp_inputs(contexts: list[Context], context_ids: list[int], corpus: To
                      max_prefix: int, pad: int, device: torch.device | str = "cpu"
                      ) -> tuple[PromptBatch, DocumentWindows]:
     """Tensors for this rank's contexts (grouped by document, as the sampler returns them),
-    on `device`."""
+    on `device`.
+
+    Args:
+        contexts: B contexts; those of one document consecutive (any order inside).
+        context_ids: Their B global ids.
+        corpus: Anything with `documents` (the sampler's corpus).
+        max_prefix: `rlp.max_prefix_tokens`; a document's window starts max_prefix tokens
+            before its first position (module docstring).
+        pad: Padding id.
+
+    Returns:
+        (PromptBatch of B left-padded prefixes doc[ws:t], [B, P] with P the longest;
+        DocumentWindows of the D documents' windows doc[ws:t_max], [D, W]).
+    """
     prefixes, windows, rows, cols = [], [], [], []
     for _, group in groupby(contexts, key=lambda c: c.doc_index):
         group = list(group)
         doc = corpus.documents[group[0].doc_index]
         t_max = max(c.position for c in group)
-        ws = max(0, t_max - max_prefix)
+        ws = max(0, min(c.position for c in group) - max_prefix)
         windows.append(doc[ws:t_max])
         for c in group:
             prefixes.append(doc[ws:c.position])

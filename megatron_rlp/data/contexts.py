@@ -19,12 +19,17 @@ Corpora that carry worked thoughts (`<think> ... </think>`, like the shipped one
 the model reads, not text it is asked to predict: with `skip_spans` a target x_t is never a
 thought marker or inside such a span, so every prefix ends outside any thought.
 
-All positions t of one document lie in one window of at most `max_prefix` tokens and leave
-each context at least `min_prefix` tokens of it: with t_max the document's last position, the
-shared window is doc[max(0, t_max - max_prefix) : t_max] (what `batches.build_rlp_inputs` feeds
-the policy and the teacher), and every t >= max(0, t_max - max_prefix) + min_prefix. Long
-documents therefore get a random band of max_prefix - min_prefix + 1 candidate positions; with
-one position per document (the default) the position is uniform over the whole document.
+Prefixes (issue 11): every context conditions on its full prefix. A document's positions
+t_1 < ... < t_k share one window doc[ws : t_k] with ws = max(0, t_1 - max_prefix), and context
+t reads doc[ws : t] -- the rule's prefix doc[max(0, t - max_prefix) : t] or a longer one, never
+a shorter one: at least min(t, max_prefix) tokens, and later positions of the document read a
+little more text so that one causal forward over the window serves them all (rollout prefill,
+teacher, packed update). `batches.build_rlp_inputs` applies the same rule. The window is at
+most `max_window_tokens(...)` long: positions lie in a random band of `band` candidates
+(`rlp.position_band_tokens`, at most and by default max_prefix - min_prefix + 1; all
+positions of a short document), so a window holds at most max_prefix + band - 1 tokens with several
+positions per document (2 max_prefix - min_prefix by default), and max_prefix with one,
+where the position is uniform over the whole document (the default). Every t >= min_prefix.
 """
 
 from __future__ import annotations
@@ -58,8 +63,9 @@ class Context:
     Attributes:
         doc_index: Index of the document in the corpus.
         position: Index t of the target token in the document.
-        prefix: The tokens the context is conditioned on: doc[ws:t], ws the start of its
-            document's shared window (int32, at least `min_prefix`, at most `max_prefix`).
+        prefix: The tokens the context is conditioned on: doc[ws:t], ws = max(0, t_1 -
+            max_prefix) with t_1 the first position of its document (int32; at least
+            min(t, max_prefix) >= min_prefix tokens, at most `max_window_tokens(...)`).
         target: tokens[t], the true next token.
     """
 
@@ -69,13 +75,38 @@ class Context:
     target: int
 
 
-def _band(length: int, k_span: int, min_prefix: int, max_prefix: int,
+def band_width(min_prefix: int, max_prefix: int, band: int = 0) -> int:
+    """Candidate positions of one document's band: max_prefix - min_prefix + 1 (the positions
+    a window of max_prefix holds past min_prefix), narrowed to `band` when 0 < band < that
+    (a shrunk recipe keeps a band its prefixes allow)."""
+    widest = max_prefix - min_prefix + 1
+    return min(band, widest) if band else widest
+
+
+def max_window_tokens(min_prefix: int, max_prefix: int, positions_per_doc: int,
+                      strategy: str = "uniform", stride: int = 1, band: int = 0) -> int:
+    """Longest document window (and so longest prefix) the sampler can produce, in tokens.
+
+    One position per document: `max_prefix`. Several: `max_prefix` plus the widest spread
+    t_k - t_1 of one document's positions, (positions_per_doc - 1) * stride for "stride",
+    else the band width minus one (max_prefix - min_prefix by default; see the module
+    docstring). What config validation checks `model.max_sequence_length` and memory
+    estimates against.
+    """
+    if positions_per_doc <= 1:
+        return max_prefix
+    if strategy == "stride":
+        return max_prefix + (positions_per_doc - 1) * stride
+    return max_prefix + band_width(min_prefix, max_prefix, band) - 1
+
+
+def _band(length: int, k_span: int, min_prefix: int, max_prefix: int, width: int,
           rng: np.random.Generator) -> tuple[int, int]:
     """Candidate positions [lo, hi] of one document: all of them when the document fits one
-    window, else a random band of max_prefix - min_prefix + 1 positions."""
+    window, else a random band of `width` (<= max_prefix - min_prefix + 1) positions. Either
+    way windows stay within `max_window_tokens`."""
     if length - 1 <= max_prefix:
         return min_prefix, length - 1
-    width = max_prefix - min_prefix + 1
     assert width >= k_span
     lo = int(rng.integers(min_prefix, length - width + 1))
     return lo, lo + width - 1
@@ -108,6 +139,9 @@ class ContextSampler:
         seed: Seed shared by all steps.
         strategy: "uniform", "stride" or "entropy" (see the module docstring).
         stride: Token distance between positions of one document for "stride".
+        band: Candidate positions one document's positions are drawn from when it has more
+            (bounds the window, see `max_window_tokens`); 0 or more than max_prefix -
+            min_prefix + 1 = that many.
         scorer: Required for "entropy": scores token windows (see `PositionScorer`).
         skip_spans: (begin, end) thought-marker ids: targets never fall on a marker or inside
             a span (None = any position).
@@ -119,7 +153,7 @@ class ContextSampler:
     def __init__(
         self, corpus: DocumentSource, min_prefix: int, max_prefix: int, seed: int, *,
         strategy: str = "uniform", stride: int = 1, scorer: PositionScorer | None = None,
-        skip_spans: tuple[int, int] | None = None,
+        skip_spans: tuple[int, int] | None = None, band: int = 0,
     ) -> None:
         if not 1 <= min_prefix <= max_prefix:
             raise ValueError(
@@ -132,12 +166,15 @@ class ContextSampler:
             raise ValueError("the entropy position strategy needs a scorer")
         if stride < 1:
             raise ValueError(f"stride must be >= 1, got {stride}")
+        if band < 0:
+            raise ValueError(f"band must be >= 0 (0 = max_prefix - min_prefix + 1), got {band}")
         self.corpus = corpus
         self.min_prefix = min_prefix
         self.max_prefix = max_prefix
         self.seed = seed
         self.strategy = strategy
         self.stride = stride
+        self.band = band_width(min_prefix, max_prefix, band)
         self.scorer = scorer
         self.skip_spans = skip_spans
         if not np.any(np.asarray(corpus.lengths) > min_prefix):
@@ -166,7 +203,7 @@ class ContextSampler:
             cands = np.arange(self.min_prefix, len(tokens))
             cands = cands if valid is None else cands[valid[cands]]
             return cands[rng.choice(len(cands), 1, replace=False)] if len(cands) else None
-        lo, hi = _band(len(tokens), span, self.min_prefix, self.max_prefix, rng)
+        lo, hi = _band(len(tokens), span, self.min_prefix, self.max_prefix, self.band, rng)
         cands = np.arange(lo, hi + 1)
         if self.strategy == "stride":
             starts = cands[:len(cands) - (span - 1)]
@@ -216,11 +253,11 @@ class ContextSampler:
                 f"positions_per_doc={positions_per_doc}"
             )
         span = self._span(positions_per_doc)
-        if span > self.max_prefix - self.min_prefix + 1:
+        if span > self.band:
             raise ValueError(
                 f"{positions_per_doc} positions ({self.strategy}, stride {self.stride}) do not "
                 f"fit one window of max_prefix={self.max_prefix} with min_prefix="
-                f"{self.min_prefix}"
+                f"{self.min_prefix} (a band of {self.band} candidate positions)"
             )
         num_docs = num_contexts // positions_per_doc
         lengths = np.asarray(self.corpus.lengths)
@@ -261,7 +298,9 @@ class ContextSampler:
 
         contexts = []
         for doc_index, tokens, positions in picks:
-            ws = max(0, int(positions[-1]) - self.max_prefix)  # the document's shared window
+            # The document's shared window: the first position keeps its full prefix, so
+            # no later one has a shorter one (module docstring).
+            ws = max(0, int(positions[0]) - self.max_prefix)
             for t in positions:
                 t = int(t)
                 contexts.append(Context(doc_index=doc_index, position=t, prefix=tokens[ws:t],
@@ -335,5 +374,5 @@ def build_context_sampler(rlp_cfg, corpus: DocumentSource, seed: int,
     return ContextSampler(corpus, min_prefix=rlp_cfg.min_prefix_tokens,
                           max_prefix=rlp_cfg.max_prefix_tokens, seed=seed,
                           strategy=rlp_cfg.position_strategy, stride=rlp_cfg.position_stride,
-                          scorer=scorer,
+                          scorer=scorer, band=rlp_cfg.position_band_tokens,
                           skip_spans=thought_markers if rlp_cfg.skip_thought_spans else None)

@@ -1,7 +1,8 @@
 """Shared-prefix rollout prefill: one forward per document window serves all its positions.
 
 The per-context prefill encodes `doc[ws : t_k] <think>` for every context k, so a document
-with ppd positions is encoded ppd times. Here its window `doc[ws : t_max]` is encoded once
+with ppd positions is encoded ppd times. Here its window `doc[ws : t_max]` (ws = max(0, t_min -
+max_prefix): every context's full prefix, `data.batches`) is encoded once
 (`KVCacheEngine`'s static cache, D rows); each context's cache row is then cut from its
 document's row: the prefix columns [s_k, e_k) are moved to end at the window's last column,
 the later columns masked, and `<think>` is fed as the first decode step.

@@ -14,7 +14,7 @@ SMALL = ["model.hybrid_layer_pattern=*-*-", "model.hidden_size=64", "model.ffn_h
          "model.num_attention_heads=4", "model.num_query_groups=2",
          "rlp.contexts_per_step=4", "rlp.positions_per_document=2", "rlp.group_size=2",
          "rlp.max_thought_tokens=4", "rlp.min_prefix_tokens=8", "rlp.max_prefix_tokens=48",
-         "model.max_sequence_length=64", "device.num_threads=1"]
+         "model.max_sequence_length=96", "device.num_threads=1"]  # windows <= 48 + 40 tokens
 
 
 def test_bench_rlp_compares_paths_on_the_same_contexts(tmp_path):
@@ -28,6 +28,8 @@ def test_bench_rlp_compares_paths_on_the_same_contexts(tmp_path):
     assert len(res["checks"]) == 2 and res["equal"]["identical_thoughts_all_steps"]
     assert res["equal"]["max_reward_abs_diff"] < 1e-4
     assert res["equal"]["max_loss_abs_diff"] < 1e-5
+    for row in res["paths"]["optimised"]["per_step"]:  # what the contexts read
+        assert 8 <= row["prefix_len"] <= row["window_len"] <= 88
     for name, path in res["paths"].items():
         assert set(path["phases_s"]) == {"step", "rollout", "scoring", "update"}
         assert path["tokens_per_s"] > 0 and path["peak_memory_bytes"] >= 0

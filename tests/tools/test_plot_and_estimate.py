@@ -101,6 +101,11 @@ def test_rollout_cache_arithmetic_and_tp_invariance():
     assert one["batch"]["rollout_rows_per_rank"] == rows
     # K and V, 28 attention layers, 8 KV heads x 128, bf16
     assert one["phases"]["rollout"]["kv_cache"] == 28 * 2 * rows * seq * 8 * 128 * 2
+    # 8 positions per document: a prefix can span its document's whole window, up to
+    # 2048 + (2048 - 128) tokens (data/contexts.py)
+    eight = em.estimate(_cfg(base + ["rlp.positions_per_document=8",
+                                     "rlp.min_prefix_tokens=128"], 32), 32, 151936)
+    assert eight["phases"]["rollout"]["kv_cache"] == 28 * 2 * rows * (seq + 1920) * 8 * 128 * 2
     two = em.estimate(_cfg(base + ["parallel.tensor_model_parallel_size=2"], 32), 32, 151936)
     # TP=2 halves the heads per rank but doubles the rows per rank (DP halves)
     assert two["phases"]["rollout"]["kv_cache"] == one["phases"]["rollout"]["kv_cache"]

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from megatron_rlp.data import ContextSampler, NTPBatcher, load_corpus
+from megatron_rlp.data.contexts import max_window_tokens
 from megatron_rlp.tokenizer import ByteTokenizer
 
 SHIPPED = Path(__file__).resolve().parents[2] / "data" / "corpus.jsonl"
@@ -100,10 +101,11 @@ def test_contexts_match_documents_and_are_grouped(corpus):
             tokens = corpus.documents[c.doc_index]
             assert len(tokens) > 8 and 8 <= c.position < len(tokens)
             assert c.target == tokens[c.position]
-            # The document's contexts share one window (what build_rlp_inputs feeds).
-            ws = max(0, max(d.position for d in contexts if d.doc_index == c.doc_index) - 16)
+            # The document's contexts share one window opening max_prefix before its first
+            # position (what build_rlp_inputs feeds): no prefix shorter than its full one.
+            ws = max(0, min(d.position for d in contexts if d.doc_index == c.doc_index) - 16)
             assert c.prefix.tolist() == tokens[ws : c.position].tolist()
-            assert 8 <= len(c.prefix) <= 16
+            assert min(c.position, 16) <= len(c.prefix) <= max_window_tokens(8, 16, 3)
 
 
 def test_sampler_errors(corpus):

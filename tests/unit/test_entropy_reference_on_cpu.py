@@ -126,5 +126,5 @@ def test_entropy_positions_on_long_documents(state):
         assert [c.position for c in group] == want
         for c in group:
             assert c.target == doc[c.position]
-            assert np.array_equal(c.prefix, doc[max(0, want[-1] - MAX_PREFIX):c.position])
+            assert np.array_equal(c.prefix, doc[max(0, want[0] - MAX_PREFIX):c.position])
     assert decided >= 6

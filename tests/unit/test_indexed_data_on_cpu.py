@@ -127,11 +127,12 @@ def _check_windows(contexts, corpus, k, min_prefix, max_prefix):
     for g in range(0, len(contexts), k):
         group = contexts[g:g + k]
         doc = corpus.documents[group[0].doc_index]
-        ws = max(0, group[-1].position - max_prefix)  # what batches.build_rlp_inputs feeds
+        ws = max(0, group[0].position - max_prefix)  # what batches.build_rlp_inputs feeds
         for c in group:
             assert c.doc_index == group[0].doc_index and c.target == doc[c.position]
             assert np.array_equal(c.prefix, doc[ws:c.position])
-            assert min_prefix <= len(c.prefix) <= max_prefix
+            assert min_prefix <= min(c.position, max_prefix) <= len(c.prefix)
+            assert len(c.prefix) <= max_prefix + (max_prefix - min_prefix)
 
 
 @pytest.mark.parametrize("strategy", ["uniform", "stride", "entropy"])

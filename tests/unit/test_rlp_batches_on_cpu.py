@@ -26,11 +26,12 @@ def test_windows_and_prompts_share_prefixes():
     c = corpus()
     contexts = [ctx(c, 0, 20), ctx(c, 0, 50), ctx(c, 1, 9)]  # doc 0: two positions, one window
     prompts, win = build_rlp_inputs(contexts, [4, 5, 6], c, max_prefix=40, pad=PAD)
-    # doc 0's window starts at 50 - 40 = 10 for both of its contexts
-    assert prompts.lengths.tolist() == [10, 40, 9]
+    # doc 0's window starts at max(0, 20 - 40) = 0 for both of its contexts (its first
+    # position keeps its full prefix; the later one reads 50 > max_prefix tokens)
+    assert prompts.lengths.tolist() == [20, 50, 9]
     assert prompts.context_ids.tolist() == [4, 5, 6]
     assert prompts.targets.tolist() == [120, 150, 209]
-    assert win.tokens.shape == (2, 40) and win.rows.tolist() == [0, 0, 1]
+    assert win.tokens.shape == (2, 50) and win.rows.tolist() == [0, 0, 1]
     for b, context in enumerate(contexts):
         doc = c.documents[context.doc_index]
         prefix = prompts.tokens[b][prompts.valid[b]]

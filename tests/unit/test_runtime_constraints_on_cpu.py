@@ -62,7 +62,8 @@ def _sampler(cfg, world=1, **kw):
     r = cfg.rlp
     return ContextSampler(_corpus(), r.min_prefix_tokens, r.max_prefix_tokens, cfg.train.seed,
                           strategy=kw.get("strategy", r.position_strategy),
-                          stride=r.position_stride, scorer=lambda w: [np.zeros(len(x)) for x in w])
+                          stride=r.position_stride, scorer=lambda w: [np.zeros(len(x)) for x in w],
+                          band=r.position_band_tokens)
 
 
 def _sample(cfg, world=1):
@@ -163,6 +164,8 @@ CONFIG_REACHABLE = {
          lambda cfg, w: _sampler(cfg, strategy="random"))],
     ("data/contexts.py", "stride must be >= 1"): [
         (("rlp.position_stride=0",), 1, "rlp.position_stride=0", _sampler)],
+    ("data/contexts.py", "band must be >= 0"): [
+        (("rlp.position_band_tokens=-1",), 1, "rlp.position_band_tokens=-1", _sampler)],
     ("data/contexts.py", "must be a positive multiple of"): [
         (("rlp.contexts_per_step=6", "rlp.positions_per_document=4"), 1,
          "rlp.positions_per_document=4", _sample)],
@@ -170,7 +173,9 @@ CONFIG_REACHABLE = {
         (("rlp.positions_per_document=4", "rlp.position_strategy=stride",
           "rlp.position_stride=64"), 1, "rlp.positions_per_document=4", _sample),
         (("rlp.positions_per_document=8", "rlp.min_prefix_tokens=16",
-          "rlp.max_prefix_tokens=20"), 1, "rlp.positions_per_document=8", _sample)],
+          "rlp.max_prefix_tokens=20"), 1, "rlp.positions_per_document=8", _sample),
+        (("rlp.positions_per_document=8", "rlp.position_band_tokens=4"), 1,
+         "rlp.positions_per_document=8", _sample)],
     ("data/contexts.py", "seq_length={seq_length} must be >= 1"): [
         (("data.ntp_seq_length=0", "train.objective=ntp"), 1, "data.ntp_seq_length=0",
          _ntp_batcher)],
