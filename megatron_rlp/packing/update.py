@@ -7,8 +7,9 @@ thought rows (0 = all), as the unpacked update's do:
 - a micro-batch of whole documents packs each document into one sequence;
 - a micro-batch smaller than a document packs the document's rows into several sequences,
   each repeating the window (with one row per micro-batch this is the unpacked layout).
-Other sizes, and models with Mamba layers (a branch would have to start from the SSM state
-at its t_k), keep the unpacked update: `packable` says which.
+Other sizes keep the unpacked update: `packable` says which. Mamba layers (hybrid models)
+scan each packed sequence's window once and start every branch from the conv/SSM state at
+its t_k (`models.mamba.branches.mamba_branches`), with gradients into the window.
 
 On CPU the tree mask goes through Megatron's local `DotProductAttention` as an explicit
 [B, 1, S, S] mask (its `attn_mask_type` is set to `arbitrary` for the forward, so the fused
@@ -26,6 +27,7 @@ import torch
 from megatron.core.transformer.enums import AttnMaskType
 from torch import Tensor
 
+from megatron_rlp.models.mamba.branches import mamba_branches
 from megatron_rlp.models.output_positions import logits_at_positions
 from megatron_rlp.models.provider import unwrap_model
 from megatron_rlp.objective import rlp_policy_loss
@@ -35,10 +37,9 @@ from megatron_rlp.scoring.next_token import token_logprobs_vocab_parallel
 
 
 def packable(pattern: str, rows_per_document: int, rows: int, micro_batch_size: int) -> bool:
-    """Whether the packed update applies: attention-only model and a micro-batch size that is
-    0, a multiple of a document's rows, or a divisor of them."""
-    if "M" in pattern:
-        return False
+    """Whether the packed update applies: a micro-batch size that is 0, a multiple of a
+    document's rows, or a divisor of them. Every layer pattern packs (`pattern` is kept for
+    callers: Mamba layers start branches from their t_k states)."""
     if micro_batch_size == 0:
         return True
     if rows % micro_batch_size:
@@ -176,7 +177,8 @@ def packed_forward_step(scale: float, vocab_size: int, temperature: float,
     batch = next(data_iterator)
     mask = tree_mask(batch["branch"], batch["lo"], batch["hi"])
     with (logits_at_positions(model, batch["index"]), arbitrary_mask(model),
-          rotary_at_positions(model, batch["positions"])):
+          rotary_at_positions(model, batch["positions"]),
+          mamba_branches(model, batch["branch"], batch["hi"])):
         logits = model(batch["tokens"], batch["positions"], mask)
     return logits, partial(packed_loss, batch, scale, vocab_size, temperature, eps,
                            **loss_options)

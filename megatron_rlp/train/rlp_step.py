@@ -25,7 +25,6 @@ from megatron_rlp.models.fp8 import rollout_precision, token_multiple
 from megatron_rlp.models.output_positions import logits_at_positions
 from megatron_rlp.objective import group_advantages, info_gain_reward, rlp_policy_loss
 from megatron_rlp.packing.prefill import SharedWindows
-from megatron_rlp.packing.prefill import supported as shared_prefill_supported
 from megatron_rlp.packing.update import packable, packed_forward_step, packed_update_batches
 from megatron_rlp.rollout.thoughts import PromptBatch, ThoughtBatch, sample_thoughts_chunked
 from megatron_rlp.scoring.next_token import score_next_tokens, token_logprobs_vocab_parallel
@@ -168,8 +167,7 @@ def rollout_and_score(state: TrainState, sampler: ContextSampler, step: int,
             think_start=tok.think_start, think_end=tok.think_end, pad=tok.pad,
             vocab_size=tok.vocab_size, seed=cfg.train.seed, step=step,
             shared=(SharedWindows.from_windows(windows, prompts)
-                    if r.share_prefixes and shared_prefill_supported(cfg.model.hybrid_layer_pattern)
-                    else None))
+                    if r.share_prefixes else None))
         state.policy.train()
     with timer("scoring"), rollout_precision(cfg.precision, state.teacher.model):
         if not state.teacher.initialized:

@@ -39,6 +39,7 @@ from megatron.core.utils import deprecate_inference_params
 from torch import Tensor
 
 from megatron_rlp.models.mamba.adapter import install_torch_kernels
+from megatron_rlp.models.mamba.branches import packed_ssm, states_at
 from megatron_rlp.models.mamba.inference_state import (
     batch_first,
     cached_batch_size,
@@ -65,7 +66,11 @@ def _tp_slice(full: Tensor, sizes: list[int], rank: int, tp: int) -> Tensor:
 
 
 class LocalMambaMixer(MambaMixer):
-    """`MambaMixer` + padding mask, batch-first static decode, TP-invariant init."""
+    """`MambaMixer` + padding mask, batch-first static decode, TP-invariant init, and the
+    packed-branch / state-at-positions modes of `branches` (set by its context managers)."""
+
+    branch_layout = None  # `branches.BranchLayout`: input is branch-packed sequences
+    fork_at = None  # (rows, ends): a prefill caches the states at these window positions
 
     def __init__(self, config, submodules, d_model, *, d_conv: int = 4, conv_init=None,
                  A_init_range=(1, 16), dt_min: float = 0.001, dt_max: float = 0.1,
@@ -127,12 +132,19 @@ class LocalMambaMixer(MambaMixer):
                 return self._decode(hidden_states, conv_state, ssm_state)
 
         zxBCdt, _ = self.in_proj(hidden_states)
+        if self.branch_layout is not None and not in_inference_mode:
+            # The tree mask's padding is not a row's padding; the layout says what is what.
+            return self.out_proj(packed_ssm(self, zxBCdt, self.branch_layout))
         if token_valid is not None:
             zxBCdt = self._mask_padding(zxBCdt, token_valid)
         zxBCdt = self.cp.pre_conv_ssm(zxBCdt, packed_seq_params)
         if in_inference_mode or not self.use_mem_eff_path:
             assert packed_seq_params is None, "packed sequences need use_mem_eff_path"
             y = self._ssm_prefill(zxBCdt, conv_state=conv_state, ssm_state=ssm_state)
+            if self.fork_at is not None and conv_state is not None:
+                entry = inference_context.key_value_memory_dict[self.layer_number]
+                inference_context.key_value_memory_dict[self.layer_number] = states_at(
+                    self, zxBCdt, *self.fork_at, like=entry)
         else:
             y = self._ssm_training(zxBCdt, packed_seq_params)
         return self.out_proj(y)
