@@ -1,6 +1,7 @@
 """Shared-prefix rollouts (packing/prefill.py): one prefill per document window gives the
 thoughts, sampling log-probs and S_pred of the per-context prefill, also in chunks that cut a
-document's contexts apart. One-process gloo group, tiny dense HybridModel, fp32."""
+document's contexts apart, for a dense and a hybrid model (Mamba layers fork the conv/SSM
+states at each t_k). One-process gloo group, tiny HybridModels, fp32."""
 
 from __future__ import annotations
 
@@ -9,20 +10,20 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from tiny_models import tiny_dense_model
+from tiny_models import tiny_model
 
 from megatron_rlp.data.batches import build_rlp_inputs
 from megatron_rlp.data.contexts import Context
-from megatron_rlp.packing.prefill import SharedWindows, supported
+from megatron_rlp.packing.prefill import SharedWindows
 from megatron_rlp.rollout.thoughts import sample_thoughts_chunked
 from megatron_rlp.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 
 
-@pytest.fixture(scope="module")
-def model():
-    with tiny_dense_model(TOK.vocab_size) as net:
+@pytest.fixture(scope="module", params=["dense", "hybrid"])
+def model(request):
+    with tiny_model(TOK.vocab_size, request.param) as net:
         yield net.eval()
 
 
@@ -44,7 +45,3 @@ def test_shared_prefill_draws_the_per_context_thoughts(model, chunk):
     torch.testing.assert_close(got.logprobs, ref.logprobs, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got.s_pred, ref.s_pred, atol=1e-5, rtol=1e-5)
     assert bool(ref.mask.sum(1).gt(1).any())  # thoughts longer than one token were compared
-
-
-def test_hybrid_models_keep_the_per_context_prefill():
-    assert supported("*-*-") and not supported("M-*-")
