@@ -1,4 +1,4 @@
-"""Megatron's `MambaMixer` / `MambaLayer` with three changes RLP needs (any device):
+"""Megatron's `MambaMixer` / `MambaLayer` with four changes RLP needs (any device):
 
 1. **Padding.** A recurrence has no attention mask: left-padding tokens would flow into the
    conv window and the SSM state, so a padded row would not equal the same row alone. The
@@ -18,6 +18,10 @@
    sized from the stored tensors, not a module counter. Forking every cache entry on dim 1
    (the rollout engine's `fork`) is therefore right for Mamba layers too, and a decode step
    on a cache of the wrong batch size fails loudly instead of restarting from zero states.
+4. **Shared prefixes** (`branches`): under `mamba_branches` the training forward reads
+   branch-packed sequences (window, then branches that start from the states at their
+   t_k); under `mamba_states_at` a cached prefill of document windows caches the states at
+   each context's prefix end, one row per context.
 
 Initialisation: under `use_cpu_initialization` (the provider's setting) every full weight
 is drawn on the CPU from one seed and then split, so each TP layout starts from the same
