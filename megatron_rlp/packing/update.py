@@ -9,7 +9,7 @@ thought rows (0 = all), as the unpacked update's do:
   each repeating the window (with one row per micro-batch this is the unpacked layout).
 Other sizes keep the unpacked update: `packable` says which. Mamba layers (hybrid models)
 scan each packed sequence's window once and start every branch from the conv/SSM state at
-its t_k (`models.mamba.branches.mamba_branches`), with gradients into the window.
+its t_k (`models.mamba.branches.attach_branch_layout`), with gradients into the window.
 
 On CPU the tree mask goes through Megatron's local `DotProductAttention` as an explicit
 [B, 1, S, S] mask (its `attn_mask_type` is set to `arbitrary` for the forward, so the fused
@@ -27,7 +27,7 @@ import torch
 from megatron.core.transformer.enums import AttnMaskType
 from torch import Tensor
 
-from megatron_rlp.models.mamba.branches import mamba_branches
+from megatron_rlp.models.mamba.branches import attach_branch_layout
 from megatron_rlp.models.output_positions import logits_at_positions
 from megatron_rlp.models.provider import unwrap_model
 from megatron_rlp.objective import rlp_policy_loss
@@ -176,9 +176,9 @@ def packed_forward_step(scale: float, vocab_size: int, temperature: float,
     """Megatron `forward_step_func` for packed micro-batches (see `train.update`)."""
     batch = next(data_iterator)
     mask = tree_mask(batch["branch"], batch["lo"], batch["hi"])
+    attach_branch_layout(model, mask, batch["branch"], batch["hi"])  # for Mamba layers
     with (logits_at_positions(model, batch["index"]), arbitrary_mask(model),
-          rotary_at_positions(model, batch["positions"]),
-          mamba_branches(model, batch["branch"], batch["hi"])):
+          rotary_at_positions(model, batch["positions"])):
         logits = model(batch["tokens"], batch["positions"], mask)
     return logits, partial(packed_loss, batch, scale, vocab_size, temperature, eps,
                            **loss_options)

@@ -1,7 +1,7 @@
 """The tiny models the rollout, shared-prefill and packed-update tests share, fp32 on the
 CPU backend, seed 0: dense (2 attention + 2 MLP layers, hidden 64, GQA 4 heads / 2 groups)
 and hybrid (the same attention and MLP with two Mamba-2 layers, RoPE, 4 Mamba heads of 16,
-state 8, 2 groups)."""
+state 8, 2 groups), also with full activation recomputation."""
 
 from __future__ import annotations
 
@@ -20,7 +20,10 @@ TINY_DENSE = ("model.hybrid_layer_pattern=*-*-", "model.hidden_size=64",
 TINY_HYBRID = TINY_DENSE[1:] + ("model.hybrid_layer_pattern=M*-M-", "model.mamba_num_heads=4",
                                 "model.mamba_head_dim=16", "model.mamba_state_dim=8",
                                 "model.mamba_num_groups=2")
-TINY = {"dense": TINY_DENSE, "hybrid": TINY_HYBRID}
+TINY = {"dense": TINY_DENSE, "hybrid": TINY_HYBRID,
+        # Megatron's full activation recomputation: layers re-run their forward in backward.
+        "hybrid-recompute": TINY_HYBRID + ("train.recompute_granularity=full",
+                                           "train.recompute_num_layers=1")}
 
 
 @contextlib.contextmanager

@@ -3,8 +3,8 @@ from the conv/SSM state at its prefix end t_k, taken from one scan over the wind
 
 A recurrence has no attention mask, so the tree mask that packs `window | branch_0 |
 branch_1 | ...` into one sequence (`packing.tree`) cannot tell a Mamba layer that branch 1
-starts at t_1 of the window rather than after branch 0. Under `mamba_branches(model, branch,
-hi)` each `LocalMambaMixer` instead:
+starts at t_1 of the window rather than after branch 0. Given the packed layout, which
+`attach_branch_layout` registers for the tree mask, each `LocalMambaLayer`'s mixer instead:
 
 1. gathers the window part of every packed sequence and runs the causal conv and SSD scan
    over it (as the unpacked rows' prefixes, which all start at the window's first column);
@@ -29,6 +29,7 @@ batching's Triton kernels (CUDA).
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -39,8 +40,7 @@ from torch import Tensor
 
 from megatron_rlp.models.mamba import ops
 from megatron_rlp.models.mamba.inference_state import MambaState
-
-WINDOW = -1  # `packing.tree`'s branch value of window tokens (kept equal, tested)
+from megatron_rlp.packing.tree import WINDOW
 
 
 @dataclass
@@ -90,19 +90,37 @@ def _mixers(model: torch.nn.Module):
             if isinstance(m, LocalMambaMixer)]
 
 
-@contextmanager
-def mamba_branches(model: torch.nn.Module, branch: Tensor, hi: Tensor):
-    """Within the block, the model's Mamba mixers read their input as packed sequences
-    (`BranchLayout.from_packed(branch, hi)`); no-op for models without Mamba layers."""
-    mixers = _mixers(model)
-    layout = BranchLayout.from_packed(branch, hi) if mixers else None
-    for m in mixers:
-        m.branch_layout = layout
-    try:
-        yield
-    finally:
-        for m in mixers:
-            m.branch_layout = None
+_LAYOUTS: dict[tuple, BranchLayout] = {}  # by the tree mask's storage: see attach_branch_layout
+
+
+def _mask_key(mask: Tensor) -> tuple:
+    return mask.data_ptr(), tuple(mask.shape), str(mask.device)
+
+
+def attach_branch_layout(model: torch.nn.Module, mask: Tensor, branch: Tensor,
+                         hi: Tensor) -> Tensor:
+    """Register the `BranchLayout` of packed sequences (from `packing.tree.pack_branches`'
+    branch / hi [N, S]) under their tree mask `mask`, for the model's Mamba layers, which
+    look it up from the mask they receive (`layout_of`); returns `mask`. A no-op for models
+    without Mamba layers.
+
+    Keyed by the mask's storage, not set on the modules nor as an attribute of the mask:
+    activation recomputation re-runs a layer's forward during backward (after this
+    micro-batch's forward, possibly after later micro-batches' under pipeline schedules) on
+    a detached copy of the mask, which shares its storage. The entry goes when the mask is
+    freed (after its backward)."""
+    if _mixers(model):
+        key = _mask_key(mask)
+        _LAYOUTS[key] = BranchLayout.from_packed(branch, hi)
+        weakref.finalize(mask, _LAYOUTS.pop, key, None)
+    return mask
+
+
+def layout_of(mask: Tensor | None) -> BranchLayout | None:
+    """The layout `attach_branch_layout` registered for `mask` (or a view of its storage)."""
+    if mask is None or not _LAYOUTS:
+        return None
+    return _LAYOUTS.get(_mask_key(mask))
 
 
 @contextmanager

@@ -18,10 +18,10 @@
    sized from the stored tensors, not a module counter. Forking every cache entry on dim 1
    (the rollout engine's `fork`) is therefore right for Mamba layers too, and a decode step
    on a cache of the wrong batch size fails loudly instead of restarting from zero states.
-4. **Shared prefixes** (`branches`): under `mamba_branches` the training forward reads
-   branch-packed sequences (window, then branches that start from the states at their
-   t_k); under `mamba_states_at` a cached prefill of document windows caches the states at
-   each context's prefix end, one row per context.
+4. **Shared prefixes** (`branches`): given a tree mask registered by `attach_branch_layout`,
+   the training forward reads branch-packed sequences (window, then branches that start
+   from the states at their t_k); under `mamba_states_at` a cached prefill of document
+   windows caches the states at each context's prefix end, one row per context.
 
 Initialisation: under `use_cpu_initialization` (the provider's setting) every full weight
 is drawn on the CPU from one seed and then split, so each TP layout starts from the same
@@ -43,7 +43,7 @@ from megatron.core.utils import deprecate_inference_params
 from torch import Tensor
 
 from megatron_rlp.models.mamba.adapter import install_torch_kernels
-from megatron_rlp.models.mamba.branches import packed_ssm, states_at
+from megatron_rlp.models.mamba.branches import layout_of, packed_ssm, states_at
 from megatron_rlp.models.mamba.inference_state import (
     batch_first,
     cached_batch_size,
@@ -73,7 +73,6 @@ class LocalMambaMixer(MambaMixer):
     """`MambaMixer` + padding mask, batch-first static decode, TP-invariant init, and the
     packed-branch / state-at-positions modes of `branches` (set by its context managers)."""
 
-    branch_layout = None  # `branches.BranchLayout`: input is branch-packed sequences
     fork_at = None  # (rows, ends): a prefill caches the states at these window positions
 
     def __init__(self, config, submodules, d_model, *, d_conv: int = 4, conv_init=None,
@@ -120,9 +119,11 @@ class LocalMambaMixer(MambaMixer):
         self._A_neg_exp_cache_stale = True
 
     def forward(self, hidden_states, inference_context=None, *, inference_params=None,
-                packed_seq_params=None, token_valid: Tensor | None = None):
+                packed_seq_params=None, token_valid: Tensor | None = None,
+                branch_layout=None):
         """hidden_states [S, B, D] -> (out [S, B, D], bias); token_valid: [B, K] bool with
-        K >= S; its last S columns mark this chunk's real (non-padding) tokens."""
+        K >= S; its last S columns mark this chunk's real (non-padding) tokens;
+        branch_layout: `branches.BranchLayout` when the input is branch-packed sequences."""
         inference_context = deprecate_inference_params(inference_context, inference_params)
         in_inference_mode = InferenceMode.is_active()
         batch = hidden_states.shape[1]
@@ -136,9 +137,9 @@ class LocalMambaMixer(MambaMixer):
                 return self._decode(hidden_states, conv_state, ssm_state)
 
         zxBCdt, _ = self.in_proj(hidden_states)
-        if self.branch_layout is not None and not in_inference_mode:
+        if branch_layout is not None and not in_inference_mode:
             # The tree mask's padding is not a row's padding; the layout says what is what.
-            return self.out_proj(packed_ssm(self, zxBCdt, self.branch_layout))
+            return self.out_proj(packed_ssm(self, zxBCdt, branch_layout))
         if token_valid is not None:
             zxBCdt = self._mask_padding(zxBCdt, token_valid)
         zxBCdt = self.cp.pre_conv_ssm(zxBCdt, packed_seq_params)
@@ -217,9 +218,11 @@ class LocalMambaLayer(MambaLayer):
         # check there spares a device-to-host sync per layer and token.
         decoding = (inference_context is not None
                     and getattr(inference_context, "sequence_len_offset", 0) > 0)
+        layout = None if decoding else layout_of(attention_mask)  # packed update: `branches`
         out = self.mixer(hidden_states, inference_context=inference_context,
                          packed_seq_params=packed_seq_params,
-                         token_valid=None if decoding else padding_from_mask(attention_mask))
+                         token_valid=None if decoding or layout is not None
+                         else padding_from_mask(attention_mask), branch_layout=layout)
         with self.bias_dropout_add_exec_handler():
             return self.mamba_bda(training=self.training, fused=self.config.bias_dropout_fusion)(
                 out, residual, self.hidden_dropout)
