@@ -253,6 +253,14 @@ def test_selective_state_update_steps_equal_recurrence():
         dt_bias=a["dt_bias"][:, None].expand(h, p), dt_softplus=True)
     torch.testing.assert_close(y, want_y[:, 1:], atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(state, want_state, atol=1e-12, rtol=1e-12)
+    # The same values materialised (no stride-0 per-head views: the untied path)
+    state = a["init"].clone()
+    y = ops.selective_state_update(
+        state, a["x"], a["dt"][..., None].expand(-1, -1, -1, p).contiguous(), A.contiguous(),
+        a["B"], a["C"], D=a["D"][:, None].expand(h, p).contiguous(), z=a["z"],
+        dt_bias=a["dt_bias"][:, None].expand(h, p).contiguous(), dt_softplus=True)
+    torch.testing.assert_close(y, want_y, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(state, want_state, atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("norm_before_gate", [False, True])

@@ -392,6 +392,14 @@ def selective_state_update(
     cd = _compute_dtype(state, x, dt, B, C)
     st = state_v if state_batch_indices is None else state_v[state_batch_indices]
     st = st.to(cd)
+    # Mamba-2 (Megatron's decode call): A, dt and dt_bias are per head, expanded (stride 0)
+    # over headdim (and dstate): discretise per head, not per [headdim, dstate] element (the
+    # Triton kernel's TIE_HDIM path). Per decode step that spares an exp over the whole state.
+    tied = (A.dim() == 3 and A.stride(-1) == 0 and A.stride(-2) == 0 and dt.stride(-1) == 0
+            and (dt_bias is None or dt_bias.stride(-1) == 0))
+    if tied:
+        dt, A = dt[..., :1], A[:, :1, 0]  # [b, s, h, 1], [h, 1]
+        dt_bias = None if dt_bias is None else dt_bias[..., :1]
     dt = dt.to(cd)
     if dt_bias is not None:
         dt = dt + dt_bias.to(cd)
@@ -402,8 +410,9 @@ def selective_state_update(
     Af = A.to(cd)
     ys = []
     for t in range(x.shape[1]):
-        xt, dtt = x[:, t].to(cd), dt[:, t]  # [b, h, p]
-        st = st * torch.exp(dtt[..., None] * Af) + (dtt * xt)[..., None] * Bh[:, t, :, None, :]
+        xt, dtt = x[:, t].to(cd), dt[:, t]  # [b, h, p] (tied: [b, h, 1])
+        decay = torch.exp(dtt * Af)[..., None] if tied else torch.exp(dtt[..., None] * Af)
+        st = st * decay + (dtt * xt)[..., None] * Bh[:, t, :, None, :]
         y = torch.einsum("bhpn,bhn->bhp", st, Ch[:, t])
         if D is not None:
             y = y + D.to(cd) * xt
