@@ -69,17 +69,24 @@ def arbitrary_mask(model: torch.nn.Module):
 def rows_per_sequence(model_cfg, rows: int, limit: int, window: float, thought: float) -> int:
     """How many thought branches to pack after one copy of a window: the divisor k of `limit`
     minimising a cost model of the update's forward over rows/k sequences of
-    L = window + k * thought tokens: 2 x layer weights per token (the linear layers) plus,
-    per (query, key) pair, 4 x heads x head_dim per attention layer, tripled for the masked
-    softmax and its memory traffic. All branches after one window (k = limit) wastes most of
-    a dense attention on masked branch-to-branch blocks once the branches outweigh the
-    window; one branch per sequence (k = 1) is the unpacked update."""
+    L = window + k * thought tokens: 2 x layer weights per token (the linear layers, and a
+    Mamba layer's state update and readout) plus, per (query, key) pair, 4 x heads x
+    head_dim per attention layer, tripled for the masked softmax and its memory traffic. All
+    branches after one window (k = limit) wastes most of a dense attention on masked
+    branch-to-branch blocks once the branches outweigh the window; one branch per sequence
+    (k = 1) is the unpacked update."""
     m = model_cfg
     h, heads = m.hidden_size, m.num_attention_heads
     hd = m.kv_channels or h // heads
     attn_layers, mlp_layers = m.hybrid_layer_pattern.count("*"), m.hybrid_layer_pattern.count("-")
     weights = attn_layers * h * hd * (2 * heads + 2 * m.num_query_groups)
     weights += mlp_layers * (3 if m.activation == "swiglu" else 2) * h * m.ffn_hidden_size
+    if "M" in m.hybrid_layer_pattern:  # Mamba: in/out projections + the scan's state work
+        heads_m = m.mamba_heads()
+        d_inner = heads_m * m.mamba_head_dim
+        weights += m.hybrid_layer_pattern.count("M") * (
+            h * (2 * d_inner + 2 * m.mamba_num_groups * m.mamba_state_dim + heads_m)
+            + d_inner * h + 2 * d_inner * m.mamba_state_dim)
     pair = attn_layers * heads * hd * 4 * 3
 
     def cost(k: int) -> float:

@@ -133,6 +133,9 @@ def test_rows_per_sequence_trades_window_copies_for_masked_attention():
     # Long thoughts: the masked branch-to-branch attention costs more than window copies.
     k = rows_per_sequence(cfg, 64, 64, window=221, thought=32)
     assert 1 < k < 64 and 64 % k == 0
+    hybrid = load_config("examples/configs/tiny_hybrid_cpu.yaml", ()).model  # Mamba weights
+    assert rows_per_sequence(hybrid, 64, 64, window=2048, thought=4) == 64
+    assert 1 < rows_per_sequence(hybrid, 64, 64, window=221, thought=32) < 64
 
 
 def test_packable_refuses_misaligned_micro_batches_only():
