@@ -39,6 +39,7 @@ from megatron.core.ssm import mamba_mixer as mm
 from torch import Tensor
 
 from megatron_rlp.models.mamba import ops
+from megatron_rlp.models.mamba.adapter import scan_chunk
 from megatron_rlp.models.mamba.inference_state import MambaState
 from megatron_rlp.packing.tree import WINDOW
 
@@ -207,7 +208,8 @@ def packed_ssm(mixer, zxBCdt: Tensor, layout: BranchLayout) -> Tensor:
     y_win = _ssd(mixer, x_w, B_w, C_w, dt[:, :wl], z[:, :wl], params, None)
     A, _, dt_bias, weight, _ = params
     ssm_init = ops.ssd_states_at(x_w, dt[:, :wl], A, B_w, layout.br_seq, layout.br_end,
-                                 mixer.chunk_size, dt_bias=dt_bias, dt_softplus=True)
+                                 scan_chunk(mixer.chunk_size, x_w), dt_bias=dt_bias,
+                                 dt_softplus=True)
     conv_init = _inputs_before(xBC[:, :wl], layout.br_seq, layout.br_end, weight.shape[1] - 1)
     # Branches: one batch of R rows, right-padded (padding comes after a branch's tokens).
     seq, cols = layout.br_seq[:, None], layout.br_cols
@@ -239,8 +241,8 @@ def states_at(mixer, zxBCdt: Tensor, rows: Tensor, ends: Tensor, like: MambaStat
     A, _, dt_bias, _, _ = params
     _, xBC, dt = _split(mixer, zxBCdt.transpose(0, 1))
     x, B, _ = _heads(mixer, _conv(mixer, xBC, params))
-    ssm = ops.ssd_states_at(x, dt, A, B, rows, ends, mixer.chunk_size, dt_bias=dt_bias,
-                            dt_softplus=True)  # [B, h, p, n]
+    ssm = ops.ssd_states_at(x, dt, A, B, rows, ends, scan_chunk(mixer.chunk_size, x),
+                            dt_bias=dt_bias, dt_softplus=True)  # [B, h, p, n]
     conv = _inputs_before(xBC, rows, ends, like.conv.shape[-1])  # [B, conv_dim, d_conv]
     return MambaState(conv.transpose(0, 1).to(like.conv.dtype).contiguous(),
                       ssm.transpose(0, 1).to(like.ssm.dtype).contiguous())
