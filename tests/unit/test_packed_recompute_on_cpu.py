@@ -5,11 +5,14 @@ models/mamba/branches.py). Loss and every gradient equal the unpacked update's."
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from test_packed_update_on_cpu import TOK, G, _inputs, _run
 from tiny_models import tiny_model
 
+from megatron_rlp.models.mamba import branches
 from megatron_rlp.models.provider import unwrap_model
 from megatron_rlp.packing.update import packed_forward_step, packed_update_batches
 from megatron_rlp.train.rlp_step import _forward_step, update_batch
@@ -26,6 +29,8 @@ def test_packed_hybrid_update_with_full_recompute_equals_unpacked():
         packed = packed_update_batches(windows, prompts, thoughts, adv, G, 0, TOK.pad,
                                        TOK.think_start, equal_width=False, rows_per_seq=2 * G)
         loss, got = _run(model, packed_forward_step, packed, rows)
+    gc.collect()
+    assert not branches._LAYOUTS  # each layout left with its mask after the backward
     assert loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-6)
     assert ref.keys() == got.keys() and any("mixer.in_proj" in k for k in ref)
     for name in ref:
