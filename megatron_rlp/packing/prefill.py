@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from megatron_rlp.models.mamba.branches import mamba_states_at
+from megatron_rlp.models.mamba.branches import has_mamba, mamba_states_at
 from megatron_rlp.models.mamba.inference_state import MambaState
 from megatron_rlp.models.masks import padded_causal_mask
 
@@ -85,6 +85,10 @@ def prefill_shared(engine, shared: SharedWindows, think_start: int) -> Tensor | 
     engine.key_valid = torch.zeros(d, ctx.max_sequence_length, dtype=torch.bool, device=device)
     engine.key_valid[:, :w] = shared.valid
     rows = shared.rows.to(device)
+    first = (~shared.valid).sum(1)[rows]  # each row's first token (left padding)
+    if has_mamba(engine.model) and bool((shared.ends - shared.lengths != first).any()):
+        raise ValueError("Mamba layers need every context's prefix to start at its window's "
+                         "first token (their state at t_k is the window scan's)")
     with mamba_states_at(engine.model, rows, shared.ends.to(device)):
         engine._forward(shared.tokens, padded_causal_mask(shared.valid))
 

@@ -183,7 +183,7 @@ def packed_forward_step(scale: float, vocab_size: int, temperature: float,
     """Megatron `forward_step_func` for packed micro-batches (see `train.update`)."""
     batch = next(data_iterator)
     mask = tree_mask(batch["branch"], batch["lo"], batch["hi"])
-    attach_branch_layout(model, mask, batch["branch"], batch["hi"])  # for Mamba layers
+    attach_branch_layout(model, mask, batch["branch"], batch["lo"], batch["hi"])  # Mamba
     with (logits_at_positions(model, batch["index"]), arbitrary_mask(model),
           rotary_at_positions(model, batch["positions"])):
         logits = model(batch["tokens"], batch["positions"], mask)

@@ -45,3 +45,21 @@ def test_shared_prefill_draws_the_per_context_thoughts(model, chunk):
     torch.testing.assert_close(got.logprobs, ref.logprobs, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got.s_pred, ref.s_pred, atol=1e-5, rtol=1e-5)
     assert bool(ref.mask.sum(1).gt(1).any())  # thoughts longer than one token were compared
+
+
+@pytest.mark.parametrize("model", ["hybrid"], indirect=True)
+def test_mamba_prefixes_must_start_at_the_window(model):
+    """A context whose prefix starts inside its window would get the window scan's state at
+    t_k, which includes earlier tokens: refused, not silently wrong."""
+    rng = np.random.default_rng(2)
+    docs = [rng.integers(0, 256, size=40).astype(np.int32)]
+    contexts = [Context(0, t, docs[0][:t], int(docs[0][t])) for t in (20, 30)]
+    prompts, windows = build_rlp_inputs(contexts, [0, 1], SimpleNamespace(documents=docs),
+                                        max_prefix=32, pad=TOK.pad)
+    shared = SharedWindows.from_windows(windows, prompts)
+    shared.lengths = shared.lengths - 1
+    with pytest.raises(ValueError, match="start at its window"):
+        sample_thoughts_chunked(model, prompts, 0, group_size=2, max_thought_tokens=2,
+                                temperature=1.0, top_p=1.0, think_start=TOK.think_start,
+                                think_end=TOK.think_end, pad=TOK.pad, vocab_size=TOK.vocab_size,
+                                seed=0, step=1, shared=shared)

@@ -91,6 +91,11 @@ def _mixers(model: torch.nn.Module):
             if isinstance(m, LocalMambaMixer)]
 
 
+def has_mamba(model: torch.nn.Module) -> bool:
+    """Whether the model (any pipeline chunk) has `LocalMambaMixer` layers."""
+    return bool(_mixers(model))
+
+
 _LAYOUTS: dict[tuple, BranchLayout] = {}  # by the tree mask's storage: see attach_branch_layout
 
 
@@ -99,11 +104,15 @@ def _mask_key(mask: Tensor) -> tuple:
 
 
 def attach_branch_layout(model: torch.nn.Module, mask: Tensor, branch: Tensor,
-                         hi: Tensor) -> Tensor:
+                         lo: Tensor, hi: Tensor) -> Tensor:
     """Register the `BranchLayout` of packed sequences (from `packing.tree.pack_branches`'
-    branch / hi [N, S]) under their tree mask `mask`, for the model's Mamba layers, which
-    look it up from the mask they receive (`layout_of`); returns `mask`. A no-op for models
-    without Mamba layers.
+    branch / lo / hi [N, S]) under their tree mask `mask`, for the model's Mamba layers,
+    which look it up from the mask they receive (`layout_of`); returns `mask`. A no-op for
+    models without Mamba layers.
+
+    Raises ValueError when a branch's prefix does not start at its window's first column:
+    a Mamba state at t_k is that of the scan from there (`data.batches.build_rlp_inputs`'
+    prefixes `doc[ws : t_k]`); a later start would need a scan of its own.
 
     Keyed by the mask's storage, not set on the modules nor as an attribute of the mask:
     activation recomputation re-runs a layer's forward during backward (after this
@@ -111,6 +120,9 @@ def attach_branch_layout(model: torch.nn.Module, mask: Tensor, branch: Tensor,
     a detached copy of the mask, which shares its storage. The entry goes when the mask is
     freed (after its backward)."""
     if _mixers(model):
+        if bool((lo[branch >= 0] != 0).any()):
+            raise ValueError("Mamba branches need every prefix to start at its window's "
+                             "first column")
         key = _mask_key(mask)
         _LAYOUTS[key] = BranchLayout.from_packed(branch, hi)
         weakref.finalize(mask, _LAYOUTS.pop, key, None)
@@ -127,7 +139,8 @@ def layout_of(mask: Tensor | None) -> BranchLayout | None:
 @contextmanager
 def mamba_states_at(model: torch.nn.Module, rows: Tensor, ends: Tensor):
     """Within the block, a cached prefill leaves each Mamba layer's cache holding, for
-    context b, the states after column ends[b] (exclusive) of window row rows[b]."""
+    context b, the states after column ends[b] (exclusive) of window row rows[b]: the
+    states of a prefix that starts at the row's first (non-padding) token."""
     mixers = _mixers(model)
     for m in mixers:
         m.fork_at = (rows, ends)
