@@ -184,8 +184,8 @@ class RLPConfig:
     # One forward per document window serves all its positions and thoughts: the rollout
     # prefills each window once, the update packs a document's (position, thought) branches
     # after its window with a tree mask (megatron_rlp/packing). Same thoughts, rewards and loss
-    # as the per-context path (false), which stays as the reference. Models with Mamba layers
-    # keep the per-context update.
+    # as the per-context path (false), which stays as the reference. Hybrid models too: Mamba
+    # layers fork/start branches from the conv and SSM states at each position.
     share_prefixes: bool = True
     # The prompt the policy thinks in (rollout/template.py): `none` = `x_<t <think>` as is;
     # `paper` = the paper's short instruction (continue the text, think briefly between

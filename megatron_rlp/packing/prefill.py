@@ -14,8 +14,11 @@ which is what the per-context path computes (left padding is exact, see rollout/
 Moved columns are one gather per layer ([W, B] indices); the G thought branches then fork
 from the B context rows as before.
 
-Mamba layers keep only the state at the window's end, not at each t_k; hybrid models use the
-per-context prefill (`supported`).
+Mamba layers (hybrid models) have no columns to move: during the window prefill each one
+caches, per context, its conv state (the inputs before e_k) and SSM state after column e_k
+of the window scan (`models.mamba.branches.mamba_states_at`), which is the state the
+per-context prefill of `doc[ws : t_k]` reaches (padding leaves the state unchanged, see
+`models.mamba.mixer`); `<think>` and the thoughts then decode from it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from megatron_rlp.models.mamba.branches import has_mamba, mamba_states_at
 from megatron_rlp.models.mamba.inference_state import MambaState
 from megatron_rlp.models.masks import padded_causal_mask
 from megatron_rlp.rollout.template import lead_ids
@@ -61,11 +65,6 @@ class SharedWindows:
                              ends=self.ends[start:end], lengths=self.lengths[start:end])
 
 
-def supported(model_pattern: str) -> bool:
-    """Whether a model can fork per-position caches from one window prefill (no Mamba)."""
-    return "M" not in model_pattern
-
-
 @torch.no_grad()
 def prefill_shared(engine, shared: SharedWindows, think_start) -> Tensor | None:
     """Encode each window once, cut one cache row per context, feed `<think>` (or a
@@ -89,15 +88,20 @@ def prefill_shared(engine, shared: SharedWindows, think_start) -> Tensor | None:
     device = shared.tokens.device
     engine.key_valid = torch.zeros(d, ctx.max_sequence_length, dtype=torch.bool, device=device)
     engine.key_valid[:, :w] = shared.valid
-    engine._forward(shared.tokens, padded_causal_mask(shared.valid))
+    rows = shared.rows.to(device)
+    first = (~shared.valid).sum(1)[rows]  # each row's first token (left padding)
+    if has_mamba(engine.model) and bool((shared.ends - shared.lengths != first).any()):
+        raise ValueError("Mamba layers need every context's prefix to start at its window's "
+                         "first token (their state at t_k is the window scan's)")
+    with mamba_states_at(engine.model, rows, shared.ends.to(device)):
+        engine._forward(shared.tokens, padded_causal_mask(shared.valid))
 
     # Column j of context b's row holds window column j - shift[b]: its prefix ends at w.
-    rows = shared.rows.to(device)
     shift = w - shared.ends.to(device)  # [B]
     src = (torch.arange(w, device=device)[:, None] - shift[None, :]).clamp(0, w - 1)  # [W, B]
     for layer, entry in list(ctx.key_value_memory_dict.items()):
-        if isinstance(entry, MambaState):
-            raise ValueError("shared-prefix prefill cannot fork Mamba states at each position")
+        if isinstance(entry, MambaState):  # already one row per context
+            continue
         moved = []
         for cache in entry:  # [max_seq, batch, heads, dim]
             out = cache[:, rows]  # a copy, [max_seq, B, ...]

@@ -68,7 +68,7 @@ def plan_packing(context_doc: Tensor, group_size: int, rows_per_seq: int) -> Pac
     docs, counts = torch.unique_consecutive(row_doc, return_counts=True)
     if bool((counts % rows_per_seq != 0).any()):
         return None
-    rows = torch.arange(len(row_doc)).view(-1, rows_per_seq)
+    rows = torch.arange(len(row_doc), device=row_doc.device).view(-1, rows_per_seq)
     return PackPlan(seq_doc=row_doc[rows[:, 0]], seq_rows=rows)
 
 
@@ -112,19 +112,20 @@ def pack_branches(plan: PackPlan, window_tokens: Tensor, window_valid: Tensor,
     if int(need.max()) > s:
         raise ValueError(f"packed sequences need {int(need.max())} columns, width is {s}")
 
-    tokens = torch.full((n_seq, s), pad, dtype=torch.long)
-    positions = torch.zeros(n_seq, s, dtype=torch.long)
-    branch = torch.full((n_seq, s), PAD, dtype=torch.long)
-    lo = torch.zeros(n_seq, s, dtype=torch.long)
-    hi = torch.zeros(n_seq, s, dtype=torch.long)
-    index = torch.zeros(n_seq, k * length, dtype=torch.long)
-    steps = torch.arange(length + m - 1)
+    host = dict(dtype=torch.long, device="cpu")  # built on the host, moved by the caller
+    tokens = torch.full((n_seq, s), pad, **host)
+    positions = torch.zeros(n_seq, s, **host)
+    branch = torch.full((n_seq, s), PAD, **host)
+    lo = torch.zeros(n_seq, s, **host)
+    hi = torch.zeros(n_seq, s, **host)
+    index = torch.zeros(n_seq, k * length, **host)
+    steps = torch.arange(length + m - 1, **host)
     for i in range(n_seq):
         d, first, wl = int(plan.seq_doc[i]), int(win_first[i]), int(win_len[i])
         tokens[i, :wl] = window_tokens[d, first:first + wl]
-        positions[i, :wl] = torch.arange(wl)
+        positions[i, :wl] = torch.arange(wl, **host)
         branch[i, :wl] = WINDOW
-        hi[i, :wl] = torch.arange(1, wl + 1)  # causal over the window
+        hi[i, :wl] = torch.arange(1, wl + 1, **host)  # causal over the window
         at = wl
         for j in range(k):
             row, c, n = int(plan.seq_rows[i, j]), int(ctx[i, j]), int(lens[i, j])

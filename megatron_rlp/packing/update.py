@@ -7,8 +7,9 @@ thought rows (0 = all), as the unpacked update's do:
 - a micro-batch of whole documents packs each document into one sequence;
 - a micro-batch smaller than a document packs the document's rows into several sequences,
   each repeating the window (with one row per micro-batch this is the unpacked layout).
-Other sizes, and models with Mamba layers (a branch would have to start from the SSM state
-at its t_k), keep the unpacked update: `packable` says which.
+Other sizes keep the unpacked update: `packable` says which. Mamba layers (hybrid models)
+scan each packed sequence's window once and start every branch from the conv/SSM state at
+its t_k (`models.mamba.branches.attach_branch_layout`), with gradients into the window.
 
 On CPU the tree mask goes through Megatron's local `DotProductAttention` as an explicit
 [B, 1, S, S] mask (its `attn_mask_type` is set to `arbitrary` for the forward, so the fused
@@ -27,6 +28,7 @@ import torch
 from megatron.core.transformer.enums import AttnMaskType
 from torch import Tensor
 
+from megatron_rlp.models.mamba.branches import attach_branch_layout
 from megatron_rlp.models.output_positions import logits_at_positions
 from megatron_rlp.models.provider import unwrap_model
 from megatron_rlp.objective import rlp_policy_loss
@@ -38,10 +40,9 @@ from megatron_rlp.scoring.next_token import token_logprobs_vocab_parallel
 
 
 def packable(pattern: str, rows_per_document: int, rows: int, micro_batch_size: int) -> bool:
-    """Whether the packed update applies: attention-only model and a micro-batch size that is
-    0, a multiple of a document's rows, or a divisor of them."""
-    if "M" in pattern:
-        return False
+    """Whether the packed update applies: a micro-batch size that is 0, a multiple of a
+    document's rows, or a divisor of them. Every layer pattern packs (`pattern` is kept for
+    callers: Mamba layers start branches from their t_k states)."""
     if micro_batch_size == 0:
         return True
     if rows % micro_batch_size:
@@ -72,11 +73,12 @@ def rows_per_sequence(model_cfg, rows: int, limit: int, window: float, thought: 
                       block_sparse: bool = False) -> int:
     """How many thought branches to pack after one copy of a window: the divisor k of `limit`
     minimising a cost model of the update's forward over rows/k sequences of
-    L = window + k * thought tokens: 2 x layer weights per token (the linear layers) plus,
-    per (query, key) pair, 4 x heads x head_dim per attention layer, tripled for the masked
-    softmax and its memory traffic. All branches after one window (k = limit) wastes most of
-    a dense attention on masked branch-to-branch blocks once the branches outweigh the
-    window; one branch per sequence (k = 1) is the unpacked update.
+    L = window + k * thought tokens: 2 x layer weights per token (the linear layers, and a
+    Mamba layer's state update and readout) plus, per (query, key) pair, 4 x heads x
+    head_dim per attention layer, tripled for the masked softmax and its memory traffic. All
+    branches after one window (k = limit) wastes most of a dense attention on masked
+    branch-to-branch blocks once the branches outweigh the window; one branch per sequence
+    (k = 1) is the unpacked update.
 
     `block_sparse` (FlexAttention, `packing.flex`): masked tiles are skipped, so the pairs
     counted are those the tree attends (the window causally, each branch its prefix and
@@ -88,6 +90,12 @@ def rows_per_sequence(model_cfg, rows: int, limit: int, window: float, thought: 
     attn_layers, mlp_layers = m.hybrid_layer_pattern.count("*"), m.hybrid_layer_pattern.count("-")
     weights = attn_layers * h * hd * (2 * heads + 2 * m.num_query_groups)
     weights += mlp_layers * (3 if m.activation == "swiglu" else 2) * h * m.ffn_hidden_size
+    if "M" in m.hybrid_layer_pattern:  # Mamba: in/out projections + the scan's state work
+        heads_m = m.mamba_heads()
+        d_inner = heads_m * m.mamba_head_dim
+        weights += m.hybrid_layer_pattern.count("M") * (
+            h * (2 * d_inner + 2 * m.mamba_num_groups * m.mamba_state_dim + heads_m)
+            + d_inner * h + 2 * d_inner * m.mamba_state_dim)
     pair = attn_layers * heads * hd * 4 * 3
 
     def cost(k: int) -> float:
@@ -198,12 +206,13 @@ def packed_forward_step(scale: float, vocab_size: int, temperature: float,
     (block-sparse on CUDA).
     """
     batch = next(data_iterator)
-    if attention == "flex":
+    if attention == "flex":  # attention-only models (config refuses flex with Mamba layers)
         route_core_attention(model)
         mask = tree_descriptors(batch["branch"], batch["lo"], batch["hi"])
         tree_block_mask(mask)  # built once here; every layer (and recompute) reuses it
     else:
         mask = tree_mask(batch["branch"], batch["lo"], batch["hi"])
+        attach_branch_layout(model, mask, batch["branch"], batch["lo"], batch["hi"])  # Mamba
     with (logits_at_positions(model, batch["index"]), arbitrary_mask(model),
           rotary_at_positions(model, batch["positions"])):
         logits = model(batch["tokens"], batch["positions"], mask)

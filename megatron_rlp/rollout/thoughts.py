@@ -134,7 +134,7 @@ def sample_thoughts(
         check_every: decode steps between host-side looks at the open thoughts (early stop,
             compaction); the only device-to-host syncs of the decode loop.
         shared: `packing.prefill.SharedWindows` of these contexts: each document window is
-            prefilled once and the contexts' caches are cut from it (attention-only models);
+            prefilled once and the contexts' caches are cut from it (Mamba layers: states at t_k);
             None prefills every prompt.
     """
     b, p = prompts.tokens.shape

@@ -58,6 +58,7 @@ def reference_logprobs(reference: nn.Module, batch: dict[str, Tensor], vocab_siz
         [m, K] fp32 log-probs on every pipeline stage (0-filled where `index` is unused).
     """
     # Imported here: packing.update imports scoring.next_token (no cycle at module import).
+    from megatron_rlp.models.mamba.branches import attach_branch_layout
     from megatron_rlp.packing.rotary import rotary_at_positions
     from megatron_rlp.packing.tree import tree_mask
     from megatron_rlp.packing.update import arbitrary_mask
@@ -69,6 +70,8 @@ def reference_logprobs(reference: nn.Module, batch: dict[str, Tensor], vocab_siz
         mask = None
         if "branch" in batch:
             mask = tree_mask(batch["branch"], batch["lo"], batch["hi"])
+            # Mamba layers run each branch from the state at its t_k (as the policy's step)
+            attach_branch_layout(reference, mask, batch["branch"], batch["lo"], batch["hi"])
             stack.enter_context(arbitrary_mask(reference))
             stack.enter_context(rotary_at_positions(reference, positions))
         logits = stage_forward(reference, tokens, positions, mask)

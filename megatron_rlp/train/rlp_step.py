@@ -27,7 +27,6 @@ from megatron_rlp.objective import group_advantages, info_gain_reward, rlp_polic
 from megatron_rlp.objective.kl import kl_penalty
 from megatron_rlp.packing.flex import resolve as resolve_packed_attention
 from megatron_rlp.packing.prefill import SharedWindows
-from megatron_rlp.packing.prefill import supported as shared_prefill_supported
 from megatron_rlp.packing.update import packable, packed_forward_step, packed_update_batches
 from megatron_rlp.rollout.template import apply_template, build_template, lead_ids
 from megatron_rlp.rollout.thoughts import PromptBatch, ThoughtBatch, sample_thoughts_chunked
@@ -188,8 +187,7 @@ def rollout_and_score(state: TrainState, sampler: ContextSampler, step: int,
             think_start=list(template.lead), think_end=tok.think_end, pad=tok.pad,
             vocab_size=tok.vocab_size, seed=cfg.train.seed, step=step,
             shared=(SharedWindows.from_windows(windows, prompts)
-                    if r.share_prefixes and shared_prefill_supported(cfg.model.hybrid_layer_pattern)
-                    else None))
+                    if r.share_prefixes else None))
         state.policy.train()
     with timer("scoring"), rollout_precision(cfg.precision, state.teacher.model):
         if not state.teacher.initialized:

@@ -73,6 +73,15 @@ def test_two_ranks_match_one_rank(one_rank, tmp_path, layout):
         ref_rows, ref_params = run(tmp_path / "ntp1", 1, "train.objective=ntp",
                                      "data.ntp_seq_length=64")
     rows, params = run(tmp_path, 2, *layout, *(("train.save_interval=1",) if rlp else ()))
+    _assert_runs_equal(ref_rows, ref_params, rows, params)
+    if rlp:
+        assert_records_match(ref_records, merged_records(tmp_path / "record"), RECORD_ATOL)
+        check_run_against_reference("examples/configs/tiny_hybrid_cpu.yaml",
+                                    (*SMALL, f"optimizer.lr={LR}", f"train.steps={STEPS}"),
+                                    tmp_path / "ckpt", tmp_path / "record", rows)
+
+
+def _assert_runs_equal(ref_rows, ref_params, rows, params):
     assert [r["step"] for r in rows] == [r["step"] for r in ref_rows] == [1, 2, 3]
     keys = KEYS if rows[0]["objective"] == "rlp" else ("loss", "grad_norm", "lr", "tokens")
     for ref, got in zip(ref_rows, rows, strict=True):
@@ -85,8 +94,15 @@ def test_two_ranks_match_one_rank(one_rank, tmp_path, layout):
         err = (params[name] - value).abs().max().item()
         assert err <= 1e-5 * value.abs().max().item() + 1e-4 * adam_reach, (
             f"{name}: max |diff| {err:.2e}")
-    if rlp:
-        assert_records_match(ref_records, merged_records(tmp_path / "record"), RECORD_ATOL)
-        check_run_against_reference("examples/configs/tiny_hybrid_cpu.yaml",
-                                    (*SMALL, f"optimizer.lr={LR}", f"train.steps={STEPS}"),
-                                    tmp_path / "ckpt", tmp_path / "record", rows)
+
+
+@pytest.mark.slow
+def test_tp2_shared_prefixes_several_positions_per_window(tmp_path):
+    """Shared prefixes (the default) with 2 positions per document: the Mamba layers fork
+    states at two t_k per window in the rollout, and the packed update, whose micro-batches
+    (4 thought rows) split each document's 8 rows over two packed sequences, starts branches
+    from them; TP=2 equals one rank."""
+    extra = ("rlp.positions_per_document=2", "train.micro_batch_size=4")
+    ref_rows, ref_params = run(tmp_path / "one", 1, *extra)
+    rows, params = run(tmp_path / "two", 2, "parallel.tensor_model_parallel_size=2", *extra)
+    _assert_runs_equal(ref_rows, ref_params, rows, params)

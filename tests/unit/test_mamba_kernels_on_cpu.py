@@ -142,6 +142,43 @@ def test_chunk_scan_gradients_match_recurrence():
         torch.testing.assert_close(gk, wk, atol=1e-10, rtol=1e-10, msg=k)
 
 
+@pytest.mark.parametrize("chunk", [4, 8, 64])
+def test_states_at_positions_equal_recurrence(chunk):
+    """`ssd_states_at`: the state after any prefix (0, chunk edges, inside chunks, the whole
+    sequence), from zero and from given initial states, is the recurrence's."""
+    a = ssm_inputs(length=24, seed=5)
+    rows = torch.tensor([0, 1, 0, 1, 0, 1, 1])
+    ends = torch.tensor([0, 0, 8, 16, 13, 24, 1])
+    for init in (None, a["init"]):
+        want = torch.stack([recurrence(a["x"][:, :e], a["dt"][:, :e], a["A"], a["B"][:, :e],
+                                       a["C"][:, :e], dt_bias=a["dt_bias"], init=init)[1]
+                            if e else (torch.zeros_like(a["init"]) if init is None else init)
+                            for e in range(25)], 1)  # [b, l + 1, h, p, n]
+        got = ops.ssd_states_at(a["x"], a["dt"], a["A"], a["B"], rows, ends, chunk,
+                                dt_bias=a["dt_bias"], dt_softplus=True, initial_states=init)
+        torch.testing.assert_close(got, want[rows, ends], atol=1e-12, rtol=1e-12)
+
+
+def test_states_at_gradients_match_recurrence():
+    a = ssm_inputs(b=2, length=11, h=2, p=2, g=1, n=3, seed=6)
+    keys = ("x", "dt", "A", "B", "dt_bias", "init")
+    rows, ends = torch.tensor([0, 1, 1]), torch.tensor([4, 7, 11])
+    leaves = {k: a[k].clone().requires_grad_() for k in keys}
+    got_s = ops.ssd_states_at(leaves["x"], leaves["dt"], leaves["A"], leaves["B"], rows, ends,
+                              4, dt_bias=leaves["dt_bias"], dt_softplus=True,
+                              initial_states=leaves["init"])
+    weights = randn(*got_s.shape, g=gen(10))
+    got = torch.autograd.grad((got_s * weights).sum(), [leaves[k] for k in keys])
+    ref = {k: a[k].clone().requires_grad_() for k in keys}
+    want_s = torch.stack([recurrence(ref["x"][r:r + 1, :e], ref["dt"][r:r + 1, :e], ref["A"],
+                                     ref["B"][r:r + 1, :e], ref["B"][r:r + 1, :e],
+                                     dt_bias=ref["dt_bias"], init=ref["init"][r:r + 1])[1][0]
+                          for r, e in zip(rows.tolist(), ends.tolist(), strict=True)])
+    want = torch.autograd.grad((want_s * weights).sum(), [ref[k] for k in keys])
+    for k, gk, wk in zip(keys, got, want, strict=True):
+        torch.testing.assert_close(gk, wk, atol=1e-10, rtol=1e-10, msg=k)
+
+
 # --------------------------------------------------------------------------------------
 # Convolution, state updates, norm
 
@@ -215,6 +252,14 @@ def test_selective_state_update_steps_equal_recurrence():
         a["C"][:, 1:], D=a["D"][:, None].expand(h, p), z=a["z"][:, 1:],
         dt_bias=a["dt_bias"][:, None].expand(h, p), dt_softplus=True)
     torch.testing.assert_close(y, want_y[:, 1:], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(state, want_state, atol=1e-12, rtol=1e-12)
+    # The same values materialised (no stride-0 per-head views: the untied path)
+    state = a["init"].clone()
+    y = ops.selective_state_update(
+        state, a["x"], a["dt"][..., None].expand(-1, -1, -1, p).contiguous(), A.contiguous(),
+        a["B"], a["C"], D=a["D"][:, None].expand(h, p).contiguous(), z=a["z"],
+        dt_bias=a["dt_bias"][:, None].expand(h, p).contiguous(), dt_softplus=True)
+    torch.testing.assert_close(y, want_y, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(state, want_state, atol=1e-12, rtol=1e-12)
 
 

@@ -1,8 +1,9 @@
 """Branch-packed update (megatron_rlp/packing) against the unpacked per-thought update: the
 loss and every parameter gradient agree within fp32 tolerance, for whole-document packing
 and for documents split over several packed sequences (micro-batches smaller than a
-document). One-process gloo group, a tiny dense HybridModel, synthetic thoughts of varied
-lengths (1 token up to the limit)."""
+document), for a dense and a hybrid (Mamba) model: there every branch's Mamba layers start
+from the conv/SSM states at its t_k. One-process gloo group, tiny HybridModels, synthetic
+thoughts of varied lengths (1 token up to the limit)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from tiny_models import tiny_dense_model
+from tiny_models import tiny_model
 
 from megatron_rlp.config import load_config
 from megatron_rlp.data.batches import build_rlp_inputs
@@ -32,8 +33,8 @@ G, L, EPS = 3, 6, (0.2, 0.2)
 
 
 @pytest.fixture(scope="module")
-def model():
-    with tiny_dense_model(TOK.vocab_size) as net:
+def model(request):
+    with tiny_model(TOK.vocab_size, request.param) as net:
         yield net
 
 
@@ -76,12 +77,18 @@ def _run(model, step, mbs, rows):
     return total, _grads(model)
 
 
-@pytest.mark.parametrize("micro_batch_size, rows_per_seq", [(0, 6), (0, 2), (6, 3), (3, 3),
-                                                          (1, 1)])
+LAYOUTS = [(0, 6), (0, 2), (6, 3), (3, 3), (1, 1)]  # (micro_batch_size, rows_per_seq)
+# One branch per sequence (1, 1) is the unpacked layout; for the hybrid it adds 12 micro-batches
+# of time and no new case over (3, 3) (each document split over sequences).
+CASES = [(kind, *layout) for kind in ("dense", "hybrid") for layout in LAYOUTS
+         if (kind, layout) != ("hybrid", (1, 1))]
+
+
+@pytest.mark.parametrize("model, micro_batch_size, rows_per_seq", CASES, indirect=["model"])
 def test_packed_loss_and_gradients_equal_unpacked(model, micro_batch_size, rows_per_seq):
     prompts, windows, thoughts, adv = _inputs()
     rows = len(adv)
-    assert packable("*-*-", 2 * G, rows, micro_batch_size)
+    assert packable("M*-M-", 2 * G, rows, micro_batch_size)
     batch = update_batch(prompts, thoughts, adv, G, TOK.pad, TOK.think_start)
     mbs = [{k: v[i:i + (micro_batch_size or rows)] for k, v in batch.items()}
            for i in range(0, rows, micro_batch_size or rows)]
@@ -126,9 +133,12 @@ def test_rows_per_sequence_trades_window_copies_for_masked_attention():
     # Long thoughts: the masked branch-to-branch attention costs more than window copies.
     k = rows_per_sequence(cfg, 64, 64, window=221, thought=32)
     assert 1 < k < 64 and 64 % k == 0
+    hybrid = load_config("examples/configs/tiny_hybrid_cpu.yaml", ()).model  # Mamba weights
+    assert rows_per_sequence(hybrid, 64, 64, window=2048, thought=4) == 64
+    assert 1 < rows_per_sequence(hybrid, 64, 64, window=221, thought=32) < 64
 
 
-def test_packable_refuses_mamba_and_misaligned_micro_batches():
-    assert not packable("M-*-", 6, 12, 0)
+def test_packable_refuses_misaligned_micro_batches_only():
+    assert packable("M-*-", 6, 12, 0)
     assert packable("*-", 6, 12, 12) and packable("*-", 6, 12, 2)
     assert not packable("*-", 6, 12, 4)

@@ -1,6 +1,7 @@
 """Shared-prefix rollouts (packing/prefill.py): one prefill per document window gives the
 thoughts, sampling log-probs and S_pred of the per-context prefill, also in chunks that cut a
-document's contexts apart. One-process gloo group, tiny dense HybridModel, fp32."""
+document's contexts apart, for a dense and a hybrid model (Mamba layers fork the conv/SSM
+states at each t_k). One-process gloo group, tiny HybridModels, fp32."""
 
 from __future__ import annotations
 
@@ -9,20 +10,20 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from tiny_models import tiny_dense_model
+from tiny_models import tiny_model
 
 from megatron_rlp.data.batches import build_rlp_inputs
 from megatron_rlp.data.contexts import Context
-from megatron_rlp.packing.prefill import SharedWindows, supported
+from megatron_rlp.packing.prefill import SharedWindows
 from megatron_rlp.rollout.thoughts import sample_thoughts_chunked
 from megatron_rlp.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 
 
-@pytest.fixture(scope="module")
-def model():
-    with tiny_dense_model(TOK.vocab_size) as net:
+@pytest.fixture(scope="module", params=["dense", "hybrid"])
+def model(request):
+    with tiny_model(TOK.vocab_size, request.param) as net:
         yield net.eval()
 
 
@@ -46,5 +47,19 @@ def test_shared_prefill_draws_the_per_context_thoughts(model, chunk):
     assert bool(ref.mask.sum(1).gt(1).any())  # thoughts longer than one token were compared
 
 
-def test_hybrid_models_keep_the_per_context_prefill():
-    assert supported("*-*-") and not supported("M-*-")
+@pytest.mark.parametrize("model", ["hybrid"], indirect=True)
+def test_mamba_prefixes_must_start_at_the_window(model):
+    """A context whose prefix starts inside its window would get the window scan's state at
+    t_k, which includes earlier tokens: refused, not silently wrong."""
+    rng = np.random.default_rng(2)
+    docs = [rng.integers(0, 256, size=40).astype(np.int32)]
+    contexts = [Context(0, t, docs[0][:t], int(docs[0][t])) for t in (20, 30)]
+    prompts, windows = build_rlp_inputs(contexts, [0, 1], SimpleNamespace(documents=docs),
+                                        max_prefix=32, pad=TOK.pad)
+    shared = SharedWindows.from_windows(windows, prompts)
+    shared.lengths = shared.lengths - 1
+    with pytest.raises(ValueError, match="start at its window"):
+        sample_thoughts_chunked(model, prompts, 0, group_size=2, max_thought_tokens=2,
+                                temperature=1.0, top_p=1.0, think_start=TOK.think_start,
+                                think_end=TOK.think_end, pad=TOK.pad, vocab_size=TOK.vocab_size,
+                                seed=0, step=1, shared=shared)

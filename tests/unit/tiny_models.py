@@ -1,5 +1,7 @@
-"""The tiny dense model the rollout, shared-prefill and packed-update tests share: 2 attention
-+ 2 MLP layers, hidden 64, GQA (4 heads, 2 groups), fp32 on the CPU backend, seed 0."""
+"""The tiny models the rollout, shared-prefill and packed-update tests share, fp32 on the
+CPU backend, seed 0: dense (2 attention + 2 MLP layers, hidden 64, GQA 4 heads / 2 groups)
+and hybrid (the same attention and MLP with two Mamba-2 layers, RoPE, 4 Mamba heads of 16,
+state 8, 2 groups), also with full activation recomputation."""
 
 from __future__ import annotations
 
@@ -15,15 +17,27 @@ from megatron_rlp.models.provider import build_model
 TINY_DENSE = ("model.hybrid_layer_pattern=*-*-", "model.hidden_size=64",
               "model.ffn_hidden_size=128", "model.num_attention_heads=4",
               "model.num_query_groups=2")
+TINY_HYBRID = TINY_DENSE[1:] + ("model.hybrid_layer_pattern=M*-M-", "model.mamba_num_heads=4",
+                                "model.mamba_head_dim=16", "model.mamba_state_dim=8",
+                                "model.mamba_num_groups=2")
+TINY = {"dense": TINY_DENSE, "hybrid": TINY_HYBRID,
+        # Megatron's full activation recomputation: layers re-run their forward in backward.
+        "hybrid-recompute": TINY_HYBRID + ("train.recompute_granularity=full",
+                                           "train.recompute_num_layers=1")}
 
 
 @contextlib.contextmanager
-def tiny_dense_model(vocab_size: int) -> Iterator[torch.nn.Module]:
-    """The model inside Megatron's (one-rank) parallel state; torn down on exit."""
-    cfg = load_config(None, TINY_DENSE)
+def tiny_model(vocab_size: int, kind: str = "dense") -> Iterator[torch.nn.Module]:
+    """The `kind` model inside Megatron's (one-rank) parallel state; torn down on exit."""
+    cfg = load_config(None, TINY[kind])
     distributed.initialize(cfg)
     torch.manual_seed(0)
     try:
         yield build_model(cfg, vocab_size)
     finally:
         distributed.shutdown()
+
+
+def tiny_dense_model(vocab_size: int):
+    """`tiny_model(vocab_size, "dense")`."""
+    return tiny_model(vocab_size, "dense")

@@ -38,18 +38,20 @@ _INSTALLED = False
 CPU_CHUNK_SIZE = 32
 
 
-def _chunk(chunk_size: int, t: Tensor) -> int:
+def scan_chunk(chunk_size: int, t: Tensor) -> int:
+    """The chunk the torch kernels use for `t`'s device: Megatron's on GPU, <= 32 on CPU."""
     return chunk_size if t.is_cuda else min(chunk_size, CPU_CHUNK_SIZE)
 
 
+
 def _chunk_scan(x, dt, A, B, C, chunk_size, *args, **kwargs):
-    return ops.mamba_chunk_scan_combined(x, dt, A, B, C, _chunk(chunk_size, x), *args, **kwargs)
+    return ops.mamba_chunk_scan_combined(x, dt, A, B, C, scan_chunk(chunk_size, x), *args, **kwargs)
 
 
 def _split_conv1d_scan(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, *args,
                        **kwargs):
     return ops.mamba_split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A,
-                                                D, _chunk(chunk_size, zxbcdt), *args, **kwargs)
+                                                D, scan_chunk(chunk_size, zxbcdt), *args, **kwargs)
 
 
 def torch_kernels_installed() -> bool:

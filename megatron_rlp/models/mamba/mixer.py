@@ -1,4 +1,4 @@
-"""Megatron's `MambaMixer` / `MambaLayer` with three changes RLP needs (any device):
+"""Megatron's `MambaMixer` / `MambaLayer` with four changes RLP needs (any device):
 
 1. **Padding.** A recurrence has no attention mask: left-padding tokens would flow into the
    conv window and the SSM state, so a padded row would not equal the same row alone. The
@@ -18,6 +18,10 @@
    sized from the stored tensors, not a module counter. Forking every cache entry on dim 1
    (the rollout engine's `fork`) is therefore right for Mamba layers too, and a decode step
    on a cache of the wrong batch size fails loudly instead of restarting from zero states.
+4. **Shared prefixes** (`branches`): given a tree mask registered by `attach_branch_layout`,
+   the training forward reads branch-packed sequences (window, then branches that start
+   from the states at their t_k); under `mamba_states_at` a cached prefill of document
+   windows caches the states at each context's prefix end, one row per context.
 
 Initialisation: under `use_cpu_initialization` (the provider's setting) every full weight
 is drawn on the CPU from one seed and then split, so each TP layout starts from the same
@@ -39,6 +43,7 @@ from megatron.core.utils import deprecate_inference_params
 from torch import Tensor
 
 from megatron_rlp.models.mamba.adapter import install_torch_kernels
+from megatron_rlp.models.mamba.branches import layout_of, packed_ssm, states_at
 from megatron_rlp.models.mamba.inference_state import (
     batch_first,
     cached_batch_size,
@@ -65,7 +70,11 @@ def _tp_slice(full: Tensor, sizes: list[int], rank: int, tp: int) -> Tensor:
 
 
 class LocalMambaMixer(MambaMixer):
-    """`MambaMixer` + padding mask, batch-first static decode, TP-invariant init."""
+    """`MambaMixer` + padding mask, batch-first static decode, TP-invariant init, and the
+    packed-branch / state-at-positions modes of `branches` (the layer passes the packed
+    layout; `branches.mamba_states_at` sets `fork_at`)."""
+
+    fork_at = None  # (rows, ends): a prefill caches the states at these window positions
 
     def __init__(self, config, submodules, d_model, *, d_conv: int = 4, conv_init=None,
                  A_init_range=(1, 16), dt_min: float = 0.001, dt_max: float = 0.1,
@@ -111,9 +120,11 @@ class LocalMambaMixer(MambaMixer):
         self._A_neg_exp_cache_stale = True
 
     def forward(self, hidden_states, inference_context=None, *, inference_params=None,
-                packed_seq_params=None, token_valid: Tensor | None = None):
+                packed_seq_params=None, token_valid: Tensor | None = None,
+                branch_layout=None):
         """hidden_states [S, B, D] -> (out [S, B, D], bias); token_valid: [B, K] bool with
-        K >= S; its last S columns mark this chunk's real (non-padding) tokens."""
+        K >= S; its last S columns mark this chunk's real (non-padding) tokens;
+        branch_layout: `branches.BranchLayout` when the input is branch-packed sequences."""
         inference_context = deprecate_inference_params(inference_context, inference_params)
         in_inference_mode = InferenceMode.is_active()
         batch = hidden_states.shape[1]
@@ -127,12 +138,19 @@ class LocalMambaMixer(MambaMixer):
                 return self._decode(hidden_states, conv_state, ssm_state)
 
         zxBCdt, _ = self.in_proj(hidden_states)
+        if branch_layout is not None and not in_inference_mode:
+            # The tree mask's padding is not a row's padding; the layout says what is what.
+            return self.out_proj(packed_ssm(self, zxBCdt, branch_layout))
         if token_valid is not None:
             zxBCdt = self._mask_padding(zxBCdt, token_valid)
         zxBCdt = self.cp.pre_conv_ssm(zxBCdt, packed_seq_params)
         if in_inference_mode or not self.use_mem_eff_path:
             assert packed_seq_params is None, "packed sequences need use_mem_eff_path"
             y = self._ssm_prefill(zxBCdt, conv_state=conv_state, ssm_state=ssm_state)
+            if self.fork_at is not None and conv_state is not None:
+                entry = inference_context.key_value_memory_dict[self.layer_number]
+                inference_context.key_value_memory_dict[self.layer_number] = states_at(
+                    self, zxBCdt, *self.fork_at, like=entry)
         else:
             y = self._ssm_training(zxBCdt, packed_seq_params)
         return self.out_proj(y)
@@ -201,9 +219,11 @@ class LocalMambaLayer(MambaLayer):
         # check there spares a device-to-host sync per layer and token.
         decoding = (inference_context is not None
                     and getattr(inference_context, "sequence_len_offset", 0) > 0)
+        layout = None if decoding else layout_of(attention_mask)  # packed update: `branches`
         out = self.mixer(hidden_states, inference_context=inference_context,
                          packed_seq_params=packed_seq_params,
-                         token_valid=None if decoding else padding_from_mask(attention_mask))
+                         token_valid=None if decoding or layout is not None
+                         else padding_from_mask(attention_mask), branch_layout=layout)
         with self.bias_dropout_add_exec_handler():
             return self.mamba_bda(training=self.training, fused=self.config.bias_dropout_fusion)(
                 out, residual, self.hidden_dropout)

@@ -11,6 +11,7 @@ so the mixer code that calls it is unchanged:
 | `causal_conv1d_fn`, `causal_conv1d_update` | `causal_conv1d` (channel-first, [batch, dim, len]) |
 | `selective_state_update` | `mamba_ssm...selective_state_update` / Megatron's Triton version |
 | `RMSNormGated`, `rmsnorm_fn` | `mamba_ssm.ops.triton.layernorm_gated` |
+| `ssd_states_at` | (none: the SSM state after given positions, for branches that fork) |
 
 The SSD scan is the chunked ("state-space duality") algorithm of Mamba-2: inside a chunk the
 output is a masked, decayed attention-like product; chunk-final states are passed from chunk
@@ -39,6 +40,7 @@ __all__ = [
     "mamba_split_conv1d_scan_combined",
     "rmsnorm_fn",
     "selective_state_update",
+    "ssd_states_at",
 ]
 
 
@@ -173,6 +175,77 @@ def mamba_chunk_scan_combined(
         final = state.reshape(b, h, p, n).to(state_dtype or cd)
         return out, final
     return out
+
+
+def ssd_states_at(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    rows: Tensor,
+    ends: Tensor,
+    chunk_size: int,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, math.inf),
+    initial_states: Tensor | None = None,
+) -> Tensor:
+    """SSM states of the scan `mamba_chunk_scan_combined` runs, after the first `ends[k]`
+    positions of batch row `rows[k]`: the state a decode (or a branch scan) continues from.
+
+    state_e = exp(sum_{s<e} dA_s) h_0 + sum_{s<e} exp(sum_{s<u<e} dA_u) dt_s x_s B_s^T, with
+    dA = dt * A (the recurrence in the module docstring). Computed chunk-wise as the scan
+    does: the state entering each chunk (chunk recurrence), then the partial chunk up to e,
+    so decays are differences of cumulative sums inside one chunk only (no fp32 cancellation
+    over long sequences). Differentiable in x, dt, A, B, dt_bias and initial_states. Pure
+    torch on any device; mamba_ssm has no state-at-positions kernel (its scan returns the
+    final state only).
+
+    Args:
+        x: [batch, seqlen, nheads, headdim]; dt: [batch, seqlen, nheads] (before bias/softplus).
+        A: [nheads]; B: [batch, seqlen, ngroups, dstate].
+        rows: [K] long, batch row of each requested state.
+        ends: [K] long in [0, seqlen]: the state after positions [0, ends[k]).
+        chunk_size: positions per chunk (the result does not depend on it, only rounding).
+        initial_states: [batch, nheads, headdim, dstate], the state before position 0.
+
+    Returns:
+        [K, nheads, headdim, dstate] in float32 (float64 when the inputs are float64).
+    """
+    b, length, h, p = x.shape
+    g, n = B.shape[-2], B.shape[-1]
+    cd = _compute_dtype(x, dt, B, initial_states)
+    dt = _discretize_dt(dt, dt_bias, dt_softplus, dt_limit, cd)  # [b, l, h]
+    T = chunk_size
+    nc = -(-length // T)
+    pad = nc * T - length + T  # one extra all-zero chunk: ends == seqlen on a chunk edge
+
+    def chunks(t: Tensor) -> Tensor:  # [b, l, ...] -> [b, c + 1, T, ...]
+        t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
+        return t.reshape(b, nc + 1, T, *t.shape[2:])
+
+    xdt = chunks(x.to(cd) * dt[..., None])  # [b, c, T, h, p]
+    Bh = chunks(B.to(cd).repeat_interleave(h // g, dim=2))  # [b, c, T, h, n]
+    cs = torch.cumsum(chunks(dt * A.to(cd)), dim=2)  # [b, c, T, h], inside each chunk
+    to_end = torch.exp(cs[:, :, -1:] - cs)  # [b, c, T, h]
+    chunk_states = torch.einsum("bcthp,bcthn->bchpn", xdt * to_end[..., None], Bh)
+    state = (torch.zeros(b, h, p, n, dtype=cd, device=x.device) if initial_states is None
+             else initial_states.to(cd))
+    entering = []
+    for c in range(nc + 1):
+        entering.append(state)
+        state = state * torch.exp(cs[:, c, -1])[..., None, None] + chunk_states[:, c]
+    prev = torch.stack(entering, dim=1)  # [b, c + 1, h, p, n]
+
+    rows, ends = rows.to(x.device), ends.to(x.device)
+    c, j = ends // T, ends % T  # the state after e: chunk c entered, then its j first positions
+    cs_c = cs[rows, c]  # [K, T, h]
+    last = cs_c.gather(1, (j - 1).clamp(min=0)[:, None, None].expand(-1, 1, h))  # [K, 1, h]
+    before = torch.arange(T, device=x.device)[None, :] < j[:, None]  # [K, T]
+    weight = torch.exp((last - cs_c).masked_fill(~before[..., None], -math.inf))  # [K, T, h]
+    inner = torch.einsum("kthp,kthn->khpn", xdt[rows, c] * weight[..., None], Bh[rows, c])
+    decay = torch.where(j[:, None] > 0, torch.exp(last[:, 0]), torch.ones_like(last[:, 0]))
+    return prev[rows, c] * decay[..., None, None] + inner
 
 
 def causal_conv1d_fn(
@@ -319,6 +392,14 @@ def selective_state_update(
     cd = _compute_dtype(state, x, dt, B, C)
     st = state_v if state_batch_indices is None else state_v[state_batch_indices]
     st = st.to(cd)
+    # Mamba-2 (Megatron's decode call): A, dt and dt_bias are per head, expanded (stride 0)
+    # over headdim (and dstate): discretise per head, not per [headdim, dstate] element (the
+    # Triton kernel's TIE_HDIM path). Per decode step that spares an exp over the whole state.
+    tied = (A.dim() == 3 and A.stride(-1) == 0 and A.stride(-2) == 0 and dt.stride(-1) == 0
+            and (dt_bias is None or dt_bias.stride(-1) == 0))
+    if tied:
+        dt, A = dt[..., :1], A[:, :1, 0]  # [b, s, h, 1], [h, 1]
+        dt_bias = None if dt_bias is None else dt_bias[..., :1]
     dt = dt.to(cd)
     if dt_bias is not None:
         dt = dt + dt_bias.to(cd)
@@ -329,8 +410,9 @@ def selective_state_update(
     Af = A.to(cd)
     ys = []
     for t in range(x.shape[1]):
-        xt, dtt = x[:, t].to(cd), dt[:, t]  # [b, h, p]
-        st = st * torch.exp(dtt[..., None] * Af) + (dtt * xt)[..., None] * Bh[:, t, :, None, :]
+        xt, dtt = x[:, t].to(cd), dt[:, t]  # [b, h, p] (tied: [b, h, 1])
+        decay = torch.exp(dtt * Af)[..., None] if tied else torch.exp(dtt[..., None] * Af)
+        st = st * decay + (dtt * xt)[..., None] * Bh[:, t, :, None, :]
         y = torch.einsum("bhpn,bhn->bhp", st, Ch[:, t])
         if D is not None:
             y = y + D.to(cd) * xt
