@@ -52,8 +52,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 BASE_CONFIG = ROOT / "examples" / "configs" / "tiny_cpu.yaml"
-FULL = dict(num_docs=2000, warmup_steps=600, warmup_lr=1e-3, rlp_steps=150, eval_points=3,
-            eval_items=90, think_samples=2, contexts=8, group_size=8)
+FULL = dict(num_docs=2000, warmup_steps=500, warmup_lr=1e-3, rlp_steps=100, eval_points=3,
+            eval_items=90, think_samples=4, contexts=8, group_size=8)
 QUICK = dict(num_docs=80, warmup_steps=6, warmup_lr=1e-3, rlp_steps=2, eval_points=1,
              eval_items=3, think_samples=1, contexts=2, group_size=2)
 
@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int)
     p.add_argument("--warmup-lr", type=float)
     p.add_argument("--rlp-steps", type=int)
-    p.add_argument("--lr", type=float, default=1e-4, help="lr of both arms (constant)")
+    p.add_argument("--lr", type=float, default=3e-5, help="lr of both arms (constant)")
     p.add_argument("--ntp-lr", type=float, help="lr of the NTP arm (default: --lr)")
     p.add_argument("--contexts", type=int, help="RLP contexts per step (B)")
     p.add_argument("--group-size", type=int, help="thoughts per context (G)")
@@ -246,11 +246,11 @@ def run_rlp(args, cfg, checkpoint: Path, records: list[dict], eval_steps: set[in
     else:
         sampler = make_context_sampler(state)
     arm = {"start_fingerprint": fingerprint(state.policy), "steps": [], "points": []}
-    timer, wall, compute = PhaseTimer(), 0.0, 0
+    timer, wall, cpu, compute = PhaseTimer(), 0.0, 0.0, 0
     while state.step < cfg.train.steps:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         m = rlp_step(state, sampler, timer)
-        wall += time.perf_counter() - t0
+        wall, cpu = wall + time.perf_counter() - t0, cpu + time.process_time() - c0
         rows = r.contexts_per_step * r.group_size
         # m["tokens"] = sum over rows of (prefix + 1 + thought): the G rows of a context share
         # its prefix, so the contexts' input tokens are (tokens - rows * (1 + mean len)) / G.
@@ -270,7 +270,7 @@ def run_rlp(args, cfg, checkpoint: Path, records: list[dict], eval_steps: set[in
                      "eval": evaluate(state, records, args.think_samples, args.seed)}
             arm["points"].append(point)
             print(summary_line("rlp", point), flush=True)
-    arm.update(wall_s=wall, compute_tokens=compute)
+    arm.update(wall_s=wall, cpu_s=cpu, compute_tokens=compute)
     return arm
 
 
@@ -286,13 +286,13 @@ def run_ntp(args, cfg, checkpoint: Path, records: list[dict], matched: list[int]
     batcher, timer = make_ntp_batcher(state), PhaseTimer()
     arm = {"start_fingerprint": fingerprint(state.policy), "steps": [], "points": []}
     per_step = cfg.data.ntp_batch_size * cfg.data.ntp_seq_length
-    wall, last = 0.0, matched[-1]
+    wall, cpu, last = 0.0, 0.0, matched[-1]
     wall_point = None
     while state.step < cfg.train.steps:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         m = ntp_step(state, batcher, timer)
         timer.pop()
-        wall += time.perf_counter() - t0
+        wall, cpu = wall + time.perf_counter() - t0, cpu + time.process_time() - c0
         arm["steps"].append({"loss": m["loss"], "wall_s": wall})
         due = state.step in matched
         if (args.wall_match and wall_point is None and state.step > last
@@ -307,7 +307,8 @@ def run_ntp(args, cfg, checkpoint: Path, records: list[dict], matched: list[int]
             print(summary_line(f"ntp ({point['matched']})", point), flush=True)
         if state.step >= last and (not args.wall_match or wall_point is not None):
             break
-    arm.update(wall_s=wall, compute_tokens=state.step * per_step, matched_steps=matched,
+    arm.update(wall_s=wall, cpu_s=cpu, compute_tokens=state.step * per_step,
+               matched_steps=matched,
                wall_matched_step=wall_point)
     if args.wall_match and wall_point is None:
         arm["wall_match_note"] = (f"stopped at the step cap {cfg.train.steps} after {wall:.0f}s "
@@ -363,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_rlp.config import ConfigError
     from megatron_rlp.eval.benchmark import read_benchmark
 
-    t_start = time.perf_counter()
+    t_start, c_start = time.perf_counter(), time.process_time()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     tasks, p90 = make_task(args)
     thought = args.thought_tokens or p90
@@ -411,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": warm, "rlp": rlp, "ntp": ntp,
         "same_warmup": warm["fingerprint"] == rlp["start_fingerprint"] == ntp["start_fingerprint"],
         "total_wall_s": time.perf_counter() - t_start,
+        # CPU seconds of this process (all threads): on a shared machine, wall / CPU says how
+        # much of the time the process actually ran.
+        "total_cpu_s": time.process_time() - c_start,
     }
     (args.out_dir / "compare.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     plot(report, args.out_dir / "compare.png")
