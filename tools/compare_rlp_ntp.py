@@ -322,7 +322,7 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), dpi=80)
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6), dpi=70)
     steps = report["rlp"]["steps"]
     xs = [i + 1 for i in range(len(steps))]
     rewards = [s["reward_mean"] for s in steps]
@@ -337,7 +337,8 @@ def plot(report: dict, path: Path) -> None:
     ax.set(title="RLP training reward (nats)", xlabel="RLP step")
     ax.legend(fontsize=7)
     for ax, key, title in ((axes[1], "accuracy", "held-out exact match"),
-                           (axes[2], "answer_logprob", "held-out answer log-lik (nats)")):
+                           (axes[2], "answer_logprob", "held-out answer log-lik (nats)"),
+                           (axes[3], "first_token_logprob", "held-out first answer token")):
         w = report["warmup"]["eval"]
         for arm, color in (("rlp", "C3"), ("ntp", "C0")):
             pts = report[arm]["points"]
