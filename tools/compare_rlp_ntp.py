@@ -2,6 +2,7 @@
 
     python tools/compare_rlp_ntp.py --out-dir runs/compare            # the full run
     python tools/compare_rlp_ntp.py --quick --out-dir /tmp/cmp        # seconds: a smoke run
+    python tools/compare_rlp_ntp.py --table runs/compare/compare.json # the README's table
 
 What it does, in one process (world size 1, CPU/gloo or one GPU):
  1. the task (megatron_rlp/eval/tasks.py, via tools/make_tasks.py): a training corpus where a
@@ -354,7 +355,32 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def markdown_table(report: dict) -> str:
+    """The README's table: held-out metrics of the warm-up and of every evaluation point."""
+    rows = ["| model | steps | compute (tokens) | train wall | accuracy: no thought / thought | "
+            "answer log-lik | first answer token | thoughts closed |",
+            "|---|---|---|---|---|---|---|---|"]
+    points = [("NTP warm-up", {"step": 0, "compute_tokens": 0, "wall_s": 0.0,
+                               "eval": report["warmup"]["eval"]})]
+    points += [("RLP", p) for p in report["rlp"]["points"]]
+    points += [(f"NTP ({p['matched']}-matched)" if p["step"] in (
+        report["ntp"]["matched_steps"][-1], report["ntp"].get("wall_matched_step")) else "NTP", p)
+        for p in report["ntp"]["points"]]
+    for name, p in points:
+        a, b = p["eval"]["no_think"], p["eval"]["think"]
+        rows.append(f"| {name} | {p['step']} | {p['compute_tokens']:,} | {p['wall_s']:.0f} s | "
+                    f"{a['accuracy']:.3f} / {b['accuracy']:.3f} | {a['answer_logprob']:.2f} / "
+                    f"{b['answer_logprob']:.2f} | {a['first_token_logprob']:.2f} / "
+                    f"{b['first_token_logprob']:.2f} | {b['closed_fraction']:.2f} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--table"]:  # print the markdown table of a written compare.json
+        print(markdown_table(json.loads(Path(argv[1]).read_text())))
+        return 0
     args = parse_args(argv)
     if (bad := check_args(args)) is not None:
         print(f"error: {bad}", file=sys.stderr)
@@ -399,8 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         distributed.shutdown()
     report = {
-        "command": " ".join(["tools/compare_rlp_ntp.py",
-                             *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["tools/compare_rlp_ntp.py", *argv]),
         "quick": args.quick, "seed": args.seed, "eval_seed": args.seed,
         "tasks": str(tasks), "heldout_items": len(records), "think_samples": args.think_samples,
         "thought_tokens": thought, "thought_tokens_p90_of_worked_thoughts": p90,

@@ -59,6 +59,12 @@ def test_quick_comparison_writes_json_and_png(tmp_path):
                                                                             "lookup"}
         assert ev["think"]["thought_tokens"] > 0 and "thought_tokens" not in ev["no_think"]
     assert report["total_wall_s"] > 0 and rlp["wall_s"] > 0
+    # The README's table from the JSON: a row per evaluated model.
+    table = run("--table", str(out / "compare.json"))
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.strip().splitlines()
+    assert len(lines) == 2 + 1 + len(rlp["points"]) + len(ntp["points"])
+    assert lines[2].startswith("| NTP warm-up | 0 |") and "(compute-matched)" in table.stdout
 
     # Same settings again: the warm-up comes from the cache, the arms start from it.
     again = run("--quick", "--out-dir", str(out), "--threads", "1", "--no-wall-match")
