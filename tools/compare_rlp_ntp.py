@@ -20,7 +20,7 @@ What it does, in one process (world size 1, CPU/gloo or one GPU):
     that of its first token;
  5. `compare.json` (every number, the config, seeds, wall times) and `compare.png`.
 
-Compute matching, the paper's rule (RLP, arXiv 2510.01265, section 4): NTP tokens = rollouts x
+Compute matching, the paper's rule (RLP, arXiv 2510.01265; RLP.md): NTP tokens = rollouts x
 thought length x contexts x steps + input tokens. Counted here as
     rlp_tokens = G * L_think * B * steps  +  sum over steps and contexts of (prefix + 1)
 with L_think the configured `rlp.max_thought_tokens` (the budget, as the paper counts it, not
@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=Path, help="warm-up checkpoints and tasks "
                    "(default: OUT_DIR/cache)")
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tests)")
+    p.add_argument("--table", type=Path, metavar="JSON",
+                   help="only print the markdown table of a written compare.json")
     p.add_argument("--num-docs", type=int, help="training documents of the task corpus")
     p.add_argument("--think-rate", type=float, default=0.5,
                    help="share of training items written with their working as a thought")
@@ -378,10 +380,10 @@ def markdown_table(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
-    if argv[:1] == ["--table"]:  # print the markdown table of a written compare.json
-        print(markdown_table(json.loads(Path(argv[1]).read_text())))
-        return 0
     args = parse_args(argv)
+    if args.table is not None:
+        print(markdown_table(json.loads(args.table.read_text())))
+        return 0
     if (bad := check_args(args)) is not None:
         print(f"error: {bad}", file=sys.stderr)
         return 2
