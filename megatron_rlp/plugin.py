@@ -53,15 +53,15 @@ from megatron_rlp.distributed import torch_device
 from megatron_rlp.interop.megatron_lm import architecture
 from megatron_rlp.models.output_positions import logits_at_positions
 from megatron_rlp.models.provider import build_model, transformer_config, unwrap_model
-from megatron_rlp.packing.flex import resolve as resolve_packed_attention
 from megatron_rlp.packing.tree import PAD
-from megatron_rlp.packing.update import packable, packed_forward_step, packed_update_batches
+from megatron_rlp.packing.update import packed_forward_step
 from megatron_rlp.scoring.ema_teacher import EMATeacher
 from megatron_rlp.tokenizer import build_tokenizer
 from megatron_rlp.train.builder import TrainState
 from megatron_rlp.train.reduce import gather_data_parallel
 from megatron_rlp.train.rlp_step import (
     _loss,
+    packed_microbatches,
     rollout_and_score,
     trimmed_microbatches,
     update_batch,
@@ -241,17 +241,15 @@ class RLPPlugin:
             self._rollout_and_score(model)
         batch = self._microbatches[self._calls % get_num_microbatches()]
         self._calls += 1
-        r, m = self.cfg.rlp, self.cfg.model
+        r = self.cfg.rlp
         options = dict(logp_old_source=r.logp_old_source, tis_cap=r.tis_cap)
         eps = (r.clip_eps_low, r.clip_eps_high)
         if "branch" in batch:  # a branch-packed micro-batch: pretrain_rlp.py's packed step
             # Every micro-batch holds --micro-batch-size thought rows, so the scale is 1 as
             # in train/rlp_step.py (mb_rows * num_microbatches / rows).
-            attention = resolve_packed_attention(m.packed_attention, self.cfg.device.type,
-                                                 m.hybrid_layer_pattern)
             logits, loss = packed_forward_step(1.0, self.tokenizer.vocab_size, r.temperature,
                                                eps, iter([batch]), model,
-                                               attention=attention, **options)
+                                               attention=self._attention, **options)
             return logits, partial(self._loss_and_report, loss)
         with logits_at_positions(model, batch["index"]):
             logits = model(batch["tokens"], batch["positions"], None)
@@ -280,17 +278,11 @@ class RLPPlugin:
         rewards, advantages = ro.rewards, ro.advantages
         multiple = cfg.parallel.tensor_model_parallel_size if cfg.parallel.sequence_parallel else 1
         pp = parallel_state.get_pipeline_model_parallel_world_size()
-        if r.share_prefixes and packable(cfg.model.hybrid_layer_pattern,
-                                         r.positions_per_document * r.group_size,
-                                         len(thoughts.tokens), cfg.train.micro_batch_size):
+        packed = packed_microbatches(cfg, tok, ro, multiple, equal_width=pp > 1)
+        if packed is not None:
             # train/rlp_step.py's packed update: --micro-batch-size thought rows per
             # micro-batch as unpacked, so Megatron's micro-batch count is unchanged.
-            attention = resolve_packed_attention(cfg.model.packed_attention, cfg.device.type,
-                                                 cfg.model.hybrid_layer_pattern)
-            self._microbatches = packed_update_batches(
-                ro.windows, prompts, thoughts, advantages, r.group_size,
-                cfg.train.micro_batch_size, tok.pad, tok.think_start, equal_width=pp > 1,
-                multiple=multiple, model_cfg=cfg.model, block_sparse=attention == "flex")
+            self._microbatches, self._attention = packed
             if pp > 1:  # Megatron's schedule sends --seq-length activations between stages
                 self._microbatches = [_pad_packed_to(mb, self.args.seq_length, tok.pad)
                                       for mb in self._microbatches]

@@ -204,6 +204,27 @@ def rollout_and_score(state: TrainState, sampler: ContextSampler, step: int,
                          raw_windows=raw_windows, lead=template.lead)
 
 
+def packed_microbatches(cfg, tok, ro: ScoredRollout, multiple: int, equal_width: bool
+                        ) -> tuple[list[dict[str, Tensor]], str] | None:
+    """The branch-packed update's micro-batches of a scored rollout (`packing.update`) and the
+    core attention they run with (`model.packed_attention` resolved), or None when the packed
+    update does not apply (`rlp.share_prefixes` off, or a micro-batch size that neither
+    divides nor is a multiple of a document's rows). Shared by `rlp_step` and the
+    `megatron.training` plugin."""
+    r = cfg.rlp
+    if not (r.share_prefixes and packable(cfg.model.hybrid_layer_pattern,
+                                          r.positions_per_document * r.group_size,
+                                          len(ro.thoughts.tokens), cfg.train.micro_batch_size)):
+        return None
+    attention = resolve_packed_attention(cfg.model.packed_attention, cfg.device.type,
+                                         cfg.model.hybrid_layer_pattern)
+    mbs = packed_update_batches(ro.windows, ro.prompts, ro.thoughts, ro.advantages,
+                                r.group_size, cfg.train.micro_batch_size, tok.pad, list(ro.lead),
+                                equal_width=equal_width, multiple=multiple,
+                                model_cfg=cfg.model, block_sparse=attention == "flex")
+    return mbs, attention
+
+
 def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer,
              trace: dict | None = None) -> dict[str, float]:
     """Run RLP step `state.step + 1`; return its global metrics. A `trace` dict receives this
@@ -212,22 +233,16 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer,
     cfg, tok = state.cfg, state.tokenizer
     r, step = cfg.rlp, state.step + 1
     ro = rollout_and_score(state, sampler, step, timer)
-    prompts, windows = ro.prompts, ro.windows
+    prompts = ro.prompts
     thoughts, s_ema, rewards, advantages = ro.thoughts, ro.s_ema, ro.rewards, ro.advantages
     with timer("update"):
         sp = cfg.parallel.sequence_parallel
         multiple = cfg.parallel.tensor_model_parallel_size if sp else 1
         multiple = math.lcm(multiple, token_multiple(cfg.precision))  # FP8 GEMM alignment
         pp = parallel_state.get_pipeline_model_parallel_world_size()
-        if r.share_prefixes and packable(cfg.model.hybrid_layer_pattern,
-                                         r.positions_per_document * r.group_size,
-                                         len(thoughts.tokens), cfg.train.micro_batch_size):
-            attention = resolve_packed_attention(cfg.model.packed_attention, cfg.device.type,
-                                                 cfg.model.hybrid_layer_pattern)
-            mbs = packed_update_batches(windows, prompts, thoughts, advantages, r.group_size,
-                                        cfg.train.micro_batch_size, tok.pad, list(ro.lead),
-                                        equal_width=pp > 1, multiple=multiple,
-                                        model_cfg=cfg.model, block_sparse=attention == "flex")
+        packed = packed_microbatches(cfg, tok, ro, multiple, equal_width=pp > 1)
+        if packed is not None:
+            mbs, attention = packed
             step_fn = partial(packed_forward_step, attention=attention)
             rows = len(thoughts.tokens)
             mb_rows = mbs[0]["advantages"].numel()
