@@ -22,8 +22,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_rlp import distributed
-from megatron_rlp.config import load_config
 from megatron_rlp.data.batches import build_rlp_inputs
 from megatron_rlp.data.corpus import load_corpus
 from megatron_rlp.models.masks import padded_causal_mask
@@ -31,7 +29,6 @@ from megatron_rlp.objective.kl import kl_penalty
 from megatron_rlp.rollout.template import PAPER_INSTRUCTION
 from megatron_rlp.scoring.next_token import token_logprobs_vocab_parallel
 from megatron_rlp.train import rlp_step as rlp_step_module
-from megatron_rlp.train.builder import build_state
 from megatron_rlp.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from megatron_rlp.train.ntp_mix import ntp_pass
 from megatron_rlp.train.rlp_step import local_contexts, rlp_step, update_batch
@@ -49,13 +46,7 @@ TINY = (
     "train.eval_contexts=4",
 )
 
-
-@pytest.fixture(scope="module")
-def state():
-    cfg = load_config("examples/configs/tiny_cpu.yaml", TINY, world_size=1)
-    distributed.initialize(cfg)
-    yield build_state(cfg)
-    distributed.shutdown()
+# `state`: tests/conftest.py's fixture (tiny_cpu.yaml + TINY)
 
 
 @pytest.fixture
