@@ -291,6 +291,9 @@ INVARIANT = {
     ("objective/surrogate.py", "token_weights must be"),
     ("objective/kl.py", "differ"), ("objective/kl.py", "at least one token"),  # update batches
     ("data/answer_positions.py", "one per document"),  # validate samples one per document
+    # data/batches.py builds every prefix from its window's first token; no context parallel
+    ("models/mamba/branches.py", "first column"),
+    ("models/mamba/branches.py", "context_parallel_size == 1"),
 }
 
 
