@@ -16,7 +16,8 @@ from layout_runs import train_and_collect
 from test_layouts_on_cpu import SMALL, assert_params_match
 
 KNOBS = ("rlp.thought_template=Text: {context}\nThink:", "rlp.kl_coef=0.1",
-         "rlp.ntp_loss_coef=0.5", "rlp.positions_per_document=2")
+         "rlp.ntp_loss_coef=0.5", "rlp.positions_per_document=2",
+         "model.max_sequence_length=160")  # two positions: windows up to 120 tokens
 CHECKS = (("s_ema", 1e-5, 0.0), ("s_pred", 1e-5, 0.0), ("ntp_loss", 1e-5, 0.0),
           ("kl_ref", 1e-4, 1e-6), ("loss", 1e-4, 1e-6), ("grad_norm", 1e-4, 0.0))
 
