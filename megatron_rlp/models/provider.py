@@ -23,6 +23,7 @@ from megatron_rlp.backends.transformer_engine import (
 from megatron_rlp.config import RunConfig
 from megatron_rlp.models.fp8 import transformer_config_fp8
 from megatron_rlp.models.local_spec import local_hybrid_stack_spec
+from megatron_rlp.models.masked_attention import route_explicit_masks
 from megatron_rlp.models.seeded_init import seed_generator, seed_layers_by_number
 from megatron_rlp.parallel.pipeline import ModelChunks
 
@@ -127,7 +128,10 @@ def transformer_config(cfg: RunConfig, params_dtype: str | None = None) -> Trans
         moe_token_dispatcher_type="alltoall",
         # Fused CUDA kernels and TE-only paths off where they cannot run.
         bias_dropout_fusion=not on_cpu,
-        masked_softmax_fusion=not on_cpu,
+        # Off on GPU too: for `causal` layers the fused kernel ignores the explicit masks
+        # RLP passes (left padding, decode rows, the packed update's tree), and it needs
+        # Apex's compiled extensions. The torch softmax path applies the given mask.
+        masked_softmax_fusion=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
@@ -153,7 +157,7 @@ def build_model(cfg: RunConfig, vocab_size: int, pre_process: bool = True,
     config = config or transformer_config(cfg)
     spec = layer_spec(cfg)
     seed_generator(cfg.train.seed)  # embedding (first stage) and output layer (after the layers)
-    return HybridModel(
+    model = HybridModel(
         config=config,
         hybrid_stack_spec=seed_layers_by_number(spec, cfg.train.seed),
         vocab_size=padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by),
@@ -166,6 +170,9 @@ def build_model(cfg: RunConfig, vocab_size: int, pre_process: bool = True,
         rotary_base=m.rotary_base,
         vp_stage=vp_stage,
     )
+    if transformer_impl(cfg) == "transformer_engine":
+        route_explicit_masks(model)  # TE's causal core attention ignores explicit masks
+    return model
 
 
 def build_stage(cfg: RunConfig, vocab_size: int, params_dtype: str | None = None
