@@ -573,29 +573,16 @@ class RunConfig:
         return self
 
     def _check_packed_attention(self) -> None:
-        """`model.packed_attention=flex` where FlexAttention cannot run the packed update; and
-        activation recomputation of the packed update's explicit tree mask on CUDA: the mask
-        reaches the softmax as `arbitrary` only inside the forward (`packing.update.
-        arbitrary_mask`), and a layer recomputed in the backward would get Megatron's fused
-        causal softmax, which ignores the mask (the torch path on CPU applies it)."""
+        """`model.packed_attention=flex` where FlexAttention cannot run the packed update."""
+        if self.model.packed_attention != "flex":
+            return
         from megatron_rlp.packing import flex
 
-        m = self.model
-        if m.packed_attention == "flex":
-            try:
-                flex.resolve("flex", self.device.type, m.hybrid_layer_pattern)
-            except ValueError as e:
-                raise ConfigError(f"invalid config: model.packed_attention='flex' (allowed: auto "
-                                  f"or mask here; flex needs {e})") from None
-        if (self.device.type == "cuda" and self.rlp.share_prefixes
-                and self.train.recompute_granularity != "none"
-                and flex.resolve(m.packed_attention, "cuda", m.hybrid_layer_pattern) == "mask"):
-            raise ConfigError(
-                f"invalid config: train.recompute_granularity="
-                f"{self.train.recompute_granularity!r} (allowed: none when the packed update "
-                f"runs the explicit tree mask on CUDA (model.packed_attention="
-                f"{m.packed_attention!r}); or set model.packed_attention=flex (attention-only "
-                f"models) or rlp.share_prefixes=false)")
+        try:
+            flex.resolve("flex", self.device.type, self.model.hybrid_layer_pattern)
+        except ValueError as e:
+            raise ConfigError(f"invalid config: model.packed_attention='flex' (allowed: auto or "
+                              f"mask here; flex needs {e})") from None
 
     def _check_transformer_engine(self) -> None:
         """`model.transformer_impl` and `precision.fp8` against this machine: TE importable,

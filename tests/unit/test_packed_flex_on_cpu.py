@@ -105,32 +105,6 @@ def test_config_refuses_flex_where_it_cannot_run():
     assert load_config(None, ("model.packed_attention=flex",)).model.packed_attention == "flex"
 
 
-@pytest.mark.parametrize("pattern, attention, refused", [
-    ("M*-", "auto", True),  # hybrid on CUDA: auto -> mask
-    ("*-*-", "mask", True),
-    ("*-*-", "auto", False),  # auto -> flex on CUDA: the descriptor survives recomputation
-    ("*-*-", "flex", False),
-])
-def test_config_refuses_recomputing_the_tree_mask_on_cuda(pattern, attention, refused):
-    """Checked on a CPU-loaded config switched to CUDA (this machine has none): recomputing
-    a layer outside `arbitrary_mask` would hand the tree mask to Megatron's fused causal
-    softmax, which ignores it."""
-    from megatron_rlp.config import ConfigError, load_config
-
-    cfg = load_config(None, (f"model.hybrid_layer_pattern={pattern}", "model.mamba_num_groups=2",
-                             f"model.packed_attention={attention}",
-                             "train.recompute_granularity=full"))
-    cfg.device.type = "cuda"
-    if refused:
-        with pytest.raises(ConfigError, match=r"^invalid config: train.recompute_granularity="
-                                              r"'full' \(allowed: none when"):
-            cfg._check_packed_attention()
-    else:
-        cfg._check_packed_attention()
-    cfg.rlp.share_prefixes = False
-    cfg._check_packed_attention()  # the per-context update passes Megatron's own masks
-
-
 def test_block_sparse_cost_model_puts_every_branch_behind_one_window():
     from megatron_rlp.config import load_config
     from megatron_rlp.packing.update import rows_per_sequence
