@@ -44,6 +44,7 @@ from megatron_rlp.eval.answers import extract_answer, is_match, pass_at_k
 from megatron_rlp.eval.decode import continuation_logprobs, generate, truncate_at_stop
 from megatron_rlp.eval.loading import EvalModel
 from megatron_rlp.eval.tasks import PROMPT
+from megatron_rlp.rollout.template import build_template
 from megatron_rlp.rollout.thoughts import PromptBatch, sample_thoughts
 
 THOUGHT_STEP_KEY = -1  # sampling keys of benchmark thoughts (training steps count from 1,
@@ -118,8 +119,11 @@ def _run_batch(em: EvalModel, opts: BenchmarkOptions, batch: list[tuple[int, dic
     answer_ids = [tok.encode(g) or [tok.eos] for g in golds]
     # Room for <think>, a thought, </think> and the answer (or the generated tokens).
     room = window - max(opts.max_new_tokens, max(map(len, answer_ids))) - 1
+    # Thoughts in the run's format (`rlp.thought_template`): its instruction before the
+    # prompt, its forced tokens and `<think>` after it (rollout/template.py).
+    template = build_template(r.thought_template, tok)
     if opts.think:
-        room -= r.max_thought_tokens + 2
+        room -= r.max_thought_tokens + 2 + template.extra_tokens
     if room < 1:
         raise ValueError(f"model.max_sequence_length={window} leaves no room for a prompt")
     prompts = [tok.encode(opts.prompt_template.format(question=rec["question"]))[-room:]
@@ -129,22 +133,25 @@ def _run_batch(em: EvalModel, opts: BenchmarkOptions, batch: list[tuple[int, dic
 
     thought_rows = None
     if opts.think:
-        tokens, valid = left_pad(prompts, tok.pad)
+        policy_prompts = [list(template.before) + p for p in prompts]
+        tokens, valid = left_pad(policy_prompts, tok.pad)
         pb = PromptBatch(tokens=tokens.to(device), valid=valid.to(device),
                          lengths=valid.sum(1).to(device),
                          targets=torch.tensor([a[0] for a in answer_ids], device=device),
                          context_ids=ids.to(device))
         th = sample_thoughts(model, pb, group_size=n, max_thought_tokens=r.max_thought_tokens,
                              temperature=r.temperature, top_p=r.top_p,
-                             think_start=tok.think_start, think_end=tok.think_end, pad=tok.pad,
-                             vocab_size=tok.vocab_size, seed=seed, step=THOUGHT_STEP_KEY)
+                             think_start=list(template.lead), think_end=tok.think_end,
+                             pad=tok.pad, vocab_size=tok.vocab_size, seed=seed,
+                             step=THOUGHT_STEP_KEY)
         thought_rows = []
         for row in range(len(batch) * n):
             thought = th.tokens[row][th.mask[row]].tolist()
             closing = [] if bool(th.closed[row]) else [tok.think_end]
-            thought_rows.append(([tok.think_start] + thought + closing, thought,
+            thought_rows.append((list(template.lead) + thought + closing, thought,
                                  bool(th.closed[row])))
-        answer_prompts = [prompts[row // n] + thought_rows[row][0] for row in range(len(th.tokens))]
+        answer_prompts = [policy_prompts[row // n] + thought_rows[row][0]
+                          for row in range(len(th.tokens))]
         outputs = generate(model, answer_prompts, max_new_tokens=opts.max_new_tokens,
                            stop_ids=[tok.eos], stop_texts=opts.stop, decode=tok.decode, **common)
     else:

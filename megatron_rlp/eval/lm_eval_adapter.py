@@ -54,6 +54,7 @@ from megatron_rlp.data.batches import left_pad
 from megatron_rlp.eval.benchmark import ANSWER_STEP_KEY, THOUGHT_STEP_KEY
 from megatron_rlp.eval.decode import continuation_logprobs, generate, truncate_at_stop
 from megatron_rlp.eval.loading import EvalModel
+from megatron_rlp.rollout.template import build_template
 from megatron_rlp.rollout.thoughts import PromptBatch, sample_thoughts
 
 
@@ -144,8 +145,9 @@ class MegatronRLPLM(TemplateLM):
         """`context <think> c </think>` for one thought per row, keyed by `context_key`
         (`targets`: the token the rollout's S_pred scores; not used here)."""
         r, tok = self.em.cfg.rlp, self.tok
-        room = self.max_length - r.max_thought_tokens - 2 - 1
-        contexts = [c[-room:] for c in contexts]
+        template = build_template(r.thought_template, tok)  # the run's thought format
+        room = self.max_length - r.max_thought_tokens - 2 - 1 - template.extra_tokens
+        contexts = [list(template.before) + c[-room:] for c in contexts]
         ids = [context_key(c) for c in contexts]
         tokens, valid = left_pad(contexts, tok.pad)
         d = self._device
@@ -154,14 +156,15 @@ class MegatronRLPLM(TemplateLM):
                          context_ids=torch.tensor(list(ids), device=d))
         th = sample_thoughts(self.em.policy, pb, group_size=1,
                              max_thought_tokens=r.max_thought_tokens, temperature=r.temperature,
-                             top_p=r.top_p, think_start=tok.think_start, think_end=tok.think_end,
+                             top_p=r.top_p, think_start=list(template.lead),
+                             think_end=tok.think_end,
                              pad=tok.pad, vocab_size=tok.vocab_size, seed=self.seed,
                              step=THOUGHT_STEP_KEY)
         out = []
         for row, ctx in enumerate(contexts):
             thought = th.tokens[row][th.mask[row]].tolist()
             closing = [] if bool(th.closed[row]) else [tok.think_end]
-            out.append(ctx + [tok.think_start] + thought + closing)
+            out.append(ctx + list(template.lead) + thought + closing)
         return out
 
     # ---- requests ----

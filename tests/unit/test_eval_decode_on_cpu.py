@@ -171,6 +171,26 @@ def test_benchmark_with_thoughts(em):
     assert [x["thoughts"] for x in again] == [x["thoughts"] for x in results]
 
 
+def test_benchmark_thinks_in_the_runs_thought_template(em, monkeypatch):
+    """With `rlp.thought_template`, the evaluation samples thoughts as the run trained them:
+    instruction + prompt + forced tokens + `<think>`; the answer is scored after that."""
+    from megatron_rlp.rollout.template import build_template
+
+    monkeypatch.setattr(em.cfg.rlp, "thought_template", "Note: {context} Think:")
+    template = build_template(em.cfg.rlp.thought_template, TOK)
+    assert template.before and len(template.lead) > 1
+    recs = records(2)
+    _, results = run_benchmark(em, recs, BenchmarkOptions(think=True, samples=2,
+                                                          max_new_tokens=4))
+    prompt = TOK.encode(BenchmarkOptions().prompt_template.format(question=recs[0]["question"]))
+    per = []
+    for ids in results[0]["thought_ids"]:
+        closing = [] if ids and ids[-1] == TOK.think_end else [TOK.think_end]
+        context = list(template.before) + prompt + list(template.lead) + ids + closing
+        per.append(direct_continuation(em.policy, context, TOK.encode(recs[0]["answer"]))[0])
+    assert results[0]["answer_logprob"] == pytest.approx(sum(per) / 2, abs=1e-3)
+
+
 # --------------------------------------------------------------------------------------
 # lm-eval adapter
 
