@@ -7,13 +7,16 @@ inside Megatron. Parallel sizes use Megatron's own key names.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
 import os
 import sys
 import time
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -685,7 +688,7 @@ class RunConfig:
             from megatron_rlp.rollout.template import template_token_count
 
             extra = template_token_count(r.thought_template, self.data.tokenizer)
-            extra_what = " + rlp.thought_template tokens"
+            extra_what = f" + {extra} rlp.thought_template tokens"
         needs = []
         if self.train.objective == "rlp" and r.positions_per_document > 1:
             # Contexts of one document share a window longer than max_prefix_tokens (issue 11):
@@ -845,7 +848,25 @@ def load_config(path: str | None = None, overrides: tuple[str, ...] = (),
         _apply(cfg, key.strip(), value.strip())
     if cfg.train.use_checkpoint_args:
         _use_checkpoint_args(cfg)
-    return cfg.validate(world_size)
+    # Validation imports some of the package's modules (window lengths, templates, blends,
+    # TE probing), which import Megatron-Core; its import-time notices (TE/Apex missing, no
+    # CUDA runtime) would come before a one-line config error.
+    with _quiet_imports():
+        return cfg.validate(world_size)
+
+
+@contextlib.contextmanager
+def _quiet_imports():
+    """Warnings and torch's cpp_extension log notice silenced for the block."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.setLevel(level)
 
 
 def launch_env(env: typing.Mapping[str, str] | None = None) -> tuple[int, int, int]:

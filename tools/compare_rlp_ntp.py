@@ -381,7 +381,14 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:]
     args = parse_args(argv)
     if args.table is not None:
-        print(markdown_table(json.loads(args.table.read_text())))
+        try:
+            report = json.loads(args.table.read_text())
+            table = markdown_table(report)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"error: --table={args.table} is not a compare.json written by this tool "
+                  f"({type(e).__name__}: {e})", file=sys.stderr)
+            return 2
+        print(table)
         return 0
     if (bad := check_args(args)) is not None:
         print(f"error: {bad}", file=sys.stderr)

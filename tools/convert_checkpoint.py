@@ -63,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
               "add --overwrite to write into it)", file=sys.stderr)
         return 2
 
+    if args.command == "megatron-to-megatron-lm" and args.iteration is not None \
+            and args.iteration < 0:
+        print(f"error: --iteration={args.iteration} (allowed: an integer >= 0)", file=sys.stderr)
+        return 2
+
     warnings.filterwarnings("ignore")
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     logging.getLogger("megatron").setLevel(logging.ERROR)
