@@ -83,3 +83,28 @@ def test_megatron_lm_example_help_exits_zero():
     assert "--rlp-group-size" in proc.stdout
     # megatron-core's own help text with its bare "%", shown as written
     assert "10%)" in proc.stdout and "10%%" not in proc.stdout
+
+
+def test_megatron_lm_export_refuses_a_negative_iteration(tmp_path):
+    line = one_line_error(run("tools/convert_checkpoint.py", "megatron-to-megatron-lm",
+                              "--checkpoint", "/nonexistent/ckpt", "--out", str(tmp_path / "o"),
+                              "--iteration", "-1"))
+    assert "--iteration=-1" in line and ">= 0" in line
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("content", [None, "not json", '{"warmup": {}}'])
+def test_compare_table_of_a_missing_or_foreign_file_is_one_line(content, tmp_path):
+    path = tmp_path / "compare.json"
+    if content is not None:
+        path.write_text(content)
+    line = one_line_error(run("tools/compare_rlp_ntp.py", "--table", str(path)))
+    assert f"--table={path}" in line
+
+
+def test_a_config_error_comes_alone(tmp_path):
+    """Validation imports Megatron (window lengths here): its import-time notices must not
+    precede the one-line error."""
+    line = one_line_error(run("pretrain_rlp.py", "--config", "examples/configs/tiny_cpu.yaml",
+                              "rlp.positions_per_document=4", "model.max_sequence_length=240"))
+    assert "model.max_sequence_length=240" in line and "longest document window" in line
