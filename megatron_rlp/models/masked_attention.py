@@ -77,23 +77,33 @@ def _masked_forward(core: torch.nn.Module, original, query, key, value, attentio
     return sdpa_with_mask(query, key, value, attention_mask, scale, dropout)
 
 
-def route_explicit_masks(model: torch.nn.Module, only_transformer_engine: bool = True) -> int:
-    """Let every core attention of `model` (a module or pipeline chunks) that is TE's
-    (`only_transformer_engine`; any core attention otherwise, for tests) compute explicit
-    boolean masks with `sdpa_with_mask`; idempotent. Returns the number routed."""
+def wrap_core_attentions(model, tag: str, routed_forward, select=lambda core: True) -> int:
+    """Bind `routed_forward(core, original, *args, **kw)` as the forward of every
+    `core_attention` of `model` (a module or pipeline chunks) that `select` accepts, once per
+    `tag` (idempotent; wrappers of different tags stack). Core attention holds no weights,
+    so the specs and checkpoints are unchanged. Returns the number of modules routed."""
     routed = 0
     chunks = model if isinstance(model, (list, torch.nn.ModuleList)) else [model]
     for chunk in chunks:
         for module in chunk.modules():
             core = getattr(module, "core_attention", None)
-            if not isinstance(core, torch.nn.Module):
+            if not isinstance(core, torch.nn.Module) or not select(core):
                 continue
-            if only_transformer_engine and not type(core).__module__.startswith(
-                    "megatron.core.extensions.transformer_engine"):
-                continue
-            if "_rlp_masked_original" not in core.__dict__:
+            if tag not in core.__dict__:
                 original = core.forward
-                core.__dict__["_rlp_masked_original"] = original
-                core.forward = functools.partial(_masked_forward, core, original)
+                core.__dict__[tag] = original
+                core.forward = functools.partial(routed_forward, core, original)
             routed += 1
     return routed
+
+
+def _is_transformer_engine(core: torch.nn.Module) -> bool:
+    return type(core).__module__.startswith("megatron.core.extensions.transformer_engine")
+
+
+def route_explicit_masks(model: torch.nn.Module, only_transformer_engine: bool = True) -> int:
+    """Let every core attention of `model` (a module or pipeline chunks) that is TE's
+    (`only_transformer_engine`; any core attention otherwise, for tests) compute explicit
+    boolean masks with `sdpa_with_mask`; idempotent. Returns the number routed."""
+    select = _is_transformer_engine if only_transformer_engine else (lambda core: True)
+    return wrap_core_attentions(model, "_rlp_masked_original", _masked_forward, select)

@@ -50,6 +50,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
+from megatron_rlp.models.masked_attention import wrap_core_attentions
 from megatron_rlp.packing.tree import WINDOW, tree_mask
 
 try:  # FlexAttention: torch >= 2.5
@@ -256,15 +257,4 @@ def route_core_attention(model) -> int:
     """Let every attention's `core_attention` of `model` (a module or a list of pipeline
     chunks) take a tree descriptor as `attention_mask` (see module doc); idempotent and
     transparent for Megatron's own masks. Returns the number of modules routed."""
-    routed = 0
-    for chunk in (model if isinstance(model, (list, torch.nn.ModuleList)) else [model]):
-        for module in chunk.modules():
-            core = getattr(module, "core_attention", None)
-            if not isinstance(core, torch.nn.Module):
-                continue
-            if "_rlp_flex_original" not in core.__dict__:
-                original = core.forward
-                core.__dict__["_rlp_flex_original"] = original
-                core.forward = functools.partial(_routed_forward, core, original)
-            routed += 1
-    return routed
+    return wrap_core_attentions(model, "_rlp_flex_original", _routed_forward)
