@@ -98,7 +98,7 @@ def pack_branches(plan: PackPlan, window_tokens: Tensor, window_valid: Tensor,
     """
     n_seq, k = plan.seq_rows.shape
     length = thought_tokens.shape[1]
-    lead = torch.tensor(lead_ids(think_start), dtype=torch.long)
+    lead = torch.tensor(lead_ids(think_start), dtype=torch.long, device="cpu")  # host-built
     m = len(lead)
     ctx = plan.seq_rows // group_size  # [N, K] context of each row
     lens = thought_lengths[plan.seq_rows]  # [N, K]
