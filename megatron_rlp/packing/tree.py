@@ -22,8 +22,8 @@ runs, so the O(S^2) mask is never stored for the whole batch.
 
 Why not Megatron's `PackedSeqParams`: THD packing separates sequences (block-diagonal); a
 branch must read another segment (its prefix), which needs a tree mask. Megatron's local
-`DotProductAttention` takes an arbitrary [B, 1, S, S] mask; `attention.arbitrary_mask_type`
-keeps its fused-softmax path from replacing the mask by a causal one.
+`DotProductAttention` takes an arbitrary [B, 1, S, S] mask (its torch softmax path applies
+it; `models.provider` keeps the fused kernel off).
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ scan each packed sequence's window once and start every branch from the conv/SSM
 its t_k (`models.mamba.branches.attach_branch_layout`), with gradients into the window.
 
 On CPU the tree mask goes through Megatron's local `DotProductAttention` as an explicit
-[B, 1, S, S] mask (its `attn_mask_type` is set to `arbitrary` for the forward, so the fused
-GPU softmax honours the mask instead of substituting a causal one). With
+[B, 1, S, S] mask (Megatron's torch softmax path applies a given mask whatever the layer's
+mask type; `models.provider` keeps the fused kernel, which would not, off; TE layers take
+boolean masks through `models.masked_attention`). With
 `model.packed_attention=flex` (the default on CUDA) the forward passes the tree's O(S)
 descriptor instead and `packing.flex` runs core attention as FlexAttention with a BlockMask,
 skipping the masked tiles.
@@ -21,16 +22,13 @@ skipping the masked tiles.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from functools import partial
 
 import torch
-from megatron.core.transformer.enums import AttnMaskType
 from torch import Tensor
 
 from megatron_rlp.models.mamba.branches import attach_branch_layout
 from megatron_rlp.models.output_positions import logits_at_positions
-from megatron_rlp.models.provider import unwrap_model
 from megatron_rlp.objective import rlp_policy_loss
 from megatron_rlp.objective.kl import kl_penalty
 from megatron_rlp.packing.flex import route_core_attention, tree_block_mask, tree_descriptors
@@ -48,25 +46,6 @@ def packable(pattern: str, rows_per_document: int, rows: int, micro_batch_size: 
     if rows % micro_batch_size:
         return False
     return micro_batch_size % rows_per_document == 0 or rows_per_document % micro_batch_size == 0
-
-
-@contextmanager
-def arbitrary_mask(model: torch.nn.Module):
-    """Make every attention's softmax apply the given mask as is (`AttnMaskType.arbitrary`)
-    for the duration of the block. Megatron's fused CUDA softmax ignores the mask for
-    `causal` layers (it builds an upper-triangular one); the torch path is unaffected."""
-    changed = []
-    for chunk in (model if isinstance(model, torch.nn.ModuleList) else [model]):
-        for module in unwrap_model(chunk).modules():
-            softmax = getattr(module, "scale_mask_softmax", None)
-            if softmax is not None and hasattr(softmax, "attn_mask_type"):
-                changed.append((softmax, softmax.attn_mask_type))
-                softmax.attn_mask_type = AttnMaskType.arbitrary
-    try:
-        yield
-    finally:
-        for softmax, kind in changed:
-            softmax.attn_mask_type = kind
 
 
 def rows_per_sequence(model_cfg, rows: int, limit: int, window: float, thought: float,
@@ -213,7 +192,7 @@ def packed_forward_step(scale: float, vocab_size: int, temperature: float,
     else:
         mask = tree_mask(batch["branch"], batch["lo"], batch["hi"])
         attach_branch_layout(model, mask, batch["branch"], batch["lo"], batch["hi"])  # Mamba
-    with (logits_at_positions(model, batch["index"]), arbitrary_mask(model),
+    with (logits_at_positions(model, batch["index"]),
           rotary_at_positions(model, batch["positions"])):
         logits = model(batch["tokens"], batch["positions"], mask)
     return logits, partial(packed_loss, batch, scale, vocab_size, temperature, eps,

@@ -61,7 +61,6 @@ def reference_logprobs(reference: nn.Module, batch: dict[str, Tensor], vocab_siz
     from megatron_rlp.models.mamba.branches import attach_branch_layout
     from megatron_rlp.packing.rotary import rotary_at_positions
     from megatron_rlp.packing.tree import tree_mask
-    from megatron_rlp.packing.update import arbitrary_mask
 
     tokens, positions = batch["tokens"], batch["positions"]
     with contextlib.ExitStack() as stack:
@@ -72,7 +71,6 @@ def reference_logprobs(reference: nn.Module, batch: dict[str, Tensor], vocab_siz
             mask = tree_mask(batch["branch"], batch["lo"], batch["hi"])
             # Mamba layers run each branch from the state at its t_k (as the policy's step)
             attach_branch_layout(reference, mask, batch["branch"], batch["lo"], batch["hi"])
-            stack.enter_context(arbitrary_mask(reference))
             stack.enter_context(rotary_at_positions(reference, positions))
         logits = stage_forward(reference, tokens, positions, mask)
     logp = None
