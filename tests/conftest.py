@@ -1,7 +1,7 @@
 """Suite-wide pytest hooks.
 
 - `tests/` is on `sys.path` (pytest's default rootdir-conftest insertion), so the shared test
-  helpers there (`step_reference`) import from every test directory.
+  helpers in `tests/helpers/` import as `helpers.<module>` from every test directory.
 - `state`: one built TrainState per test module (one rank, gloo, CPU) of
   examples/configs/tiny_cpu.yaml with the module's `TINY` overrides.
 - Honest skips: after the run, one line says how many tests were skipped and why, grouped by

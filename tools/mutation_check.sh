@@ -17,9 +17,9 @@ trap 'rm -rf "$SCRATCH"' EXIT
 git -C "$ROOT" ls-files -co --exclude-standard -z \
     | (cd "$ROOT" && tar --null -cf - -T -) | tar -C "$SCRATCH" -xf -
 
-STEP_REF=tests/e2e/test_step_reference_on_cpu.py
-STEP=tests/e2e/test_rlp_step_on_cpu.py
-ENTROPY=tests/unit/test_entropy_reference_on_cpu.py
+STEP_REF=tests/e2e/test_step_reference.py
+STEP=tests/e2e/test_rlp_step.py
+ENTROPY=tests/unit/test_entropy_reference.py
 
 # name | file | exact text to replace (must occur exactly once) | replacement | tests
 # (several replacements in one file: texts and replacements separated by @@)

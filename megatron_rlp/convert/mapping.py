@@ -217,7 +217,7 @@ NEMOTRON_H_MLP = {  # "-" layers: squared-ReLU MLP, not gated
 }
 NEMOTRON_H_MAMBA = {  # "M" layers: Megatron 0.19 MambaLayer / MambaMixer parameter names.
     # in_proj rows are [z, x, B, C, dt] on both sides (TP=1); conv weight [conv_dim, 1, k].
-    # Checked against transformers' forward with M layers (tests/e2e/test_convert_on_cpu.py).
+    # Checked against transformers' forward with M layers (tests/e2e/test_convert.py).
     "norm.weight": "norm.weight",
     "mixer.in_proj.weight": "mixer.in_proj.weight",
     "mixer.conv1d.weight": "mixer.conv1d_weight",

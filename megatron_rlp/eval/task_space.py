@@ -19,7 +19,7 @@ Near the bound the random drawing slows down (it rejects repeats), but it ends.
 
 The counting repeats the drawing rules of `make_add` / `make_chain` / `make_lookup` (the
 drawing is random, the counting exhaustive: they cannot share a loop);
-tests/unit/test_eval_tasks_on_cpu.py checks that every drawn key follows these rules.
+tests/unit/test_eval_tasks.py checks that every drawn key follows these rules.
 """
 
 from __future__ import annotations

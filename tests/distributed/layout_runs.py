@@ -1,7 +1,7 @@
 """Shared by the layout-equivalence tests: train a few steps under torchrun, return the
 metrics rows and the final checkpoint's model tensors (read without a process group). Every
 run also records its steps' internals in `tmp/record` (`MEGATRON_RLP_RECORD`, see
-megatron_rlp/train/record.py and tests/step_reference.py)."""
+megatron_rlp/train/record.py and tests/helpers/step_reference.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Worker for test_vocab_parallel_on_cpu.py: run under torchrun with TP = world size.
+"""Worker for test_vocab_parallel.py: run under torchrun with TP = world size.
 
 Sampling and log-probs on vocabulary shards against the full vocabulary; the entropy
 scorer's TP reductions (`entropy_vocab_parallel`, `window_entropies` of a TP model whose last

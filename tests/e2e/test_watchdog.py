@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from checkpoint_helpers import CONFIG, ROOT, SMALL, ok
+from helpers.checkpoint_helpers import CONFIG, ROOT, SMALL, ok
 
 from megatron_rlp.train.watchdog import EXIT_CODE
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import megatron_lm_side as mlm
 import pytest
 import torch
-from checkpoint_helpers import ROOT, SMALL, latest, ok, read_tensors, rows
+from helpers.checkpoint_helpers import ROOT, SMALL, latest, ok, read_tensors, rows
 from megatron.core import dist_checkpointing
 
 from megatron_rlp import distributed

@@ -2,7 +2,7 @@
 `{context}` thought template (instruction + forced tokens before `<think>`), the KL penalty
 and the NTP mix computes what the one-rank run computes — for 2 steps S_ema, S_pred, the
 loss (surrogate + beta x KL), `kl_ref`, `ntp_loss`, the gradient norms and the final
-parameters. Tolerances as in test_layouts_on_cpu.py (fp32 reduction order); the loss and
+parameters. Tolerances as in test_layouts.py (fp32 reduction order); the loss and
 `kl_ref` are sums of O(1e-3) terms here, compared at 1e-6 absolute.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from layout_runs import train_and_collect
-from test_layouts_on_cpu import SMALL, assert_params_match
+from test_layouts import SMALL, assert_params_match
 
 KNOBS = ("rlp.thought_template=Text: {context}\nThink:", "rlp.kl_coef=0.1",
          "rlp.ntp_loss_coef=0.5", "rlp.positions_per_document=2",

@@ -13,7 +13,7 @@ advantages, sampling log-probs. This module rebuilds every one of those numbers 
   selection, no vocab-parallel code. The formulas (reward, group advantage, clipped
   surrogate) are written out here again, not imported from megatron_rlp.objective.
 
-Shared by tests/e2e/test_step_reference_on_cpu.py (1 rank, in process) and the layout tests
+Shared by tests/e2e/test_step_reference.py (1 rank, in process) and the layout tests
 (TP=2, PP=2 under torchrun, checked here on one rank from their checkpoints).
 """
 

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from tiny_models import tiny_model
+from helpers.tiny_models import tiny_model
 
 from megatron_rlp.data.batches import build_rlp_inputs
 from megatron_rlp.data.contexts import Context

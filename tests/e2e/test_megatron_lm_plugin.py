@@ -18,7 +18,7 @@ import sys
 
 import pytest
 import torch
-from checkpoint_helpers import ROOT, latest, ok, read_tensors, rows
+from helpers.checkpoint_helpers import ROOT, latest, ok, read_tensors, rows
 
 MEGATRON_FLAGS = [
     "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
@@ -42,7 +42,7 @@ MEGATRON_FLAGS = [
     "--rlp-max-thought-tokens", "6", "--rlp-no-share-prefixes",
     "--rlp-prefix-tokens", "8", "64",
 ]
-# The same run for pretrain_rlp.py (tests/e2e/checkpoint_helpers.py SMALL + these). Both runs
+# The same run for pretrain_rlp.py (tests/helpers/checkpoint_helpers.py SMALL + these). Both runs
 # take the per-context path (rlp.share_prefixes=false / --rlp-no-share-prefixes) here;
 # test_plugin_packed_update_matches_pretrain_rlp compares the shared-prefix, packed one.
 OWN = ("rlp.share_prefixes=false", "model.ffn_hidden_size=128", "model.max_sequence_length=256",

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from checkpoint_helpers import CONFIG, ROOT, SMALL, in_process, latest, main, ok, read_tensors
-from test_checkpoint_faults_on_cpu import assert_one_line_error, snapshot
+from helpers.checkpoint_helpers import CONFIG, ROOT, SMALL, in_process, latest, main, ok, read_tensors
+from test_checkpoint_faults import assert_one_line_error, snapshot
 
 DIST_OPT = "parallel.use_distributed_optimizer=true"
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))

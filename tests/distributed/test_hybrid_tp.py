@@ -2,7 +2,7 @@
 under `torchrun` with 2 gloo processes and TP=2 reports what the one-rank run reports
 (the same contexts and thoughts; per-thought log-probs, S_pred/S_ema, rewards, advantages,
 gradient norms) and ends with the same parameters; its steps also equal the independent
-reference of tests/step_reference.py (per-step checkpoints read back on one rank). Loss and
+reference of tests/helpers/step_reference.py (per-step checkpoints read back on one rank). Loss and
 clip fraction are not compared for RLP: ~0 in every layout, they cannot tell layouts apart. With
 `-m slow`: also TP=2 + sequence parallel (NTP) and PP=2 (pattern `M-M*|-M-`).
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 from layout_runs import train_and_collect
-from step_reference import assert_records_match, check_run_against_reference, merged_records
+from helpers.step_reference import assert_records_match, check_run_against_reference, merged_records
 
 SMALL = (
     "model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_attention_heads=4",

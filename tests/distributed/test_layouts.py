@@ -4,7 +4,7 @@ one-rank run computes — for 3 steps the contexts and thoughts (exactly), the p
 sampling log-probs, S_ema, S_pred, rewards and advantages, the reported gradient norms, and
 the final parameters. Loss and clip fraction are not evidence: with one on-policy update and
 zero-sum group advantages they are ~0 in every layout, right or wrong. TP=2 and PP=2 are also
-checked directly against the independent reference of tests/step_reference.py (per-step
+checked directly against the independent reference of tests/helpers/step_reference.py (per-step
 checkpoints read back on one rank; the teacher rebuilt from the policy's history).
 
 Tolerances (fp32): S_ema/S_pred and the other direct quantities match to 1e-5 relative.
@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from layout_runs import train_and_collect
-from step_reference import assert_records_match, check_run_against_reference, merged_records
+from helpers.step_reference import assert_records_match, check_run_against_reference, merged_records
 
 SMALL = (
     "model.hybrid_layer_pattern=*-*-", "model.hidden_size=64", "model.ffn_hidden_size=128",

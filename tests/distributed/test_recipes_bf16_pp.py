@@ -2,7 +2,7 @@
 bf16 under pipeline parallel 2 on the CPU (torchrun, gloo), through the real entry point:
 bf16 activations cross the stage boundary (pipeline_dtype), the fp32 EMA teacher sends and
 receives fp32 (its own config), the checkpoint is written. Shrinking as in
-tests/e2e/test_recipes_bf16_on_cpu.py."""
+tests/e2e/test_recipes_bf16.py."""
 
 from __future__ import annotations
 

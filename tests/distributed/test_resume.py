@@ -27,8 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
-from checkpoint_helpers import (  # noqa: E402 - shared with tests/e2e
+from helpers.checkpoint_helpers import (
     ROOT,
     SMALL,
     assert_same_rows,

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from checkpoint_helpers import CONFIG, ROOT, SMALL, latest, main, ok
+from helpers.checkpoint_helpers import CONFIG, ROOT, SMALL, latest, main, ok
 
 
 def snapshot(root: Path) -> dict[str, str]:

@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from checkpoint_helpers import CONFIG, SMALL, in_process, latest, ok, read_tensors, rows
+from helpers.checkpoint_helpers import CONFIG, SMALL, in_process, latest, ok, read_tensors, rows
 
 DIST_OPT = ("parallel.use_distributed_optimizer=true",)
 NTP = ("train.objective=ntp", "optimizer.lr=1e-2")

@@ -147,13 +147,13 @@ def _check_report(report: dict, tiny: list[str]) -> None:
     assert q["memory_kind"] == "cpu peak RSS"
 
 
-def test_dry_run_qwen3_shape_on_cpu(tmp_path):
+def test_dry_run_qwen3_shape(tmp_path):
     """The Qwen3-shaped stage alone (one subprocess): bench child, roofline, JSON."""
     _check_report(_dry_run(tmp_path, "--skip", "tiny"), [])
 
 
 @pytest.mark.slow
-def test_full_dry_run_on_cpu(tmp_path):
+def test_full_dry_run(tmp_path):
     """Every stage: 2 tiny configs x (device run + CPU fp32 reference) + the Qwen3 shape
     (5 subprocesses; ~1 minute of CPU time)."""
     _check_report(_dry_run(tmp_path), ["dense", "hybrid"])

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from helpers.tiny_models import tiny_model
 
 from megatron_rlp.models.masked_attention import (
     MASKED_SCORE,

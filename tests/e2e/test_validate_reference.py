@@ -4,7 +4,7 @@ teacher exists (teacher = policy) and after one RLP step (teacher phi_1 = tau*th
 
 The reference takes the evaluation's contexts (uniform positions of the valid split, step key
 0) and the thoughts the policy samples for them (same keys), and recomputes every log-prob
-with plain full forwards (tests/step_reference.py): no document windows, left padding or KV
+with plain full forwards (tests/helpers/step_reference.py): no document windows, left padding or KV
 cache. Each metric is then a mean written out here from the definitions in validate.py.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from step_reference import (
+from helpers.step_reference import (
     expected_prefixes,
     float_weights,
     full_logprobs,

@@ -5,7 +5,7 @@ teacher from its own config, fp32 Mamba decode state, fp32 log-probs) runs in `m
 What is kept from each recipe: layer kinds (dense `*-`, hybrid `M-*`), activation, norms,
 QK-norm, position embedding, tied/untied embeddings, RoPE base, optimizer, precision. What is
 shrunk: widths, depth, vocabulary padding, batch, thought length, TP (1 rank). PP=2 for the
-dense recipe is in tests/distributed/test_recipes_bf16_pp_on_cpu.py.
+dense recipe is in tests/distributed/test_recipes_bf16_pp.py.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def initialized():
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
-def test_recipe_trains_in_bf16_on_cpu(initialized, name):
+def test_recipe_trains_in_bf16(initialized, name):
     cfg = shrunk(name)
     assert cfg.precision.params_dtype == "bf16"  # the recipe's own precision
     state = initialized(cfg)

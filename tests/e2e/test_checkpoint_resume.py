@@ -15,7 +15,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from checkpoint_helpers import (
+from helpers.checkpoint_helpers import (
     CONFIG,
     SMALL,
     assert_same_rows,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_dense_model
+from helpers.tiny_models import tiny_dense_model
 
 from megatron_rlp.rollout import thoughts as thoughts_module
 from megatron_rlp.rollout.engine import KVCacheEngine

@@ -6,8 +6,8 @@ branch from the state at its t_k, as the policy's do (`models.mamba.branches`)."
 
 from __future__ import annotations
 
-from test_rlp_knobs_on_cpu import TINY as DENSE
-from test_rlp_knobs_on_cpu import (  # noqa: F401  (step1 is a fixture)
+from test_rlp_knobs import TINY as DENSE
+from test_rlp_knobs import (  # noqa: F401  (step1 is a fixture)
     step1,
     test_all_knobs_per_context_path_equals_shared_prefix_path,
 )
