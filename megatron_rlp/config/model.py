@@ -152,5 +152,5 @@ class PrecisionConfig:
                       "false unless precision.fp8 is set (e4m3 or hybrid)")
             check(self.fp8_recipe == "delayed", "precision.fp8_recipe", self.fp8_recipe,
                   "the default (delayed) unless precision.fp8 is set (e4m3 or hybrid)")
-        # The FP8 rules that need the machine (TE, GPU) are in RunConfig._check_transformer_engine.
+        # The FP8 rules that need the machine (TE, GPU) are in startup.check_machine.
 
