@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_megatron()
     from megatron_rlp import distributed
-    from megatron_rlp.train.checkpoint import CheckpointError
+    from megatron_rlp.checkpoint import CheckpointError
     from megatron_rlp.train.faults import DataError, TrainingError
     from megatron_rlp.train.loop import train
 

@@ -69,10 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_rlp.startup import check_machine, quiet_megatron
 
     quiet_megatron()
+    from megatron_rlp.checkpoint import CheckpointError, resolve_checkpoint
     from megatron_rlp.config import ConfigError
     from megatron_rlp.eval.benchmark import BenchmarkOptions, read_benchmark
     from megatron_rlp.eval.loading import eval_config
-    from megatron_rlp.train.checkpoint import CheckpointError, resolve_checkpoint
 
     def fail(message: str) -> int:
         if rank0:

@@ -23,8 +23,8 @@ from megatron_rlp.config.loading import _apply
 from megatron_rlp.startup import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
-RUN_PATH = ("train", "data", "rollout", "objective", "scoring", "models", "parallel",
-            "tokenizer", "backends")
+RUN_PATH = ("train", "checkpoint", "data", "rollout", "objective", "scoring", "models",
+            "parallel", "tokenizer", "backends")
 
 
 def _raw(overrides: tuple[str, ...]) -> RunConfig:
