@@ -7,7 +7,9 @@
 Each benchmark line is {"question": ..., "answer": ...} (GSM8K-style `#### 72` answers work);
 the model sees `--prompt-template` (default "Question: {question}\\nAnswer: ") and answers
 greedily, or `--samples n` times at `--temperature` (pass@k for k <= n), or, with `--think`,
-after each of n sampled thoughts (`rlp.max_thought_tokens`, `rlp.temperature`). It also
+after each of n sampled thoughts (`rlp.max_thought_tokens`, `rlp.temperature`); with
+`--ban-think`, without a thought and with `<think>` banned at the answer start (the fair
+no-thought baseline of a model trained on answers that open with thoughts). It also
 reports the gold answer's log-likelihood with and without the thought. The model and its
 thought settings come from the checkpoint; overrides set the layout (`parallel.*`), the
 device, or the thought (`rlp.max_thought_tokens=32`). Any layout the training supports works
@@ -38,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", help="write metrics as JSON here")
     p.add_argument("--details", action="store_true", help="also write per-item outputs")
     p.add_argument("--think", action="store_true", help="answer after a sampled thought")
+    p.add_argument("--ban-think", action="store_true",
+                   help="the fair no-thought baseline: `<think>` may not open the answer and "
+                        "the first answer token's log-likelihood is renormalised without it")
     p.add_argument("--samples", type=int, default=1, help="answers (thoughts) per item")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="answer sampling temperature without --think (0 = greedy)")
@@ -79,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {message}", file=sys.stderr, flush=True)
         return 2
 
-    opts = BenchmarkOptions(think=args.think, samples=args.samples,
+    opts = BenchmarkOptions(think=args.think, ban_think=args.ban_think, samples=args.samples,
                             temperature=args.temperature, top_p=args.top_p,
                             max_new_tokens=args.max_new_tokens,
                             stop=tuple(args.stop) if args.stop else ("\n",),
@@ -105,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     distributed.initialize(cfg)
     try:
         em = load_eval_model(cfg, load, cfg.train.checkpoint_checksums)
-        report = {"checkpoint": em.source, "think": opts.think, "samples": opts.samples,
+        report = {"checkpoint": em.source, "think": opts.think, "ban_think": opts.ban_think,
+                  "samples": opts.samples,
                   "max_thought_tokens": cfg.rlp.max_thought_tokens if opts.think else 0,
                   "benchmarks": {}}
         for path, records in benchmarks.items():

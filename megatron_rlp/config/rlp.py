@@ -157,6 +157,14 @@ class RLPConfig:
     """Weight of a next-token cross-entropy on the step's raw document windows, added to the
     RLP loss (train/ntp_mix.py), metric `ntp_loss`; 0 = off. Not with an interleaved
     pipeline."""
+    reward_tokens: int = 1
+    """Reward horizon k (RLP.md's multi-token generalisation, scoring/horizon.py): S_pred and
+    S_ema are the discounted sums of log p(x_{t+j} | ...) over x_t .. x_{t+k-1}, after the
+    same thought and without it (cut at the document's end); 1 = the paper's one-token
+    reward, computed by the rollout and the teacher as before. A task answer of k tokens is
+    scored whole with k = its length."""
+    reward_discount: float = 1.0
+    """Discount gamma of the reward horizon: token j of the k counts gamma^j; in (0, 1]."""
 
     def max_window_tokens(self) -> int:
         """Longest document window (= longest prefix) the context sampler can draw
@@ -174,6 +182,10 @@ class RLPConfig:
         for key in ("kl_coef", "ntp_loss_coef"):
             v = getattr(self, key)
             check(0 <= v < math.inf, f"rlp.{key}", v, "a finite number >= 0 (0 = off)")
+        check(isinstance(self.reward_tokens, int) and self.reward_tokens >= 1,
+              "rlp.reward_tokens", self.reward_tokens, "an integer >= 1 (1 = the next token)")
+        check(0 < self.reward_discount <= 1, "rlp.reward_discount", self.reward_discount,
+              "in (0, 1]")
         check(0 < self.tis_cap < math.inf, "rlp.tis_cap", self.tis_cap, "a finite number > 0")
         check(isinstance(self.rollout_chunk_contexts, int) and self.rollout_chunk_contexts >= 0,
               "rlp.rollout_chunk_contexts", self.rollout_chunk_contexts,

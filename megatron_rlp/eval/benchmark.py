@@ -3,7 +3,11 @@
 For each item the prompt is `prompt_template.format(question=...)`; the gold answer is
 `extract_answer(answer)` (so GSM8K's `... #### 72` works as is). Then, per item:
 
-    no thought    n answers: greedy (n = 1) or sampled at `temperature` with keyed noise
+    no thought    n answers: greedy (n = 1) or sampled at `temperature` with keyed noise;
+                  with `ban_think` (the fair no-thought baseline) `<think>` may not open the
+                  answer, and the first answer token's log-prob is renormalised without it
+                  (a model whose corpus opens answers with thoughts would otherwise start one
+                  and be scored on the thought's text)
     thought       n thoughts sampled by the rollout (`rollout/thoughts.sample_thoughts`: the
                   prompt, `<think>`, up to `rlp.max_thought_tokens` tokens at
                   `rlp.temperature`, `</think>` given if the policy does not close it), then
@@ -57,6 +61,7 @@ class BenchmarkOptions:
 
     prompt_template: str = PROMPT  # "{question}" is replaced by the item's question
     think: bool = False  # sample a thought before answering
+    ban_think: bool = False  # no thought: `<think>` banned at the answer start, renormalised
     samples: int = 1  # n answers (or thoughts) per item; pass@k for k <= n
     temperature: float = 0.0  # answer sampling without a thought (0 = greedy; needs n = 1)
     top_p: float = 1.0
@@ -78,6 +83,8 @@ class BenchmarkOptions:
         if self.match not in ("numeric", "exact") or self.extract not in ("first", "last"):
             raise ValueError(f"match={self.match!r} / extract={self.extract!r} (allowed: "
                              "numeric|exact / first|last)")
+        if self.think and self.ban_think:
+            raise ValueError("ban_think is the no-thought baseline (it needs think=False)")
         if "{question}" not in self.prompt_template:
             raise ValueError(f"prompt_template={self.prompt_template!r} has no {{question}}")
         if self.max_new_tokens < 1 or self.batch_size < 1:
@@ -130,6 +137,7 @@ def _run_batch(em: EvalModel, opts: BenchmarkOptions, batch: list[tuple[int, dic
                for _, rec in batch]
     ids = torch.tensor([i for i, _ in batch], dtype=torch.long)
     common = dict(max_sequence_length=window, vocab_size=tok.vocab_size, pad=tok.pad)
+    banned = [tok.think_start] if opts.ban_think else []
 
     thought_rows = None
     if opts.think:
@@ -163,7 +171,7 @@ def _run_batch(em: EvalModel, opts: BenchmarkOptions, batch: list[tuple[int, dic
                                 torch.arange(n).repeat(len(batch))], 1)
         outputs = generate(model, rows, max_new_tokens=opts.max_new_tokens, stop_ids=[tok.eos],
                            stop_texts=opts.stop, decode=tok.decode, temperature=opts.temperature,
-                           top_p=opts.top_p, keys=keys, **common)
+                           top_p=opts.top_p, keys=keys, ban_first=banned, **common)
 
     lls = greedy = None
     if opts.loglik and opts.think:  # one score per thought
@@ -171,7 +179,8 @@ def _run_batch(em: EvalModel, opts: BenchmarkOptions, batch: list[tuple[int, dic
             model, answer_prompts, [answer_ids[row // n] for row in range(len(answer_prompts))],
             **common)
     elif opts.loglik:  # the n sampled answers share one prompt: score it once
-        lls, greedy = continuation_logprobs(model, prompts, answer_ids, **common)
+        lls, greedy = continuation_logprobs(model, prompts, answer_ids, ban_first=banned,
+                                            **common)
         lls = [lp for lp in lls for _ in range(n)]
         greedy = [g for g in greedy for _ in range(n)]
 

@@ -55,6 +55,26 @@ def argmax_vocab_parallel(logits: Tensor, vocab_size: int) -> Tensor:
     return torch.stack([g[1] for g in gathered]).gather(0, winner[None])[0].long()
 
 
+def ban_ids(logits: Tensor, banned: Sequence[int]) -> Tensor:
+    """`logits` with the global ids `banned` set to -inf in this rank's vocabulary shard, so a
+    softmax over the rest is renormalised over the allowed ids (the fair no-thought baseline
+    bans `<think>` at the answer start).
+
+    Args:
+        logits: [..., V/tp] this rank's shard (not modified).
+        banned: global token ids.
+
+    Returns:
+        [..., V/tp] fp32 logits.
+    """
+    logits = logits.float().clone()
+    start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
+    for i in banned:
+        if start <= i < start + logits.shape[-1]:
+            logits[..., i - start] = float("-inf")
+    return logits
+
+
 def _fit(seq: Sequence[int], limit: int) -> list[int]:
     """The last `limit` tokens (prompts longer than the model's window lose their start)."""
     return list(seq)[-limit:]
@@ -64,8 +84,8 @@ def _fit(seq: Sequence[int], limit: int) -> list[int]:
 def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              max_sequence_length: int, vocab_size: int, pad: int,
              stop_ids: Sequence[int] = (), stop_texts: Sequence[str] = (), decode=None,
-             temperature: float = 0.0, top_p: float = 1.0, keys: Tensor | None = None
-             ) -> list[list[int]]:
+             temperature: float = 0.0, top_p: float = 1.0, keys: Tensor | None = None,
+             ban_first: Sequence[int] = ()) -> list[list[int]]:
     """Continue every prompt until a stop token, a stop text or `max_new_tokens`.
 
     Args:
@@ -78,6 +98,7 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
         temperature: 0 = greedy; > 0 samples with `keys`.
         keys: [N, K] long sampling keys of the rows (e.g. seed, step, item, sample); the token
             index is appended, so a row's draws depend on its keys alone.
+        ban_first: ids that may not be the first generated token (e.g. `<think>`).
 
     Returns:
         The generated ids of each row.
@@ -108,6 +129,8 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
     for k in range(max_new_tokens):
         tok = None
         if logits is not None:  # last pipeline stage
+            if k == 0 and ban_first:
+                logits = ban_ids(logits, ban_first)
             if temperature > 0:
                 keys[:, -1] = k
                 tok, _ = sample_vocab_parallel(logits, keys, temperature, top_p, vocab_size)
@@ -138,13 +161,17 @@ def truncate_at_stop(text: str, stop_texts: Sequence[str]) -> str:
 @torch.no_grad()
 def continuation_logprobs(model: torch.nn.Module, contexts: Sequence[Sequence[int]],
                           continuations: Sequence[Sequence[int]], *, max_sequence_length: int,
-                          vocab_size: int, pad: int) -> tuple[list[list[float]], list[bool]]:
+                          vocab_size: int, pad: int, ban_first: Sequence[int] = ()
+                          ) -> tuple[list[list[float]], list[bool]]:
     """log p(continuation tokens | context), one forward over the batch.
 
     Args:
         contexts: token ids per row (non-empty: callers prepend an end-of-document token to
             an empty context); left-truncated so context + continuation fit the window.
         continuations: non-empty token ids per row.
+        ban_first: ids excluded at each continuation's first token: its log-prob is
+            renormalised over the other ids, log p(x) - log(1 - p(banned)) (the fair
+            no-thought baseline), and its greedy test ignores them.
 
     Returns:
         per-token log-probs of each continuation (fp32 values, temperature 1), and whether
@@ -177,6 +204,9 @@ def continuation_logprobs(model: torch.nn.Module, contexts: Sequence[Sequence[in
     packed = None
     if logits is not None:
         picked = logits[rows, cols - 1]
+        if ban_first:  # the first token of each continuation: the banned ids renormalised out
+            first = torch.cat([torch.arange(s) == 0 for s in spans]).to(device)
+            picked = torch.where(first[:, None], ban_ids(picked, ban_first), picked.float())
         targets = tokens[rows, cols]
         lp = token_logprobs_vocab_parallel(picked, targets, vocab_size)
         greedy = argmax_vocab_parallel(picked, vocab_size) == targets

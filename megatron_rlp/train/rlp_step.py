@@ -30,6 +30,7 @@ from megatron_rlp.packing.prefill import SharedWindows
 from megatron_rlp.packing.update import packable, packed_forward_step, packed_update_batches
 from megatron_rlp.rollout.template import apply_template, build_template, lead_ids
 from megatron_rlp.rollout.thoughts import PromptBatch, ThoughtBatch, sample_thoughts_chunked
+from megatron_rlp.scoring.horizon import horizon_scores
 from megatron_rlp.scoring.next_token import score_next_tokens, token_logprobs_vocab_parallel
 from megatron_rlp.scoring.reference import reference_logprobs
 from megatron_rlp.train.builder import TrainState
@@ -198,6 +199,13 @@ def rollout_and_score(state: TrainState, sampler: ContextSampler, step: int,
         w = raw_windows  # S_ema conditions on the raw prefix x_<t (RLP.md), template or not
         s_ema = score_next_tokens(state.teacher.model, w.tokens, w.valid, w.rows, w.cols,
                                   w.targets, tok.vocab_size)
+        if r.reward_tokens > 1:  # the multi-token reward (scoring/horizon.py); k = 1: as is
+            state.policy.eval()
+            thoughts.s_pred, s_ema = horizon_scores(
+                state.policy, state.teacher.model, contexts, state.corpus.documents, prompts,
+                thoughts, template.lead, tok.think_end, r.reward_tokens, r.reward_discount,
+                vocab_size=tok.vocab_size, pad=tok.pad, window=cfg.model.max_sequence_length)
+            state.policy.train()
         rewards = info_gain_reward(thoughts.s_pred, s_ema.repeat_interleave(r.group_size))
         advantages = group_advantages(rewards.view(-1, r.group_size)).view(-1)
     return ScoredRollout(contexts, ids, prompts, windows, thoughts, s_ema, rewards, advantages,

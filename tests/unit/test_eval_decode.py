@@ -171,6 +171,45 @@ def test_benchmark_with_thoughts(em):
     assert [x["thoughts"] for x in again] == [x["thoughts"] for x in results]
 
 
+def test_fair_baseline_bans_think_and_renormalises(em):
+    """`ban_think`: the first answer token is the argmax without the banned ids, and its
+    log-prob is log p(a) - log(1 - p(banned)), from a direct float64 forward."""
+    recs = records(4)
+    prompts = [TOK.encode(BenchmarkOptions().prompt_template.format(question=r["question"]))
+               for r in recs]
+    raw = [logprobs(em.policy, p)[-1] for p in prompts]  # [VOCAB] float64 each
+    # Ban `<think>` and, so that the ban changes the output, each row's raw greedy token.
+    for p, lp in zip(prompts, raw, strict=True):
+        banned = [TOK.think_start, int(lp.argmax())]
+        fair = lp.clone()
+        fair[banned] = float("-inf")
+        fair = fair - torch.logsumexp(fair, 0)
+        assert abs(float(fair.exp().sum()) - 1) < 1e-9
+        (out,) = generate(em.policy, [p], max_new_tokens=2, max_sequence_length=WINDOW,
+                          vocab_size=VOCAB, pad=TOK.pad, ban_first=banned)
+        assert out[0] == int(fair.argmax()) and out[0] not in banned
+        cont = [int(fair.argmax()), 50]
+        (lps,), (flag,) = continuation_logprobs(em.policy, [p], [cont], ban_first=banned,
+                                                max_sequence_length=WINDOW, vocab_size=VOCAB,
+                                                pad=TOK.pad)
+        second = float(logprobs(em.policy, p + cont[:1])[-1][50])  # only the first is renormalised
+        assert lps[0] == pytest.approx(float(fair[cont[0]]), abs=ATOL)
+        assert lps[1] == pytest.approx(second, abs=ATOL)
+        assert lps[0] > float(lp[cont[0]])  # renormalising raises it
+    # The benchmark's fair mode: first-token log-lik renormalised without `<think>` alone.
+    metrics, results = run_benchmark(em, recs, BenchmarkOptions(ban_think=True,
+                                                                max_new_tokens=3))
+    for r, lp, rec in zip(results, raw, recs, strict=True):
+        first = TOK.encode(rec["answer"])[0]
+        want = float(lp[first] - torch.log1p(-lp[TOK.think_start].exp()))
+        assert r["first_token_logprob"] == pytest.approx(want, abs=ATOL)
+        assert not r["outputs"][0].startswith("<think>")
+    plain, _ = run_benchmark(em, recs, BenchmarkOptions(max_new_tokens=3))
+    assert metrics["first_token_logprob"] >= plain["first_token_logprob"]
+    with pytest.raises(ValueError, match="ban_think"):
+        BenchmarkOptions(think=True, ban_think=True).validate()
+
+
 def test_benchmark_thinks_in_the_runs_thought_template(em, monkeypatch):
     """With `rlp.thought_template`, the evaluation samples thoughts as the run trained them:
     instruction + prompt + forced tokens + `<think>`; the answer is scored after that."""
