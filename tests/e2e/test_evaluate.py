@@ -95,10 +95,32 @@ def test_layouts_give_the_same_evaluation(trained, one_rank_thinking, tmp_path, 
     assert 0 < want["metrics"]["thought_tokens"] <= 8
 
 
+def test_fair_baseline_on_one_rank_and_tp2(trained, tmp_path):
+    """`--ban-think`: no answer opens a thought, every first answer token is at least as
+    likely as in the raw baseline (`<think>` renormalised out), and two tensor-parallel ranks
+    (the ban applied on the vocabulary shard holding `<think>`) give the same answers."""
+    ckpt, bench = trained
+    raw = evaluate(ckpt, bench, tmp_path / "raw.json")
+    fair = evaluate(ckpt, bench, tmp_path / "fair.json", "--ban-think")
+    for a, b in zip(fair["items"], raw["items"], strict=True):
+        assert not a["outputs"][0].startswith("<think>")
+        assert a["first_token_logprob"] >= b["first_token_logprob"] - 1e-5
+        # only the first token is renormalised: the rest of the answer scores the same
+        assert (a["answer_logprob"] - a["first_token_logprob"]) == pytest.approx(
+            b["answer_logprob"] - b["first_token_logprob"], abs=1e-4)
+    tp2 = evaluate(ckpt, bench, tmp_path / "tp2.json", "--ban-think",
+                   "parallel.tensor_model_parallel_size=2",
+                   launcher=(TORCHRUN, "--standalone", "--nproc-per-node", "2"))
+    for a, b in zip(tp2["items"], fair["items"], strict=True):
+        assert a["outputs"] == b["outputs"]
+        assert a["first_token_logprob"] == pytest.approx(b["first_token_logprob"], abs=1e-3)
+
+
 @pytest.mark.parametrize("args, needle", [
     (("--load", "/nonexistent/ckpt", "--benchmark", "BENCH"), "/nonexistent/ckpt"),
     (("--load", "CKPT", "--benchmark", "BENCH", "parallel.tensor_model_parallel_size=3"),
      "parallel.tensor_model_parallel_size"),
+    (("--load", "CKPT", "--benchmark", "BENCH", "--think", "--ban-think"), "ban_think"),
 ])
 def test_bad_input_is_one_line(trained, args, needle):
     ckpt, bench = trained
