@@ -8,6 +8,7 @@ evaluation (NTP: the compute-matched one).
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -142,3 +143,40 @@ def plot(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def write_report(report: dict, out_dir: Path) -> None:
+    """Summary into `report`, then OUT_DIR/compare.json and compare.png; prints the tables."""
+    report["summary"] = summarize(report)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "compare.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    plot(report, out_dir / "compare.png")
+    print(markdown_tables(report), flush=True)
+    print(f"[compare] wrote {out_dir / 'compare.json'} and compare.png in "
+          f"{report['total_wall_s']:.0f}s (same base: {report['same_base']})", flush=True)
+
+
+def merge(paths: list[Path], out_dir: Path) -> str | None:
+    """Join reports of one base (seeds run by separate processes) into one; an error line
+    when they do not share the base and the held-out items, or repeat a seed."""
+    try:
+        reports = [json.loads(p.read_text()) for p in paths]
+    except (OSError, ValueError) as e:
+        return f"--merge: {e}"
+    first = reports[0]
+    for path, r in zip(paths, reports, strict=True):
+        if (r["base"]["fingerprint"], r["heldout_items"], sorted(r["seeds"][0]["rlp"])) != (
+                first["base"]["fingerprint"], first["heldout_items"],
+                sorted(first["seeds"][0]["rlp"])):
+            return (f"--merge={path} (allowed: reports of the same base, held-out items and "
+                    "RLP arms)")
+    seeds = [s for r in reports for s in r["seeds"]]
+    if len({s["seed"] for s in seeds}) != len(seeds):
+        return f"--merge={' '.join(map(str, paths))} (allowed: reports of distinct seeds)"
+    merged = {**first, "seeds": sorted(seeds, key=lambda s: s["seed"]),
+              "command": [r["command"] for r in reports],
+              "same_base": all(r["same_base"] for r in reports),
+              "total_wall_s": max(r["total_wall_s"] for r in reports),
+              "total_cpu_s": sum(r["total_cpu_s"] for r in reports)}
+    write_report(merged, out_dir)
+    return None

@@ -109,6 +109,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--think-samples", type=int, help="thoughts per held-out item")
     a("--wall-match", action="store_true", help="also evaluate NTP at the RLP wall time")
     a("--seeds", type=int, help="seeds; both arms run per seed from the one base")
+    a("--seed-indices", help="run only these seed indices (comma-separated, instead of "
+      "0..--seeds-1), e.g. one per process; --merge joins the reports")
+    a("--merge", type=Path, nargs="+", metavar="JSON",
+      help="join compare.json files of one base (other seeds) into OUT_DIR's report")
     a("--seed", type=int, default=1234)
     a("--threads", type=int, default=0, help="torch threads (0 = all cores)")
     a("overrides", nargs="*", help="section.key=value for every phase's config")
@@ -128,6 +132,12 @@ def check_args(args: argparse.Namespace) -> str | None:
     except ValueError:
         horizons = []
     args.horizons = horizons
+    try:
+        indices = ([int(i) for i in args.seed_indices.split(",")] if args.seed_indices
+                   else list(range(args.seeds)))
+    except ValueError:
+        indices = []
+    args.indices = indices
     for flag, ok, allowed in (
         ("--warmup-steps", args.warmup_steps >= 1, "an integer >= 1"),
         ("--anneal-steps", args.anneal_steps >= 0, "an integer >= 0"),
@@ -136,6 +146,8 @@ def check_args(args: argparse.Namespace) -> str | None:
         ("--eval-items", args.eval_items >= 1, "an integer >= 1"),
         ("--think-samples", args.think_samples >= 1, "an integer >= 1"),
         ("--seeds", args.seeds >= 1, "an integer >= 1"),
+        ("--seed-indices", bool(indices) and min(indices) >= 0
+         and len(set(indices)) == len(indices), "distinct integers >= 0, comma-separated"),
         ("--digits", args.digits >= 1, "an integer >= 1"),
         ("--think-rate", 0 <= args.think_rate <= 1, "a fraction in [0, 1]"),
         ("--continue-think-rate", 0 <= args.continue_think_rate <= 1, "a fraction in [0, 1]"),
@@ -190,15 +202,6 @@ def phase_config(args, corpus: Path, objective: str, lr: float, steps: int, thou
     return load_config(str(BASE_CONFIG), tuple(overrides), world_size=1)
 
 
-def fingerprint(model) -> str:
-    """SHA-256 (16 hex digits) of every parameter's bytes, in name order."""
-    h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters()):
-        h.update(name.encode())
-        h.update(p.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def anneal_lr(step: int, warmup: int, anneal: int, peak: float, final: float) -> float:
     """lr of base step `step` (1-based): `peak` for the warm-up, then a cosine from `peak` to
     `final` over the annealing steps (the last step runs at `final`)."""
@@ -251,133 +254,9 @@ def build_base(args, cfg) -> tuple[Path, dict]:
     return path, record
 
 
-def start_arm(cfg, checkpoint: Path):
-    """A fresh TrainState of `cfg` with the base's policy weights (fresh optimizer, step 0)."""
-    from megatron_rlp.checkpoint import load_checkpoint
-    from megatron_rlp.train.builder import build_state
-    from megatron_rlp.train.resume import ResumeOptions
-
-    state = build_state(cfg)
-    load_checkpoint(state, str(checkpoint), True, {}, ResumeOptions(finetune=True))
-    return state
-
-
-MODES = {"no_think": dict(), "no_think_fair": dict(ban_think=True), "think": dict(think=True)}
-
-
-def evaluate(state, records: list[dict], think_samples: int, seed: int) -> dict:
-    """Held-out metrics of the state's policy in each of MODES (eval/benchmark.py), with the
-    accuracy's standard error over items."""
-    from megatron_rlp.eval.benchmark import BenchmarkOptions, run_benchmark
-    from megatron_rlp.eval.intervals import mean_interval
-    from megatron_rlp.eval.loading import EvalModel
-
-    em = EvalModel(cfg=state.cfg, tokenizer=state.tokenizer, policy=state.policy,
-                   source=f"step {state.step}")
-    state.policy.eval()
-    start, out = time.perf_counter(), {}
-    try:
-        for mode, options in MODES.items():
-            samples = think_samples if mode == "think" else 1
-            metrics, items = run_benchmark(em, records, BenchmarkOptions(
-                samples=samples, seed=seed, batch_size=64, **options))
-            per_item = [sum(r["correct"]) / samples for r in items]
-            sd = mean_interval(per_item)["sd"] if len(per_item) > 1 else 0.0
-            metrics["accuracy_se"] = sd / math.sqrt(len(per_item))
-            out[mode] = metrics
-    finally:
-        state.policy.train()
-    out["eval_s"] = time.perf_counter() - start
-    return out
-
-
-def summary_line(name: str, point: dict) -> str:
-    e = point["eval"]
-    acc = " / ".join(f"{e[m]['accuracy']:.3f}" for m in MODES)
-    ll = " / ".join(f"{e[m]['answer_logprob']:.2f}" for m in MODES)
-    return (f"[compare] {name} step {point['step']:4d} tokens {point['compute_tokens']:8d}: "
-            f"acc (raw / fair / think) {acc} | answer ll {ll}")
-
-
-def run_rlp(args, cfg, checkpoint: Path, records, eval_steps: set[int], name: str) -> dict:
-    from megatron_rlp.data.answer_positions import AnswerPositionSampler
-    from megatron_rlp.train.rlp_step import rlp_step
-    from megatron_rlp.train.samplers import make_context_sampler
-    from megatron_rlp.train.timers import PhaseTimer
-
-    state = start_arm(cfg, checkpoint)
-    r = cfg.rlp
-    k = getattr(r, "reward_tokens", 1)
-    if args.positions == "answer":
-        sampler = AnswerPositionSampler(state.corpus, r.min_prefix_tokens, r.max_prefix_tokens,
-                                        cfg.train.seed, state.tokenizer.think_end)
-    else:
-        sampler = make_context_sampler(state)
-    arm = {"start_fingerprint": fingerprint(state.policy), "steps": [], "points": []}
-    timer, wall, cpu, compute = PhaseTimer(), 0.0, 0.0, 0
-    while state.step < cfg.train.steps:
-        t0, c0 = time.perf_counter(), time.process_time()
-        m = rlp_step(state, sampler, timer)
-        wall, cpu = wall + time.perf_counter() - t0, cpu + time.process_time() - c0
-        rows = r.contexts_per_step * r.group_size
-        # m["tokens"] = sum over rows of (prefix + lead + thought): the G rows of a context
-        # share its prefix, so the contexts' input tokens are (tokens - rows*(1+len)) / G.
-        inputs = round((m["tokens"] - rows * (1 + m["thought_len"])) / r.group_size)
-        compute += r.group_size * r.max_thought_tokens * r.contexts_per_step + inputs \
-            + k * r.contexts_per_step
-        m.update(timer.pop(), input_tokens=inputs, compute_tokens=compute, wall_s=wall)
-        arm["steps"].append({key: m[key] for key in (
-            "reward_mean", "reward_std", "s_pred", "s_ema", "thought_len", "closed_fraction",
-            "loss", "grad_norm", "input_tokens", "compute_tokens", "wall_s")})
-        if state.step % 10 == 0 or state.step == 1:
-            print(f"[{name} step {state.step:4d}] reward {m['reward_mean']:+.3f} s_pred "
-                  f"{m['s_pred']:.3f} s_ema {m['s_ema']:.3f} think_len {m['thought_len']:.1f} "
-                  f"closed {m['closed_fraction']:.2f} | {wall:.0f}s", flush=True)
-        if state.step in eval_steps:
-            point = {"step": state.step, "compute_tokens": compute, "wall_s": wall,
-                     "eval": evaluate(state, records, args.think_samples, cfg.train.seed)}
-            arm["points"].append(point)
-            print(summary_line(name, point), flush=True)
-    arm.update(wall_s=wall, cpu_s=cpu, compute_tokens=compute, reward_tokens=k)
-    return arm
-
-
-def run_ntp(args, cfg, checkpoint: Path, records, matched: list[int], rlp_wall: float) -> dict:
-    """NTP from the base: evaluated at the compute-matched steps `matched` (the last is the
-    largest RLP arm's total), then, with --wall-match, at the RLP arm's training wall time."""
-    from megatron_rlp.train.ntp_step import ntp_step
-    from megatron_rlp.train.samplers import make_ntp_batcher
-    from megatron_rlp.train.timers import PhaseTimer
-
-    state = start_arm(cfg, checkpoint)
-    batcher, timer = make_ntp_batcher(state), PhaseTimer()
-    arm = {"start_fingerprint": fingerprint(state.policy), "steps": [], "points": []}
-    per_step = cfg.data.ntp_batch_size * cfg.data.ntp_seq_length
-    wall, cpu, last, wall_point = 0.0, 0.0, matched[-1], None
-    while state.step < cfg.train.steps:
-        t0, c0 = time.perf_counter(), time.process_time()
-        m = ntp_step(state, batcher, timer)
-        timer.pop()
-        wall, cpu = wall + time.perf_counter() - t0, cpu + time.process_time() - c0
-        arm["steps"].append({"loss": m["loss"], "wall_s": wall})
-        due = state.step in matched
-        if args.wall_match and wall_point is None and state.step > last and wall >= rlp_wall:
-            wall_point, due = state.step, True
-        if due:
-            point = {"step": state.step, "compute_tokens": state.step * per_step,
-                     "wall_s": wall, "matched": "wall" if state.step > last else "compute",
-                     "eval": evaluate(state, records, args.think_samples, cfg.train.seed)}
-            arm["points"].append(point)
-            print(summary_line(f"ntp ({point['matched']})", point), flush=True)
-        if state.step >= last and (not args.wall_match or wall_point is not None):
-            break
-    arm.update(wall_s=wall, cpu_s=cpu, compute_tokens=state.step * per_step,
-               matched_steps=matched, wall_matched_step=wall_point)
-    return arm
-
-
 def run_seed(args, seed: int, ctx: dict) -> dict:
     """Every RLP arm and the NTP arm of one seed, from the base."""
+    arms = _load_tool("compare_arms")
     n = args.eval_points
     eval_steps = sorted({math.ceil(args.rlp_steps * (i + 1) / n) for i in range(n)})
     out = {"seed": seed, "rlp": {}}
@@ -386,7 +265,7 @@ def run_seed(args, seed: int, ctx: dict) -> dict:
                                    f"rlp.reward_discount={args.reward_discount}")
         cfg = phase_config(args, ctx["cont"], "rlp", args.lr, args.rlp_steps, ctx["thought"],
                            seed, extra)
-        out["rlp"][f"k{k}"] = run_rlp(args, cfg, ctx["checkpoint"], ctx["records"],
+        out["rlp"][f"k{k}"] = arms.run_rlp(args, cfg, ctx["checkpoint"], ctx["records"],
                                       set(eval_steps), f"rlp k={k} seed {seed}")
     ncfg = phase_config(args, ctx["cont"], "ntp", args.ntp_lr, 100 * args.rlp_steps,
                         ctx["thought"], seed)
@@ -395,7 +274,7 @@ def run_seed(args, seed: int, ctx: dict) -> dict:
                                            for a in out["rlp"].values()) / per_step))
                       for i in range(len(eval_steps))})
     rlp_wall = max(a["wall_s"] for a in out["rlp"].values())
-    out["ntp"] = run_ntp(args, ncfg, ctx["checkpoint"], ctx["records"], matched, rlp_wall)
+    out["ntp"] = arms.run_ntp(args, ncfg, ctx["checkpoint"], ctx["records"], matched, rlp_wall)
     return out
 
 
@@ -411,6 +290,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"({type(e).__name__}: {e})", file=sys.stderr)
             return 2
         print(table)
+        return 0
+    if args.merge:
+        if (bad := report_tool.merge(args.merge, args.out_dir)) is not None:
+            print(f"error: {bad}", file=sys.stderr)
+            return 2
         return 0
     if (bad := check_args(args)) is not None:
         print(f"error: {bad}", file=sys.stderr)
@@ -440,20 +324,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from megatron_rlp import distributed
 
+    arms = _load_tool("compare_arms")
     distributed.initialize(bcfg)
     try:
         checkpoint, base = build_base(args, bcfg)
         if args.base_only:
             print(f"[compare] base at {checkpoint}", flush=True)
             return 0
-        state = start_arm(bcfg, checkpoint)
-        base.update(checkpoint=str(checkpoint), fingerprint=fingerprint(state.policy),
-                    eval=evaluate(state, records, args.think_samples, args.seed))
-        print(summary_line("base", {"step": 0, "compute_tokens": 0, "eval": base["eval"]}),
+        state = arms.start_arm(bcfg, checkpoint)
+        # The base's evaluation is cached beside it (per evaluation settings): processes
+        # that run other seeds of the same base reuse it.
+        cached = checkpoint.parent / f"eval_{len(records)}_{args.think_samples}_{args.seed}.json"
+        base_eval = (json.loads(cached.read_text()) if cached.is_file() else
+                     arms.evaluate(state, records, args.think_samples, args.seed))
+        cached.write_text(json.dumps(base_eval) + "\n")
+        base.update(checkpoint=str(checkpoint), fingerprint=arms.fingerprint(state.policy),
+                    eval=base_eval)
+        print(arms.summary_line("base", {"step": 0, "compute_tokens": 0, "eval": base["eval"]}),
               flush=True)
         del state
         ctx = dict(cont=cont, thought=thought, checkpoint=checkpoint, records=records)
-        seeds = [run_seed(args, args.seed + i, ctx) for i in range(args.seeds)]
+        seeds = [run_seed(args, args.seed + i, ctx) for i in args.indices]
     finally:
         distributed.shutdown()
     starts = {base["fingerprint"]} | {a["start_fingerprint"] for s in seeds
@@ -470,12 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         "total_wall_s": time.perf_counter() - t_start,
         "total_cpu_s": time.process_time() - c_start,
     }
-    report["summary"] = report_tool.summarize(report)
-    (args.out_dir / "compare.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-    report_tool.plot(report, args.out_dir / "compare.png")
-    print(report_tool.markdown_tables(report), flush=True)
-    print(f"[compare] wrote {args.out_dir / 'compare.json'} and compare.png in "
-          f"{report['total_wall_s']:.0f}s (same base: {report['same_base']})", flush=True)
+    report_tool.write_report(report, args.out_dir)
     return 0
 
 

@@ -102,13 +102,27 @@ def test_quick_comparison_over_seeds(tmp_path):
     assert "| RLP, reward k=3 |" in table.stdout and "NTP (compute-matched)" in table.stdout
     assert "paper's claim" in table.stdout
 
-    # Same settings again: the base comes from the cache.
-    again = run("--quick", "--out-dir", str(out), "--threads", "1", "--seeds", "1")
+    # Another seed in another process: the base comes from the cache; --merge joins them.
+    out2 = tmp_path / "cmp2"
+    again = run("--quick", "--out-dir", str(out2), "--threads", "1", "--seed-indices", "2",
+                "--reward-tokens", "1,3", "--cache-dir", str(out / "cache"))
     assert again.returncode == 0, again.stderr[-3000:]
-    second = json.loads((out / "compare.json").read_text())
-    assert second["base"]["reused"] is True and len(second["seeds"]) == 1
+    second = json.loads((out2 / "compare.json").read_text())
+    assert second["base"]["reused"] is True and [s["seed"] for s in second["seeds"]] == [1236]
     assert second["seeds"][0]["ntp"]["start_fingerprint"] == base["fingerprint"]
+    assert second["base"]["eval"] == base["eval"]  # the cached base evaluation
     assert second["summary"]["arms"]["ntp"]["think"]["accuracy"]["half"] is None
+    merged = tmp_path / "merged"
+    proc = run("--merge", str(out / "compare.json"), str(out2 / "compare.json"),
+               "--out-dir", str(merged))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    joined = json.loads((merged / "compare.json").read_text())
+    assert [s["seed"] for s in joined["seeds"]] == [1234, 1235, 1236]
+    assert joined["summary"]["arms"]["rlp_k3"]["think"]["accuracy"]["n"] == 3
+    assert (merged / "compare.png").is_file()
+    twice = run("--merge", str(out / "compare.json"), str(out / "compare.json"),
+                "--out-dir", str(merged))
+    assert twice.returncode == 2 and "distinct seeds" in twice.stderr
 
 
 @pytest.mark.parametrize("flag, value, allowed", [
@@ -116,6 +130,7 @@ def test_quick_comparison_over_seeds(tmp_path):
     ("--seeds", "0", "an integer >= 1"),
     ("--reward-tokens", "1,0", "distinct integers >= 1, comma-separated"),
     ("--continue-think-rate", "1.5", "a fraction in [0, 1]"),
+    ("--seed-indices", "0,0", "distinct integers >= 0, comma-separated"),
 ])
 def test_bad_option_is_one_line(tmp_path, flag, value, allowed):
     proc = run("--quick", "--out-dir", str(tmp_path), flag, value)
