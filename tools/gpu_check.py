@@ -1,45 +1,41 @@
-"""GPU check: the real path on one CUDA GPU, measured against the hardware, as one JSON file.
+"""GPU check: the real path on one CUDA GPU, compared with CPU fp32 references, in < 5 minutes.
 
-    bash tools/gpu_check.sh                                   # a bare H200 (see that script)
-    python tools/gpu_check.py --out runs/gpu_check            # where megatron-core imports
-    python tools/gpu_check.py --device cpu --dry-run --dtype fp32 --out /tmp/gc   # tests
+    bash tools/gpu_check.sh                          # the lent machine (docs/gpu/README.md)
+    python tools/gpu_check.py --device cpu --dry-run --out /tmp/gc     # the same, on CPU
+    python tools/gpu_check.py --write-references     # remake docs/gpu/reference/ (CPU fp32)
 
-Stages (each a subprocess running the project's own entry points, so a CUDA run and a CPU
-run never share a process: the CPU backend patches torch process-wide):
+Stages, in this order, each a subprocess of this interpreter killed (its process group) at
+its own cap (`CAPS`, also bounded by what is left of `--budget-s`):
 
-1. `tiny`: the tiny dense and tiny hybrid configs train `--tiny-steps` RLP steps with
-   `pretrain_rlp.py` on `--device` in `--dtype` (bf16 on the GPU).
-2. `reference`: the same configs, one step, on CPU in fp32. Step-1 `s_ema`, `s_pred` and
-   `reward_mean` must agree within `--tolerance` nats (bf16 keeps 8 significant bits: its
-   per-layer rounding moves a log-prob by ~1e-2 at these sizes; thoughts are keyed by
-   (seed, step, context, thought, token), so both runs draw the same uniforms).
-3. `qwen3_shape`: `tools/bench_rlp_step.py` on a randomly initialised Qwen3-1.7B-shaped model
-   (examples/configs/qwen3_1p7b.yaml, its 151936-row padded vocabulary; tokenizer: the
-   512-token test BPE, so thoughts are rarely closed early) at `--contexts` x `--group` x
-   `--thought-tokens`; one untimed and one timed step.
-4. `te`, only where Transformer Engine imports (NGC images): the tiny configs on the TE spec
-   in bf16 and the dense one in FP8 (hybrid, tensorwise), 2 steps each; skipped elsewhere.
-5. `packed_attention`: tools/bench_packed_attention.py on the tiny dense config in `--dtype`:
-   one packed update (4 documents x 8 positions x G=8, 1024-token windows, 64-token thoughts,
-   5120-token packed sequences, 87% of 128x128 tiles masked) with the explicit tree mask and
-   with FlexAttention (compiled, block-sparse): block sparsity, seconds of each, loss and
-   gradient differences. Last, so it cannot take an earlier stage's budget.
-6. The JSON (`OUT/gpu_check.json`): per stage the metrics and wall time, plus
-   - decode tokens/s (decoded thought tokens / rollout-phase seconds, prefill included)
-     against the roofline of a full-batch decode step: max(bytes read / HBM bandwidth,
-     FLOPs / peak), bytes = bf16 weights (output layer included) + each row's K/V
-     (attention layers; a hybrid model's Mamba states are not counted);
-   - update tokens/s (prefix + thought tokens / update-phase seconds) and MFU: model FLOPs
-     (6 x matmul parameters x tokens, attention scores, the output layer at thought positions
-     only, as the update computes it) / seconds / peak;
-   - peak memory (torch.cuda.max_memory_allocated; CPU: peak RSS).
-   Peaks: `--hbm-tbps` (H200 4.8 TB/s) and `--peak-tflops` (bf16 dense ~790 TFLOP/s measured
-   on H200; the data sheet says 989). On CPU they are the H200's, so the fractions there
-   mean nothing: the dry run checks the plumbing, not the machine.
+- `preflight`: CUDA, the imports, a torch.compile smoke test (gpu_check_preflight.py);
+  when it fails, no other stage runs.
+- `kernels`: mamba-ssm's Triton kernels against the torch ops, forward and backward
+  (gpu_check_kernels.py); fails on an error over its tolerance.
+- `fp32_dense`, `fp32_hybrid`: one RLP step of the tiny configs in fp32 (gpu_check_step.py
+  record); fails where a row differs from docs/gpu/reference/ (gpu_check_compare.py).
+- `bf16_dense`, `bf16_hybrid`: 3 steps in bf16; fails on a skipped step or a non-finite metric.
+- `packed_attention`: one packed update, FlexAttention against the explicit mask
+  (bench_packed_attention.py); fails when loss or gradients are apart.
+- `qwen3_shape`: one timed RLP step of a Qwen3-1.7B-shaped model (gpu_check_step.py
+  measure); fails only when it does not run (its figures are measurements).
 
-`--dry-run` shrinks every stage (tiny steps, a 2-layer Qwen3-shaped model) so the whole path
-runs on CPU in a test. The full run is budgeted for < 8 minutes on an H200 (`--budget-s`):
-each stage gets a timeout from what is left, and `within_budget` in the JSON says whether it held.
+Outputs (at most 3 files, under `--out`, default $OUT): `gpu_check.json` (every stage's
+result, its failures, what ran: spec, kernels, attention path; the decode roofline and MFU),
+`gpu_check_logs.txt` (every stage's log, the last 200 kB of each). Work files go to `--work`.
+
+The `--dry-run` runs every stage on CPU with CPU standing in for CUDA: the fp32 stages at the
+references' own shape (so the comparison is the one the GPU faces), bf16 stages at 2 steps,
+the kernels under TRITON_INTERPRET=1 at a smaller shape, the attention and Qwen3 stages tiny.
+
+Roofline and MFU (qwen3_shape), from the step's computed work (gpu_check_step.py:
+computed_update_work): decode tokens/s (decoded thought tokens / rollout seconds) against a
+full-batch decode step's max(bytes / HBM bandwidth, FLOPs / peak), bytes = bf16 weights +
+each row's K/V; update MFU = 3 x forward FLOPs / update seconds / peak, forward = 2 x matmul
+params x tokens the update computed (shared windows once, then each branch) + 2 x output
+params x thought positions + 4 x attention width x computed (query, key) pairs per attention
+layer. Masked pairs, padding and the Mamba scans are not counted. `--hbm-tbps` and
+`--peak-tflops` default to the H100 SXM (3.35 TB/s; ~790 TFLOP/s bf16 dense as measured on
+this workplace's H100s, the data sheet says 989); the JSON records which were used.
 """
 
 from __future__ import annotations
@@ -47,28 +43,40 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+import gpu_check_compare as cmp  # noqa: E402
 
 TINY = {"dense": "examples/configs/tiny_cpu.yaml",
         "hybrid": "examples/configs/tiny_hybrid_cpu.yaml"}
 QWEN3 = "examples/configs/qwen3_1p7b.yaml"
 BPE = "tests/assets/tiny_bpe/tokenizer.json"
-COMPARED = ("s_ema", "s_pred", "reward_mean")
-# Dry run: a few contexts, short thoughts, a 2-layer model with Qwen3's layer shape ratios.
-DRY_TINY = ("rlp.contexts_per_step=2", "rlp.group_size=2", "rlp.max_thought_tokens=4")
+REFERENCES = ROOT / "docs/gpu/reference"
+# The fp32 comparison's shape, the same on the GPU and in the references (16 rows of 16 tokens).
+FP32_SHAPE = ("rlp.contexts_per_step=4", "train.seed=1234", "train.progress=false")
+BF16_STEPS = 3
+STAGES = ("preflight", "kernels", "fp32_dense", "fp32_hybrid", "bf16_dense", "bf16_hybrid",
+          "packed_attention", "qwen3_shape")
+CAPS = {"preflight": 60, "kernels": 75, "fp32_dense": 60, "fp32_hybrid": 60, "bf16_dense": 45,
+        "bf16_hybrid": 45, "packed_attention": 45, "qwen3_shape": 90}
+DRY_CAPS = {k: 900 for k in STAGES}  # CPU: the interpreter and compile take minutes
+LOG_TAIL = 200_000
 DRY_QWEN3 = ("model.hybrid_layer_pattern=*-", "model.hidden_size=64", "model.ffn_hidden_size=192",
              "model.num_attention_heads=4", "model.num_query_groups=2", "model.kv_channels=16",
              "model.make_vocab_size_divisible_by=1024", "model.max_sequence_length=256")
 
 
 class Budget:
-    """Wall-clock budget over all stages; each subprocess gets what is left."""
+    """Wall-clock budget over all stages."""
 
     def __init__(self, seconds: float):
         self.start, self.seconds = time.monotonic(), seconds
@@ -80,274 +88,247 @@ class Budget:
         return time.monotonic() - self.start
 
 
-def run_child(args: list[str], budget: Budget, log: Path) -> tuple[int, float]:
-    """Run `python ARGS` from the repository root; stdout+stderr to `log`. Returns
-    (exit code, seconds); 124 when it ran past the budget."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+def run_child(args: list[str], cap: float, log: Path, env: dict | None = None
+              ) -> tuple[int, float]:
+    """Run `python ARGS` from the repository root in its own process group, stdout+stderr to
+    `log`; at `cap` seconds the whole group (compile workers included) is killed.
+    Returns (exit code, seconds); 124 when it was killed at its cap."""
+    env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     start = time.monotonic()
     with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            rc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, timeout=max(budget.left(), 1)
-                                ).returncode
+            rc = proc.wait(timeout=max(cap, 1))
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             rc = 124
+            out.write(f"\n[gpu_check] killed at its cap of {cap:.0f} s\n")
     return rc, time.monotonic() - start
 
 
-def step_metrics(path: Path, step: int = 1) -> dict | None:
-    """The metrics of `step` from a `train.metrics_file` JSONL, or None."""
-    if not path.is_file():
-        return None
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        if row.get("step") == step:
-            return row
-    return None
+class Check:
+    """The stages of one run: caps, logs, results; `report` is the JSON."""
 
+    def __init__(self, args):
+        self.args, self.work = args, Path(args.work)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.budget = Budget(args.budget_s)
+        self.caps = {**(DRY_CAPS if args.dry_run else CAPS), **args.cap}
+        self.report: dict = {"args": {k: v for k, v in vars(args).items()}, "stages": {}}
+        self.interp = {"TRITON_INTERPRET": "1"} if args.device == "cpu" else {}
 
-def compare(device: dict | None, reference: dict | None, tolerance: float) -> dict:
-    """Step-1 metrics of the device run vs the CPU fp32 reference: |difference| per key."""
-    if device is None or reference is None:
-        return {"ok": False, "reason": "a run wrote no step-1 metrics"}
-    diff = {k: abs(device[k] - reference[k]) for k in COMPARED}
-    return {"ok": all(d <= tolerance for d in diff.values()), "tolerance_nats": tolerance,
-            "abs_diff": diff, "device": {k: device[k] for k in COMPARED},
-            "reference_cpu_fp32": {k: reference[k] for k in COMPARED}}
-
-
-def model_shape(cfg, vocab: int) -> dict[str, float]:
-    """Parameter counts (matmul weights of the layers, output layer) and per-token K/V size
-    of `cfg.model` with the padded vocabulary `vocab`."""
-    m = cfg.model
-    kv = m.kv_channels or m.hidden_size // m.num_attention_heads
-    pattern = m.hybrid_layer_pattern
-    attn = m.hidden_size * kv * (2 * m.num_attention_heads + 2 * m.num_query_groups)
-    mlp = m.hidden_size * m.ffn_hidden_size * (3 if m.activation == "swiglu" else 2)
-    heads = m.mamba_heads()
-    d_inner = heads * m.mamba_head_dim
-    mamba = m.hidden_size * (2 * d_inner + 2 * m.mamba_num_groups * m.mamba_state_dim + heads) \
-        + d_inner * m.hidden_size
-    layers = pattern.count("*") * attn + pattern.count("-") * mlp + pattern.count("M") * mamba
-    return {"layer_matmul_params": float(layers), "output_params": float(vocab * m.hidden_size),
-            "attention_layers": float(pattern.count("*")),
-            "attention_width": float(m.num_attention_heads * kv),
-            "kv_bytes_per_token_bf16": float(pattern.count("*") * 2 * m.num_query_groups * kv * 2)}
-
-
-def roofline(shape: dict, rows: int, prefix: float, thought: float, decode_s: float,
-             update_s: float, update_tokens: float, hbm_tbps: float, peak_tflops: float
-             ) -> dict[str, float]:
-    """Decode vs its roofline and update MFU (see module doc). `prefix`/`thought`: mean
-    tokens per row; `decode_s`/`update_s`: phase seconds; `update_tokens`: tokens trained."""
-    peak, bw = peak_tflops * 1e12, hbm_tbps * 1e12
-    weights = 2 * (shape["layer_matmul_params"] + shape["output_params"])  # bf16 bytes
-    context = prefix + 1 + thought / 2  # mean tokens a row's decode step attends to
-    step_bytes = weights + rows * context * shape["kv_bytes_per_token_bf16"]
-    step_flops = 2 * rows * (shape["layer_matmul_params"] + shape["output_params"]
-                             + 2 * shape["attention_layers"] * shape["attention_width"] * context)
-    step_s = max(step_bytes / bw, step_flops / peak)
-    decoded = rows * thought
-    seq = prefix + 1 + thought
-    forward = (2 * shape["layer_matmul_params"] * update_tokens
-               + 2 * shape["output_params"] * decoded  # logits at thought positions only
-               # QK^T and PV, causal: 2 x 2 x width x S^2 / 2 per attention layer and row
-               + 2 * shape["attention_layers"] * shape["attention_width"] * seq * seq * rows)
-    return {
-        "decode_tokens_per_s": decoded / decode_s,
-        "decode_roofline_tokens_per_s": rows / step_s,
-        "decode_fraction_of_roofline": (decoded / decode_s) / (rows / step_s),
-        "decode_bound": "hbm" if step_bytes / bw >= step_flops / peak else "compute",
-        "update_tokens_per_s": update_tokens / update_s,
-        "update_model_tflops": 3 * forward / update_s / 1e12,
-        "update_mfu": 3 * forward / update_s / peak,
-    }
-
-
-def qwen3_stage(args, out: Path, budget: Budget) -> dict:
-    """One RLP step of the Qwen3-1.7B-shaped model (bench_rlp_step.py), plus the roofline."""
-    from megatron_rlp.config import load_config
-    from megatron_rlp.tokenizer import build_tokenizer
-
-    overrides = [f"device.type={args.device}", f"precision.params_dtype={args.dtype}",
-                 f"data.tokenizer={BPE}", f"rlp.contexts_per_step={args.contexts}",
-                 f"rlp.group_size={args.group}", f"rlp.max_thought_tokens={args.thought_tokens}",
-                 f"rlp.min_prefix_tokens={args.prefix_tokens // 2}",
-                 f"rlp.max_prefix_tokens={args.prefix_tokens}", "rlp.positions_per_document=4",
-                 f"train.micro_batch_size={args.micro_batch}", f"train.seed={args.seed}"]
-    if args.dry_run:
-        overrides += DRY_QWEN3
-    cfg = load_config(QWEN3, tuple(overrides))
-    result_file = out / "qwen3_shape_bench.json"
-    rc, seconds = run_child(["tools/bench_rlp_step.py", "--config", QWEN3, "--steps", "1",
-                             "--warmup", "1", "--out", str(result_file), *overrides],
-                            budget, out / "qwen3_shape.log")
-    stage = {"rc": rc, "seconds": seconds, "overrides": overrides, "ok": False}
-    if rc != 0 or not result_file.is_file():
+    def child(self, name: str, argv: list[str], env: dict | None = None) -> dict:
+        cap = min(self.caps[name], max(self.budget.left(), 0))
+        if cap < 1:
+            return {"ok": False, "failures": [f"{name}: not run, the {self.args.budget_s:.0f} s "
+                                              "budget is spent"]}
+        rc, seconds = run_child(argv, cap, self.work / f"{name}.log", env)
+        stage = {"rc": rc, "seconds": round(seconds, 2), "cap_s": cap, "failures": []}
+        if rc == 124:
+            stage["failures"].append(f"{name}: killed at its cap of {cap:.0f} s")
+        elif rc != 0:
+            stage["failures"].append(f"{name}: exit code {rc} (see gpu_check_logs.txt)")
         return stage
-    bench = json.loads(result_file.read_text())
-    phases, tput = bench["phases_s"], bench["throughput"]
-    rows = cfg.rlp.contexts_per_step * cfg.rlp.group_size
-    rollout_s = phases["rollout"]["mean"]
-    decoded = tput["rollout_decoded_tokens_per_s"] * rollout_s
-    tokens = tput["tokens_per_s"] * phases["step"]["mean"]  # steps=1: the step's tokens
-    thought = decoded / rows
-    prefix = tokens / rows - 1 - thought
-    multiple = cfg.model.make_vocab_size_divisible_by  # provider.padded_vocab_size
-    vocab = -(-build_tokenizer(BPE).vocab_size // multiple) * multiple
-    shape = model_shape(cfg, vocab)
-    stage.update(
-        ok=True, rows=rows, mean_prefix_tokens=prefix, mean_thought_tokens=thought,
-        phases_s={k: v["mean"] for k, v in phases.items()}, peak_memory_gib=bench["memory"][
-            "peak_gib"], memory_kind=bench["memory"]["kind"], model=shape,
-        **roofline(shape, rows, prefix, thought, rollout_s, phases["update"]["mean"], tokens,
-                   args.hbm_tbps, args.peak_tflops))
-    return stage
+
+    def device_overrides(self, dtype: str) -> list[str]:
+        return [f"device.type={self.args.device}", f"precision.params_dtype={dtype}"]
+
+    def preflight(self) -> dict:
+        out = self.work / "preflight.json"
+        stage = self.child("preflight", ["tools/gpu_check_preflight.py", "--device",
+                                         self.args.device, "--out", str(out)], self.interp)
+        return self._merge(stage, out)
+
+    def kernels(self) -> dict:
+        out = self.work / "kernels.json"
+        argv = ["tools/gpu_check_kernels.py", "--device", self.args.device, "--out", str(out)]
+        stage = self.child("kernels", argv + (["--small"] if self.args.dry_run else []),
+                           self.interp)
+        return self._merge(stage, out)
+
+    def fp32(self, name: str) -> dict:
+        ref_file = Path(self.args.references) / f"tiny_{name}_fp32.json"
+        out = self.work / f"fp32_{name}.json"
+        stage = self.child(f"fp32_{name}", [
+            "tools/gpu_check_step.py", "record", "--config", TINY[name], "--steps", "1",
+            "--out", str(out), *FP32_SHAPE, *self.device_overrides("fp32")])
+        if not ref_file.is_file():
+            stage["failures"].append(f"fp32_{name}: no reference {ref_file} "
+                                     "(python tools/gpu_check.py --write-references)")
+        elif out.is_file() and not stage["failures"]:
+            got, ref = json.loads(out.read_text()), json.loads(ref_file.read_text())
+            stage["run"], stage["step1"] = got["run"], got["steps"][0]
+            stage["reference"] = {"file": str(ref_file),
+                                  "made_with": ref["reference"]["made_with"]}
+            stage["failures"] += cmp.compare_record(f"fp32_{name}", got, ref)
+        return stage
+
+    def bf16(self, name: str) -> dict:
+        steps = 2 if self.args.dry_run else BF16_STEPS
+        out = self.work / f"bf16_{name}.json"
+        stage = self.child(f"bf16_{name}", [
+            "tools/gpu_check_step.py", "record", "--config", TINY[name], "--steps", str(steps),
+            "--out", str(out), "train.progress=false", f"train.seed={self.args.seed}",
+            *self.device_overrides("bf16")])
+        if out.is_file() and not stage["failures"]:
+            got = json.loads(out.read_text())
+            stage["run"], stage["steps"] = got["run"], got["steps"]
+            stage["failures"] += cmp.check_steps(f"bf16_{name}", got["steps"], steps)
+        return stage
+
+    def packed_attention(self) -> dict:
+        shape = ["--docs", "4", "--positions", "8", "--group", "8", "--window", "1024",
+                 "--thought", "64", "--repeats", "3"]
+        if self.args.dry_run:
+            shape = ["--docs", "1", "--positions", "2", "--group", "2", "--window", "32",
+                     "--thought", "4", "--repeats", "1", "--block-size", "16"]
+        out = self.work / "packed_attention.json"
+        out.unlink(missing_ok=True)
+        stage = self.child("packed_attention", [
+            "tools/bench_packed_attention.py", "--config", TINY["dense"], *shape, "--out",
+            str(out), *self.device_overrides("bf16"), f"train.seed={self.args.seed}"])
+        if out.is_file() and not stage["failures"]:
+            bench = json.loads(out.read_text())
+            stage.update({k: bench[k] for k in ("sparsity", "seconds", "speedup_flex_vs_mask",
+                                                "loss", "loss_abs_diff", "grad_max_abs_diff",
+                                                "grad_max_abs")})
+            stage["failures"] += cmp.check_flex_vs_mask(bench, "bf16")
+        return stage
+
+    def qwen3_shape(self) -> dict:
+        from gpu_check_roofline import qwen3_overrides, summarize
+
+        overrides = qwen3_overrides(self.args, DRY_QWEN3 if self.args.dry_run else (), BPE)
+        out = self.work / "qwen3_shape.json"
+        stage = self.child("qwen3_shape", ["tools/gpu_check_step.py", "measure", "--config",
+                                           QWEN3, "--out", str(out), *overrides])
+        if out.is_file() and not stage["failures"]:
+            stage.update(summarize(json.loads(out.read_text()), QWEN3, overrides, BPE,
+                                   self.args.hbm_tbps, self.args.peak_tflops))
+        return stage
+
+    @staticmethod
+    def _merge(stage: dict, out: Path) -> dict:
+        if out.is_file():
+            result = json.loads(out.read_text())
+            stage["failures"] = [f for f in stage["failures"] if "exit code" not in f]
+            stage["failures"] += result.pop("failures", [])
+            stage.update({k: v for k, v in result.items() if k != "ok"})
+        return stage
+
+    def run(self) -> dict:
+        plan = {"preflight": self.preflight, "kernels": self.kernels,
+                "packed_attention": self.packed_attention, "qwen3_shape": self.qwen3_shape,
+                **{f"fp32_{n}": partial(self.fp32, n) for n in TINY},
+                **{f"bf16_{n}": partial(self.bf16, n) for n in TINY}}
+        for name in self.args.stages:
+            stage = plan[name]()
+            stage["ok"] = not stage["failures"]
+            self.report["stages"][name] = stage
+            state = "ok" if stage["ok"] else "FAILED"
+            print(f"[gpu_check] {name}: {state} ({stage.get('seconds', 0):.0f} s)", flush=True)
+            for line in stage["failures"]:
+                print(f"[gpu_check]   {line}", flush=True)
+            if name == "preflight" and not stage["ok"]:
+                print("[gpu_check] preflight failed: the other stages are not run", flush=True)
+                break
+        r = self.report
+        r["elapsed_s"] = round(self.budget.elapsed(), 1)
+        r["within_budget"] = self.budget.elapsed() <= self.args.budget_s
+        r["failures"] = [f for s in r["stages"].values() for f in s["failures"]]
+        r["ok"] = (r["within_budget"] and not r["failures"]
+                   and set(r["stages"]) == set(self.args.stages))
+        return r
+
+    def pack(self, out: Path) -> list[Path]:
+        """The outputs as <= 3 files: the JSON report and one text file of every log."""
+        out.mkdir(parents=True, exist_ok=True)
+        files = [out / "gpu_check.json", out / "gpu_check_logs.txt"]
+        files[0].write_text(json.dumps(self.report, indent=1) + "\n")
+        with open(files[1], "w") as logs:
+            for name in self.report["stages"]:
+                log = self.work / f"{name}.log"
+                text = log.read_text(errors="replace") if log.is_file() else "(no log)\n"
+                cut = len(text) > LOG_TAIL
+                logs.write(f"===== {name}{' (last 200 kB)' if cut else ''} =====\n")
+                logs.write(text[-LOG_TAIL:] + "\n")
+        return files
 
 
-def tiny_stage(args, name: str, config: str, out: Path, budget: Budget) -> dict:
-    """Stages 1-2 for one tiny config: the device run, the CPU fp32 reference, the comparison."""
-    extra = list(DRY_TINY) if args.dry_run else []
-    runs = {}
-    for label, device, dtype, steps in (("device", args.device, args.dtype, args.tiny_steps),
-                                        ("reference", "cpu", "fp32", 1)):
-        metrics = out / f"tiny_{name}_{label}.jsonl"
-        metrics.unlink(missing_ok=True)
-        rc, seconds = run_child(
-            ["pretrain_rlp.py", "--config", config, f"device.type={device}",
-             f"precision.params_dtype={dtype}", f"train.steps={steps}",
-             f"train.metrics_file={metrics}", f"train.seed={args.seed}", "train.progress=false",
-             *extra], budget, out / f"tiny_{name}_{label}.log")
-        last = step_metrics(metrics, steps)
-        runs[label] = {"rc": rc, "seconds": seconds, "device": device, "dtype": dtype,
-                       "steps": steps, "step1": step_metrics(metrics, 1),
-                       "last_reward_mean": None if last is None else last["reward_mean"]}
-    check = compare(runs["device"]["step1"], runs["reference"]["step1"], args.tolerance)
-    return {**runs, "step1_vs_cpu_fp32": check,
-            "ok": all(r["rc"] == 0 for r in runs.values()) and check["ok"]}
+def write_references(args) -> int:
+    """Run the fp32 stages on CPU and store their JSON as docs/gpu/reference/*.json."""
+    references = Path(args.references)
+    references.mkdir(parents=True, exist_ok=True)
+    for name, config in TINY.items():
+        target = references / f"tiny_{name}_fp32.json"
+        rc, seconds = run_child(["tools/gpu_check_step.py", "record", "--config", config,
+                                 "--steps", "1", "--write-reference", "--out", str(target),
+                                 *FP32_SHAPE, "device.type=cpu", "precision.params_dtype=fp32"],
+                                args.budget_s, Path(args.work) / f"reference_{name}.log")
+        print(f"[gpu_check] reference {target}: rc {rc} ({seconds:.0f} s)")
+        if rc != 0:
+            return rc
+    return 0
 
 
-def packed_attention_stage(args, out: Path, budget: Budget) -> dict:
-    """Flex vs explicit-mask core attention of one packed update (bench_packed_attention.py)."""
-    shape = ["--docs", "4", "--positions", "8", "--group", "8", "--window", "1024",
-             "--thought", "64", "--repeats", "3"]
-    if args.dry_run:
-        shape = ["--docs", "1", "--positions", "2", "--group", "2", "--window", "32",
-                 "--thought", "4", "--repeats", "1", "--block-size", "16"]
-    result_file = out / "packed_attention.json"
-    result_file.unlink(missing_ok=True)
-    rc, seconds = run_child(["tools/bench_packed_attention.py", "--config", TINY["dense"],
-                             *shape, "--out", str(result_file), f"device.type={args.device}",
-                             f"precision.params_dtype={args.dtype}", f"train.seed={args.seed}"],
-                            budget, out / "packed_attention.log")
-    stage = {"rc": rc, "seconds": seconds, "ok": False}
-    if rc == 0 and result_file.is_file():
-        bench = json.loads(result_file.read_text())
-        stage.update(ok=True, **{k: bench[k] for k in ("sparsity", "seconds",
-                                                       "speedup_flex_vs_mask", "loss_abs_diff",
-                                                       "grad_max_abs_diff")})
-    return stage
+def _cap(text: str) -> tuple[str, float]:
+    name, _, seconds = text.partition("=")
+    if name not in STAGES or not seconds:
+        raise argparse.ArgumentTypeError(f"{text!r} (allowed: STAGE=SECONDS, STAGE in {STAGES})")
+    return name, float(seconds)
 
 
-def te_stage(args, out: Path, budget: Budget) -> dict:
-    """Where Transformer Engine imports (NGC images; never on the bare H200): the tiny configs
-    with `model.transformer_impl=transformer_engine` in bf16, and the dense one in FP8
-    (hybrid format, tensorwise recipe, first/last layer bf16). Each must train 2 steps with
-    finite rewards. Not compared with the CPU runs: TE modules draw their own initial weights."""
-    rc, _ = run_child(["-c", "import transformer_engine.pytorch"], budget, out / "te_probe.log")
-    if args.device != "cuda" or rc != 0:
-        return {"ok": True, "skipped": "Transformer Engine does not import here"
-                if rc != 0 else "not on CUDA"}
-    fp8 = ("precision.fp8=hybrid", "precision.fp8_recipe=tensorwise",
-           "precision.first_last_layers_bf16=true")
-    runs = {"te_dense_bf16": (TINY["dense"], ()), "te_hybrid_bf16": (TINY["hybrid"], ()),
-            "te_dense_fp8": (TINY["dense"], fp8)}
-    stage: dict = {}
-    for name, (config, extra) in runs.items():
-        metrics = out / f"{name}.jsonl"
-        metrics.unlink(missing_ok=True)
-        rc, seconds = run_child(
-            ["pretrain_rlp.py", "--config", config, "device.type=cuda",
-             "precision.params_dtype=bf16", "model.transformer_impl=transformer_engine",
-             "train.steps=2", f"train.metrics_file={metrics}", f"train.seed={args.seed}",
-             "train.progress=false", *extra], budget, out / f"{name}.log")
-        rows = [step_metrics(metrics, k) for k in (1, 2)]
-        finite = all(r is not None and abs(r["reward_mean"]) < float("inf") for r in rows)
-        stage[name] = {"rc": rc, "seconds": seconds, "overrides": list(extra),
-                       "reward_mean": [r and r["reward_mean"] for r in rows],
-                       "ok": rc == 0 and finite}
-    stage["ok"] = all(v["ok"] for v in stage.values())
-    return stage
-
-
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT") or "runs/gpu_check")
+    p.add_argument("--work", default=None, help="stage files and logs (default OUT/../work)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
-    p.add_argument("--dry-run", action="store_true", help="tiny shapes everywhere (CPU tests)")
-    p.add_argument("--tiny-steps", type=int, default=3)
-    p.add_argument("--tolerance", type=float, default=0.1, help="nats, step-1 metrics")
+    p.add_argument("--dry-run", action="store_true", help="every stage small, on --device cpu")
+    p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    p.add_argument("--cap", nargs="*", type=_cap, default=[], metavar="STAGE=SECONDS")
+    p.add_argument("--budget-s", type=float, default=285.0, help="all stages together")
+    p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--contexts", type=int, default=32)
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--thought-tokens", type=int, default=512)
     p.add_argument("--prefix-tokens", type=int, default=512, help="max prefix (min: half)")
     p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--hbm-tbps", type=float, default=4.8)
+    p.add_argument("--hbm-tbps", type=float, default=3.35)
     p.add_argument("--peak-tflops", type=float, default=790.0)
-    p.add_argument("--budget-s", type=float, default=480.0)
-    p.add_argument("--skip", nargs="*", default=[],
-                   choices=("tiny", "qwen3_shape", "packed_attention", "te"))
-    p.add_argument("--tiny-configs", nargs="*", default=list(TINY), choices=list(TINY))
+    p.add_argument("--references", default=str(REFERENCES),
+                   help="folder of the CPU fp32 references (default docs/gpu/reference)")
+    p.add_argument("--write-references", action="store_true",
+                   help="compute them here on CPU in fp32 and write them to --references")
     args = p.parse_args(argv)
+    args.cap = dict(args.cap)
+    args.work = args.work or str(Path(args.out).resolve().parent / "gpu_check_work")
     if args.dry_run:
+        args.device, args.budget_s = "cpu", max(args.budget_s, 3600.0)
         args.contexts, args.group, args.thought_tokens, args.prefix_tokens = 4, 2, 8, 32
-        args.micro_batch, args.tiny_steps = 0, min(args.tiny_steps, 2)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    budget = Budget(args.budget_s)
-    report: dict = {"args": vars(args), "stages": {}}
-    try:
-        import torch
+        args.micro_batch = 0
+    return args
 
-        report["machine"] = {
-            "torch": torch.__version__, "cuda": torch.version.cuda,
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "capability": list(torch.cuda.get_device_capability())
-            if torch.cuda.is_available() else None}
-    except ImportError:
-        report["machine"] = {"torch": None}
-    if "tiny" not in args.skip:
-        for name in args.tiny_configs:
-            config = TINY[name]
-            report["stages"][f"tiny_{name}"] = tiny_stage(args, name, config, out, budget)
-    if "qwen3_shape" not in args.skip:
-        report["stages"]["qwen3_shape"] = qwen3_stage(args, out, budget)
-    if "te" not in args.skip:
-        report["stages"]["te"] = te_stage(args, out, budget)
-    if "packed_attention" not in args.skip:  # last: it cannot eat an earlier stage's budget
-        report["stages"]["packed_attention"] = packed_attention_stage(args, out, budget)
-    report["elapsed_s"] = budget.elapsed()
-    report["within_budget"] = budget.elapsed() <= args.budget_s
-    report["ok"] = report["within_budget"] and all(s["ok"] for s in report["stages"].values())
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
-    for name, stage in report["stages"].items():
-        state = stage.get("skipped") and f"skipped ({stage['skipped']})"
-        print(f"[gpu_check] {name}: {state or ('ok' if stage['ok'] else 'FAILED')}", flush=True)
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if args.write_references:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
+        args.budget_s = max(args.budget_s, 1800.0)
+        return write_references(args)
+    check = Check(args)
+    report = check.run()
+    files = check.pack(Path(args.out))
     q = report["stages"].get("qwen3_shape", {})
     if q.get("ok"):
         print(f"[gpu_check] decode {q['decode_tokens_per_s']:.0f} tok/s "
               f"({100 * q['decode_fraction_of_roofline']:.1f}% of roofline) | update "
               f"{q['update_tokens_per_s']:.0f} tok/s, MFU {100 * q['update_mfu']:.1f}% | peak "
               f"{q['peak_memory_gib']:.1f} GiB", flush=True)
-    pa = report["stages"].get("packed_attention", {})
-    if pa.get("ok"):
-        print(f"[gpu_check] packed update: block sparsity {pa['sparsity']['block']:.3f} | "
-              f"flex {pa['seconds']['flex']:.4f}s vs mask {pa['seconds']['mask']:.4f}s "
-              f"({pa['speedup_flex_vs_mask']:.2f}x)", flush=True)
-    print(f"[gpu_check] {out / 'gpu_check.json'} ({report['elapsed_s']:.0f} s)", flush=True)
+    print(f"[gpu_check] {'PASSED' if report['ok'] else 'FAILED'} in {report['elapsed_s']:.0f} s;"
+          f" {', '.join(str(f) for f in files)}", flush=True)
     return 0 if report["ok"] else 1
 
 
