@@ -4,8 +4,10 @@
     python tools/gpu_check.py --device cpu --dry-run --out /tmp/gc     # the same, on CPU
     python tools/gpu_check.py --write-references     # remake docs/gpu/reference/ (CPU fp32)
 
-Stages, in this order, each a subprocess of this interpreter killed (its process group) at
-its own cap (`CAPS`, also bounded by what is left of `--budget-s`):
+Stages, each a subprocess of this interpreter killed (its process group) at its own cap
+(`CAPS`, also bounded by what is left of `--budget-s`), in `GROUPS`: the preflight; then the
+five decisive stages side by side (`--jobs`; small, and their compiles use the CPU cores);
+then the two timed stages alone (the files of each stage: tools/gpu_check_stages.py):
 
 - `preflight`: CUDA, the imports, a torch.compile smoke test (gpu_check_preflight.py);
   when it fails, no other stage runs.
@@ -34,45 +36,39 @@ each row's K/V; update MFU = 3 x forward FLOPs / update seconds / peak, forward 
 params x tokens the update computed (shared windows once, then each branch) + 2 x output
 params x thought positions + 4 x attention width x computed (query, key) pairs per attention
 layer. Masked pairs, padding and the Mamba scans are not counted. `--hbm-tbps` and
-`--peak-tflops` default to the H100 SXM (3.35 TB/s; ~790 TFLOP/s bf16 dense as measured on
-this workplace's H100s, the data sheet says 989); the JSON records which were used.
+`--peak-tflops` default to the card's (gpu_check_stages.PEAKS: H100 3.35 TB/s, H200 4.8;
+~790 TFLOP/s bf16 dense as measured on this workplace's cards, the data sheets say 989);
+the JSON records which were used.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-import gpu_check_compare as cmp  # noqa: E402
+from gpu_check_stages import FP32_SHAPE, REFERENCES, TINY, Stages  # noqa: E402
 
-TINY = {"dense": "examples/configs/tiny_cpu.yaml",
-        "hybrid": "examples/configs/tiny_hybrid_cpu.yaml"}
-QWEN3 = "examples/configs/qwen3_1p7b.yaml"
-BPE = "tests/assets/tiny_bpe/tokenizer.json"
-REFERENCES = ROOT / "docs/gpu/reference"
-# The fp32 comparison's shape, the same on the GPU and in the references (16 rows of 16 tokens).
-FP32_SHAPE = ("rlp.contexts_per_step=4", "train.seed=1234", "train.progress=false")
-BF16_STEPS = 3
 STAGES = ("preflight", "kernels", "fp32_dense", "fp32_hybrid", "bf16_dense", "bf16_hybrid",
           "packed_attention", "qwen3_shape")
-CAPS = {"preflight": 60, "kernels": 75, "fp32_dense": 60, "fp32_hybrid": 60, "bf16_dense": 45,
-        "bf16_hybrid": 45, "packed_attention": 45, "qwen3_shape": 90}
-DRY_CAPS = {k: 900 for k in STAGES}  # CPU: the interpreter and compile take minutes
+# Run in this order; the stages of one group run side by side (`--jobs`): the decisive ones
+# are small and compile on the CPU cores, the timed ones run alone.
+GROUPS = (("preflight",), ("kernels", "fp32_dense", "fp32_hybrid", "bf16_dense", "bf16_hybrid"),
+          ("packed_attention",), ("qwen3_shape",))
+CAPS = {"preflight": 60, "kernels": 150, "fp32_dense": 120, "fp32_hybrid": 120,
+        "bf16_dense": 120, "bf16_hybrid": 120, "packed_attention": 75, "qwen3_shape": 120}
+DRY_CAPS = dict.fromkeys(STAGES, 900)  # CPU: the interpreter and compiles take minutes
 LOG_TAIL = 200_000
-DRY_QWEN3 = ("model.hybrid_layer_pattern=*-", "model.hidden_size=64", "model.ffn_hidden_size=192",
-             "model.num_attention_heads=4", "model.num_query_groups=2", "model.kv_channels=16",
-             "model.make_vocab_size_divisible_by=1024", "model.max_sequence_length=256")
 
 
 class Budget:
@@ -88,151 +84,110 @@ class Budget:
         return time.monotonic() - self.start
 
 
-def run_child(args: list[str], cap: float, log: Path, env: dict | None = None
-              ) -> tuple[int, float]:
-    """Run `python ARGS` from the repository root in its own process group, stdout+stderr to
-    `log`; at `cap` seconds the whole group (compile workers included) is killed.
-    Returns (exit code, seconds); 124 when it was killed at its cap."""
-    env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
-        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    start = time.monotonic()
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=max(cap, 1))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+class Child:
+    """`python ARGV` from the repository root in its own process group (so that compile
+    workers die with it), stdout+stderr to `log`, killed at `cap` seconds from its start."""
+
+    def __init__(self, argv: list[str], cap: float, log: Path, env: dict | None = None):
+        self.argv, self.cap, self.log = argv, cap, log
+        self.env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1",
+                    "PYTHONPATH": os.pathsep.join(
+                        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        self.rc: int | None = None
+        self.seconds = 0.0
+
+    def start(self) -> None:
+        self.out = open(self.log, "w")  # noqa: SIM115 - closed in poll()
+        self.began = time.monotonic()
+        self.proc = subprocess.Popen([sys.executable, *self.argv], cwd=ROOT, env=self.env,
+                                     stdout=self.out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def poll(self) -> bool:
+        """True once finished (exit code in `rc`, 124 when killed at its cap)."""
+        rc = self.proc.poll()
+        self.seconds = time.monotonic() - self.began
+        if rc is None and self.seconds <= self.cap:
+            return False
+        if rc is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
             rc = 124
-            out.write(f"\n[gpu_check] killed at its cap of {cap:.0f} s\n")
-    return rc, time.monotonic() - start
+            self.out.write(f"\n[gpu_check] killed at its cap of {self.cap:.0f} s\n")
+        else:
+            with contextlib.suppress(ProcessLookupError):  # leftovers of a finished child
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.rc = rc
+        self.out.close()
+        return True
+
+
+def run_children(children: list[Child], jobs: int = 1) -> None:
+    """Run `children`, at most `jobs` at a time, each to its end or its cap."""
+    pending, running = list(children), []
+    while pending or running:
+        while pending and len(running) < jobs:
+            child = pending.pop(0)
+            child.start()
+            running.append(child)
+        running = [c for c in running if not c.poll()]
+        time.sleep(0.05)
+
+
+def run_child(argv: list[str], cap: float, log: Path, env: dict | None = None
+              ) -> tuple[int, float]:
+    """One `Child` run to its end: (exit code, seconds); 124 when killed at its cap."""
+    child = Child(argv, cap, log, env)
+    run_children([child])
+    return child.rc, child.seconds
 
 
 class Check:
-    """The stages of one run: caps, logs, results; `report` is the JSON."""
+    """The stages of one run (gpu_check_stages.py) in GROUPS; `report` is the JSON."""
 
     def __init__(self, args):
         self.args, self.work = args, Path(args.work)
         self.work.mkdir(parents=True, exist_ok=True)
         self.budget = Budget(args.budget_s)
         self.caps = {**(DRY_CAPS if args.dry_run else CAPS), **args.cap}
-        self.report: dict = {"args": {k: v for k, v in vars(args).items()}, "stages": {}}
-        self.interp = {"TRITON_INTERPRET": "1"} if args.device == "cpu" else {}
+        self.report: dict = {"args": dict(vars(args)), "stages": {}}
+        self.stages = Stages(args, self.work)
 
-    def child(self, name: str, argv: list[str], env: dict | None = None) -> dict:
-        cap = min(self.caps[name], max(self.budget.left(), 0))
-        if cap < 1:
-            return {"ok": False, "failures": [f"{name}: not run, the {self.args.budget_s:.0f} s "
-                                              "budget is spent"]}
-        rc, seconds = run_child(argv, cap, self.work / f"{name}.log", env)
-        stage = {"rc": rc, "seconds": round(seconds, 2), "cap_s": cap, "failures": []}
-        if rc == 124:
-            stage["failures"].append(f"{name}: killed at its cap of {cap:.0f} s")
-        elif rc != 0:
-            stage["failures"].append(f"{name}: exit code {rc} (see gpu_check_logs.txt)")
-        return stage
-
-    def device_overrides(self, dtype: str) -> list[str]:
-        return [f"device.type={self.args.device}", f"precision.params_dtype={dtype}"]
-
-    def preflight(self) -> dict:
-        out = self.work / "preflight.json"
-        stage = self.child("preflight", ["tools/gpu_check_preflight.py", "--device",
-                                         self.args.device, "--out", str(out)], self.interp)
-        return self._merge(stage, out)
-
-    def kernels(self) -> dict:
-        out = self.work / "kernels.json"
-        argv = ["tools/gpu_check_kernels.py", "--device", self.args.device, "--out", str(out)]
-        stage = self.child("kernels", argv + (["--small"] if self.args.dry_run else []),
-                           self.interp)
-        return self._merge(stage, out)
-
-    def fp32(self, name: str) -> dict:
-        ref_file = Path(self.args.references) / f"tiny_{name}_fp32.json"
-        out = self.work / f"fp32_{name}.json"
-        stage = self.child(f"fp32_{name}", [
-            "tools/gpu_check_step.py", "record", "--config", TINY[name], "--steps", "1",
-            "--out", str(out), *FP32_SHAPE, *self.device_overrides("fp32")])
-        if not ref_file.is_file():
-            stage["failures"].append(f"fp32_{name}: no reference {ref_file} "
-                                     "(python tools/gpu_check.py --write-references)")
-        elif out.is_file() and not stage["failures"]:
-            got, ref = json.loads(out.read_text()), json.loads(ref_file.read_text())
-            stage["run"], stage["step1"] = got["run"], got["steps"][0]
-            stage["reference"] = {"file": str(ref_file),
-                                  "made_with": ref["reference"]["made_with"]}
-            stage["failures"] += cmp.compare_record(f"fp32_{name}", got, ref)
-        return stage
-
-    def bf16(self, name: str) -> dict:
-        steps = 2 if self.args.dry_run else BF16_STEPS
-        out = self.work / f"bf16_{name}.json"
-        stage = self.child(f"bf16_{name}", [
-            "tools/gpu_check_step.py", "record", "--config", TINY[name], "--steps", str(steps),
-            "--out", str(out), "train.progress=false", f"train.seed={self.args.seed}",
-            *self.device_overrides("bf16")])
-        if out.is_file() and not stage["failures"]:
-            got = json.loads(out.read_text())
-            stage["run"], stage["steps"] = got["run"], got["steps"]
-            stage["failures"] += cmp.check_steps(f"bf16_{name}", got["steps"], steps)
-        return stage
-
-    def packed_attention(self) -> dict:
-        shape = ["--docs", "4", "--positions", "8", "--group", "8", "--window", "1024",
-                 "--thought", "64", "--repeats", "3"]
-        if self.args.dry_run:
-            shape = ["--docs", "1", "--positions", "2", "--group", "2", "--window", "32",
-                     "--thought", "4", "--repeats", "1", "--block-size", "16"]
-        out = self.work / "packed_attention.json"
-        out.unlink(missing_ok=True)
-        stage = self.child("packed_attention", [
-            "tools/bench_packed_attention.py", "--config", TINY["dense"], *shape, "--out",
-            str(out), *self.device_overrides("bf16"), f"train.seed={self.args.seed}"])
-        if out.is_file() and not stage["failures"]:
-            bench = json.loads(out.read_text())
-            stage.update({k: bench[k] for k in ("sparsity", "seconds", "speedup_flex_vs_mask",
-                                                "loss", "loss_abs_diff", "grad_max_abs_diff",
-                                                "grad_max_abs")})
-            stage["failures"] += cmp.check_flex_vs_mask(bench, "bf16")
-        return stage
-
-    def qwen3_shape(self) -> dict:
-        from gpu_check_roofline import qwen3_overrides, summarize
-
-        overrides = qwen3_overrides(self.args, DRY_QWEN3 if self.args.dry_run else (), BPE)
-        out = self.work / "qwen3_shape.json"
-        stage = self.child("qwen3_shape", ["tools/gpu_check_step.py", "measure", "--config",
-                                           QWEN3, "--out", str(out), *overrides])
-        if out.is_file() and not stage["failures"]:
-            stage.update(summarize(json.loads(out.read_text()), QWEN3, overrides, BPE,
-                                   self.args.hbm_tbps, self.args.peak_tflops))
-        return stage
-
-    @staticmethod
-    def _merge(stage: dict, out: Path) -> dict:
-        if out.is_file():
-            result = json.loads(out.read_text())
-            stage["failures"] = [f for f in stage["failures"] if "exit code" not in f]
-            stage["failures"] += result.pop("failures", [])
-            stage.update({k: v for k, v in result.items() if k != "ok"})
-        return stage
-
-    def run(self) -> dict:
-        plan = {"preflight": self.preflight, "kernels": self.kernels,
-                "packed_attention": self.packed_attention, "qwen3_shape": self.qwen3_shape,
-                **{f"fp32_{n}": partial(self.fp32, n) for n in TINY},
-                **{f"bf16_{n}": partial(self.bf16, n) for n in TINY}}
-        for name in self.args.stages:
-            stage = plan[name]()
+    def run_group(self, names: list[str]) -> None:
+        children, stages = {}, {}
+        for name in names:
+            cap = min(self.caps[name], max(self.budget.left(), 0))
+            if cap < 1:
+                stages[name] = {"failures": [f"{name}: not run, the "
+                                             f"{self.args.budget_s:.0f} s budget is spent"]}
+                continue
+            argv, env = self.stages.launch(name)
+            children[name] = Child(argv, cap, self.work / f"{name}.log", env)
+        run_children(list(children.values()), self.args.jobs if len(names) > 1 else 1)
+        for name, child in children.items():
+            stage = {"rc": child.rc, "seconds": round(child.seconds, 2), "cap_s": child.cap,
+                     "failures": []}
+            if child.rc == 124:
+                stage["failures"].append(f"{name}: killed at its cap of {child.cap:.0f} s")
+            elif child.rc != 0:
+                stage["failures"].append(f"{name}: exit code {child.rc} (gpu_check_logs.txt)")
+            stages[name] = self.stages.finish(name, stage)
+        for name in names:  # in the group's order
+            stage = stages[name]
             stage["ok"] = not stage["failures"]
             self.report["stages"][name] = stage
-            state = "ok" if stage["ok"] else "FAILED"
-            print(f"[gpu_check] {name}: {state} ({stage.get('seconds', 0):.0f} s)", flush=True)
+            print(f"[gpu_check] {name}: {'ok' if stage['ok'] else 'FAILED'} "
+                  f"({stage.get('seconds', 0):.0f} s)", flush=True)
             for line in stage["failures"]:
                 print(f"[gpu_check]   {line}", flush=True)
-            if name == "preflight" and not stage["ok"]:
+
+    def run(self) -> dict:
+        for group in GROUPS:
+            names = [n for n in group if n in self.args.stages]
+            if not names:
+                continue
+            self.run_group(names)
+            if names == ["preflight"] and not self.report["stages"]["preflight"]["ok"]:
                 print("[gpu_check] preflight failed: the other stages are not run", flush=True)
                 break
         r = self.report
@@ -290,14 +245,15 @@ def parse(argv: list[str] | None = None):
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     p.add_argument("--cap", nargs="*", type=_cap, default=[], metavar="STAGE=SECONDS")
     p.add_argument("--budget-s", type=float, default=285.0, help="all stages together")
+    p.add_argument("--jobs", type=int, default=5, help="stages of a group run side by side")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--contexts", type=int, default=32)
+    p.add_argument("--contexts", type=int, default=16)
     p.add_argument("--group", type=int, default=8)
-    p.add_argument("--thought-tokens", type=int, default=512)
+    p.add_argument("--thought-tokens", type=int, default=256)
     p.add_argument("--prefix-tokens", type=int, default=512, help="max prefix (min: half)")
     p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--hbm-tbps", type=float, default=3.35)
-    p.add_argument("--peak-tflops", type=float, default=790.0)
+    p.add_argument("--hbm-tbps", type=float, default=None, help="default: by the card")
+    p.add_argument("--peak-tflops", type=float, default=None, help="default: by the card")
     p.add_argument("--references", default=str(REFERENCES),
                    help="folder of the CPU fp32 references (default docs/gpu/reference)")
     p.add_argument("--write-references", action="store_true",
@@ -308,7 +264,7 @@ def parse(argv: list[str] | None = None):
     if args.dry_run:
         args.device, args.budget_s = "cpu", max(args.budget_s, 3600.0)
         args.contexts, args.group, args.thought_tokens, args.prefix_tokens = 4, 2, 8, 32
-        args.micro_batch = 0
+        args.micro_batch, args.jobs = 0, min(args.jobs, 2)
     return args
 
 
