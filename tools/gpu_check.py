@@ -275,7 +275,12 @@ def main(argv: list[str] | None = None) -> int:
         args.budget_s = max(args.budget_s, 1800.0)
         return write_references(args)
     check = Check(args)
-    report = check.run()
+    try:
+        report = check.run()
+    except BaseException as e:  # the packed files still say what ran before it
+        check.report.update(ok=False, error=f"{type(e).__name__}: {e}")
+        check.pack(Path(args.out))
+        raise
     files = check.pack(Path(args.out))
     q = report["stages"].get("qwen3_shape", {})
     if q.get("ok"):
