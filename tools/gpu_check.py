@@ -244,7 +244,7 @@ def parse(argv: list[str] | None = None):
     p.add_argument("--dry-run", action="store_true", help="every stage small, on --device cpu")
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     p.add_argument("--cap", nargs="*", type=_cap, default=[], metavar="STAGE=SECONDS")
-    p.add_argument("--budget-s", type=float, default=285.0, help="all stages together")
+    p.add_argument("--budget-s", type=float, default=270.0, help="all stages together")
     p.add_argument("--jobs", type=int, default=5, help="stages of a group run side by side")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--contexts", type=int, default=16)

@@ -14,7 +14,7 @@
 #
 # Environment: PYTHON (default python3), WHEELS (default wheels/), GPU_CHECK_SITE (the
 # install folder, default /tmp/gpu_check_site), OUT (default runs/gpu_check),
-# GPU_CHECK_TIMEOUT (seconds for the whole python part, default 330; 3600 with --dry-run). Arguments go to
+# GPU_CHECK_TIMEOUT (seconds for the whole python part, default 295; 3600 with --dry-run). Arguments go to
 # tools/gpu_check.py. Exit: 0 every stage passed, 1 a stage failed, 2 this machine cannot
 # run the check (one line says why), 124 the whole check ran past GPU_CHECK_TIMEOUT.
 set -uo pipefail
@@ -49,7 +49,7 @@ timeout 120 "$py" -m pip install --quiet --no-index --no-deps --no-compile --no-
 echo "[gpu_check] installed ${#found[@]} wheels into $site ($((SECONDS - start)) s, no network)"
 
 export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}"
-limit=${GPU_CHECK_TIMEOUT:-330}
+limit=${GPU_CHECK_TIMEOUT:-295}
 for arg in "$@"; do
   if [ "$arg" = --dry-run ]; then limit=${GPU_CHECK_TIMEOUT:-3600}; fi  # CPU: minutes
 done
