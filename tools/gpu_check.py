@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -122,14 +123,17 @@ class Child:
         return True
 
 
-def run_children(children: list[Child], jobs: int = 1) -> None:
-    """Run `children`, at most `jobs` at a time, each to its end or its cap."""
-    pending, running = list(children), []
+def run_children(children: list[Child], jobs: int = 1, stagger_s: float = 1.0) -> None:
+    """Run `children`, at most `jobs` at a time, each to its end or its cap. Starts are
+    `stagger_s` apart: each child's one-process group picks a free TCP port
+    (megatron_rlp.distributed), and two picking in the same instant could pick the same."""
+    pending, running, last = list(children), [], -math.inf
     while pending or running:
-        while pending and len(running) < jobs:
+        if pending and len(running) < jobs and time.monotonic() - last >= stagger_s:
             child = pending.pop(0)
             child.start()
             running.append(child)
+            last = time.monotonic()
         running = [c for c in running if not c.poll()]
         time.sleep(0.05)
 

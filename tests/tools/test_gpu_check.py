@@ -171,6 +171,16 @@ def test_a_hanging_stage_is_killed_at_its_cap(tmp_path):
     assert not state.exists() or state.read_text().split()[2] == "Z"
 
 
+def test_a_group_runs_side_by_side_each_child_to_its_own_cap(tmp_path):
+    children = [gpu_check.Child(["-c", f"import time; time.sleep({t})"], cap,
+                                tmp_path / f"{i}.log") for i, (t, cap) in
+                enumerate([(2, 30), (2, 30), (60, 2)])]
+    start = time.monotonic()
+    gpu_check.run_children(children, jobs=3, stagger_s=0.2)
+    assert [c.rc for c in children] == [0, 0, 124]
+    assert time.monotonic() - start < 10  # side by side: 2 s each, the third cut at 2 s
+
+
 def test_stage_over_its_cap_fails_with_a_line_and_outputs_are_packed(tmp_path):
     """The preflight (an import of torch and Megatron) cannot finish in 1 s: the report says
     so, nothing after it runs, and OUT holds the 2 packed files only."""
