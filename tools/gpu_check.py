@@ -23,7 +23,8 @@ then the two timed stages alone (the files of each stage: tools/gpu_check_stages
 
 Outputs (at most 3 files, under `--out`, default $OUT): `gpu_check.json` (every stage's
 result, its failures, what ran: spec, kernels, attention path; the decode roofline and MFU),
-`gpu_check_logs.txt` (every stage's log, the last 200 kB of each). Work files go to `--work`.
+`gpu_check_logs.txt` (every stage's log, the last 200 kB of each). Work files go to `--work`
+(default: a new folder under the temp dir; the JSON names it).
 
 The `--dry-run` runs every stage on CPU with CPU standing in for CUDA: the fp32 stages at the
 references' own shape (so the comparison is the one the GPU faces), bf16 stages at 2 steps,
@@ -51,6 +52,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -243,7 +245,8 @@ def _cap(text: str) -> tuple[str, float]:
 def parse(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT") or "runs/gpu_check")
-    p.add_argument("--work", default=None, help="stage files and logs (default OUT/../work)")
+    p.add_argument("--work", default=None,
+                   help="stage files and logs (default: a new folder under the temp dir)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--dry-run", action="store_true", help="every stage small, on --device cpu")
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
@@ -264,7 +267,7 @@ def parse(argv: list[str] | None = None):
                    help="compute them here on CPU in fp32 and write them to --references")
     args = p.parse_args(argv)
     args.cap = dict(args.cap)
-    args.work = args.work or str(Path(args.out).resolve().parent / "gpu_check_work")
+    args.work = args.work or tempfile.mkdtemp(prefix="gpu_check_work_")
     if args.dry_run:
         args.device, args.budget_s = "cpu", max(args.budget_s, 3600.0)
         args.contexts, args.group, args.thought_tokens, args.prefix_tokens = 4, 2, 8, 32
