@@ -1,6 +1,6 @@
 """The issue-12 knobs under parallel layouts (torchrun, gloo, OMP_NUM_THREADS=1): a run with a
-`{context}` thought template (instruction + forced tokens before `<think>`), the KL penalty
-and the NTP mix computes what the one-rank run computes — for 2 steps S_ema, S_pred, the
+`{context}` thought template (instruction + forced tokens before `<think>`), the KL penalty,
+the NTP mix and a 3-token discounted reward (issue 26) computes what the one-rank run computes — for 2 steps S_ema, S_pred, the
 loss (surrogate + beta x KL), `kl_ref`, `ntp_loss`, the gradient norms and the final
 parameters. Tolerances as in test_layouts.py (fp32 reduction order); the loss and
 `kl_ref` are sums of O(1e-3) terms here, compared at 1e-6 absolute.
@@ -17,6 +17,7 @@ from test_layouts import SMALL, assert_params_match
 
 KNOBS = ("rlp.thought_template=Text: {context}\nThink:", "rlp.kl_coef=0.1",
          "rlp.ntp_loss_coef=0.5", "rlp.positions_per_document=2",
+         "rlp.reward_tokens=3", "rlp.reward_discount=0.9",
          "model.max_sequence_length=160")  # two positions: windows up to 120 tokens
 CHECKS = (("s_ema", 1e-5, 0.0), ("s_pred", 1e-5, 0.0), ("ntp_loss", 1e-5, 0.0),
           ("kl_ref", 1e-4, 1e-6), ("loss", 1e-4, 1e-6), ("grad_norm", 1e-4, 0.0))
