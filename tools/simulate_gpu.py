@@ -129,6 +129,12 @@ class Phases:
             self.stack.pop()
             self.memory.phase = self.stack[-1]
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
+            if os.environ.get("SIMULATE_GPU_DEBUG"):
+                import resource
+
+                rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+                print(f"[simulate_gpu] {phase}: {self.seconds[phase]:.1f} s, host max RSS "
+                      f"{rss:.2f} GiB", file=sys.stderr, flush=True)
 
 
 def _wrap(owner, name: str, phases: Phases, phase: str, stack: contextlib.ExitStack) -> None:
@@ -277,18 +283,21 @@ def simulate_rank(cfg: RunConfig, world_size: int, rank: int, device_gib: float 
         "layout": {"tp": p.tensor_model_parallel_size, "pp": p.pipeline_model_parallel_size,
                    "dp": parallel_state_dp(world_size, p)},
         "peak_gib": round(peak / GIB, 2),
+        "peak_bytes": peak,
         "device_gib": device_gib,
         "fits": peak <= device_gib * GIB,
         "peak_gib_by_phase": {k: round(v / GIB, 2) for k, v in memory.peaks.items()},
         "model_state_gib": round(after / GIB, 2),
         "built_gib": round(built / GIB, 2),
         "params_gib": round(params / GIB, 2),
+        "params_bytes": params,
         "kv_ssm_cache_gib": round(cut.cache_bytes / GIB, 2),
+        "kv_ssm_cache_bytes": cut.cache_bytes,
         "flops_by_phase": {k: v for k, v in flops_by_phase.items() if k != "build"},
         "decode_steps": {"run": cut.decoded, "skipped": cut.skipped},
-        "step_time_s": {"mfu": mfu, "card": card, "compute_bound": round(compute_s, 1),
-                        "decode_memory_bound": round(memory_s, 1),
-                        "estimate": round(max(compute_s, 0) + memory_s, 1)},
+        "step_time_s": {"mfu": mfu, "card": card, "compute_bound": float(f"{compute_s:.3g}"),
+                        "decode_memory_bound": float(f"{memory_s:.3g}"),
+                        "estimate": float(f"{compute_s + memory_s:.3g}")},
         "host_reads_answered": dict(oracle.reads),
         "wall_s": {"build": round(t1 - t0, 1), "step": round(time.perf_counter() - t1, 1)},
     }

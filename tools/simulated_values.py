@@ -7,9 +7,11 @@ to the host in two kinds of places:
   `int(lengths.max())`, `torch.unique(rows)`); these are known exactly on a real GPU run;
 - values that come from the model's outputs (which thoughts are closed, how long they are).
 
-`HostValues` keeps the first kind exact: every tensor that is computed only from host data
-(real CPU tensors, or fake CUDA tensors that carry a value) gets a *shadow*, the same op run
-for real on the CPU, as long as it is small (`limit` elements). A fake tensor with a shadow
+`HostValues` keeps the first kind exact: every integer, bool or fp64 tensor that is computed
+only from host data (real CPU tensors, or fake CUDA tensors that carry a value) gets a
+*shadow*, the same op run for real on the CPU, as long as it is small (`limit` elements).
+Float tensors (weights, activations, log-probs) never get one: they would cost real memory
+and compute, and the step reads them back only as metrics. A fake tensor with a shadow
 answers `.item()`, `int()`, `bool()` and value-dependent shapes (`unique`, `nonzero`, boolean
 indexing) from its shadow. Host-side tensor code (default device CPU, real inputs) runs for
 real and never touches the fake mode, so a host tensor that meets a CUDA tensor in a device
@@ -94,6 +96,14 @@ def _mutated_args(func) -> list[int]:
 
 def _host_device(device) -> bool:
     return device is None or torch.device(device).type == "cpu"
+
+
+def _has_value_dtype(out) -> bool:
+    """Whether `out` has a tensor of a dtype whose values are tracked (`_ZERO_DTYPES`): ids,
+    masks, lengths. Float values (activations, weights, their random init) never are: they
+    would cost real memory and compute, and the step reads them only as metrics."""
+    return any(t.dtype in _ZERO_DTYPES for t in pytree.tree_leaves(out)
+               if isinstance(t, torch.Tensor))
 
 
 def _numel(out) -> int:
@@ -205,10 +215,10 @@ class HostValues(TorchDispatchMode):
         flat, spec = pytree.tree_flatten((args, kwargs))
         fakes = [x for x in flat if isinstance(x, FakeTensor)]
         if func is aten._local_scalar_dense.default and fakes:
-            real = self._values([args[0]])
+            real = self.value(args[0])  # a read itself never assumes zeros
             if real is not None:
                 with unset_fake_temporarily():
-                    return real[0].item()
+                    return real.item()
             return self.oracle.answer(args[0], caller_site())
         if not fakes and _host_device(kwargs.get("device")):
             with unset_fake_temporarily():
@@ -219,8 +229,8 @@ class HostValues(TorchDispatchMode):
             out = None
         except (RuntimeError, TypeError, ValueError) as e:
             raise SimulationError(describe_op_error(func, flat, e)) from None
-        if func.namespace in ("c10d", "_c10d_functional") or (
-                out is not None and _numel(out) > self.limit):
+        if func.namespace in ("c10d", "_c10d_functional") or (out is not None and (
+                _numel(out) > self.limit or not _has_value_dtype(out))):
             self._forget_mutated(func, args)  # a collective's result: not known here
             return out
         reals = self._values(flat)
