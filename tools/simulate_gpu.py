@@ -312,7 +312,10 @@ def simulate(cfg: RunConfig, world_size: int, stages: list[str], **options) -> d
     ranks = {stage_rank(s, world_size): s for s in stages}  # PP=1: one rank is both
     out = [simulate_rank(cfg, world_size, r, **options) for r in ranks]
     return {"config": cfg.model.name, "world_size": world_size, "ranks": out,
-            "fits": all(r["fits"] for r in out)}
+            "fits": all(r["fits"] for r in out),
+            "simulated_with": {"model.packed_attention": cfg.model.packed_attention,
+                               "model.transformer_impl": "local",
+                               "decode_steps": options.get("decode_steps")}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -334,10 +337,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from simulated_values import SimulationError, UnknownValue
 
+    # FlexAttention is a higher-order op that this stack of dispatch modes cannot run; the
+    # packed update's explicit-mask path (the same attention, its [S, S] mask materialised)
+    # stands in for it: an upper bound on the update's memory (docs/simulated_cuda.md).
+    forced = ("device.type=cuda", "model.packed_attention=mask")
     try:
-        cfg = load_config(args.config, (*args.overrides, "device.type=cuda"))
+        cfg = load_config(args.config, (*args.overrides, *forced))
         world = args.world_size or default_world_size(cfg)
-        cfg = load_config(args.config, (*args.overrides, "device.type=cuda"), world_size=world)
+        cfg = load_config(args.config, (*args.overrides, *forced), world_size=world)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
