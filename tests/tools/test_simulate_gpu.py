@@ -113,3 +113,51 @@ def test_full_size_recipe_at_its_stated_layout(recipe, tmp_path):
     for new, old in zip(report["ranks"], committed["ranks"], strict=True):
         assert new["stage"] == old["stage"]
         assert new["peak_gib"] == pytest.approx(old["peak_gib"], rel=0.02)
+
+
+def test_python_engine_gives_the_cpp_engines_gradients():
+    """The backward stand-in (tools/simulated_autograd.py) on real CPU tensors: the same
+    leaf gradients as PyTorch's engine, through a custom autograd.Function, a broadcast add
+    (summed back to shape), a split (multi-output node, one output unused), a bf16 cast (the
+    gradient cast back) and `torch.autograd.grad` with `inputs`."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from unittest import mock
+
+    import torch
+    from simulated_autograd import PythonEngine
+
+    class Double(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, scale):
+            ctx.scale = scale
+            return a * scale
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * ctx.scale, None
+
+    def loss_and_leaves():
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randn(6, 4, generator=gen, requires_grad=True)
+        b = torch.randn(4, generator=gen, requires_grad=True)
+        x = torch.randn(3, 6, generator=gen)
+        h = Double.apply(x @ w + b, 3.0)
+        first, _unused = h.split(2, dim=1)
+        y = first.to(torch.bfloat16).float().tanh() * h[:, :2]
+        return y.pow(2).sum(), (w, b)
+
+    loss, (w, b) = loss_and_leaves()
+    loss.backward()
+    expected = (w.grad.clone(), b.grad.clone())
+    loss, (w, b) = loss_and_leaves()
+    grads_expected = torch.autograd.grad(loss, (b,))
+    with mock.patch.object(torch.autograd.Variable, "_execution_engine", PythonEngine()):
+        loss, (w, b) = loss_and_leaves()
+        loss.backward()
+        got = (w.grad, b.grad)
+        loss, (w2, b2) = loss_and_leaves()
+        grads = torch.autograd.grad(loss, (b2,))
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+    torch.testing.assert_close(grads[0], grads_expected[0], rtol=0, atol=0)
+    assert w2.grad is None  # autograd.grad accumulates nothing
