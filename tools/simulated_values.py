@@ -63,18 +63,20 @@ class UnknownValue(RuntimeError):
 class Oracle:
     """Answers reads of values no shadow holds: large model outputs (a loss, a norm).
 
-    A float reads as 0.0 (finite: the step is applied, nothing is skipped); an integer or a
-    bool fails with its file:line, since it could change what the step allocates. Every
+    A float reads as 0.0 and an `isfinite(...)` test as True (the step is applied, nothing
+    is skipped); any other integer or bool fails with its file:line, since it could change what the step allocates. Every
     answered read is counted in `reads` (file:line -> count) for the report.
     """
 
     def __init__(self):
         self.reads: dict[str, int] = {}
 
-    def answer(self, t: torch.Tensor, site: str) -> float:
+    def answer(self, t: torch.Tensor, site: str) -> bool | float:
         self.reads[site] = self.reads.get(site, 0) + 1
         if t.dtype.is_floating_point:
             return 0.0
+        if t.dtype == torch.bool and "isfinite" in _source_line(site):
+            return True  # finite gradients: the update is applied (its memory counted)
         raise UnknownValue(f"model-dependent {t.dtype} read at {site}: "
                            f"{_source_line(site).strip()}")
 
