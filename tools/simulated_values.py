@@ -64,8 +64,9 @@ class Oracle:
     """Answers reads of values no shadow holds: large model outputs (a loss, a norm).
 
     A float reads as 0.0 and an `isfinite(...)` test as True (the step is applied, nothing
-    is skipped); any other integer or bool fails with its file:line, since it could change what the step allocates. Every
-    answered read is counted in `reads` (file:line -> count) for the report.
+    is skipped); any other integer or bool fails with its file:line, since it could change
+    what the step allocates. Every answered read is counted in `reads` (file:line -> count)
+    for the report.
     """
 
     def __init__(self):
@@ -225,19 +226,20 @@ class HostValues(TorchDispatchMode):
         if not fakes and _host_device(kwargs.get("device")):
             with unset_fake_temporarily():
                 return func(*args, **kwargs)  # host code: real values on the CPU
+        dynamic = False
         try:
             out = func(*args, **kwargs)
         except DynamicOutputShapeException:
-            out = None
+            out, dynamic = None, True
         except (RuntimeError, TypeError, ValueError) as e:
             raise SimulationError(describe_op_error(func, flat, e)) from None
-        if func.namespace in ("c10d", "_c10d_functional") or (out is not None and (
+        if func.namespace in ("c10d", "_c10d_functional") or (not dynamic and (
                 _numel(out) > self.limit or not _has_value_dtype(out))):
             self._forget_mutated(func, args)  # a collective's result: not known here
             return out
         reals = self._values(flat)
         if reals is None or sum(_numel(r) for r in reals) > self.limit:
-            if out is None:
+            if dynamic:
                 raise SimulationError(describe_op_error(
                     func, flat, UnknownValue("its output shape depends on model outputs")))
             self._forget_mutated(func, args)
@@ -251,11 +253,11 @@ class HostValues(TorchDispatchMode):
                 if func in _EMPTY:
                     rout.zero_()
         except Exception:  # noqa: BLE001 the fake op is the check; the value is a bonus
-            if out is None:
+            if dynamic:
                 raise
             self._forget_mutated(func, args)
             return out
-        if out is None:  # value-dependent shape: fakes shaped like the real result
+        if dynamic:  # value-dependent shape: fakes shaped like the real result
             device = fakes[0].device
             out = pytree.tree_map_only(
                 torch.Tensor, lambda r: torch.empty_strided(r.shape, r.stride(), dtype=r.dtype,
