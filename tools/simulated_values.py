@@ -18,7 +18,7 @@ real and never touches the fake mode, so a host tensor that meets a CUDA tensor 
 op is a real host tensor, as it would be on a GPU (and `FakeTensorMode` refuses the mix).
 
 Values of the second kind are unknowable without running the model; they are answered with
-the memory worst case of the step. A small fake integer, bool or fp64 tensor without a value
+the memory worst case of the step. A small fake integer or fp64 tensor without a value
 (a sampled token, a broadcast buffer; never an activation) reads as zeros: token id 0
 is never `</think>`, so every thought runs to `max_thought_tokens` and no row is compacted,
 and the update batch is as wide as it can be. A large one read as a float (a loss, a norm)
@@ -102,10 +102,10 @@ def _host_device(device) -> bool:
 
 
 def _has_value_dtype(out) -> bool:
-    """Whether `out` has a tensor of a dtype whose values are tracked (`_ZERO_DTYPES`): ids,
+    """Whether `out` has a tensor of a dtype whose values are tracked (`_VALUE_DTYPES`): ids,
     masks, lengths. Float values (activations, weights, their random init) never are: they
     would cost real memory and compute, and the step reads them only as metrics."""
-    return any(t.dtype in _ZERO_DTYPES for t in pytree.tree_leaves(out)
+    return any(t.dtype in _VALUE_DTYPES for t in pytree.tree_leaves(out)
                if isinstance(t, torch.Tensor))
 
 
@@ -121,8 +121,10 @@ _EMPTY = {aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.
 # Dtypes an unknown value may be read as zeros in: ids, masks, counts, and the fp64 buffer
 # the pipeline broadcasts sampled ids in (`parallel.pipeline.from_last_stage`); never the
 # bf16/fp32 of activations, so the model's compute is never run for real.
-_ZERO_DTYPES = {torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
-                torch.float64}
+# A bool is never assumed (False would make `isfinite(loss)` report a NaN); bools derived
+# from assumed ids (`tok == think_end`) get their values from the ids.
+_ZERO_DTYPES = {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float64}
+_VALUE_DTYPES = _ZERO_DTYPES | {torch.bool}
 
 
 class SimulationError(RuntimeError):
@@ -160,7 +162,7 @@ class HostValues(TorchDispatchMode):
     Args:
         oracle: answers reads of values that no shadow holds.
         limit: largest shadow, in elements (bigger data-derived tensors lose their value).
-        zero_limit: a fake integer, bool or fp64 tensor without a value, of at most this
+        zero_limit: a fake integer or fp64 tensor without a value, of at most this
             many elements, reads as zeros when an op with otherwise known inputs needs it: a
             sampled token is then id 0 (never `</think>`, so every thought runs to its
             limit), a broadcast buffer zeros. Activations are bf16/fp32, so the model's own
