@@ -31,7 +31,7 @@ from megatron_rlp.models.mamba.branches import attach_branch_layout
 from megatron_rlp.models.output_positions import logits_at_positions
 from megatron_rlp.objective import rlp_policy_loss
 from megatron_rlp.objective.kl import kl_penalty
-from megatron_rlp.packing.flex import route_core_attention, tree_block_mask, tree_descriptors
+from megatron_rlp.packing.flex import block_mask_for, route_core_attention, tree_descriptors
 from megatron_rlp.packing.rotary import rotary_at_positions
 from megatron_rlp.packing.tree import pack_branches, plan_packing, tree_mask
 from megatron_rlp.scoring.next_token import token_logprobs_vocab_parallel
@@ -188,7 +188,7 @@ def packed_forward_step(scale: float, vocab_size: int, temperature: float,
     if attention == "flex":  # attention-only models (config refuses flex with Mamba layers)
         route_core_attention(model)
         mask = tree_descriptors(batch["branch"], batch["lo"], batch["hi"])
-        tree_block_mask(mask)  # built once here; every layer (and recompute) reuses it
+        block_mask_for(mask)  # built once here; every layer (and recompute) reuses it
     else:
         mask = tree_mask(batch["branch"], batch["lo"], batch["hi"])
         attach_branch_layout(model, mask, batch["branch"], batch["lo"], batch["hi"])  # Mamba

@@ -176,6 +176,7 @@ def _one_step(state: TrainState, step_fn, evaluate, timer: PhaseTimer, writer: M
         step_time=elapsed,
         tokens_per_s=metrics["tokens"] / elapsed,
         **{f"t_{k}": v for k, v in timer.pop().items()},
+        **kernel_metrics(),
     )
     if evaluate is not None and state.step % t.eval_interval == 0:
         metrics.update(evaluate())  # held-out metrics on the same row
@@ -186,6 +187,22 @@ def _one_step(state: TrainState, step_fn, evaluate, timer: PhaseTimer, writer: M
     else:
         counters["skipped_in_a_row"] = 0
     return skipped
+
+
+def kernel_metrics() -> dict[str, str | int]:
+    """Which GPU kernels this process runs, for the metrics records: `mamba_kernels` (the
+    Mamba layers' path, `models.mamba.adapter`) once a Mamba layer was built, and
+    `flex_compiles` (inductor compilations of the packed update's FlexAttention so far,
+    `packing.flex`) once it compiled."""
+    from megatron_rlp.models.mamba import adapter
+    from megatron_rlp.packing import flex
+
+    out: dict[str, str | int] = {}
+    if adapter.kernel_choice() is not None:
+        out["mamba_kernels"] = adapter.kernel_choice()
+    if flex.compile_count():
+        out["flex_compiles"] = flex.compile_count()
+    return out
 
 
 def _count_skip(state: TrainState, counters: dict[str, int], limit: int, save: str | None,
