@@ -159,7 +159,8 @@ def _mamba_ssm_globals() -> dict:
     from megatron.core.ssm.ops.mamba_ssm import selective_state_update
 
     megatron_norm = _megatron_bound["ExtendedRMSNorm"]
-    norm = megatron_norm if issubclass(megatron_norm, RMSNorm) else type(
+    built_on_it = isinstance(megatron_norm, type) and issubclass(megatron_norm, RMSNorm)
+    norm = megatron_norm if built_on_it else type(
         "ExtendedRMSNorm", (RMSNorm,), {"sharded_state_dict": _sharded_state_dict})
     takes_state_dtype = all("state_dtype" in inspect.signature(f).parameters
                             for f in (mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined))

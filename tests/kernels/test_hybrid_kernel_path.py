@@ -1,0 +1,79 @@
+"""The hybrid model on the kernel path (Megatron's `MambaMixer` bound to mamba-ssm's and
+Megatron's Triton kernels, run under Triton's interpreter: `helpers.triton_cpu`) against the
+same model on the torch path (`models.mamba.ops`).
+
+- The packed update's Mamba branch path (`models.mamba.branches.packed_ssm`): each layer runs
+  the windows, then all (position, thought) branches as one batch from their forked states
+  through mamba-ssm's chunk-scan kernel (`initial_states` per branch); loss and every
+  gradient equal the torch path's.
+- A whole RLP step (rollout with cached prefill and Triton decode, teacher scoring, update):
+  same thoughts, rewards and loss within 1e-5; small shapes by default, tiny_hybrid_cpu.yaml
+  as a slow case.
+
+The models are built after the path is chosen, as a run builds them (the gated norm is then
+mamba-ssm's Triton RMSNorm), from the same seed: same initial weights on both paths.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers.packed_inputs import TOK, G, _inputs, _run
+from helpers.tiny_models import tiny_model
+
+from megatron_rlp import distributed
+from megatron_rlp.config import load_config
+from megatron_rlp.models.mamba import adapter, branches
+from megatron_rlp.packing.update import packed_forward_step, packed_update_batches
+from megatron_rlp.train.builder import build_state
+from megatron_rlp.train.rlp_step import rlp_step
+from megatron_rlp.train.samplers import make_context_sampler
+from megatron_rlp.train.timers import PhaseTimer
+
+TOL = 1e-5
+
+
+def near(got: float, want: float) -> bool:
+    return abs(got - want) <= TOL * max(1.0, abs(want))
+
+
+def on_path(path: str, fn):
+    adapter.select_kernels(force=path)
+    try:
+        return fn()
+    finally:
+        adapter.select_kernels(force=adapter.TORCH)
+
+
+def packed_loss_and_grads():
+    prompts, windows, thoughts, adv = _inputs()
+    mbs = packed_update_batches(windows, prompts, thoughts, adv, G, 0, TOK.pad,
+                                TOK.think_start, equal_width=False, rows_per_seq=6)
+    with tiny_model(TOK.vocab_size, "hybrid") as model:
+        norms = {type(m.norm).__mro__[1].__module__ for m in branches._mixers(model)}
+        loss, grads = _run(model, packed_forward_step, mbs, len(adv))
+    return loss, grads, norms
+
+
+def test_branch_path_through_the_scan_kernel(kernel_path, monkeypatch):
+    calls = []
+    kernel_scan = kernel_path.ssd.mamba_chunk_scan_combined
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("initial_states") is not None)
+        return kernel_scan(*args, **kwargs)
+
+    monkeypatch.setattr(kernel_path.ssd, "mamba_chunk_scan_combined", counted)
+    got_loss, got, got_norms = on_path(adapter.MAMBA_SSM, packed_loss_and_grads)
+    want_loss, want, want_norms = on_path(adapter.TORCH, packed_loss_and_grads)
+    # 2 Mamba layers x (windows, branches from their forked states), forward only: the
+    # branch scans carry initial_states; the backward is the kernel's own.
+    assert calls == [False, True, False, True]
+    assert got_norms == {"mamba_ssm.ops.triton.layernorm_gated"}  # the Triton gated norm
+    assert want_norms == {"megatron_rlp.models.mamba.ops"}
+    assert near(got_loss, want_loss), (got_loss, want_loss)
+    assert got.keys() == want.keys() and any("mixer" in name for name in got)
+    for name in want:
+        scale = max(1.0, float(want[name].abs().max()))
+        err = float((got[name] - want[name]).abs().max())
+        assert err <= TOL * scale, f"{name}: |kernel - torch| = {err:.3g}"
