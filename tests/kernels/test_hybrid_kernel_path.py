@@ -77,3 +77,48 @@ def test_branch_path_through_the_scan_kernel(kernel_path, monkeypatch):
         scale = max(1.0, float(want[name].abs().max()))
         err = float((got[name] - want[name]).abs().max())
         assert err <= TOL * scale, f"{name}: |kernel - torch| = {err:.3g}"
+
+
+SMALL_STEP = ("model.hybrid_layer_pattern=M*-", "model.hidden_size=64",
+              "model.ffn_hidden_size=128", "model.num_attention_heads=4",
+              "model.num_query_groups=2", "model.max_sequence_length=64",
+              "model.mamba_num_heads=4", "model.mamba_head_dim=16", "model.mamba_state_dim=8",
+              "model.mamba_num_groups=2", "rlp.contexts_per_step=2", "rlp.group_size=2",
+              "rlp.max_thought_tokens=3", "rlp.min_prefix_tokens=8",
+              "rlp.max_prefix_tokens=16")
+
+
+def one_step(config: str, overrides: tuple[str, ...]):
+    cfg = load_config(config, overrides, world_size=1)
+    distributed.initialize(cfg)
+    try:
+        state = build_state(cfg)
+        trace: dict = {}
+        metrics = rlp_step(state, make_context_sampler(state), PhaseTimer(), trace)
+        return metrics, trace
+    finally:
+        distributed.shutdown()
+
+
+def check_step(config: str, overrides: tuple[str, ...]) -> None:
+    """Same thoughts, rewards and loss within 1e-5; the gradient norm within 1e-4 relative.
+    (Not the updated weights: Adam's first step is lr * g / |g| per element, which turns
+    rounding-level differences of near-zero gradients into lr-sized ones.)"""
+    (got, got_trace) = on_path(adapter.MAMBA_SSM, lambda: one_step(config, overrides))
+    (want, want_trace) = on_path(adapter.TORCH, lambda: one_step(config, overrides))
+    assert torch.equal(got_trace["thoughts"].tokens, want_trace["thoughts"].tokens)
+    torch.testing.assert_close(got_trace["rewards"], want_trace["rewards"], rtol=0, atol=TOL)
+    for key in ("loss", "reward_mean", "s_pred", "s_ema"):
+        assert near(got[key], want[key]), (key, got[key], want[key])
+    assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
+    assert got["skipped"] == want["skipped"] == 0.0
+
+
+def test_rlp_step_on_the_kernel_path(kernel_path):
+    check_step("examples/configs/tiny_cpu.yaml", SMALL_STEP)
+
+
+@pytest.mark.slow
+def test_rlp_step_of_tiny_hybrid_cpu_on_the_kernel_path(kernel_path):
+    check_step("examples/configs/tiny_hybrid_cpu.yaml",
+               ("rlp.contexts_per_step=2", "rlp.max_thought_tokens=4"))
