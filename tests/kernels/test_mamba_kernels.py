@@ -76,8 +76,8 @@ def check_scan(kernels, shape: dict, batch: int, length: int, prefix: int, chunk
 
 def test_chunk_scan_from_forked_states(kernels):
     """mamba_chunk_scan_combined with initial_states (forked after 7 positions) and
-    return_final_states, over 3 chunks (state passing), forward and backward."""
-    check_scan(kernels, TINY, batch=2, length=7 + 40, prefix=7, chunk=16)
+    return_final_states, over 2 chunks (state passing), forward and backward."""
+    check_scan(kernels, TINY, batch=2, length=7 + 24, prefix=7, chunk=16)
 
 
 @pytest.mark.slow
@@ -88,9 +88,9 @@ def test_chunk_scan_recipe_shapes(kernels):
 def test_chunk_scan_seq_idx(kernels):
     """seq_idx packs two sequences in one row (a boundary inside a chunk): each part equals its
     own torch scan; the final state is the last part's, forward and backward."""
-    inp = scan_inputs(1, 40, **TINY, seed=1)
-    cut, chunk = 22, 16
-    seq_idx = (torch.arange(40) >= cut).int()[None]
+    length, cut, chunk = 32, 13, 16
+    inp = scan_inputs(1, length, **TINY, seed=1)
+    seq_idx = (torch.arange(length) >= cut).int()[None]
     p = leaves(inp)
     out, final = kernels.ssd.mamba_chunk_scan_combined(
         p["x"], p["dt"], p["A"], p["B"], p["C"], chunk, D=p["D"], z=p["z"],
@@ -99,7 +99,7 @@ def test_chunk_scan_seq_idx(kernels):
 
     q = leaves(inp)
     parts = []
-    for lo, hi in ((0, cut), (cut, 40)):
+    for lo, hi in ((0, cut), (cut, length)):
         seg = {k: (v[:, lo:hi] if v.dim() > 1 else v) for k, v in q.items()}
         parts.append(ops.mamba_chunk_scan_combined(
             seg["x"], seg["dt"], q["A"], seg["B"], seg["C"], chunk, D=q["D"], z=seg["z"],
@@ -136,7 +136,7 @@ def run_split_conv_scan(fn, args: dict, shape: dict, chunk: int):
 def test_split_conv_scan_training_path(kernels):
     """mamba_split_conv1d_scan_combined as Megatron's training forward calls it (the causal
     conv inside it is causal-conv1d's, emulated by the torch reference: see triton_cpu)."""
-    args = split_conv_scan_args(TINY, batch=2, length=40)
+    args = split_conv_scan_args(TINY, batch=2, length=24)
     got = run_split_conv_scan(kernels.ssd.mamba_split_conv1d_scan_combined, args, TINY, 16)
     want = run_split_conv_scan(ops.mamba_split_conv1d_scan_combined, args, TINY, 16)
     assert_near(got[0], want[0], "output")
