@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import logging
 import os
 import platform
 import resource
@@ -32,7 +31,6 @@ import statistics
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +84,7 @@ def run(cfg, steps: int, warmup: int) -> dict:
 
     state = build_state(cfg)
     if cfg.train.load:  # e.g. a warmed-up model, whose thoughts close (rollout lengths vary)
-        from megatron_rlp.train.checkpoint import load_checkpoint, resolve_checkpoint
+        from megatron_rlp.checkpoint import load_checkpoint, resolve_checkpoint
 
         load_checkpoint(state, str(resolve_checkpoint(cfg.train.load)),
                         cfg.train.checkpoint_checksums)
@@ -173,11 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --steps must be >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
 
-    from megatron_rlp.config import load_launch_config
+    from megatron_rlp.startup import load_launch_config, quiet_megatron
 
     cfg = load_launch_config(args.config, tuple(args.overrides))  # exit 2 on a bad value
-    warnings.filterwarnings("ignore", module=r"megatron\..*")
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    quiet_megatron(checkpoint=False)
     # Megatron's modules are imported before the CPU backend patches torch (as pretrain_rlp.py
     # does): some torch.compile at import time and must see the real torch.cuda.
     import megatron_rlp.train.loop  # noqa: F401

@@ -2,7 +2,7 @@
 
 HF -> Megatron builds the model at TP=1/PP=1 in this process (CPU, gloo), loads the mapped
 weights and writes a dist_checkpointing checkpoint `OUT/step_00000000` (+ `OUT/latest`) in the
-layout of train/checkpoint.py, marked as objective "hf-import": `train.load=OUT` warm-starts the
+layout of checkpoint/, marked as objective "hf-import": `train.load=OUT` warm-starts the
 policy (the EMA teacher starts as its copy) under any TP/PP — dist_checkpointing reshards.
 It also writes `OUT/model.yaml`, the `model:` section that matches the weights.
 
@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 import yaml
 
+from megatron_rlp.convert.errors import ConversionError
 from megatron_rlp.convert.mapping import (
     ARCHITECTURES,
-    ConversionError,
     architecture_of_hf,
     architecture_of_megatron,
 )
@@ -36,7 +36,8 @@ from megatron_rlp.convert.refusals import check_hf_config, check_megatron_model
 
 # Megatron's modules must be imported before the CPU backend patches torch.cuda (their
 # torch.compile decorators run at import), so import them here, not after `initialize`.
-from megatron_rlp.models.provider import build_model, padded_vocab_size
+from megatron_rlp.models.provider import build_model
+from megatron_rlp.models.vocab import padded_vocab_size
 
 HF_OBJECTIVE = "hf-import"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -124,10 +125,10 @@ def _thread_queue() -> None:
 
 
 def _model_signature(cfg, padded_vocab: int) -> dict:
-    from megatron_rlp.train.checkpoint import _ARCH_KEYS
+    from megatron_rlp.checkpoint.compat import ARCH_KEYS
 
     m = cfg.model
-    sig = {k: getattr(m, k) for k in _ARCH_KEYS if hasattr(m, k)}
+    sig = {k: getattr(m, k) for k in ARCH_KEYS if hasattr(m, k)}
     sig["hybrid_layer_pattern"] = m.hybrid_layer_pattern.replace("|", "")
     sig["padded_vocab_size"] = padded_vocab
     return sig
@@ -211,8 +212,8 @@ def load_megatron(path: str | Path, weights: str = "policy"):
     """
     from megatron.core import dist_checkpointing
 
+    from megatron_rlp.checkpoint import resolve_checkpoint
     from megatron_rlp.interop import names
-    from megatron_rlp.train.checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(str(path))
     common = dist_checkpointing.load_common_state_dict(str(ckpt))

@@ -11,8 +11,8 @@ from functools import partial
 
 import pytest
 import torch
-from test_packed_update import TOK, G, _inputs, _run
 from helpers.tiny_models import tiny_dense_model
+from test_packed_update import TOK, G, _inputs, _run
 
 from megatron_rlp.packing import flex
 from megatron_rlp.packing.tree import tree_mask
@@ -97,7 +97,8 @@ def test_resolve_and_refusals():
 
 
 def test_config_refuses_flex_where_it_cannot_run():
-    from megatron_rlp.config import ConfigError, load_config
+    from megatron_rlp.config import ConfigError
+    from megatron_rlp.startup import load_config
 
     with pytest.raises(ConfigError, match=r"model.packed_attention='flex' .*no M"):
         load_config(None, ("model.packed_attention=flex", "model.hybrid_layer_pattern=M*-",
