@@ -10,13 +10,18 @@ a few shims, all in this module and all undone on exit of `triton_on_cpu()`:
 1. **Interpreter at decoration.** Triton decides interpreted-or-compiled when `@triton.jit`
    decorates a function (module import), so the kernel modules are imported afresh with
    `TRITON_INTERPRET=1` set; the modules the rest of the suite imported are put back on exit.
+   `triton.language`'s own jit functions (`tl.cumsum`, `tl.max`, ...) were decorated when
+   triton was first imported: they are swapped for interpreted ones meanwhile. The
+   interpreter's integer-overflow checks (device asserts, compiled only into debug builds
+   on a GPU) are off: they took half of the interpreter's time.
 2. **mamba-ssm's package `__init__`** imports its CUDA extension `selective_scan_cuda` (Mamba-1,
    not built here: `MAMBA_SKIP_CUDA_BUILD=TRUE`) and `mamba3` (tilelang). The `mamba_ssm`
    package is registered without running `__init__`; its submodules import normally.
 3. **`torch.cuda.device(x.device.index)`** is entered around each launch; a CPU tensor's
    index is None, which would initialise CUDA. None (and CPU devices) enter nothing.
    `torch.cuda.get_device_capability` (Megatron's decode kernel picks block sizes by
-   architecture) answers (9, 0), an H100, for a CPU device.
+   architecture) answers (9, 0), an H100, for a CPU device; `get_device_properties` answers
+   `CPU_SM_COUNT` multiprocessors (backward kernels size their grids by it).
 4. **The autotuner** times each config through the GPU driver's benchmarker. Here it runs
    the first config listed (every config computes the same result; only speed differs).
 5. **causal-conv1d** (a CUDA-only extension, no CPU build) is emulated by the project's torch
