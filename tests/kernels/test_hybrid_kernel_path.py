@@ -20,10 +20,11 @@ import pytest
 import torch
 from helpers.packed_inputs import TOK, G, _inputs, _run
 from helpers.tiny_models import tiny_model
+from megatron.core.ssm.mamba_mixer import MambaMixer
 
 from megatron_rlp import distributed
 from megatron_rlp.config import load_config
-from megatron_rlp.models.mamba import adapter, branches
+from megatron_rlp.models.mamba import adapter
 from megatron_rlp.packing.update import packed_forward_step, packed_update_batches
 from megatron_rlp.train.builder import build_state
 from megatron_rlp.train.rlp_step import rlp_step
@@ -50,7 +51,8 @@ def packed_loss_and_grads():
     mbs = packed_update_batches(windows, prompts, thoughts, adv, G, 0, TOK.pad,
                                 TOK.think_start, equal_width=False, rows_per_seq=6)
     with tiny_model(TOK.vocab_size, "hybrid") as model:
-        norms = {type(m.norm).__mro__[1].__module__ for m in branches._mixers(model)}
+        norms = {type(m.norm).__mro__[1].__module__ for m in model.modules()
+                 if isinstance(m, MambaMixer)}
         loss, grads = _run(model, packed_forward_step, mbs, len(adv))
     return loss, grads, norms
 
@@ -120,5 +122,7 @@ def test_rlp_step_on_the_kernel_path(kernel_path):
 
 @pytest.mark.slow
 def test_rlp_step_of_tiny_hybrid_cpu_on_the_kernel_path(kernel_path):
+    """tiny_hybrid_cpu.yaml's model (3 Mamba layers of 16 heads x 32, state 32), a short step."""
     check_step("examples/configs/tiny_hybrid_cpu.yaml",
-               ("rlp.contexts_per_step=2", "rlp.max_thought_tokens=4"))
+               ("rlp.contexts_per_step=1", "rlp.group_size=2", "rlp.max_thought_tokens=2",
+                "rlp.min_prefix_tokens=16", "rlp.max_prefix_tokens=32"))
