@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from megatron_rlp.rollout.template import lead_ids
+from megatron_rlp.utils import ceil_to
 
 WINDOW, PAD = -1, -2  # `branch` values of window and padding tokens
 
@@ -108,7 +109,7 @@ def pack_branches(plan: PackPlan, window_tokens: Tensor, window_valid: Tensor,
     win_len = win_end - win_first
     need = win_len + (lens + m - 1).sum(1)
     s = int(need.max()) if width is None else width
-    s = -(-s // multiple) * multiple
+    s = ceil_to(s, multiple)
     if int(need.max()) > s:
         raise ValueError(f"packed sequences need {int(need.max())} columns, width is {s}")
 

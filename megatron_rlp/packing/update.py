@@ -35,6 +35,7 @@ from megatron_rlp.packing.flex import route_core_attention, tree_block_mask, tre
 from megatron_rlp.packing.rotary import rotary_at_positions
 from megatron_rlp.packing.tree import pack_branches, plan_packing, tree_mask
 from megatron_rlp.scoring.next_token import token_logprobs_vocab_parallel
+from megatron_rlp.utils import ceil_to
 
 
 def packable(pattern: str, rows_per_document: int, rows: int, micro_batch_size: int) -> bool:
@@ -147,7 +148,7 @@ def packed_update_batches(windows, prompts, thoughts, advantages: Tensor, group_
     if not equal_width:
         for mb in mbs:  # right padding never changes what a query reads
             used = int((mb["branch"] != -2).sum(1).max())
-            width = -(-used // multiple) * multiple
+            width = ceil_to(used, multiple)
             for key in ("tokens", "positions", "branch", "lo", "hi"):
                 mb[key] = mb[key][:, :width]
     return mbs

@@ -43,6 +43,7 @@ from megatron_rlp.train.reduce import (
 )
 from megatron_rlp.train.timers import PhaseTimer
 from megatron_rlp.train.update import optimizer_update, split_microbatches
+from megatron_rlp.utils import ceil_to
 
 
 def local_contexts(state: TrainState, sampler: ContextSampler, step: int):
@@ -75,7 +76,7 @@ def update_batch(prompts: PromptBatch, thoughts: ThoughtBatch, advantages: Tenso
     lengths = prompts.lengths.repeat_interleave(group_size)  # [R]
     rows, n = thoughts.tokens.shape
     width = int((lengths + m + thoughts.lengths).max())
-    width = -(-width // multiple) * multiple
+    width = ceil_to(width, multiple)
     tokens = torch.full((rows, width), pad, dtype=torch.long)
     prefixes = prompts.tokens.repeat_interleave(group_size, 0)
     for r in range(rows):
@@ -108,7 +109,7 @@ def trimmed_microbatches(batch: dict[str, Tensor], micro_batch_size: int, multip
     mbs = split_microbatches(batch, micro_batch_size)
     for mb in mbs:
         width = int(mb["index"].max()) + 1
-        width = -(-width // multiple) * multiple
+        width = ceil_to(width, multiple)
         mb["tokens"], mb["positions"] = mb["tokens"][:, :width], mb["positions"][:, :width]
     return mbs
 
