@@ -31,6 +31,7 @@ from torch import Tensor
 from megatron_rlp.models.mamba.branches import has_mamba, mamba_states_at
 from megatron_rlp.models.mamba.inference_state import MambaState
 from megatron_rlp.models.masks import padded_causal_mask
+from megatron_rlp.packing.decode import SharedPrefixEngine
 from megatron_rlp.rollout.template import lead_ids
 
 
@@ -63,6 +64,18 @@ class SharedWindows:
         used, inverse = torch.unique(rows, return_inverse=True)
         return SharedWindows(tokens=self.tokens[used], valid=self.valid[used], rows=inverse,
                              ends=self.ends[start:end], lengths=self.lengths[start:end])
+
+    # What `rollout.thoughts.sample_thoughts` calls on its `shared` argument: the rollout
+    # gets the shared-prefix engine and prefill from here, so it never imports packing.
+
+    def engine(self, model: torch.nn.Module, max_batch_size: int, max_sequence_length: int):
+        """A fresh `packing.decode.SharedPrefixEngine` for these windows' rollout."""
+        return SharedPrefixEngine(model, max_batch_size=max_batch_size,
+                                  max_sequence_length=max_sequence_length)
+
+    def prefill(self, engine, think_start) -> Tensor | None:
+        """`prefill_shared(engine, self, think_start)`."""
+        return prefill_shared(engine, self, think_start)
 
 
 @torch.no_grad()
