@@ -27,13 +27,10 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from megatron_rlp.models.mamba.branches import attach_branch_layout
-from megatron_rlp.models.output_positions import logits_at_positions
 from megatron_rlp.objective import rlp_policy_loss
 from megatron_rlp.objective.kl import kl_penalty
-from megatron_rlp.packing.flex import route_core_attention, tree_block_mask, tree_descriptors
-from megatron_rlp.packing.rotary import rotary_at_positions
-from megatron_rlp.packing.tree import pack_branches, plan_packing, tree_mask
+from megatron_rlp.packing.forward import packed_forward
+from megatron_rlp.packing.tree import pack_branches, plan_packing
 from megatron_rlp.scoring.next_token import token_logprobs_vocab_parallel
 from megatron_rlp.utils import ceil_to
 
@@ -186,15 +183,7 @@ def packed_forward_step(scale: float, vocab_size: int, temperature: float,
     (block-sparse on CUDA).
     """
     batch = next(data_iterator)
-    if attention == "flex":  # attention-only models (config refuses flex with Mamba layers)
-        route_core_attention(model)
-        mask = tree_descriptors(batch["branch"], batch["lo"], batch["hi"])
-        tree_block_mask(mask)  # built once here; every layer (and recompute) reuses it
-    else:
-        mask = tree_mask(batch["branch"], batch["lo"], batch["hi"])
-        attach_branch_layout(model, mask, batch["branch"], batch["lo"], batch["hi"])  # Mamba
-    with (logits_at_positions(model, batch["index"]),
-          rotary_at_positions(model, batch["positions"])):
+    with packed_forward(model, batch, attention) as mask:
         logits = model(batch["tokens"], batch["positions"], mask)
     return logits, partial(packed_loss, batch, scale, vocab_size, temperature, eps,
                            **loss_options)
