@@ -43,7 +43,7 @@ def reference_logprobs(reference: nn.Module, batch: dict[str, Tensor], vocab_siz
     """log pi_ref of an update micro-batch's thought tokens, at the update's temperature.
 
     Runs the reference over exactly what the policy's gradient forward reads: an unpacked
-    micro-batch (`train.rlp_step.update_batch`: causal rows) or a packed one
+    micro-batch (`data.batches.update_batch`: causal rows) or a packed one
     (`packing.update`: tree mask, per-token RoPE positions), logits only at `index`.
 
     Args:

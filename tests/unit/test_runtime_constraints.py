@@ -50,7 +50,7 @@ def _local_rows(cfg: RunConfig, world: int) -> int:
 # --- what the run would call, with the values a config gives it ---------------------------
 
 def _split(cfg, world):
-    from megatron_rlp.train.update import split_microbatches
+    from megatron_rlp.data.batches import split_microbatches
 
     split_microbatches({"tokens": torch.zeros(_local_rows(cfg, world), 2)},
                        cfg.train.micro_batch_size)
@@ -145,7 +145,7 @@ def _transformer_impl(cfg, world=1):
 # (overrides, world size, key the start-up line names, run-time reproduction or None when
 # the raise is inside Megatron / a model build not run here)
 CONFIG_REACHABLE = {
-    ("train/update.py", "must divide the"): [
+    ("data/batches.py", "must divide the"): [
         (("rlp.group_size=3", "train.micro_batch_size=4", "rlp.contexts_per_step=4"), 2,
          "train.micro_batch_size=4", _split),  # issue 14, point 1
         (("train.objective=ntp", "train.micro_batch_size=5"), 1, "train.micro_batch_size=5",
