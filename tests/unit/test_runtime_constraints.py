@@ -2,9 +2,8 @@
 can reach is refused at start-up (`load_config`, before torch.distributed) with one line
 naming the key, and the run-time code raises on the same values (a site that configuration
 reaches only on a machine without a feature, e.g. FlexAttention, is checked with the machine
-faked); the others are listed with
-the reason no config reaches them (corpus contents, reported as one `DataError` line; or an
-internal shape invariant).
+faked); the others are listed with the reason no config reaches them (corpus contents,
+reported as one `DataError` line; or an internal shape invariant).
 
 `test_every_raise_site_is_classified` greps the run-path modules, so a new `raise ValueError`
 or `assert` fails here until it is classified (and, if config can reach it, checked).
