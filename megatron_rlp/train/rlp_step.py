@@ -6,6 +6,9 @@
 Contexts are drawn globally from (seed, step) and split over data-parallel ranks; a
 context's G thoughts stay on its rank, so group advantages need no communication. The
 metrics are global-batch values on every rank.
+
+The update's micro-batch layouts, forward step and loss are `train.rlp_update`; the metrics
+`train.rlp_metrics`.
 """
 
 from __future__ import annotations
