@@ -9,7 +9,7 @@ so they must run the same forward. `packed_forward` sets it up:
 - for a branch-packed micro-batch (`packing.update`: it has `branch`, `lo`, `hi`):
   - the tree as the attention mask: the explicit [B, 1, S, S] mask (`packing.tree`), with
     Mamba layers starting every branch from the window's state at its t_k
-    (`models.mamba.branches.attach_branch_layout`); or, with `attention="flex"`, the
+    (`models.mamba.model_walk.attach_branch_layout`); or, with `attention="flex"`, the
     [B, 3, S] tree descriptor that `packing.flex` routes to FlexAttention;
   - RoPE at each token's own position (`packing.rotary`), since a branch's tokens sit after
     the window and the other branches of its sequence.
@@ -25,7 +25,7 @@ from collections.abc import Iterator
 
 from torch import Tensor, nn
 
-from megatron_rlp.models.mamba.branches import attach_branch_layout
+from megatron_rlp.models.mamba.model_walk import attach_branch_layout
 from megatron_rlp.models.output_positions import logits_at_positions
 from megatron_rlp.packing.flex import route_core_attention, tree_block_mask, tree_descriptors
 from megatron_rlp.packing.rotary import rotary_at_positions

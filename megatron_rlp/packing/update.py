@@ -10,7 +10,7 @@ micro-batch holds `micro_batch_size` thought rows (0 = all), as the unpacked upd
   each repeating the window (with one row per micro-batch this is the unpacked layout).
 Other sizes keep the unpacked update: `packable` says which. Mamba layers (hybrid models)
 scan each packed sequence's window once and start every branch from the conv/SSM state at
-its t_k (`models.mamba.branches.attach_branch_layout`), with gradients into the window.
+its t_k (`models.mamba.model_walk.attach_branch_layout`), with gradients into the window.
 
 On CPU the tree mask goes through Megatron's local `DotProductAttention` as an explicit
 [B, 1, S, S] mask (Megatron's torch softmax path applies a given mask whatever the layer's
