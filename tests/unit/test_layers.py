@@ -139,6 +139,16 @@ def test_imports_run_only_downward():
     assert upward_imports(import_graph(module_sources())) == []
 
 
+def test_rollout_does_not_import_packing():
+    """Inside the phases' layer: the rollout is handed its shared-prefix engine and prefill
+    (`packing.prefill.SharedWindows.engine/.prefill`); it never imports packing/ itself."""
+    graph = import_graph(module_sources())
+    bad = [f"{m}:{line} -> {t}" for m, edges in sorted(graph.items())
+           if m.startswith(f"{PACKAGE}.rollout") for t, line in sorted(edges)
+           if t.startswith(f"{PACKAGE}.packing")]
+    assert bad == []
+
+
 def _planted(module: str, line: str) -> dict[str, str]:
     sources = module_sources()
     sources[module] += f"\n\ndef _planted():\n    {line}\n"
