@@ -43,6 +43,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_rlp.config import ConfigError, RunConfig, load_config  # noqa: E402
+from megatron_rlp.models.vocab import padded_vocab_size  # noqa: E402
 
 GIB = 1024**3
 MAMBA_CONV_KERNEL = 4  # Megatron MambaMixer d_conv default
@@ -84,11 +85,11 @@ def shapes(cfg: RunConfig, vocab_size: int) -> Shapes:
     head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
     m_head_dim = m.mamba_head_dim
     m_heads = m.mamba_num_heads or (2 * m.hidden_size) // m_head_dim  # Megatron: expand=2
-    div = m.make_vocab_size_divisible_by
     return Shapes(
         hidden=m.hidden_size, ffn=m.ffn_hidden_size, gated=m.activation == "swiglu",
         heads=m.num_attention_heads, groups=m.num_query_groups, head_dim=head_dim,
-        qk_norm=m.qk_layernorm, vocab=-(-vocab_size // div) * div,
+        qk_norm=m.qk_layernorm,
+        vocab=padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by),
         tied=not m.untie_embeddings_and_output_weights,
         n_attn=pattern.count("*"), n_mlp=pattern.count("-"), n_mamba=pattern.count("M"),
         m_heads=m_heads, m_head_dim=m_head_dim, m_state=m.mamba_state_dim,
