@@ -202,6 +202,11 @@ class RLPConfig:
     # Weight of a next-token cross-entropy on the step's raw document windows, added to the
     # RLP loss (train/ntp_mix.py); 0 = off.
     ntp_loss_coef: float = 0.0
+    # When the EMA teacher scores S_ema (scoring/ema_teacher.py): `every_step`, `log_interval`
+    # (only the steps the console prints) or `off` (no fp32 shadow at all). S_ema cancels from
+    # the group advantages, so the update is the same under all three; only the logged
+    # reward level (reward_mean, reward_std, s_ema) needs the teacher.
+    teacher_scoring: Literal["every_step", "log_interval", "off"] = "every_step"
 
     def max_window_tokens(self) -> int:
         """Longest document window (= longest prefix) the context sampler can draw
@@ -240,6 +245,8 @@ class RLPConfig:
                "a finite number > 0")
         _check(0 < self.top_p <= 1, "rlp.top_p", self.top_p, "in (0, 1]")
         _check(0 <= self.ema_decay < 1, "rlp.ema_decay", self.ema_decay, "in [0, 1)")
+        _check(self.teacher_scoring in ("every_step", "log_interval", "off"),
+               "rlp.teacher_scoring", self.teacher_scoring, "every_step, log_interval or off")
         _check(0 <= self.clip_eps_low < 1, "rlp.clip_eps_low", self.clip_eps_low, "in [0, 1)")
         _check(self.clip_eps_high >= 0, "rlp.clip_eps_high", self.clip_eps_high, ">= 0")
         _check(self.min_prefix_tokens <= self.max_prefix_tokens, "rlp.min_prefix_tokens",
