@@ -198,8 +198,6 @@ class RLPConfig:
               "a finite number > 0")
         check(0 < self.top_p <= 1, "rlp.top_p", self.top_p, "in (0, 1]")
         check(0 <= self.ema_decay < 1, "rlp.ema_decay", self.ema_decay, "in [0, 1)")
-        check(self.teacher_scoring in ("every_step", "log_interval", "off"),
-              "rlp.teacher_scoring", self.teacher_scoring, "every_step, log_interval or off")
         check(0 <= self.clip_eps_low < 1, "rlp.clip_eps_low", self.clip_eps_low, "in [0, 1)")
         check(self.clip_eps_high >= 0, "rlp.clip_eps_high", self.clip_eps_high, ">= 0")
         check(self.min_prefix_tokens <= self.max_prefix_tokens, "rlp.min_prefix_tokens",
