@@ -75,9 +75,12 @@ class Regions:
 
 
 def _instrument(regions: Regions) -> list:
+    from megatron_rlp.packing import decode
     from megatron_rlp.rollout import engine, thoughts
 
     undo: list = []
+    for attr, name in (("fork", "fork"), ("keep", "compaction")):  # its own (cascade) ones
+        regions.patch(decode.SharedPrefixEngine, attr, name, undo)
     regions.patch(thoughts, "sample_thoughts", "rollout", undo)
     regions.patch(thoughts, "prefill_shared", "prefill", undo)
     regions.patch(engine.KVCacheEngine, "prefill", "prefill", undo)
