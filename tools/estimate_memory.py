@@ -12,11 +12,13 @@ same ones). Prints a table (or `--json`) of what one GPU holds:
                m and v; divided by DP with the distributed optimizer), the fp32 EMA teacher
                (sharded like the policy: TP, not DP)
   rollout      KV cache (attention layers) and conv/SSM state (Mamba layers) for one
-               rollout chunk: rlp.rollout_chunk_contexts contexts (0 = all B/DP of the
-               rank's) x G thoughts x (prefix + L_think + 2) tokens, the prefix as long as
-               a document window (`RLPConfig.max_window_tokens`), as the engine
-               allocates them; one layer of prefill activations; the full-vocabulary fp32
-               logits of a decode step and the sampler's copies
+               rollout chunk of C = rlp.rollout_chunk_contexts contexts (0 = all B/DP of
+               the rank's) and R = C x G rows: with rlp.share_prefixes (cascade decode,
+               packing/cascade.py) C x P + R x T tokens, else R x (P + T), where P is a
+               document window (`RLPConfig.max_window_tokens`) + `<think>` and T is
+               L_think + 1, as the engine allocates them; one layer of prefill
+               activations; the full-vocabulary fp32 logits of a decode step and the
+               sampler's copies
   scoring      the teacher's fp32 forward over the documents' windows (B/DP/positions per
                document rows): one layer of activations and the vocab-parallel logits at
                the scored positions only (positions_per_document per window)
@@ -179,7 +181,8 @@ def estimate(cfg: RunConfig, world_size: int, vocab_size: int, attention: str = 
         "parameters": n * pb,
         "gradients": n * 4,
         "optimizer": optimizer,
-        "ema_teacher": n * 4 if t.objective == "rlp" else 0.0,
+        # rlp.teacher_scoring=off builds no fp32 shadow (scoring/ema_teacher.py)
+        "ema_teacher": n * 4 if t.objective == "rlp" and r.teacher_scoring != "off" else 0.0,
     }
 
     contexts = r.contexts_per_step // dp
@@ -192,7 +195,12 @@ def estimate(cfg: RunConfig, world_size: int, vocab_size: int, attention: str = 
     window = r.max_window_tokens()
     seq = window + r.max_thought_tokens + 2
     layers_here = 1 / pp
-    kv = (s.n_attn * layers_here * 2 * chunk_rows * seq * (s.groups * s.head_dim / tp) * pb)
+    # With rlp.share_prefixes the rollout decodes with cascade attention (packing/cascade.py):
+    # each context's prefix (window + `<think>`) once, each row its own thought columns
+    # (L_think + `</think>`): C x P + R x T entries; without it every row holds P + T.
+    entries = (chunk_contexts * (window + 1) + chunk_rows * (r.max_thought_tokens + 1)
+               if r.share_prefixes else chunk_rows * seq)
+    kv = (s.n_attn * layers_here * 2 * entries * (s.groups * s.head_dim / tp) * pb)
     # The Mamba decode state is fp32 whatever the params dtype (models/mamba/mixer.py).
     conv_state = chunk_rows * (s.conv_dim / tp) * (MAMBA_CONV_KERNEL - 1) * 4
     ssm_state = chunk_rows * (s.m_heads / tp) * s.m_head_dim * s.m_state * 4

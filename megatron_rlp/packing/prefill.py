@@ -98,6 +98,8 @@ def prefill_shared(engine, shared: SharedWindows, think_start) -> Tensor | None:
     ctx.reset()
     ctx.key_value_memory_dict.clear()
     d, w = shared.tokens.shape
+    if hasattr(engine, "limit_prefix"):  # cascade: the cache holds the D windows' P columns
+        engine.limit_prefix(d, w + len(lead_ids(think_start)))
     device = shared.tokens.device
     engine.key_valid = torch.zeros(d, ctx.max_sequence_length, dtype=torch.bool, device=device)
     engine.key_valid[:, :w] = shared.valid

@@ -56,14 +56,17 @@ def rlp_metrics(ro, losses: list[dict[str, Tensor]], optional: dict[str, list[Te
 
     Returns:
         loss and reward metrics; `tokens` is the global count of prefix, lead and thought
-        tokens the update read; `skipped` 1.0 when the update was not applied.
+        tokens the update read; `skipped` 1.0 when the update was not applied;
+        `teacher_scored` 1.0 when S_ema was scored this step (`rlp.teacher_scoring`). Without
+        it the reward level (`reward_mean`, `reward_std`, `s_ema`) is left out: the
+        advantages, and so the update, are the same without S_ema.
     """
     update = loss_metrics(losses, optional)
     prompts, thoughts = ro.prompts, ro.thoughts
     g_rewards = gather_data_parallel(ro.rewards)
     seq_lengths = prompts.lengths.repeat_interleave(group_size) + len(ro.lead) + thoughts.lengths
     tokens = gather_data_parallel(seq_lengths.float()).sum()
-    return {
+    metrics = {
         "loss": update["loss"],
         "reward_mean": float(g_rewards.mean()),
         "reward_std": float(g_rewards.std()),
@@ -71,10 +74,15 @@ def rlp_metrics(ro, losses: list[dict[str, Tensor]], optional: dict[str, list[Te
         **{k: update[k] for k in LOSS_METRICS if k != "loss"},
         "thought_len": float(gather_data_parallel(thoughts.lengths.float()).mean()),
         "closed_fraction": float(gather_data_parallel(thoughts.closed.float()).mean()),
-        "s_ema": float(gather_data_parallel(ro.s_ema).mean()),
+        "s_ema": float(gather_data_parallel(ro.s_ema).mean()) if ro.s_ema is not None else 0.0,
         "s_pred": float(gather_data_parallel(thoughts.s_pred).mean()),
         "grad_norm": grad_norm,
         "tokens": float(tokens),
         "skipped": float(not applied),
         **{k: update[k] for k in optional},
+        "teacher_scored": float(ro.s_ema is not None),
     }
+    if ro.s_ema is None:
+        for key in ("reward_mean", "reward_std", "s_ema"):
+            del metrics[key]
+    return metrics

@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 from functools import partial
 
+import torch
 from megatron.core import parallel_state
 from torch import Tensor
 
@@ -28,6 +29,7 @@ from megatron_rlp.objective import group_advantages, info_gain_reward
 from megatron_rlp.packing.prefill import SharedWindows
 from megatron_rlp.rollout.template import apply_template, build_template
 from megatron_rlp.rollout.thoughts import PromptBatch, ThoughtBatch, sample_thoughts_chunked
+from megatron_rlp.scoring.ema_teacher import teacher_scores
 from megatron_rlp.scoring.next_token import score_next_tokens
 from megatron_rlp.scoring.reference import reference_logprobs
 from megatron_rlp.train.builder import TrainState
@@ -66,8 +68,10 @@ class ScoredRollout:
     prompts: PromptBatch      # the policy's prompts (`rlp.thought_template` applied)
     windows: DocumentWindows  # the policy's shared windows (shared prefill, packed update)
     thoughts: ThoughtBatch
-    s_ema: Tensor             # [C] log pbar_phi(x_t | x_<t)
-    rewards: Tensor           # [C*G] S_pred - S_ema
+    # [C] log pbar_phi(x_t | x_<t); None when the teacher did not score this step
+    # (`rlp.teacher_scoring`), and then `rewards` is S_pred alone: the same advantages.
+    s_ema: Tensor | None
+    rewards: Tensor           # [C*G] S_pred - S_ema (S_pred when `s_ema` is None)
     advantages: Tensor        # [C*G] group advantages
     # The raw document windows the teacher read (== `windows` with the `none` template) and
     # the lead fed before each thought (`rollout.template`: `<think>`, or `after <think>`).
@@ -79,12 +83,17 @@ def rollout_and_score(state: TrainState, sampler: ContextSampler, step: int,
                       timer: PhaseTimer | None = None) -> ScoredRollout:
     """The phases of step `step` before the update: draw this rank's contexts, sample G thoughts
     each (S_pred), score S_ema with the EMA teacher, rewards and group advantages. Shared by
-    `rlp_step` and the `megatron.training.pretrain()` plugin (megatron_rlp/plugin.py)."""
+    `rlp_step` and the `megatron.training.pretrain()` plugin (megatron_rlp/plugin.py).
+
+    S_ema is scored only at the steps `rlp.teacher_scoring` asks for (`teacher_scores`); at
+    the others the rewards are S_pred alone, which gives the same group advantages."""
     cfg, tok, r = state.cfg, state.tokenizer, state.cfg.rlp
     timer = timer or (lambda phase: contextlib.nullcontext())
     template = build_template(r.thought_template, tok)
+    teacher = state.teacher.model if state.teacher is not None else None
     # Under FP8 training, rollouts and scoring run in bf16 unless precision.fp8_rollouts.
-    with timer("rollout"), rollout_precision(cfg.precision, state.policy, state.teacher.model):
+    with timer("rollout"), rollout_precision(cfg.precision, state.policy,
+                                             *([teacher] if teacher is not None else [])):
         contexts, ids = local_contexts(state, sampler, step)
         raw_prompts, raw_windows = build_rlp_inputs(contexts, ids, state.corpus,
                                                     r.max_prefix_tokens, tok.pad, state.device)
@@ -99,16 +108,23 @@ def rollout_and_score(state: TrainState, sampler: ContextSampler, step: int,
             shared=(SharedWindows.from_windows(windows, prompts)
                     if r.share_prefixes else None))
         state.policy.train()
-    with timer("scoring"), rollout_precision(cfg.precision, state.teacher.model):
-        if not state.teacher.initialized:
+    scored = state.teacher is not None and teacher_scores(r.teacher_scoring, step,
+                                                          cfg.train.log_interval)
+    with timer("scoring"), rollout_precision(cfg.precision,
+                                             *([teacher] if teacher is not None else [])):
+        if state.teacher is not None and not state.teacher.initialized:
             state.teacher.initialize_from(state.policy)  # lazy phi <- theta
         reference = getattr(state, "reference", None)
         if reference is not None and not reference.initialized:
             reference.initialize_from(state.policy)  # pi_ref: the policy of the first RLP step
-        w = raw_windows  # S_ema conditions on the raw prefix x_<t (RLP.md), template or not
-        s_ema = score_next_tokens(state.teacher.model, w.tokens, w.valid, w.rows, w.cols,
-                                  w.targets, tok.vocab_size)
-        rewards = info_gain_reward(thoughts.s_pred, s_ema.repeat_interleave(r.group_size))
+        s_ema, baseline = None, torch.zeros_like(thoughts.s_pred)
+        if scored:
+            w = raw_windows  # S_ema conditions on the raw prefix x_<t (RLP.md), template or not
+            s_ema = score_next_tokens(teacher, w.tokens, w.valid, w.rows, w.cols, w.targets,
+                                      tok.vocab_size)
+            baseline = s_ema.repeat_interleave(r.group_size)
+        # Any per-context baseline cancels from the group advantages (scoring/ema_teacher.py).
+        rewards = info_gain_reward(thoughts.s_pred, baseline)
         advantages = group_advantages(rewards.view(-1, r.group_size)).view(-1)
     return ScoredRollout(contexts, ids, prompts, windows, thoughts, s_ema, rewards, advantages,
                          raw_windows=raw_windows, lead=template.lead)
@@ -147,7 +163,8 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer,
         losses, grad_norm, applied = optimizer_update(state, mbs, forward,
                                                       mbs[0]["tokens"].shape[1],
                                                       extra_passes=extra)
-        if applied:  # a skipped (non-finite) update leaves policy and teacher as they were
+        # A skipped (non-finite) update leaves policy and teacher as they were.
+        if applied and state.teacher is not None:
             state.teacher.update(state.policy)
         state.step = step  # the step's batch is consumed either way (keyed by the step)
     # The one step hook (train/record.py): fills `trace`, and writes MEGATRON_RLP_RECORD files.
