@@ -21,8 +21,9 @@ from helpers.packed_inputs import EPS, TOK, G, _inputs
 from helpers.tiny_models import tiny_dense_model
 
 from megatron_rlp.packing import flex
-from megatron_rlp.packing.update import packed_forward_step, packed_update_batches
+from megatron_rlp.packing.update import packed_update_batches
 from megatron_rlp.train import loop
+from megatron_rlp.train.rlp_update import rlp_forward_step
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +55,8 @@ def loss_of(model, mbs, rows, attention: str) -> float:
     with torch.no_grad():
         for mb in mbs:
             scale = mb["advantages"].numel() * len(mbs)
-            logits, loss_fn = packed_forward_step(scale / rows, TOK.vocab_size, 0.7, EPS, it,
-                                                  model, attention=attention)
+            logits, loss_fn = rlp_forward_step(scale / rows, TOK.vocab_size, 0.7, EPS, it,
+                                               model, attention=attention)
             total += float(loss_fn(logits)[0]) / len(mbs)
     return total
 

@@ -25,9 +25,10 @@ from megatron.core.ssm.mamba_mixer import MambaMixer
 from megatron_rlp import distributed
 from megatron_rlp.config import load_config
 from megatron_rlp.models.mamba import adapter
-from megatron_rlp.packing.update import packed_forward_step, packed_update_batches
+from megatron_rlp.packing.update import packed_update_batches
 from megatron_rlp.train.builder import build_state
 from megatron_rlp.train.rlp_step import rlp_step
+from megatron_rlp.train.rlp_update import rlp_forward_step
 from megatron_rlp.train.samplers import make_context_sampler
 from megatron_rlp.train.timers import PhaseTimer
 
@@ -53,7 +54,7 @@ def packed_loss_and_grads():
     with tiny_model(TOK.vocab_size, "hybrid") as model:
         norms = {type(m.norm).__mro__[1].__module__ for m in model.modules()
                  if isinstance(m, MambaMixer)}
-        loss, grads = _run(model, packed_forward_step, mbs, len(adv))
+        loss, grads = _run(model, rlp_forward_step, mbs, len(adv))
     return loss, grads, norms
 
 
