@@ -136,3 +136,35 @@ def test_export_refuses_a_template_the_weights_do_not_fit(qwen3, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: megatron-to-hf: qwen3"), lines
     assert "rope_scaling.rope_type='yarn'" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_export_keeps_only_the_real_vocabulary(tmp_path):
+    """A model trained with 512 token ids and `make_vocab_size_divisible_by=384` has 768
+    embedding and (untied) output rows. The export keeps the tokenizer's 512: its HF logits
+    equal the product's forward over ids < 512, and HF `generate` never samples a padded id
+    (with the padding rows kept, ~1/3 of the probability sat on ids 512-767)."""
+    run("pretrain_rlp.py", "--config", "examples/configs/tiny_cpu.yaml",
+        "model.hybrid_layer_pattern=*-*-", "model.hidden_size=64", "model.ffn_hidden_size=128",
+        "model.max_sequence_length=96", "model.make_vocab_size_divisible_by=384",
+        "model.untie_embeddings_and_output_weights=true", f"data.tokenizer={TOKENIZER}",
+        "train.objective=ntp", "data.ntp_seq_length=32", "data.ntp_batch_size=4",
+        "train.steps=2", f"train.save={tmp_path / 'run'}", "device.num_threads=1")
+    run("tools/convert_checkpoint.py", "megatron-to-hf", "--checkpoint", str(tmp_path / "run"),
+        "--out", str(tmp_path / "hf"))
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["vocab_size"] == 512
+    weights = safetensors(tmp_path / "hf")
+    assert weights["model.embed_tokens.weight"].shape[0] == 512
+    assert weights["lm_head.weight"].shape[0] == 512
+
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    torch.save({"ids": ids}, tmp_path / "ids.pt")
+    run(HF_REF, "logits", str(tmp_path / "hf"), str(tmp_path / "ids.pt"),
+        str(tmp_path / "hf_logits.pt"))
+    ours = megatron_logits(tmp_path / "run", ids)
+    assert ours.shape[-1] == 768  # the product's padded forward
+    torch.testing.assert_close(torch.load(tmp_path / "hf_logits.pt"), ours[..., :512],
+                               atol=1e-4, rtol=0)
+
+    run(HF_REF, "generate", str(tmp_path / "hf"), str(tmp_path / "gen.pt"))
+    sampled = torch.load(tmp_path / "gen.pt")["ids"]
+    assert sampled.numel() == 8 * 48 and int(sampled.max()) < 512

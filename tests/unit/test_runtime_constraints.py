@@ -261,7 +261,7 @@ DATA = {
     ("data/indexed.py", "tokenized with"), ("data/indexed.py", "split has no document"),
     ("data/indexed.py", "no window of"), ("data/indexed.py", "documents leave the"),
     ("data/corpus.py", "invalid JSON"), ("data/corpus.py", "expected an object"),
-    ("data/corpus.py", "no usable document"),
+    ("data/corpus.py", "no usable document"), ("data/utf8.py", "lone surrogate"),
     ("data/contexts.py", "no document has more than min_prefix"),
     ("data/contexts.py", "documents with at least"),
     ("data/contexts.py", "positions outside thought spans"),
