@@ -27,7 +27,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers.checkpoint_helpers import CONFIG, ROOT, SMALL, in_process, latest, main, ok, read_tensors
+from helpers.checkpoint_helpers import (
+    CONFIG,
+    ROOT,
+    SMALL,
+    in_process,
+    latest,
+    main,
+    ok,
+    read_tensors,
+)
 from test_checkpoint_faults import assert_one_line_error, snapshot
 
 DIST_OPT = "parallel.use_distributed_optimizer=true"
