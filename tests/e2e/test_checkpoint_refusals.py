@@ -141,10 +141,10 @@ def test_fully_reshardable_loads_into_another_layout(dist_ckpts, tmp_path, layou
 
 def test_warm_start_from_ntp_resets_optimizer_scheduler_and_teacher(tmp_path):
     from megatron_rlp import distributed
+    from megatron_rlp.checkpoint import load_checkpoint
     from megatron_rlp.config import load_config
     from megatron_rlp.models.provider import unwrap_model
     from megatron_rlp.train.builder import build_state
-    from megatron_rlp.train.checkpoint import load_checkpoint
     from megatron_rlp.train.rlp_step import rlp_step
     from megatron_rlp.train.samplers import make_context_sampler
     from megatron_rlp.train.timers import PhaseTimer

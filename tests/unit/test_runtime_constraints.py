@@ -21,8 +21,8 @@ import torch
 from megatron_rlp.config import ConfigError, RunConfig, _apply, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
-RUN_PATH = ("train", "data", "rollout", "objective", "scoring", "models", "parallel",
-            "tokenizer", "backends")
+RUN_PATH = ("train", "checkpoint", "data", "rollout", "objective", "scoring", "models",
+            "parallel", "tokenizer", "backends")
 
 
 def _raw(overrides: tuple[str, ...]) -> RunConfig:
