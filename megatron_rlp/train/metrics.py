@@ -6,6 +6,7 @@ plus (optional) TensorBoard scalars, Weights & Biases and a progress bar with ET
     writer.close()
 
 Console lines start with `[rlp step N]` / `[ntp step N]` (tools and tests grep them), show the
+model TFLOP/s per GPU (rank 0's `flops`, train/flops.py, over the step time), the
 process's peak memory (`peak_mem`: CUDA's max allocated on a GPU, the max RSS on CPU; console
 only, never in the JSON rows, which resume tests compare) and, with a known step total, end
 with `| N/TOTAL eta H:MM:SS`. A step with held-out metrics (`val_*`, train.eval_interval)
@@ -204,6 +205,8 @@ class MetricsWriter:
         if console:
             cols = [f"{label} {fmt.format(metrics[k])}" for k, label, fmt in _CONSOLE
                     if k in metrics]
+            if metrics.get("flops") and metrics.get("step_time"):  # model FLOPs per GPU
+                cols.append(f"TFLOP/s/GPU {metrics['flops'] / metrics['step_time'] / 1e12:.3g}")
             phases = " ".join(f"{k[2:]} {v:.2f}s" for k, v in metrics.items()
                               if k.startswith("t_"))
             line = (f"[{self.objective} step {step:5d}] " + " | ".join(cols)
