@@ -195,7 +195,7 @@ class RLPConfig:
     # <think> and </think>, then continue in the same style) before the context; or a string
     # with one `{context}`: its text before is prepended, its text after is fed as forced
     # tokens before `<think>` (no loss on either). The EMA teacher always scores raw x_<t.
-    thought_template: str = "none"
+    thought_template: str | None = "none"  # null (YAML) = none
     # KL penalty beta to a frozen reference policy (the policy at the start of the RLP stage;
     # objective/kl.py, k3 estimator on thought tokens); 0 = off and no reference is built.
     kl_coef: float = 0.0
@@ -215,6 +215,8 @@ class RLPConfig:
     def validate(self) -> None:
         from megatron_rlp.rollout.template import TemplateError, parse_template
 
+        if self.thought_template is None:  # `thought_template: null` in YAML
+            self.thought_template = "none"
         try:
             parse_template(self.thought_template)
         except TemplateError as e:
@@ -367,6 +369,11 @@ class TrainConfig:
     # save; loads into any TP/PP/DP layout).
     dist_optimizer_checkpoint: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
     load: str | None = None  # resume from (same objective) or warm-start (other objective)
+    # The pretrained model a recipe continues from (examples/configs/qwen3_1p7b.yaml: the HF
+    # Qwen3-1.7B-Base): its RLP run refuses to start without `load` (RLP from random weights
+    # is never meant) or with the byte tokenizer, unless `allow_random_init`.
+    base_model: str | None = None
+    allow_random_init: bool = False
     # With a Megatron-LM checkpoint in `load`: take the model section from its saved args
     # (Megatron-LM's --use-checkpoint-args); otherwise they are checked against the model.
     use_checkpoint_args: bool = False
@@ -434,9 +441,14 @@ class TrainConfig:
         if self.save is not None:
             _check(bool(self.save) and not Path(self.save).is_file(), "train.save", self.save,
                    "a directory path (not an existing file)")
-        if self.load is not None:
+        # Megatron-LM's `--save X --load X`: with nothing in X the run starts from scratch
+        # (train/loop.py says so in one line); a load path of its own must exist.
+        same = self.load is not None and self.save is not None and \
+            Path(self.load).resolve() == Path(self.save).resolve()
+        if self.load is not None and not same:
             _check(Path(self.load).is_dir(), "train.load", self.load,
-                   "an existing checkpoint directory")
+                   "an existing checkpoint directory (or train.load = train.save: resume "
+                   "from it when it holds a checkpoint, else start from scratch)")
             _check(not _hf_model_dir(Path(self.load)), "train.load", self.load,
                    "a checkpoint directory; this is a Hugging Face model directory: convert it "
                    f"first with `python tools/convert_checkpoint.py hf-to-megatron --hf-dir "
@@ -559,6 +571,15 @@ class RunConfig:
             _check(stages == 1 or stages == pp, "model.hybrid_layer_pattern",
                    m.hybrid_layer_pattern,
                    f"{pp} pipeline stage(s) (| separated) for pipeline_model_parallel_size={pp}")
+            layers = sum(c in "M*-" for c in m.hybrid_layer_pattern)
+            if stages == 1 and layers % pp:  # Megatron splits a `|`-free pattern evenly
+                body = m.hybrid_layer_pattern
+                cut = [body[i * len(body) // pp:(i + 1) * len(body) // pp] for i in range(pp)]
+                _check(False, "model.hybrid_layer_pattern", m.hybrid_layer_pattern,
+                       f"| between {pp} non-empty stages, e.g. {'|'.join(cut)!r}, or a layer "
+                       f"count divisible by pipeline_model_parallel_size={pp}, split evenly "
+                       f"({layers} layers here; Megatron deprecates patterns without | under "
+                       "PP)")
         else:
             _check(stages == pp * vp, "model.hybrid_layer_pattern", m.hybrid_layer_pattern,
                    f"{pp * vp} | separated chunks (pipeline_model_parallel_size={pp} x "
@@ -579,6 +600,9 @@ class RunConfig:
         """`model.packed_attention=flex` where FlexAttention cannot run the packed update."""
         if self.model.packed_attention != "flex":
             return
+        _check(self.rlp.share_prefixes, "model.packed_attention", "flex",
+               "auto or mask with rlp.share_prefixes=false (flex serves only the branch-packed "
+               "update, which shares prefixes; set rlp.share_prefixes=true to use it)")
         from megatron_rlp.packing import flex
 
         try:
@@ -646,10 +670,14 @@ class RunConfig:
                "parallel.tensor_model_parallel_size", tp,
                f"TP*PP dividing the world size {world_size} (pipeline_model_parallel_size={pp})")
         dp = world_size // (tp * pp)
-        _check(r.contexts_per_step % dp == 0, "rlp.contexts_per_step", r.contexts_per_step,
-               f"a multiple of the data-parallel size {dp}")
-        _check(self.data.ntp_batch_size % dp == 0, "data.ntp_batch_size",
-               self.data.ntp_batch_size, f"a multiple of the data-parallel size {dp}")
+        # Each batch size only where its objective reads it (an RLP run never builds an NTP
+        # batch, nor an NTP run RLP contexts).
+        if t.objective == "rlp":
+            _check(r.contexts_per_step % dp == 0, "rlp.contexts_per_step", r.contexts_per_step,
+                   f"a multiple of the data-parallel size {dp}")
+        else:
+            _check(self.data.ntp_batch_size % dp == 0, "data.ntp_batch_size",
+                   self.data.ntp_batch_size, f"a multiple of the data-parallel size {dp}")
         _check(t.eval_interval == 0 or t.eval_contexts % dp == 0, "train.eval_contexts",
                t.eval_contexts, f"a multiple of the data-parallel size {dp}")
         local = r.contexts_per_step // dp
@@ -734,7 +762,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key)
     if origin is list:
-        # A YAML list, or one string split on whitespace (`data.blend="0.7 a 0.3 b"`).
+        # A YAML list, or one string split on whitespace (`data.blend="0.7 a 0.3 b"`); on the
+        # command line also the YAML list form of the docs, `data.blend='[0.7, a, 0.3, b]'`.
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            raw = value
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                value = None
+            if not isinstance(value, list):
+                raise ConfigError(
+                    f"invalid config: {key}={raw!r} is cut off "
+                    "or not a YAML list (allowed: a whole list; quote the whole override "
+                    "against the shell's word splitting, e.g. 'data.blend=[0.7, A, 0.3, B]', "
+                    "or give it space-separated: data.blend=\"0.7 A 0.3 B\")")
         items = value.split() if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)) or not items:
             raise ConfigError(f"invalid config: {key}={value!r} (allowed: a non-empty list or "
@@ -794,7 +835,7 @@ def _apply(cfg: RunConfig, key: str, value: Any) -> None:
     top = _section_types(RunConfig)
     if parts[0] not in top:
         raise ConfigError(f"invalid config: unknown section {parts[0]!r} in {key!r} "
-                          f"(allowed: {', '.join(top)})")
+                          f"(allowed: {', '.join(top)}){_did_you_mean(key)}")
     section = getattr(cfg, parts[0])
     hints = _section_types(type(section))
     if len(parts) == 1 and parts[0] == "device" and isinstance(value, str):
@@ -802,9 +843,21 @@ def _apply(cfg: RunConfig, key: str, value: Any) -> None:
     if len(parts) != 2:
         raise ConfigError(f"invalid config: {key!r} (allowed: section.key, e.g. rlp.group_size)")
     if parts[1] not in hints:
-        raise ConfigError(f"invalid config: unknown key {key!r} (allowed in {parts[0]}: "
-                          f"{', '.join(hints)})")
+        guess = _did_you_mean(key)
+        allowed = f"a key of {parts[0]}" if guess else ", ".join(hints)
+        raise ConfigError(f"invalid config: unknown key {key!r} (allowed: {allowed}){guess}")
     setattr(section, parts[1], _coerce(value, hints[parts[1]], key))
+
+
+def _did_you_mean(key: str) -> str:
+    """"; did you mean rlp.group_size?" for the closest known `section.key`s (up to 3), or
+    ""."""
+    import difflib
+
+    known = [f"{sec}.{k}" for sec, tp in _section_types(RunConfig).items()
+             for k in _section_types(tp)]
+    close = sorted(difflib.get_close_matches(key, known, n=3, cutoff=0.75))
+    return f"; did you mean {' or '.join(close)}?" if close else ""
 
 
 def _flatten(data: dict) -> list[tuple[str, Any]]:
@@ -817,20 +870,23 @@ def _flatten(data: dict) -> list[tuple[str, Any]]:
     return items
 
 
-def load_config(path: str | None = None, overrides: tuple[str, ...] = (),
-                world_size: int | None = None) -> RunConfig:
-    """Build a validated RunConfig from defaults, an optional YAML file and overrides.
+def load_config(path: str | list[str] | tuple[str, ...] | None = None,
+                overrides: tuple[str, ...] = (), world_size: int | None = None) -> RunConfig:
+    """Build a validated RunConfig from defaults, optional YAML files and overrides.
 
     Args:
-        path: YAML file with sections as top-level keys (any subset).
-        overrides: `section.key=value` strings, applied after the file.
+        path: YAML file with sections as top-level keys (any subset), or several, applied in
+            order (later ones win, key by key: e.g. a run config, then the `model.yaml` that
+            `tools/convert_checkpoint.py hf-to-megatron` writes).
+        overrides: `section.key=value` strings, applied after the files.
         world_size: when known, also check divisibility by the data-parallel size.
     """
     cfg = RunConfig()
-    if path is not None:
+    paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
+    for path in paths:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"invalid config: file {path!r} does not exist")
+            raise ConfigError(f"invalid config: file {str(path)!r} does not exist")
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
@@ -908,13 +964,45 @@ def let_rank0_print(seconds: float = 3.0) -> None:
     time.sleep(seconds)
 
 
-def load_launch_config(path: str | None, overrides: tuple[str, ...]) -> RunConfig:
+def check_run_start(cfg: RunConfig) -> None:
+    """What a training entry point (pretrain_rlp.py, also with --check-world-size) refuses on
+    top of `load_config`: a recipe with a `train.base_model` run as RLP from random weights
+    (no `train.load`) or with the byte tokenizer, unless `train.allow_random_init`. Tools that
+    read the recipes for their shapes (memory estimates, GPU checks) do not call it."""
+    t = cfg.train
+    if t.objective != "rlp" or t.base_model is None or t.allow_random_init:
+        return
+    expects = (f"this recipe continues {t.base_model}: convert it with `python "
+               f"tools/convert_checkpoint.py hf-to-megatron --hf-dir DIR --out OUT --tokenizer "
+               f"DIR/tokenizer.json`, then train.load=OUT data.tokenizer=DIR/tokenizer.json "
+               f"data.corpus=<your text, .jsonl or an indexed prefix>; or "
+               f"train.allow_random_init=true to run RLP from random weights anyway")
+    _check(t.load is not None, "train.load", t.load, expects)
+    _check(cfg.data.tokenizer != "byte", "data.tokenizer", cfg.data.tokenizer, expects)
+
+
+def unused_keys(cfg: RunConfig) -> list[str]:
+    """`rlp.*` settings (differing from the defaults) that a `train.objective=ntp` run never
+    reads: all of them without `train.eval_interval`, else those the held-out evaluation
+    (train/validate.py) does not use. Empty for RLP runs."""
+    if cfg.train.objective != "ntp":
+        return []
+    read = set() if not cfg.train.eval_interval else {
+        "min_prefix_tokens", "max_prefix_tokens", "position_stride", "skip_thought_spans",
+        "group_size", "max_thought_tokens", "temperature", "top_p", "thought_template"}
+    default = RLPConfig()
+    return [f"rlp.{f.name}={getattr(cfg.rlp, f.name)}" for f in dataclasses.fields(RLPConfig)
+            if f.name not in read and getattr(cfg.rlp, f.name) != getattr(default, f.name)]
+
+
+def load_launch_config(path: str | list[str] | None, overrides: tuple[str, ...]) -> RunConfig:
     """`load_config` for an entry point under torchrun or srun (world size from `launch_env`),
     before torch.distributed starts. A bad value prints one `error:` line, from global rank 0
     only (every rank of a job reads the same config), and every rank exits 2."""
     world, rank, local_rank = launch_env()
     try:
         cfg = load_config(path, overrides, world_size=world)
+        check_run_start(cfg)
         if cfg.device.type == "cuda":
             import torch
 
@@ -928,6 +1016,10 @@ def load_launch_config(path: str | None, overrides: tuple[str, ...]) -> RunConfi
                                   f"{' and '.join(missing)} is not set (allowed: export "
                                   "MASTER_ADDR=<first node> MASTER_PORT=<free port>, or "
                                   "launch with torchrun)")
+        unused = unused_keys(cfg)
+        if unused and rank == 0:
+            print(f"[config] train.objective=ntp does not read {', '.join(unused)} (RLP "
+                  "settings)", flush=True)
         return cfg
     except ConfigError as e:
         if rank == 0:

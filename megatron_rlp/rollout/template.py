@@ -47,7 +47,7 @@ def parse_template(spec: str) -> tuple[str, str] | None:
 
     Raises:
         TemplateError: a string that is not `none`/`paper` and does not hold `{context}`
-            exactly once.
+            exactly once, or whose text after it holds `<think>` or `</think>`.
     """
     if spec == "none":
         return None
@@ -56,6 +56,12 @@ def parse_template(spec: str) -> tuple[str, str] | None:
     if spec.count(PLACEHOLDER) != 1:
         raise TemplateError("none, paper, or a string containing {context} exactly once")
     before, after = spec.split(PLACEHOLDER)
+    # The text after {context} is fed as forced tokens right before the thought's <think>:
+    # a marker there would open or close a thought outside the sampled one (the text before
+    # may mention them, as the paper's instruction does).
+    if "<think>" in after or "</think>" in after:
+        raise TemplateError("a text after {context} without <think> or </think> (the "
+                            "thought's markers; <think> is added after it)")
     return before, after
 
 

@@ -91,8 +91,7 @@ def test_converted_qwen3_trains_and_exports(qwen3, tmp_path):
 
     model = yaml.safe_load((qwen3 / "meg" / "model.yaml").read_text())["model"]
     assert model["make_vocab_size_divisible_by"] == 512 and model["rotary_base"] == 1_000_000
-    config = {
-        "model": model,
+    config = {  # the model section comes from the conversion's model.yaml, a second --config
         "rlp": {"contexts_per_step": 2, "group_size": 2, "max_thought_tokens": 4,
                 "min_prefix_tokens": 8, "max_prefix_tokens": 32},
         "data": {"corpus": "data/corpus.jsonl", "tokenizer": TOKENIZER},
@@ -101,7 +100,17 @@ def test_converted_qwen3_trains_and_exports(qwen3, tmp_path):
         "device": {"type": "cpu", "num_threads": 2},
     }
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
-    proc = run("pretrain_rlp.py", "--config", str(tmp_path / "run.yaml"), timeout=600)
+    # Without it: the model section's defaults do not fit, and the line says what to add.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    alone = subprocess.run([sys.executable, "pretrain_rlp.py", "--config",
+                            str(tmp_path / "run.yaml"), "model.hidden_size=64",
+                            "model.num_attention_heads=4"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300, env=env)
+    assert alone.returncode == 2 and "does not fit the configured model" in alone.stderr
+    assert f"--config {qwen3 / 'meg' / 'model.yaml'}" in alone.stderr, alone.stderr
+    proc = run("pretrain_rlp.py", "--config", str(tmp_path / "run.yaml"), "--config",
+               str(qwen3 / "meg" / "model.yaml"), timeout=600)
     assert "warm-started" in proc.stdout, proc.stdout
 
     run("tools/convert_checkpoint.py", "megatron-to-hf", "--checkpoint", str(tmp_path / "run"),
