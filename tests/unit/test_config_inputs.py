@@ -79,7 +79,7 @@ def test_flex_without_shared_prefixes_is_refused():
 # --- item 6: a big recipe run as RLP from random weights ------------------------------------
 
 def test_a_recipe_without_its_pretrained_model_is_refused_at_start():
-    from megatron_rlp.config import check_run_start
+    from megatron_rlp.startup import check_run_start
 
     recipe = "examples/configs/qwen3_1p7b.yaml"
     cfg = load_config(recipe, (), 32)  # tools read the recipe's shapes without a checkpoint
@@ -112,7 +112,7 @@ def test_several_config_files_merge_later_ones_winning(tmp_path):
 # --- left open: RLP keys in an NTP run --------------------------------------------------------
 
 def test_rlp_keys_an_ntp_run_does_not_read_are_named():
-    from megatron_rlp.config import unused_keys
+    from megatron_rlp.startup import unused_keys
 
     cfg = load_config(None, ("train.objective=ntp", "rlp.group_size=8", "rlp.kl_coef=0.1"))
     assert unused_keys(cfg) == ["rlp.group_size=8", "rlp.kl_coef=0.1"]
