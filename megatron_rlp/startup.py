@@ -101,16 +101,44 @@ def _check_transformer_engine(cfg: RunConfig) -> None:
 
 
 def _use_checkpoint_args(cfg: RunConfig) -> None:
-    """The model section from a Megatron-LM checkpoint's args (interop/megatron_lm.py)."""
+    """The model section from a Megatron-LM checkpoint's args (interop/megatron_lm.py), or
+    from this project's own checkpoint (the config saved with it; `hf-to-megatron` output
+    too). The configured pattern's `|` stage splits are kept when the layers are the same."""
     from megatron_rlp.interop import megatron_lm
 
     try:
+        if cfg.train.load and megatron_lm.find(cfg.train.load) is None:
+            _use_own_checkpoint_model(cfg)
+            return
         megatron_lm.apply_checkpoint_args(cfg)
     except (megatron_lm.MegatronLMError, OSError) as e:
         text = str(e)
         if not text.startswith("train.use_checkpoint_args"):
             text = f"train.use_checkpoint_args=true: {text}"
         raise ConfigError(f"invalid config: {text}") from None
+
+
+def _use_own_checkpoint_model(cfg: RunConfig) -> None:
+    """`train.use_checkpoint_args` on this project's checkpoint: its saved `model` section."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_rlp.checkpoint import CheckpointError, resolve_checkpoint
+
+    try:
+        ckpt = resolve_checkpoint(cfg.train.load)
+        common = dist_checkpointing.load_common_state_dict(str(ckpt))
+    except CheckpointError as e:
+        raise ConfigError(f"invalid config: train.use_checkpoint_args=true: {e}") from None
+    saved = dict(((common or {}).get("config") or {}).get("model") or {})
+    check(bool(saved), "train.use_checkpoint_args", True,
+          f"false here: {ckpt} holds no model section")
+    mine = cfg.model.hybrid_layer_pattern
+    if mine.replace("|", "") == str(saved.get("hybrid_layer_pattern", "")).replace("|", ""):
+        saved["hybrid_layer_pattern"] = mine
+    known = {f.name for f in dataclasses.fields(cfg.model)}
+    for key, value in saved.items():
+        if key in known and key not in ("transformer_impl", "packed_attention"):
+            setattr(cfg.model, key, value)  # the layers' kernels stay this run's choice
 
 
 def validate(cfg: RunConfig, world_size: int | None = None) -> RunConfig:

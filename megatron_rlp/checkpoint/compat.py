@@ -140,6 +140,7 @@ def _check_model(common: dict, state: TrainState, ckpt: Path) -> None:
         yaml_file = ckpt.parent / "model.yaml"  # written by convert_checkpoint hf-to-megatron
         where = (f", or add its model section as a second config: --config RUN.yaml --config "
                  f"{yaml_file}" if yaml_file.is_file() else "")
+        where += ", or train.use_checkpoint_args=true (the model section saved with it)"
         vocab = " (and check data.tokenizer)" if "padded_vocab_size" in diff else ""
         raise CheckpointError(f"checkpoint {ckpt} does not fit the configured model: {shown}; "
                               f"set {fix}{vocab}{where}")

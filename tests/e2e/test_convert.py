@@ -177,3 +177,18 @@ def test_export_keeps_only_the_real_vocabulary(tmp_path):
     run(HF_REF, "generate", str(tmp_path / "hf"), str(tmp_path / "gen.pt"))
     sampled = torch.load(tmp_path / "gen.pt")["ids"]
     assert sampled.numel() == 8 * 48 and int(sampled.max()) < 512
+
+
+def test_use_checkpoint_args_reads_this_projects_checkpoint(qwen3):
+    """`train.use_checkpoint_args=true` takes the model section from a converted (or any of
+    this project's) checkpoint, as from a Megatron-LM one: the converted Qwen3's sizes and
+    RoPE theta, the configured `|` split kept."""
+    from megatron_rlp.startup import load_config
+
+    cfg = load_config(None, ("train.use_checkpoint_args=true", f"train.load={qwen3 / 'meg'}",
+                             f"data.tokenizer={TOKENIZER}", "model.hybrid_layer_pattern=*-|*-",
+                             "parallel.pipeline_model_parallel_size=2"), world_size=2)
+    assert (cfg.model.hidden_size, cfg.model.num_attention_heads, cfg.model.num_query_groups,
+            cfg.model.rotary_base, cfg.model.make_vocab_size_divisible_by) == \
+        (64, 4, 2, 1_000_000, 512)
+    assert cfg.model.hybrid_layer_pattern == "*-|*-"
