@@ -18,7 +18,8 @@ examples/configs/tiny_cpu.yaml) runs forward + backward of every micro-batch wit
   skips at `--block-size`, `pair` = fraction of (query, key) pairs the tree mask masks;
 - `seconds`: per path, the median over `--repeats` of one update (all micro-batches,
   forward + backward, synchronised), after one untimed pass (flex compiles there on CUDA);
-- `speedup_flex_vs_mask`, and `loss_abs_diff` / `grad_max_abs_diff` between the paths.
+- `speedup_flex_vs_mask`, and `loss_abs_diff` / `grad_max_abs_diff` between the paths
+  (`grad_max_abs`: the mask path's largest gradient entry, their scale).
 
 On CPU the flex path is FlexAttention's eager operator (dense math, for tests): its time
 says nothing about the block-sparse kernel. Speed targets live here, not in tests.
@@ -152,6 +153,7 @@ def time_attention(model, mbs: list[dict], vocab_size: int, kinds=("mask", "flex
         out["loss_abs_diff"] = abs(out["loss"]["mask"] - out["loss"]["flex"])
         out["grad_max_abs_diff"] = max(float((a - b).abs().max())
                                        for a, b in zip(grads["mask"], grads["flex"], strict=True))
+        out["grad_max_abs"] = max(float(a.abs().max()) for a in grads["mask"])
     return out
 
 

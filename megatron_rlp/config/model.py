@@ -17,37 +17,68 @@ class ModelConfig:
     `-` (MLP) layers; `M` adds Mamba-2 layers (hybrid models)."""
 
     name: str = "tiny"
+    """A label for the model (recipes name their size here); printed and saved, never parsed."""
     hybrid_layer_pattern: str = "*-*-*-*-"
+    """The layers, one character each, as Megatron's HybridModel pattern: `*` attention, `-`
+    MLP, `M` Mamba-2; `|` splits pipeline stages (PP, or PP x VP chunks with an interleaved
+    pipeline). The number of layers is the number of `M`, `*` and `-` characters."""
     hidden_size: int = 192
+    """Hidden size (Megatron-LM `--hidden-size`)."""
     ffn_hidden_size: int = 512
+    """MLP intermediate size (`--ffn-hidden-size`); a multiple of the TP size."""
     num_attention_heads: int = 6
+    """Attention query heads (`--num-attention-heads`)."""
     num_query_groups: int = 2
-    kv_channels: int | None = None  # head dim; None = hidden_size // num_attention_heads
+    """Key/value heads of grouped-query attention (`--num-query-groups`); a divisor of
+    `num_attention_heads` and a multiple of the TP size."""
+    kv_channels: int | None = None
+    """Head dimension (`--kv-channels`); null = hidden_size // num_attention_heads."""
     qk_layernorm: bool = True
+    """Normalize queries and keys per head before attention, as Qwen3 (`--qk-layernorm`)."""
     activation: Literal["swiglu", "squared_relu", "gelu"] = "swiglu"
+    """MLP activation: `swiglu` (`--swiglu`), `squared_relu` (`--squared-relu`, Nemotron-H) or
+    `gelu` (Megatron's default)."""
     position_embedding_type: Literal["rope", "none"] = "rope"
+    """`rope` (rotary, `--position-embedding-type rope`) or `none` (hybrid models whose Mamba
+    layers carry the position)."""
     rotary_base: int = 1_000_000
+    """RoPE base theta (`--rotary-base`)."""
     untie_embeddings_and_output_weights: bool = False
+    """A separate output layer instead of the input embedding's transpose
+    (`--untie-embeddings-and-output-weights`)."""
     max_sequence_length: int = 512
+    """Longest sequence in tokens the model serves (`--max-position-embeddings`, RoPE table);
+    checked at start-up against the longest rollout and update sequence of the `rlp`
+    section."""
     normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    """Norm layers (`--normalization`)."""
     norm_epsilon: float = 1e-6
+    """Epsilon of the norm layers (`--norm-epsilon`); > 0."""
     init_method_std: float = 0.02
+    """Standard deviation of the normal weight initialization (`--init-method-std`); > 0."""
     make_vocab_size_divisible_by: int = 64
-    # Mamba-2 mixer (used by `M` layers only); Megatron's conv width 4 and chunk 128 apply
-    mamba_num_heads: int | None = None  # None = 2 * hidden_size / mamba_head_dim
+    """The embedding's vocabulary is padded to a multiple of this
+    (`--make-vocab-size-divisible-by`; unlike Megatron-LM, not also multiplied by the TP size,
+    so every TP layout has the same weights); a multiple of the TP size."""
+    mamba_num_heads: int | None = None
+    """Mamba-2 heads (`M` layers only; `--mamba-num-heads`); null = 2 * hidden_size /
+    mamba_head_dim. Megatron's conv width 4 and chunk size 128 apply."""
     mamba_head_dim: int = 64
+    """Mamba-2 head dimension (`--mamba-head-dim`)."""
     mamba_state_dim: int = 128
+    """Mamba-2 SSM state size per head (`--mamba-state-dim`)."""
     mamba_num_groups: int = 8
-    # Layer implementation (Megatron-LM's --transformer-impl): `local` = Megatron's own torch
-    # modules (models/local_spec.py, any device), `transformer_engine` = Megatron's TE spec
-    # (models/te_spec.py: fused norm+linear, TE attention; CUDA + TE), `auto` = TE when it
-    # imports and device.type=cuda, else local.
+    """Mamba-2 B/C groups (`--mamba-num-groups`); a divisor of the Mamba heads."""
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
-    # Core attention of the branch-packed update (packing/flex.py): `flex` = FlexAttention with
-    # a BlockMask (block-sparse, compiled, on CUDA; an eager fallback on CPU for tests), `mask`
-    # = the explicit [B, 1, S, S] tree mask through Megatron's attention, `auto` = flex on
-    # CUDA for attention-only patterns, else mask.
+    """Layer implementation (Megatron-LM `--transformer-impl`): `local` = Megatron's own torch
+    modules (models/local_spec.py, any device), `transformer_engine` = Megatron's TE spec
+    (models/te_spec.py: fused norm+linear, TE attention; CUDA + TE), `auto` = TE when it
+    imports and device.type=cuda, else local."""
     packed_attention: Literal["auto", "flex", "mask"] = "auto"
+    """Core attention of the branch-packed update (packing/flex.py): `flex` = FlexAttention
+    with a BlockMask (block-sparse, compiled, on CUDA; an eager fallback on CPU for tests),
+    `mask` = the explicit [B, 1, S, S] tree mask through Megatron's attention, `auto` = flex
+    on CUDA for attention-only patterns, else mask. See docs/performance.md."""
 
     def validate(self) -> None:
         pat = self.hybrid_layer_pattern
@@ -100,12 +131,18 @@ class ParallelConfig:
     """Megatron parallel layout. Data parallel size is world_size / (TP * PP)."""
 
     tensor_model_parallel_size: int = 1
+    """Tensor-parallel size TP (`--tensor-model-parallel-size`); >= 1."""
     pipeline_model_parallel_size: int = 1
-    # Interleaved pipeline: each rank holds this many model chunks (null = one). The layer
-    # pattern names the PP x VP chunks with `|`; chunk i of rank r is segment i*PP + r.
+    """Pipeline-parallel size PP (`--pipeline-model-parallel-size`); >= 1. With PP > 1,
+    `model.hybrid_layer_pattern` names the stages with `|` (or is split evenly)."""
     virtual_pipeline_model_parallel_size: int | None = None
+    """Interleaved pipeline (`--num-virtual-stages-per-pipeline-rank`): each rank holds this
+    many model chunks; null = one. The layer pattern names the PP x VP chunks with `|`; chunk
+    i of rank r is segment i*PP + r. An integer >= 2, with PP >= 2."""
     sequence_parallel: bool = False
+    """Megatron sequence parallelism (`--sequence-parallel`); true only with TP > 1."""
     use_distributed_optimizer: bool = False
+    """Shard the optimizer state over data-parallel ranks (`--use-distributed-optimizer`)."""
 
     def validate(self) -> None:
         for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
@@ -127,20 +164,31 @@ class PrecisionConfig:
     The EMA teacher is always fp32."""
 
     params_dtype: Literal["fp32", "bf16"] = "fp32"
-    # FP8 through Megatron's TransformerConfig (Transformer Engine layers only; requirements in
-    # backends/transformer_engine.py): format, scaling recipe, FP8 parameters all-gathered
-    # (Megatron-LM's --fp8-param-gather: TransformerConfig.fp8_param + DDP fp8_param_gather).
+    """Parameter and compute dtype of the policy (`bf16` = Megatron-LM `--bf16`: Float16Module
+    with fp32 main weights in the optimizer); on cpu and cuda. The EMA teacher stays fp32."""
     fp8: Literal["hybrid", "e4m3"] | None = None
+    """FP8 format through Megatron's TransformerConfig (`--fp8-format`): `e4m3`, `hybrid`
+    (e4m3 forward, e5m2 gradients) or null = off. Transformer Engine layers on CUDA only
+    (requirements in backends/transformer_engine.py); see docs/precision_and_hardware.md."""
     fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
+    """FP8 scaling recipe (`--fp8-recipe`); must stay `delayed` unless `fp8` is set."""
     fp8_param_gather: bool = False
-    # Keep the first/last N layers (global layer numbers) in bf16 under FP8 (Megatron's names;
-    # not with the delayed recipe, which Megatron refuses).
+    """Keep parameters in FP8 and all-gather them in FP8 (`--fp8-param-gather`:
+    TransformerConfig.fp8_param + DDP fp8_param_gather); only with `fp8` set."""
     first_last_layers_bf16: bool = False
+    """Keep the first/last layers (global layer numbers) in bf16 under FP8
+    (`--first-last-layers-bf16`); only with `fp8` set, not with the delayed recipe (Megatron
+    refuses it)."""
     num_layers_at_start_in_bf16: int = 1
+    """Layers at the start kept in bf16 with `first_last_layers_bf16`
+    (`--num-layers-at-start-in-bf16`); >= 0."""
     num_layers_at_end_in_bf16: int = 1
-    # Rollouts (and the teacher's scoring) run in bf16 even when training in FP8: the forward
-    # runs with FP8 switched off (models/fp8.py). true = rollouts under the FP8 autocast too.
+    """Layers at the end kept in bf16 with `first_last_layers_bf16`
+    (`--num-layers-at-end-in-bf16`); >= 0."""
     fp8_rollouts: bool = False
+    """Rollouts (and the teacher's scoring) under the FP8 autocast too. false = they run in
+    bf16 even when training in FP8: the forward runs with FP8 switched off (models/fp8.py).
+    Only with `fp8` set."""
 
     def validate(self) -> None:
         for key in ("num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16"):

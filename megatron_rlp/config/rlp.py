@@ -87,60 +87,83 @@ class RLPConfig:
     """The RLP objective (see RLP.md): G thoughts per context, info-gain reward, clipped
     surrogate, EMA teacher."""
 
-    contexts_per_step: int = 8  # B, global over data-parallel ranks
-    group_size: int = 4  # G thoughts per context
-    positions_per_document: int = 1  # contexts drawn from one document
-    max_thought_tokens: int = 16  # L_think, `</think>` included
+    contexts_per_step: int = 8
+    """B: contexts per step, global over the data-parallel ranks (split evenly among them)."""
+    group_size: int = 4
+    """G: thoughts sampled per context; >= 2 (the group advantage needs a baseline)."""
+    positions_per_document: int = 1
+    """Contexts drawn from one document (they share its window); a divisor of
+    `contexts_per_step`, and they must fit the position band."""
+    max_thought_tokens: int = 16
+    """L_think: longest thought in tokens, `</think>` included; a thought still open then is
+    closed by force."""
     temperature: float = 0.7
+    """Sampling temperature of the thoughts; a finite number > 0."""
     top_p: float = 1.0
-    ema_decay: float = 0.999  # tau
+    """Nucleus sampling of the thoughts, in (0, 1]; 1 = off."""
+    ema_decay: float = 0.999
+    """tau of the EMA teacher, `phi <- tau*phi + (1-tau)*theta` after every optimizer step; in
+    [0, 1)."""
     clip_eps_low: float = 0.2
+    """Lower clip of the surrogate's importance ratio (1 - eps_low); in [0, 1)."""
     clip_eps_high: float = 0.2
+    """Upper clip of the surrogate's importance ratio (1 + eps_high); >= 0."""
     min_prefix_tokens: int = 16
-    # Max context length: every context conditions on at least min(t, max_prefix_tokens)
-    # tokens, its full prefix. The contexts of one document share one window doc[ws : t_max],
-    # ws = max(0, t_min - max_prefix_tokens), so later positions read longer prefixes; a window
-    # is at most `max_window_tokens()` long (max_prefix_tokens with one position per document).
+    """The earliest target position t in a document: every context reads at least this many
+    tokens; <= `max_prefix_tokens`."""
     max_prefix_tokens: int = 192
-    # Where in a document the contexts are (data/contexts.py): `uniform` random positions,
-    # `stride` every `position_stride` tokens (random phase), `entropy` the positions where the
-    # EMA teacher's next-token distribution has the highest entropy (one teacher forward).
+    """Max context length: every context conditions on min(t, max_prefix_tokens) tokens, its
+    full prefix. The contexts of one document share one window doc[ws : t_max], ws = max(0,
+    t_min - max_prefix_tokens), so later positions read longer prefixes; a window is at most
+    `max_window_tokens()` long (max_prefix_tokens with one position per document). See
+    docs/performance.md."""
     position_strategy: Literal["uniform", "stride", "entropy"] = "uniform"
+    """Where in a document the contexts are (data/contexts.py): `uniform` random positions,
+    `stride` every `position_stride` tokens (random phase), `entropy` the positions where the
+    EMA teacher's next-token distribution has the highest entropy (one teacher forward)."""
     position_stride: int = 64
-    # Candidate positions a document's positions are drawn from (a random band of the
-    # document): max_prefix_tokens - min_prefix_tokens + 1 when 0 or more. It bounds the
-    # spread of one document's positions, so a window is at most max_prefix_tokens + band - 1
-    # tokens.
+    """Tokens between a document's positions with `position_strategy=stride`; >= 1."""
     position_band_tokens: int = 0
-    # Never target a `<think>`/`</think>` marker or a token inside a span the corpus carries.
+    """Candidate positions a document's positions are drawn from (a random band of the
+    document); 0 (or more than that) = max_prefix_tokens - min_prefix_tokens + 1. It bounds
+    the spread of one document's positions, so a window is at most max_prefix_tokens + band -
+    1 tokens."""
     skip_thought_spans: bool = True
-    # Contexts sampled together in one rollout batch (rows = this x group_size); 0 = all of
-    # the rank's contexts at once. Smaller chunks bound the KV/SSM cache of a rollout.
+    """Never target a `<think>`/`</think>` marker or a token inside a span the corpus
+    carries."""
     rollout_chunk_contexts: int = 0
-    # The ratio's denominator (objective/policy_loss.py): `update` = the update's own detached
-    # log-probs (ratio 1, exact on-policy with one update per rollout); `rollout` = keep the
-    # rollout's sampling log-probs as the behaviour policy, each token weighted by the
-    # truncated importance ratio min(pi_old / pi_rollout, tis_cap).
+    """Contexts sampled together in one rollout batch (rows = this x group_size); 0 = all of
+    the rank's contexts at once. Smaller chunks bound the KV/SSM cache of a rollout."""
     logp_old_source: Literal["update", "rollout"] = "update"
+    """The ratio's denominator (objective/policy_loss.py): `update` = the update's own detached
+    log-probs (ratio 1, exact on-policy with one update per rollout); `rollout` = keep the
+    rollout's sampling log-probs as the behaviour policy, each token weighted by the
+    truncated importance ratio min(pi_old / pi_rollout, tis_cap)."""
     tis_cap: float = 2.0
-    # One forward per document window serves all its positions and thoughts: the rollout
-    # prefills each window once, the update packs a document's (position, thought) branches
-    # after its window with a tree mask (megatron_rlp/packing). Same thoughts, rewards and loss
-    # as the per-context path (false), which stays as the reference. Hybrid models too: Mamba
-    # layers fork/start branches from the conv and SSM states at each position.
+    """Cap of the truncated importance weight with `logp_old_source=rollout`; a finite number
+    > 0."""
     share_prefixes: bool = True
-    # The prompt the policy thinks in (rollout/template.py): `none` = `x_<t <think>` as is;
-    # `paper` = the paper's short instruction (continue the text, think briefly between
-    # <think> and </think>, then continue in the same style) before the context; or a string
-    # with one `{context}`: its text before is prepended, its text after is fed as forced
-    # tokens before `<think>` (no loss on either). The EMA teacher always scores raw x_<t.
-    thought_template: str | None = "none"  # null (YAML) = none
-    # KL penalty beta to a frozen reference policy (the policy at the start of the RLP stage;
-    # objective/kl.py, k3 estimator on thought tokens); 0 = off and no reference is built.
+    """One forward per document window serves all its positions and thoughts: the rollout
+    prefills each window once, the update packs a document's (position, thought) branches
+    after its window with a tree mask (megatron_rlp/packing). Same thoughts, rewards and loss
+    as the per-context path (false), which stays as the reference. Hybrid models too: Mamba
+    layers fork/start branches from the conv and SSM states at each position."""
+    thought_template: str | None = "none"
+    """The prompt the policy thinks in (rollout/template.py): `none` = `x_<t <think>` as is;
+    `paper` = the paper's short instruction (continue the text, think briefly between
+    `<think>` and `</think>`, then continue in the same style) before the context; or a string
+    with one `{context}`: its text before is prepended, its text after is fed as forced
+    tokens before `<think>` (no loss on either). The EMA teacher always scores raw `x_<t`. See
+    "Thought format and ablation knobs" in docs/configuration.md. `null` (YAML) = `none`; the
+    text after `{context}` may not hold `<think>` or `</think>`."""
     kl_coef: float = 0.0
-    # Weight of a next-token cross-entropy on the step's raw document windows, added to the
-    # RLP loss (train/ntp_mix.py); 0 = off.
+    """KL penalty beta to a frozen reference policy (the policy at the start of the RLP stage;
+    objective/kl.py, k3 estimator on thought tokens), metric `kl_ref`; 0 = off and no
+    reference is built."""
     ntp_loss_coef: float = 0.0
+    """Weight of a next-token cross-entropy on the step's raw document windows, added to the
+    RLP loss (train/ntp_mix.py), metric `ntp_loss`; 0 = off. Not with an interleaved
+    pipeline."""
 
     def max_window_tokens(self) -> int:
         """Longest document window (= longest prefix) the context sampler can draw

@@ -55,14 +55,23 @@ class OptimizerConfig:
     """Adam(W) through Megatron's `get_megatron_optimizer`, with its lr scheduler."""
 
     lr: float = 1e-4
+    """Peak learning rate (Megatron-LM `--lr`); a finite number > 0."""
     min_lr: float = 0.0
+    """Learning rate at the end of the decay (`--min-lr`); in [0, lr]."""
     lr_warmup_steps: int = 0
+    """Linear warm-up steps from 0 to `lr` (`--lr-warmup-iters`); >= 0."""
     lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    """Decay from `lr` to `min_lr` over `train.steps` (`--lr-decay-style`)."""
     weight_decay: float = 0.1
+    """AdamW weight decay (`--weight-decay`); >= 0."""
     adam_beta1: float = 0.9
+    """Adam beta1 (`--adam-beta1`); in [0, 1)."""
     adam_beta2: float = 0.95
+    """Adam beta2 (`--adam-beta2`); in [0, 1)."""
     adam_eps: float = 1e-8
+    """Adam epsilon (`--adam-eps`); > 0."""
     clip_grad: float = 1.0
+    """Global gradient-norm clip (`--clip-grad`); 0 = off."""
 
     def validate(self) -> None:
         check(0 < self.lr < math.inf, "optimizer.lr", self.lr, "a finite number > 0")
@@ -89,12 +98,24 @@ class DataConfig:
     """
 
     corpus: str = "data/corpus.jsonl"
+    """A JSONL/.txt file (tokenized at start-up) or the prefix of a Megatron indexed dataset
+    (`PREFIX.bin` + `PREFIX.idx`, made by tools/preprocess_data.py)."""
     blend: list[str] | None = None
-    split: str = "100,0,0"  # train,valid,test weights over each dataset's documents
-    cache_dir: str | None = None  # Megatron's dataset index cache; None = beside each prefix
-    tokenizer: str = "byte"  # "byte" or a path to a Hugging Face tokenizer.json (or its dir)
-    ntp_seq_length: int = 128  # window length for `train.objective=ntp`
-    ntp_batch_size: int = 16  # global sequences per NTP step
+    """Several indexed datasets instead of `corpus` (Megatron-LM `--data-path`):
+    `"0.7 PREFIX_A 0.3 PREFIX_B"` (weights, or no weights to blend by size), as one string or a
+    YAML list; null = use `corpus`."""
+    split: str = "100,0,0"
+    """Train,valid,test weights over each dataset's documents, Megatron-style (`--split`), e.g.
+    `98,2,0`; train > 0. `train.eval_interval` needs a valid share."""
+    cache_dir: str | None = None
+    """Megatron's dataset index cache (`--data-cache-path`); null = beside each prefix."""
+    tokenizer: str = "byte"
+    """`byte` (the built-in byte tokenizer) or a path to a Hugging Face tokenizer.json (or its
+    directory)."""
+    ntp_seq_length: int = 128
+    """Window length in tokens for `train.objective=ntp` (`--seq-length`); >= 2."""
+    ntp_batch_size: int = 16
+    """Global sequences per NTP step (`--global-batch-size`); >= 1."""
 
     def split_weights(self) -> list[float]:
         """`split` as three non-negative numbers (train, valid, test)."""
@@ -139,67 +160,101 @@ class TrainConfig:
     """
 
     objective: Literal["rlp", "ntp"] = "rlp"
+    """`rlp` (reinforcement learning pretraining) or `ntp` (plain next-token pretraining on the
+    same loop: warm-up and compute-matched baselines)."""
     steps: int = 20
+    """Optimizer steps to run (`--train-iters`); >= 0."""
     seed: int = 1234
+    """Random seed of data order, sampling and initialization (`--seed`)."""
     log_interval: int = 1
+    """Print (and log) metrics every this many steps (`--log-interval`); >= 1."""
     metrics_file: str | None = None
-    save: str | None = None  # checkpoint directory
-    save_interval: int = 0  # 0 = only at the end (when `save` is set)
-    keep_last: int = 0  # keep this many newest checkpoints under `save`; 0 = keep all
-    checkpoint_checksums: bool = True  # SHA-256 manifest on save, verified on load
-    # Distributed-optimizer state on disk: `dp_reshardable` (each rank writes its shards; loads
-    # with any DP size, same TP/PP) or `fully_reshardable` (gathered per parameter over DP on
-    # save; loads into any TP/PP/DP layout).
+    """JSON lines of every step's metrics, written by rank 0; null = none."""
+    save: str | None = None
+    """Checkpoint directory (`--save`); null = no checkpoints."""
+    save_interval: int = 0
+    """Save every this many steps (`--save-interval`); 0 = only at the end (when `save` is
+    set)."""
+    keep_last: int = 0
+    """Keep this many newest checkpoints under `save`; 0 = keep all."""
+    checkpoint_checksums: bool = True
+    """Write a SHA-256 manifest on save and verify it on load."""
     dist_optimizer_checkpoint: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
-    load: str | None = None  # resume from (same objective) or warm-start (other objective)
-    # The pretrained model a recipe continues from (examples/configs/qwen3_1p7b.yaml: the HF
-    # Qwen3-1.7B-Base): its RLP run refuses to start without `load` (RLP from random weights
-    # is never meant) or with the byte tokenizer, unless `allow_random_init`
-    # (`megatron_rlp.startup.check_run_start`).
+    """Distributed-optimizer state on disk: `dp_reshardable` (each rank writes its shards;
+    loads with any DP size, same TP/PP) or `fully_reshardable` (gathered per parameter over DP
+    on save; loads into any TP/PP/DP layout; Megatron-LM
+    `--dist-ckpt-optim-fully-reshardable`)."""
+    load: str | None = None
+    """Checkpoint to resume from (same objective) or warm-start from (other objective)
+    (`--load`); null = start from scratch. A Hugging Face model directory is refused with the
+    conversion command. Equal to `save` (Megatron-LM's `--save X --load X`): resume from X when
+    it holds a checkpoint, else start from scratch (one line says so)."""
     base_model: str | None = None
+    """The pretrained model a recipe continues from (examples/configs/qwen3_1p7b.yaml: the HF
+    Qwen3-1.7B-Base). Its RLP run refuses to start (`pretrain_rlp.py`, with
+    `--check-world-size` too) without `load` or with the byte tokenizer, naming what it
+    expects: RLP from random weights is never meant. null = no such check."""
     allow_random_init: bool = False
-    # With a Megatron-LM checkpoint in `load`: take the model section from its saved args
-    # (Megatron-LM's --use-checkpoint-args); otherwise they are checked against the model.
+    """Run a recipe with a `base_model` as RLP from random weights (or the byte tokenizer)
+    anyway."""
     use_checkpoint_args: bool = False
-    micro_batch_size: int = 0  # sequences per update micro-batch; 0 = all at once
-    # Activation recomputation in the update (Megatron's): `selective` recomputes the core
-    # attention (the seq^2 scores) in backward, `full` whole layers in groups of
-    # `recompute_num_layers` (only their inputs are kept). Same gradients, less memory.
+    """With a Megatron-LM checkpoint in `load`: take the model section from its saved args
+    (`--use-checkpoint-args`); otherwise they are checked against the model."""
+    micro_batch_size: int = 0
+    """Sequences per update micro-batch (`--micro-batch-size`); 0 = all at once."""
     recompute_granularity: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation in the update (`--recompute-granularity`): `selective`
+    recomputes the core attention (the seq^2 scores) in backward, `full` whole layers in
+    groups of `recompute_num_layers` (only their inputs are kept). Same gradients, less
+    memory."""
     recompute_num_layers: int = 1
-    max_consecutive_skips: int = 5  # non-finite steps in a row before the run stops
-    wall_time_limit_minutes: float = 0.0  # save and exit 0 after this long; 0 = no limit
-    exit_interval: int = 0  # save and exit 0 after a step divisible by this; 0 = off
-    # Held-out evaluation on the valid split (train/validate.py): next-token NLL without and
-    # with a thought, every `eval_interval` steps (0 = never), on `eval_contexts` contexts.
+    """Layers per recomputed group with `recompute_granularity=full`
+    (`--recompute-num-layers`); >= 1."""
+    max_consecutive_skips: int = 5
+    """Non-finite steps in a row (each skipped: no parameter, optimizer or teacher change)
+    before the run stops with an error; >= 1."""
+    wall_time_limit_minutes: float = 0.0
+    """Save and exit 0 after this many minutes (`--exit-duration-in-mins`); 0 = no limit."""
+    exit_interval: int = 0
+    """Save and exit 0 after a step divisible by this (`--exit-interval`); 0 = off."""
     eval_interval: int = 0
+    """Held-out evaluation on the valid split (train/validate.py): next-token NLL without and
+    with a thought, every this many steps (`--eval-interval`); 0 = never. Needs a valid share
+    in `data.split`."""
     eval_contexts: int = 32
-    # Where the held-out contexts are (one position per document): `uniform` (default),
-    # `stride` (rlp.position_stride), `entropy` (the teacher's highest-entropy positions;
-    # data/contexts.py) or `answer` (the answers' first tokens of a task corpus with
-    # answer_offsets, data/answer_positions.py).
+    """Held-out contexts per evaluation; >= 1."""
     eval_position_strategy: Literal["uniform", "stride", "entropy", "answer"] = "uniform"
-    # Logging (train/metrics.py): optional; a missing package is a notice, never an error.
-    tensorboard_dir: str | None = None  # TensorBoard scalars (needs the tensorboard package)
-    wandb_project: str | None = None  # Weights & Biases (needs wandb; WANDB_MODE=offline works)
-    progress: bool = True  # rank 0: ETA column on console lines, a live bar on a terminal
-    # Resuming (train/resume.py), as Megatron-LM's flags: `finetune` (--finetune) loads the
-    # policy weights only and starts at step 0; `load_optimizer` / `load_rng` false skip the
-    # Adam state / the RNG states (--no-load-optim / --no-load-rng); `override_scheduler`
-    # true makes the configured lr/wd schedule apply from the loaded step
-    # (--override-opt_param-scheduler), false keeps the checkpoint's
-    # (--use-checkpoint-opt_param-scheduler).
+    """Where the held-out contexts are (one position per document): `uniform`, `stride`
+    (rlp.position_stride), `entropy` (the teacher's highest-entropy positions;
+    data/contexts.py) or `answer` (the answers' first tokens of a task corpus with
+    answer_offsets, data/answer_positions.py)."""
+    tensorboard_dir: str | None = None
+    """TensorBoard scalars directory (`--tensorboard-dir`; needs the tensorboard package, a
+    missing one is a notice); null = off."""
+    wandb_project: str | None = None
+    """Weights & Biases project (`--wandb-project`; needs wandb, WANDB_MODE=offline works);
+    null = off."""
+    progress: bool = True
+    """Rank 0: an ETA column on console lines, a live bar on a terminal."""
     finetune: bool = False
+    """Load the policy weights only from `load` and start at step 0 (`--finetune`); needs
+    `load`."""
     load_optimizer: bool = True
+    """Load the Adam state from the checkpoint; false = `--no-load-optim`."""
     load_rng: bool = True
+    """Load the RNG states from the checkpoint; false = `--no-load-rng`."""
     override_scheduler: bool = True
-    # Hangs (train/watchdog.py): the process-group timeout of every collective (Megatron's
-    # --distributed-timeout-minutes), and the longest one step, save or load may take before
-    # the rank prints every thread's stack and exits 3 (0 = off). A whole step can take
-    # longer than one collective: the default hour leaves room for long RLP steps at scale;
-    # set it to a few times your step time. Fractions of a minute are allowed.
+    """true: the configured lr/wd schedule applies from the loaded step
+    (`--override-opt_param-scheduler`); false: keep the checkpoint's
+    (`--use-checkpoint-opt_param-scheduler`)."""
     distributed_timeout_minutes: float = 10.0
+    """Process-group timeout of every collective (`--distributed-timeout-minutes`); a finite
+    number > 0, fractions allowed."""
     watchdog_minutes: float = 60.0
+    """The longest one step, save or load may take before the rank prints every thread's
+    stack and exits 3 (train/watchdog.py); 0 = off. A whole step can take longer than one
+    collective: the default hour leaves room for long RLP steps at scale; set it to a few
+    times your step time."""
 
     def watchdog_seconds(self) -> float:
         """The per-step/per-save limit in seconds (0 = off)."""
@@ -269,7 +324,10 @@ class DeviceConfig:
     """`cpu` runs the real Megatron-Core code on CPU with gloo (see backends/cpu.py)."""
 
     type: Literal["cpu", "cuda"] = "cpu"
-    num_threads: int = 0  # torch intra-op threads per rank on CPU; 0 = cores / local ranks
+    """`cpu` (gloo, the real Megatron-Core code; backends/cpu.py) or `cuda` (one device per
+    rank, NCCL). `device: cpu` in YAML is shorthand for `device: {type: cpu}`."""
+    num_threads: int = 0
+    """Torch intra-op threads per rank on CPU; 0 = cores / local ranks."""
 
     def validate(self) -> None:
         check(self.num_threads >= 0, "device.num_threads", self.num_threads, ">= 0")
