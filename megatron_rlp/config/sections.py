@@ -198,8 +198,9 @@ class TrainConfig:
     """Run a recipe with a `base_model` as RLP from random weights (or the byte tokenizer)
     anyway."""
     use_checkpoint_args: bool = False
-    """With a Megatron-LM checkpoint in `load`: take the model section from its saved args
-    (`--use-checkpoint-args`); otherwise they are checked against the model."""
+    """Take the model section from the checkpoint in `load` (`--use-checkpoint-args`): a
+    Megatron-LM checkpoint's saved args, or the config saved with this project's checkpoints
+    (`hf-to-megatron` output too); otherwise they are checked against the model."""
     micro_batch_size: int = 0
     """Sequences per update micro-batch (`--micro-batch-size`); 0 = all at once."""
     recompute_granularity: Literal["none", "selective", "full"] = "none"
