@@ -117,7 +117,7 @@ def time_attention(model, mbs: list[dict], vocab_size: int, kinds=("mask", "flex
     path, the median of `repeats` after one untimed pass; the paths' loss and gradients."""
     import torch
 
-    from megatron_rlp.packing.update import packed_forward_step
+    from megatron_rlp.train.rlp_update import rlp_forward_step
 
     cuda = next(model.parameters()).is_cuda
 
@@ -125,8 +125,8 @@ def time_attention(model, mbs: list[dict], vocab_size: int, kinds=("mask", "flex
         model.zero_grad(set_to_none=True)
         total = 0.0
         for mb in mbs:
-            logits, loss_fn = packed_forward_step(1.0 / len(mbs), vocab_size, 0.7, (0.2, 0.2),
-                                                  iter([mb]), model, attention=kind)
+            logits, loss_fn = rlp_forward_step(1.0 / len(mbs), vocab_size, 0.7, (0.2, 0.2),
+                                               iter([mb]), model, attention=kind)
             loss, _ = loss_fn(logits)
             loss.backward()
             total += float(loss.detach())
