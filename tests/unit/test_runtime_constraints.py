@@ -304,6 +304,8 @@ INVARIANT = {
     ("objective/surrogate.py", "advantages must be"),
     ("objective/advantages.py", "rewards must be"),
     ("objective/reward.py", "must have"), ("scoring/ema_teacher.py", "different parameters"),
+    # rlp.teacher_scoring is a Literal: start-up refuses any other value (config/loading.py)
+    ("scoring/ema_teacher.py", "expected one of"),
     ("models/mamba/mixer.py", "sequence_parallel"),  # rollouts run with SP off
     ("models/mamba/mixer.py", "packed_seq_params"), ("models/mamba/mixer.py", "one token per row"),
     ("models/mamba/mixer.py", "is_static_batching"),
