@@ -31,7 +31,7 @@ $(DEV): $(STAMP)
 # wheel and packaging from this venv (--no-build-isolation); triton and einops come with torch
 # and megatron-core (--no-deps). Runs on CPU keep the torch kernels (models/mamba/adapter).
 $(KERNELS): $(DEV)
-	$(PY) -m pip install -q "setuptools>=61" wheel packaging
+	$(PY) -m pip install -q -c constraints.txt "setuptools>=61" wheel packaging
 	MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE $(PY) -m pip install -q \
 		--no-build-isolation --no-deps mamba-ssm==$(MAMBA_SSM)
 	@touch $(KERNELS)
