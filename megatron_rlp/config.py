@@ -70,16 +70,37 @@ class ModelConfig:
     # = the explicit [B, 1, S, S] tree mask through Megatron's attention, `auto` = flex on
     # CUDA for attention-only patterns, else mask.
     packed_attention: Literal["auto", "flex", "mask"] = "auto"
+    # Mixture of experts (`E` layers; docs/moe.md), Megatron-LM's names and meanings. The
+    # experts are Megatron's MoELayer (router, token dispatcher, local experts).
+    num_experts: int | None = None  # routed experts per `E` layer
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: int | None = None  # one expert's FFN width; None = ffn_hidden_size
+    moe_shared_expert_intermediate_size: int | None = None  # null = no shared expert
+    moe_router_load_balancing_type: Literal["aux_loss", "seq_aux_loss", "global_aux_loss",
+                                            "none"] = "aux_loss"
+    moe_aux_loss_coeff: float = 0.0
+    moe_z_loss_coeff: float | None = None
+    moe_router_score_function: Literal["softmax", "sigmoid"] = "softmax"
+    moe_router_pre_softmax: bool = False
+    moe_router_topk_scaling_factor: float | None = None
+    moe_router_enable_expert_bias: bool = False  # aux-loss-free balancing (DeepSeek-V3)
+    moe_router_bias_update_rate: float = 1e-3
+    moe_router_dtype: Literal["fp32", "fp64"] | None = None
+    moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
+    # Token dropping: null = none (every token reaches its top-k experts; required by RLP's
+    # exact on-policy routing, see docs/moe.md).
+    moe_expert_capacity_factor: float | None = None
 
     def validate(self) -> None:
         pat = self.hybrid_layer_pattern
-        # `E` (MoE) and the other HybridModel kinds need layer specs this package does not ship.
-        _check(set(pat) <= set("M*-|") and any(c in "M*-" for c in pat) and "||" not in pat,
+        # The other HybridModel kinds (G, D, +, ...) need layer specs this package does not ship.
+        _check(set(pat) <= set("M*-E|") and any(c in "M*-E" for c in pat) and "||" not in pat,
                "model.hybrid_layer_pattern", pat,
-               "a non-empty string of M (Mamba-2), * (attention) and - (MLP) layers, "
+               "a non-empty string of M (Mamba-2), * (attention), - (MLP) and E (MoE) layers, "
                "| between pipeline stages")
         if "M" in pat:
             self._validate_mamba()
+        self._validate_moe()
         for key in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                     "max_sequence_length", "make_vocab_size_divisible_by"):
             v = getattr(self, key)
@@ -94,6 +115,42 @@ class ModelConfig:
                    self.hidden_size, "a multiple of num_attention_heads (or set kv_channels)")
         _check(self.norm_epsilon > 0, "model.norm_epsilon", self.norm_epsilon, "> 0")
         _check(self.init_method_std > 0, "model.init_method_std", self.init_method_std, "> 0")
+
+    def _validate_moe(self) -> None:
+        """The MoE keys: only with `E` layers, and the combinations Megatron would assert on
+        deep inside (or, worse, accept) refused here."""
+        pat, n = self.hybrid_layer_pattern, self.num_experts
+        if "E" not in pat:
+            _check(n is None, "model.num_experts", n,
+                   "null without E layers in model.hybrid_layer_pattern")
+            return
+        _check(isinstance(n, int) and n >= 1, "model.num_experts", n,
+               "an integer >= 1 with E layers in model.hybrid_layer_pattern")
+        k = self.moe_router_topk
+        _check(isinstance(k, int) and 1 <= k <= n, "model.moe_router_topk", k,
+               f"an integer in [1, num_experts={n}]")
+        for key in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
+            v = getattr(self, key)
+            _check(v is None or v > 0, f"model.{key}", v, "a positive integer or null")
+        _check(0 <= self.moe_aux_loss_coeff < math.inf, "model.moe_aux_loss_coeff",
+               self.moe_aux_loss_coeff, "a finite number >= 0")
+        _check(self.moe_aux_loss_coeff == 0 or self.moe_router_load_balancing_type != "none",
+               "model.moe_aux_loss_coeff", self.moe_aux_loss_coeff,
+               "0 with moe_router_load_balancing_type=none")
+        z = self.moe_z_loss_coeff
+        _check(z is None or 0 <= z < math.inf, "model.moe_z_loss_coeff", z,
+               "null or a finite number >= 0")
+        f = self.moe_router_topk_scaling_factor
+        _check(f is None or 0 < f < math.inf, "model.moe_router_topk_scaling_factor", f,
+               "null or a finite number > 0")
+        _check(not self.moe_router_pre_softmax or self.moe_router_score_function == "softmax",
+               "model.moe_router_pre_softmax", self.moe_router_pre_softmax,
+               "false with moe_router_score_function=sigmoid")
+        _check(0 < self.moe_router_bias_update_rate < math.inf,
+               "model.moe_router_bias_update_rate", self.moe_router_bias_update_rate, "> 0")
+        c = self.moe_expert_capacity_factor
+        _check(c is None or 0 < c < math.inf, "model.moe_expert_capacity_factor", c,
+               "null (no token dropping) or a finite number > 0")
 
     def mamba_heads(self) -> int:
         """Mamba-2 heads: `mamba_num_heads`, or Megatron's default 2 * hidden / head_dim."""
@@ -128,9 +185,13 @@ class ParallelConfig:
     virtual_pipeline_model_parallel_size: int | None = None
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    # Experts of each `E` layer split over this many data-parallel ranks (Megatron's expert
+    # parallelism; the expert tensor-parallel size is TP). EP x TP x PP divides the world.
+    expert_model_parallel_size: int = 1
 
     def validate(self) -> None:
-        for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                    "expert_model_parallel_size"):
             v = getattr(self, key)
             _check(isinstance(v, int) and v >= 1, f"parallel.{key}", v, "an integer >= 1")
         vp = self.virtual_pipeline_model_parallel_size
@@ -543,6 +604,7 @@ class RunConfig:
         _check(m.make_vocab_size_divisible_by % tp == 0, "parallel.tensor_model_parallel_size",
                tp, f"a divisor of model.make_vocab_size_divisible_by="
                f"{m.make_vocab_size_divisible_by} (the padded vocabulary is split over TP)")
+        self._check_moe()
         if world_size is not None:
             self._check_run_shapes(world_size)
         _check(self.train.eval_interval == 0 or self.data.split_weights()[1] > 0,
@@ -574,6 +636,29 @@ class RunConfig:
         self._check_transformer_engine()
         self._check_packed_attention()
         return self
+
+    def _check_moe(self) -> None:
+        """MoE against the layout and the objective (the world size is `_check_run_shapes`)."""
+        m, p = self.model, self.parallel
+        ep, tp = p.expert_model_parallel_size, p.tensor_model_parallel_size
+        if "E" not in m.hybrid_layer_pattern:
+            _check(ep == 1, "parallel.expert_model_parallel_size", ep,
+                   "1 without E (MoE) layers in model.hybrid_layer_pattern")
+            return
+        _check(m.num_experts % ep == 0, "parallel.expert_model_parallel_size", ep,
+               f"a divisor of model.num_experts={m.num_experts}")
+        for key in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
+            v = getattr(m, key)
+            _check(v is None or v % tp == 0, "parallel.tensor_model_parallel_size", tp,
+                   f"a divisor of model.{key}={v}")
+        # Megatron's MoELayer raises in training with TP > 1 and no sequence parallel.
+        _check(tp == 1 or p.sequence_parallel, "parallel.sequence_parallel", p.sequence_parallel,
+               "true with E (MoE) layers and tensor_model_parallel_size > 1 (Megatron's MoELayer)")
+        # Token dropping makes a token's experts depend on the other tokens of its batch:
+        # rollout (decode, one token a step) and update (whole sequences) would route apart.
+        _check(m.moe_expert_capacity_factor is None or self.train.objective != "rlp",
+               "model.moe_expert_capacity_factor", m.moe_expert_capacity_factor,
+               "null with train.objective=rlp (exact on-policy routing: no token dropping)")
 
     def _check_packed_attention(self) -> None:
         """`model.packed_attention=flex` where FlexAttention cannot run the packed update."""
@@ -646,6 +731,11 @@ class RunConfig:
                "parallel.tensor_model_parallel_size", tp,
                f"TP*PP dividing the world size {world_size} (pipeline_model_parallel_size={pp})")
         dp = world_size // (tp * pp)
+        ep = p.expert_model_parallel_size
+        _check(dp % ep == 0, "parallel.expert_model_parallel_size", ep,
+               f"EP*TP*PP dividing the world size {world_size} (EP a divisor of the "
+               f"data-parallel size {dp}; tensor_model_parallel_size={tp}, "
+               f"pipeline_model_parallel_size={pp})")
         _check(r.contexts_per_step % dp == 0, "rlp.contexts_per_step", r.contexts_per_step,
                f"a multiple of the data-parallel size {dp}")
         _check(self.data.ntp_batch_size % dp == 0, "data.ntp_batch_size",

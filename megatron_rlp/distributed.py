@@ -65,6 +65,7 @@ def initialize(cfg: RunConfig) -> None:
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=p.expert_model_parallel_size,
         distributed_timeout_minutes=cfg.train.distributed_timeout_minutes,  # float is fine
     )
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)

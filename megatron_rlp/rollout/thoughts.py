@@ -118,6 +118,7 @@ def sample_thoughts(
     compact_below: float = 0.5,
     check_every: int = 8,
     shared=None,
+    routing=None,
 ) -> ThoughtBatch:
     """Sample `group_size` thoughts for every prompt and score the real next token after each.
 
@@ -136,6 +137,8 @@ def sample_thoughts(
         shared: `packing.prefill.SharedWindows` of these contexts: each document window is
             prefilled once and the contexts' caches are cut from it (Mamba layers: states at t_k);
             None prefills every prompt.
+        routing: `models.moe_routing.RolloutRouting` (MoE models): told after the prefill
+            and each decode step, it records the experts that predicted every thought token.
     """
     b, p = prompts.tokens.shape
     g, n = group_size, max_thought_tokens
@@ -157,6 +160,9 @@ def sample_thoughts(
         logits = engine.prefill(
             torch.cat([prompts.tokens, start], 1),
             torch.cat([prompts.valid, torch.ones_like(start, dtype=torch.bool)], 1))
+    if routing is not None:
+        routing.begin(rows, n)
+        routing.prefill(b, g)
     engine.fork(g)
     if logits is not None:
         logits = logits.repeat_interleave(g, 0)
@@ -209,6 +215,8 @@ def sample_thoughts(
         closing = active & (tok == think_end)
         finished[live] |= closing
         logits = engine.step(tokens[live, k])
+        if routing is not None and k + 1 < n:
+            routing.decode(k + 1, live)
         score(logits, closing)
         if (k + 1) % check_every and k + 1 < n:
             continue

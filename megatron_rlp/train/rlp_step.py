@@ -22,6 +22,7 @@ from torch import Tensor
 from megatron_rlp.data import ContextSampler
 from megatron_rlp.data.batches import DocumentWindows, build_rlp_inputs
 from megatron_rlp.models.fp8 import rollout_precision, token_multiple
+from megatron_rlp.models.moe_routing import RolloutRouting, with_routing_metrics
 from megatron_rlp.models.output_positions import logits_at_positions
 from megatron_rlp.objective import group_advantages, info_gain_reward, rlp_policy_loss
 from megatron_rlp.objective.kl import kl_penalty
@@ -33,6 +34,7 @@ from megatron_rlp.rollout.thoughts import PromptBatch, ThoughtBatch, sample_thou
 from megatron_rlp.scoring.next_token import score_next_tokens, token_logprobs_vocab_parallel
 from megatron_rlp.scoring.reference import reference_logprobs
 from megatron_rlp.train.builder import TrainState
+from megatron_rlp.train.moe_losses import router_losses
 from megatron_rlp.train.ntp_mix import ntp_pass
 from megatron_rlp.train.record import record_step
 from megatron_rlp.train.reduce import (
@@ -118,6 +120,11 @@ LOSS_METRICS = ("loss", "clip_fraction", "is_weight_mean", "logp_diff_mean", "lo
                 "token_mult_prob_error")
 
 
+# The MoE update's own metrics (models.moe_routing.with_routing_metrics), means over
+# micro-batches and data-parallel ranks.
+MOE_METRICS = ("routing_agreement", "moe_expert_load_max", "moe_dropped_fraction")
+
+
 def _loss(batch: dict[str, Tensor], scale: float, vocab_size: int, temperature: float,
           eps: tuple[float, float], logits: Tensor, *, logp_old_source: str = "update",
           tis_cap: float = 2.0, kl_coef: float = 0.0):
@@ -163,6 +170,9 @@ class ScoredRollout:
     # the lead fed before each thought (`rollout.template`: `<think>`, or `after <think>`).
     raw_windows: DocumentWindows | None = None
     lead: tuple[int, ...] = ()
+    # MoE models: [C*G, L, layers, experts] bool, the experts that predicted each thought
+    # token in the rollout (`models.moe_routing`; None without E layers, or under PP / SP).
+    routing: Tensor | None = None
 
 
 def rollout_and_score(state: TrainState, sampler: ContextSampler, step: int,
@@ -181,13 +191,17 @@ def rollout_and_score(state: TrainState, sampler: ContextSampler, step: int,
         # The policy reads the template around x_<t; the teacher keeps the raw windows.
         prompts, windows = apply_template(template, raw_prompts, raw_windows, tok.pad)
         state.policy.eval()
-        thoughts = sample_thoughts_chunked(
-            state.policy, prompts, r.rollout_chunk_contexts, group_size=r.group_size,
-            max_thought_tokens=r.max_thought_tokens, temperature=r.temperature, top_p=r.top_p,
-            think_start=list(template.lead), think_end=tok.think_end, pad=tok.pad,
-            vocab_size=tok.vocab_size, seed=cfg.train.seed, step=step,
-            shared=(SharedWindows.from_windows(windows, prompts)
-                    if r.share_prefixes else None))
+        routing = (RolloutRouting(state.policy) if records_routing(cfg)
+                   else contextlib.nullcontext())
+        with routing:
+            thoughts = sample_thoughts_chunked(
+                state.policy, prompts, r.rollout_chunk_contexts, group_size=r.group_size,
+                max_thought_tokens=r.max_thought_tokens, temperature=r.temperature,
+                top_p=r.top_p, think_start=list(template.lead), think_end=tok.think_end,
+                pad=tok.pad, vocab_size=tok.vocab_size, seed=cfg.train.seed, step=step,
+                shared=(SharedWindows.from_windows(windows, prompts)
+                        if r.share_prefixes else None),
+                routing=routing if isinstance(routing, RolloutRouting) else None)
         state.policy.train()
     with timer("scoring"), rollout_precision(cfg.precision, state.teacher.model):
         if not state.teacher.initialized:
@@ -201,7 +215,18 @@ def rollout_and_score(state: TrainState, sampler: ContextSampler, step: int,
         rewards = info_gain_reward(thoughts.s_pred, s_ema.repeat_interleave(r.group_size))
         advantages = group_advantages(rewards.view(-1, r.group_size)).view(-1)
     return ScoredRollout(contexts, ids, prompts, windows, thoughts, s_ema, rewards, advantages,
-                         raw_windows=raw_windows, lead=template.lead)
+                         raw_windows=raw_windows, lead=template.lead,
+                         routing=(routing.result() if isinstance(routing, RolloutRouting)
+                                  else None))
+
+
+def records_routing(cfg) -> bool:
+    """Whether the rollout records routing for `routing_agreement`: MoE layers, one pipeline
+    stage (the loss, which compares, sees every router) and no sequence parallel (the
+    update's routers would see a slice of each sequence)."""
+    p = cfg.parallel
+    return ("E" in cfg.model.hybrid_layer_pattern and p.pipeline_model_parallel_size == 1
+            and not p.sequence_parallel)
 
 
 def packed_microbatches(cfg, tok, ro: ScoredRollout, multiple: int, equal_width: bool
@@ -221,7 +246,8 @@ def packed_microbatches(cfg, tok, ro: ScoredRollout, multiple: int, equal_width:
     mbs = packed_update_batches(ro.windows, ro.prompts, ro.thoughts, ro.advantages,
                                 r.group_size, cfg.train.micro_batch_size, tok.pad, list(ro.lead),
                                 equal_width=equal_width, multiple=multiple,
-                                model_cfg=cfg.model, block_sparse=attention == "flex")
+                                model_cfg=cfg.model, block_sparse=attention == "flex",
+                                routing=ro.routing)
     return mbs, attention
 
 
@@ -249,6 +275,8 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer,
         else:
             batch = update_batch(prompts, thoughts, advantages, r.group_size, tok.pad,
                                  list(ro.lead), multiple)
+            if ro.routing is not None:
+                batch["rollout_routing"] = ro.routing.to(batch["index"].device)
             if pp == 1:
                 mbs = trimmed_microbatches(batch, cfg.train.micro_batch_size, multiple)
             else:  # the pipeline schedule sends one activation shape for all micro-batches
@@ -263,6 +291,9 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer,
         forward = partial(step_fn, mb_rows * len(mbs) / rows,
                           tok.vocab_size, r.temperature, (r.clip_eps_low, r.clip_eps_high),
                           **options)
+        moe = "E" in cfg.model.hybrid_layer_pattern
+        if moe:  # expert load, dropped tokens, routing agreement (models/moe_routing.py)
+            forward = with_routing_metrics(forward, cfg.model.moe_router_topk)
         ntp_losses, extra = [], []
         if r.ntp_loss_coef > 0:  # NTP on the raw windows, gradients added (train/ntp_mix.py)
             extra.append(ntp_pass(ro.raw_windows, r.ntp_loss_coef, multiple, ntp_losses))
@@ -283,8 +314,13 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer,
         optional["kl_ref"] = float(torch.stack([d["kl_ref"] for d in losses]).mean())
     if r.ntp_loss_coef > 0 and ntp_losses:
         optional["ntp_loss"] = float(torch.stack(ntp_losses).mean())
+    moe_names = tuple(k for k in MOE_METRICS if moe and (k != "routing_agreement"
+                                                         or records_routing(cfg)))
+    for k in moe_names:
+        if losses:
+            optional[k] = float(torch.stack([d[k] for d in losses]).mean())
     names = tuple(k for k, on in (("kl_ref", r.kl_coef > 0), ("ntp_loss", r.ntp_loss_coef > 0))
-                  if on)
+                  if on) + moe_names
     local = share_last_stage_values({**local, **optional}, LOSS_METRICS + names)
     g_rewards = gather_data_parallel(rewards)
     g_adv = gather_data_parallel(advantages)
@@ -311,4 +347,5 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer,
         "tokens": float(tokens),
         "skipped": float(not applied),
         **{k: mean_data_parallel(local[k]) for k in names},
+        **(router_losses(cfg, len(mbs) + len(extra), step) if moe else {}),
     }
