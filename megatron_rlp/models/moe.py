@@ -24,6 +24,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import (
     MoETransformerLayer,
@@ -59,6 +60,28 @@ class SeededSequentialMLP(SequentialMLP):
         seed_generator(base, 0)
 
 
+class MaskedTopKRouter(TopKRouter):
+    """Megatron's `TopKRouter`, with its expert-bias token count fixed for a `padding_mask`.
+
+    Megatron-Core 0.19's `_apply_expert_bias` masks the [tokens, experts] routing map with the
+    [tokens] padding mask without a trailing dimension (`routing_map & ~padding_mask`: a
+    shape error whenever experts != tokens). The mask is given that dimension here; the aux
+    and z losses already handle it.
+    """
+
+    def _apply_expert_bias(self, routing_map, padding_mask=None):
+        if padding_mask is not None:
+            padding_mask = padding_mask.reshape(-1, 1)
+        return super()._apply_expert_bias(routing_map, padding_mask)
+
+
+def with_masked_router(mlp: partial) -> partial:
+    """An `MoELayer` builder (as `get_moe_module_spec` returns) with `MaskedTopKRouter`."""
+    moe = mlp.keywords["submodules"]
+    return partial(mlp.func, *mlp.args, **{**mlp.keywords, "submodules": dataclasses.replace(
+        moe, router=MaskedTopKRouter)})
+
+
 def local_moe_layer_spec(norm: type) -> ModuleSpec:
     """HybridStack `moe_layer` spec without Transformer Engine: `norm` -> MoELayer with local
     `SequentialMLP` experts -> residual (the TE spec uses Megatron's stock `moe_layer`, whose
@@ -71,8 +94,8 @@ def local_moe_layer_spec(norm: type) -> ModuleSpec:
     mlp = get_moe_module_spec(use_te=False, num_experts=1, moe_grouped_gemm=False)
     moe = mlp.keywords["submodules"]
     experts = partial(SeededSequentialMLP, *moe.experts.args, **moe.experts.keywords)
-    mlp = partial(mlp.func, *mlp.args, **{**mlp.keywords, "submodules": dataclasses.replace(
-        moe, experts=experts)})
+    mlp = with_masked_router(partial(mlp.func, *mlp.args, **{
+        **mlp.keywords, "submodules": dataclasses.replace(moe, experts=experts)}))
     return ModuleSpec(
         module=MoETransformerLayer,
         submodules=TransformerLayerSubmodules(pre_mlp_layernorm=norm, mlp=mlp,

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from functools import partial
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.transformer.moe.router import TopKRouter
 from torch import Tensor
 
@@ -124,38 +125,63 @@ def agreement(update_maps: list[Tensor], index: Tensor, mask: Tensor, rollout: T
     return same.sum(), mask.sum()
 
 
-def load_metrics(maps: list[Tensor], index: Tensor, mask: Tensor, topk: int
-                 ) -> dict[str, Tensor]:
-    """Expert load over one micro-batch's thought-predicting tokens (those with a loss) and
-    the dropped fraction over all its tokens.
+def load_metrics(maps: list[Tensor], padding: Tensor, topk: int) -> dict[str, Tensor]:
+    """Expert load and dropped assignments over one update micro-batch's real tokens.
+
+    Args:
+        maps: each router's routing map [S * B, E] (sequence-major), this rank's tokens.
+        padding: [B, S] bool, True on padding (the `padding_mask` the routers were given).
 
     Returns:
         moe_expert_load_max: max / mean tokens per expert, averaged over MoE layers (1.0 =
             perfectly balanced); moe_dropped_fraction: the fraction of (token, top-k slot)
             assignments a capacity factor dropped (0 without one).
     """
-    b, e = index.shape[0], maps[0].shape[-1]
-    load = torch.stack([m.view(-1, b, e).transpose(0, 1)
-                        .gather(1, index[..., None].expand(-1, -1, e))[mask].sum(0).float()
-                        for m in maps])  # [layers, E]
+    valid = ~padding.transpose(0, 1).reshape(-1)  # [S * B], the maps' token order
+    load = torch.stack([m[valid].sum(0).float() for m in maps])  # [layers, E]
     ratio = load.max(1).values / load.mean(1).clamp(min=1e-9)
-    routed = sum(float(m.sum()) for m in maps)
-    slots = sum(m.shape[0] for m in maps) * topk
+    slots = valid.sum() * topk * len(maps)
     return {"moe_expert_load_max": ratio.mean(),
-            "moe_dropped_fraction": torch.tensor(1.0 - routed / max(slots, 1))}
+            "moe_dropped_fraction": 1.0 - load.sum() / slots.clamp(min=1)}
+
+
+def update_padding(batch: dict[str, Tensor]) -> Tensor:
+    """[B, S] bool, True on the padding of an update micro-batch: Megatron's MoE
+    `padding_mask`, which keeps padding tokens out of the aux / z losses and the expert-bias
+    token counts (they are still routed; with no token dropping that changes no real token).
+    A packed micro-batch marks padding `branch == -2` (packing.tree); an unpacked row is
+    `prefix lead thought` from column 0, right-padded after its last thought token."""
+    if "branch" in batch:
+        return batch["branch"] == -2
+    index, mask, tokens = batch["index"], batch["mask"], batch["tokens"]
+    last = torch.where(mask, index, 0).max(1).values + 1  # the last thought token's column
+    return torch.arange(tokens.shape[1], device=tokens.device)[None] > last[:, None]
 
 
 def with_routing_metrics(forward_step: Callable, topk: int) -> Callable:
-    """Wrap a Megatron `forward_step_func` of the RLP update: its loss function's metrics gain
-    `load_metrics`, and `routing_agreement` (this micro-batch's fraction of agreeing thought
-    tokens) when the micro-batches carry `rollout_routing` ([B, K, layers, E], aligned with
-    `index` / `mask`; the packed and the unpacked update both lay it out so)."""
+    """Wrap a Megatron `forward_step_func` of the RLP update (`train.rlp_step`).
+
+    Its micro-batches gain `padding_mask` (`update_padding`; under sequence parallel this
+    rank's slice of the sequence, as its routers see it); its loss function's metrics gain
+    `load_metrics` (NaN on a pipeline stage without E layers) and, when the micro-batches
+    carry `rollout_routing` ([B, K, layers, E], aligned with `index` / `mask`; the packed and
+    the unpacked update both lay it out so), `routing_agreement`: this micro-batch's
+    fraction of thought tokens routed as in the rollout.
+    """
 
     def step(data_iterator, model):
         batch = next(data_iterator)
+        padding = update_padding(batch)
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        if tp > 1 and getattr(model.config, "sequence_parallel", False):
+            width = padding.shape[1] // tp
+            rank = parallel_state.get_tensor_model_parallel_rank()
+            padding = padding[:, rank * width:(rank + 1) * width]
         with last_routing(model) as maps:
-            output, loss_func = forward_step(iter([batch]), model)
-        extra = load_metrics(maps, batch["index"], batch["mask"], topk)
+            output, loss_func = forward_step(iter([{**batch, "padding_mask": padding}]), model)
+        nan = torch.tensor(float("nan"))
+        extra = (load_metrics(maps, padding, topk) if maps else
+                 {"moe_expert_load_max": nan, "moe_dropped_fraction": nan})
         if "rollout_routing" in batch:
             same, count = agreement(maps, batch["index"], batch["mask"],
                                     batch["rollout_routing"])

@@ -10,7 +10,7 @@ for the layer kinds this package builds:
   `TERowParallelLinear` fc2;
 - `M` Mamba-2: the norm fused into the mixer's `in_proj`, `TERowParallelLinear` out;
 - `E` MoE: `MoETransformerLayer` with `TENorm`, and `get_moe_module_spec(use_te=True)`'s
-  grouped-GEMM experts (taken as is);
+  grouped-GEMM experts (its router given the padding-mask fix of `models.moe`);
 - the stack's final norm: `TENorm` (Megatron's `HybridStack`).
 
 What changes here, and why:
@@ -41,6 +41,7 @@ from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSub
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_rlp.models.mamba.mixer import LocalMambaLayer, LocalMambaMixer
+from megatron_rlp.models.moe import with_masked_router
 
 
 def megatron_te_hybrid_spec() -> ModuleSpec:
@@ -86,5 +87,7 @@ def te_hybrid_stack_spec(qk_layernorm: bool) -> ModuleSpec:
         module=HybridStack,
         submodules=HybridStackSubmodules(attention_layer=attention_layer,
                                          mlp_layer=stock.mlp_layer, mamba_layer=mamba_layer,
-                                         moe_layer=stock.moe_layer),
+                                         moe_layer=_with_submodules(
+                                             stock.moe_layer,
+                                             mlp=with_masked_router(stock.moe_layer.submodules.mlp))),
     )

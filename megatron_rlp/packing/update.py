@@ -199,6 +199,7 @@ def packed_forward_step(scale: float, vocab_size: int, temperature: float,
         attach_branch_layout(model, mask, batch["branch"], batch["lo"], batch["hi"])  # Mamba
     with (logits_at_positions(model, batch["index"]),
           rotary_at_positions(model, batch["positions"])):
-        logits = model(batch["tokens"], batch["positions"], mask)
+        logits = model(batch["tokens"], batch["positions"], mask,
+                       padding_mask=batch.get("padding_mask"))  # MoE: models.moe_routing
     return logits, partial(packed_loss, batch, scale, vocab_size, temperature, eps,
                            **loss_options)

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from megatron.core import parallel_state
 from torch import Tensor
 
 from megatron_rlp.packing.prefill import prefill_shared
@@ -70,6 +71,22 @@ class ThoughtBatch:
     lengths: Tensor
     closed: Tensor
     s_pred: Tensor
+
+
+def any_in_expert_group(flag: bool) -> bool:
+    """`flag` on any rank of this rank's expert-parallel group. With experts split over
+    ranks (MoE, EP > 1) every forward is a collective of the group (Megatron's all-to-all
+    token dispatch), so the decode loop's data-dependent choices (stop early, force-close)
+    must be the same on its ranks, which hold different contexts."""
+    if not parallel_state.model_parallel_is_initialized():
+        return flag
+    group = parallel_state.get_expert_model_parallel_group()
+    if torch.distributed.get_world_size(group) == 1:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32,
+                     device="cuda" if torch.distributed.get_backend(group) == "nccl" else "cpu")
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=group)
+    return bool(t.item())
 
 
 def _chunk(prompts: PromptBatch, start: int, end: int) -> PromptBatch:
@@ -221,16 +238,18 @@ def sample_thoughts(
         if (k + 1) % check_every and k + 1 < n:
             continue
         unfinished = ~finished[live]
-        if not bool(unfinished.any()):
+        if not any_in_expert_group(bool(unfinished.any())):
             break
-        if int(unfinished.sum()) <= compact_below * len(live):  # same decision on every stage
+        # same decision on every stage; never down to no rows (an expert-parallel peer may
+        # still be decoding: this rank decodes its finished rows on, recording nothing)
+        if 0 < int(unfinished.sum()) <= compact_below * len(live):
             keep = unfinished.nonzero().flatten()
             engine.keep(keep)
             live = live[keep]
             logits = None if logits is None else logits[keep]
 
     closed = finished.clone()
-    if not bool(closed.all()):  # force-close at the limit: `</think>` is given, not sampled
+    if any_in_expert_group(not bool(closed.all())):  # force-close at the limit: `</think>` is given, not sampled
         logits = engine.step(torch.where(closed[live], pad, think_end))
         score(logits, ~closed[live])
     lengths = mask.sum(1)

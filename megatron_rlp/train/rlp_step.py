@@ -149,7 +149,8 @@ def _forward_step(scale: float, vocab_size: int, temperature: float, eps: tuple[
                   data_iterator, model, **loss_options):
     batch = next(data_iterator)
     with logits_at_positions(model, batch["index"]):  # the thought-predicting positions only
-        logits = model(batch["tokens"], batch["positions"], None)
+        logits = model(batch["tokens"], batch["positions"], None,
+                       padding_mask=batch.get("padding_mask"))  # MoE: models.moe_routing
     return logits, partial(_loss, batch, scale, vocab_size, temperature, eps, **loss_options)
 
 
