@@ -249,7 +249,8 @@ def sample_thoughts(
             logits = None if logits is None else logits[keep]
 
     closed = finished.clone()
-    if any_in_expert_group(not bool(closed.all())):  # force-close at the limit: `</think>` is given, not sampled
+    # force-close at the limit: `</think>` is given, not sampled
+    if any_in_expert_group(not bool(closed.all())):
         logits = engine.step(torch.where(closed[live], pad, think_end))
         score(logits, ~closed[live])
     lengths = mask.sum(1)
