@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", module=r"torch\.distributed\.checkpoint\..*")
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from megatron_rlp import distributed
-    from megatron_rlp.train.checkpoint import CheckpointError
+    from megatron_rlp.checkpoint import CheckpointError
     from megatron_rlp.train.faults import DataError, TrainingError
     from megatron_rlp.train.loop import train
 

@@ -7,7 +7,7 @@
 - Honest skips: after the run, one line says how many tests were skipped and why, grouped by
   reason (e.g. "SLURM/munge not installed", "shellcheck not installed"), so `make test` never
   looks greener than it is; tests left out by `-m "not slow"` are counted on the same line.
-  Which tests need which system packages: README, "Tests: what can fail".
+  Which tests need which system packages: docs/testing.md.
 """
 
 from __future__ import annotations

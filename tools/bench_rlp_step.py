@@ -86,7 +86,7 @@ def run(cfg, steps: int, warmup: int) -> dict:
 
     state = build_state(cfg)
     if cfg.train.load:  # e.g. a warmed-up model, whose thoughts close (rollout lengths vary)
-        from megatron_rlp.train.checkpoint import load_checkpoint, resolve_checkpoint
+        from megatron_rlp.checkpoint import load_checkpoint, resolve_checkpoint
 
         load_checkpoint(state, str(resolve_checkpoint(cfg.train.load)),
                         cfg.train.checkpoint_checksums)

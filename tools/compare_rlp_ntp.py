@@ -162,8 +162,8 @@ def fingerprint(model) -> str:
 
 def warmup(args, cfg) -> tuple[Path, dict]:
     """The NTP warm-up checkpoint (trained now, or reused from the cache) and its record."""
+    from megatron_rlp.checkpoint import latest_checkpoint, save_checkpoint
     from megatron_rlp.train.builder import build_state
-    from megatron_rlp.train.checkpoint import latest_checkpoint, save_checkpoint
     from megatron_rlp.train.samplers import make_ntp_batcher
     from megatron_rlp.train.timers import PhaseTimer
 
@@ -198,8 +198,8 @@ def warmup(args, cfg) -> tuple[Path, dict]:
 
 def start_arm(cfg, checkpoint: Path):
     """A fresh TrainState of `cfg` with the warm-up's policy weights (fresh optimizer, step 0)."""
+    from megatron_rlp.checkpoint import load_checkpoint
     from megatron_rlp.train.builder import build_state
-    from megatron_rlp.train.checkpoint import load_checkpoint
     from megatron_rlp.train.resume import ResumeOptions
 
     state = build_state(cfg)

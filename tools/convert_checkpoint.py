@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("megatron").setLevel(logging.ERROR)
     import torch
 
+    from megatron_rlp.checkpoint import CheckpointError, resolve_checkpoint
     from megatron_rlp.convert import ConversionError, hf_to_megatron, megatron_to_hf
-    from megatron_rlp.train.checkpoint import CheckpointError, resolve_checkpoint
 
     try:
         # Resolved here, so that a bad path is named by the flag the user gave (--checkpoint),

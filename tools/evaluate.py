@@ -71,10 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", module=r"megatron\..*")
     warnings.filterwarnings("ignore", module=r"torch\.distributed\.checkpoint\..*")
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    from megatron_rlp.checkpoint import CheckpointError, resolve_checkpoint
     from megatron_rlp.config import ConfigError
     from megatron_rlp.eval.benchmark import BenchmarkOptions, read_benchmark
     from megatron_rlp.eval.loading import eval_config
-    from megatron_rlp.train.checkpoint import CheckpointError, resolve_checkpoint
 
     def fail(message: str) -> int:
         if rank0:

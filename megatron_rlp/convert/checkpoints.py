@@ -2,7 +2,7 @@
 
 HF -> Megatron builds the model at TP=1/PP=1 in this process (CPU, gloo), loads the mapped
 weights and writes a dist_checkpointing checkpoint `OUT/step_00000000` (+ `OUT/latest`) in the
-layout of train/checkpoint.py, marked as objective "hf-import": `train.load=OUT` warm-starts the
+layout of checkpoint/, marked as objective "hf-import": `train.load=OUT` warm-starts the
 policy (the EMA teacher starts as its copy) under any TP/PP — dist_checkpointing reshards.
 It also writes `OUT/model.yaml`, the `model:` section that matches the weights.
 
@@ -124,10 +124,10 @@ def _thread_queue() -> None:
 
 
 def _model_signature(cfg, padded_vocab: int) -> dict:
-    from megatron_rlp.train.checkpoint import _ARCH_KEYS
+    from megatron_rlp.checkpoint.compat import ARCH_KEYS
 
     m = cfg.model
-    sig = {k: getattr(m, k) for k in _ARCH_KEYS if hasattr(m, k)}
+    sig = {k: getattr(m, k) for k in ARCH_KEYS if hasattr(m, k)}
     sig["hybrid_layer_pattern"] = m.hybrid_layer_pattern.replace("|", "")
     sig["padded_vocab_size"] = padded_vocab
     return sig
@@ -211,8 +211,8 @@ def load_megatron(path: str | Path, weights: str = "policy"):
     """
     from megatron.core import dist_checkpointing
 
+    from megatron_rlp.checkpoint import resolve_checkpoint
     from megatron_rlp.interop import names
-    from megatron_rlp.train.checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(str(path))
     common = dist_checkpointing.load_common_state_dict(str(ckpt))

@@ -8,7 +8,7 @@ overridden). Command-line overrides (`parallel.*`, `device.*`, `rlp.*`) go on to
 result is validated like a training config. Without a checkpoint, a config file gives a
 freshly initialised model (the same seeded weights as step 0 of training).
 
-Weights are read by the project's own `train/checkpoint.load_checkpoint` (integrity
+Weights are read by the project's own `checkpoint.load_checkpoint` (integrity
 manifest, model-shape check, one-line `CheckpointError`s). It restores everything only when
 the config's objective equals the checkpoint's, and otherwise warm-starts the policy alone;
 an evaluation is never a resume, so it asks with the objective `eval`, which no training run
@@ -46,7 +46,7 @@ class EvalModel:
 def _saved_config(ckpt: Path) -> dict:
     from megatron.core import dist_checkpointing
 
-    from megatron_rlp.train.checkpoint import CheckpointError
+    from megatron_rlp.checkpoint import CheckpointError
 
     try:
         common = dist_checkpointing.load_common_state_dict(str(ckpt))
@@ -78,7 +78,7 @@ def eval_config(load: str | None, config: str | None, overrides: tuple[str, ...]
         raise ConfigError("invalid config: evaluation needs --load CHECKPOINT or --config FILE")
     with tempfile.TemporaryDirectory() as tmp:
         if config is None:
-            from megatron_rlp.train.checkpoint import resolve_checkpoint
+            from megatron_rlp.checkpoint import resolve_checkpoint
 
             saved = _saved_config(resolve_checkpoint(load))
             carried = {k: saved[k] for k in _CARRIED if k in saved}
@@ -104,10 +104,10 @@ def load_eval_model(cfg: RunConfig, load: str | None, checksums: bool = True) ->
     Raises:
         CheckpointError: on every rank, with one line (missing, corrupt, other model shape).
     """
+    from megatron_rlp.checkpoint import load_checkpoint, resolve_checkpoint
     from megatron_rlp.models.provider import build_stage
     from megatron_rlp.tokenizer import build_tokenizer
     from megatron_rlp.train.builder import TrainState
-    from megatron_rlp.train.checkpoint import load_checkpoint, resolve_checkpoint
 
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     policy = build_stage(cfg, tokenizer.vocab_size)

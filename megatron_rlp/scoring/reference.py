@@ -4,7 +4,7 @@ pi_ref = the policy's weights at the start of the RLP stage: copied from the pol
 first RLP step (before any update, as the EMA teacher is) and never changed after. Built
 only when beta > 0 (a full model shard costs memory). Like the EMA teacher it is an fp32
 model from its own fp32 config, sharded like the policy (same TP/PP), and part of every
-checkpoint (`train/checkpoint.py`, key `reference`), so a resumed run keeps the reference
+checkpoint (`checkpoint/sharded.py`, key `reference`), so a resumed run keeps the reference
 of its first step rather than the resumed weights.
 
 Written as a subclass of `EMATeacher` (same copy and parameter matching; `update` is

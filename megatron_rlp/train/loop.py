@@ -18,16 +18,16 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_rlp.config import RunConfig
-from megatron_rlp.train import faults
-from megatron_rlp.train.builder import TrainState, build_state
-from megatron_rlp.train.checkpoint import (
+from megatron_rlp.checkpoint import (
     check_writable,
     latest_checkpoint,
     load_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
 )
+from megatron_rlp.config import RunConfig
+from megatron_rlp.train import faults
+from megatron_rlp.train.builder import TrainState, build_state
 from megatron_rlp.train.faults import DataError, TrainingError
 from megatron_rlp.train.metrics import MetricsWriter
 from megatron_rlp.train.ntp_step import ntp_step

@@ -11,9 +11,9 @@ and advantages, plus the rank's (dp, tp, pp) coordinates. Values on tensor/pipel
 one data-parallel rank are the same (every stage gets the last stage's scores); rows are this
 rank's contexts in global-id order, row `b*G + g` is thought g of context b.
 
-The independent reference of a step (tests/helpers/step_reference.py) rebuilds these numbers from the
-documents, the thoughts and the saved weights with plain full forwards; the layout tests
-compare them across parallel layouts. Without the variable nothing is written.
+The independent reference of a step (tests/helpers/step_reference.py) rebuilds these
+numbers from the documents, the thoughts and the saved weights with plain full forwards;
+the layout tests compare them across parallel layouts. Without the variable nothing is written.
 """
 
 from __future__ import annotations

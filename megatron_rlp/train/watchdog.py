@@ -6,8 +6,8 @@ holds the whole allocation: the other ranks wait in their next collective until 
 process-group timeout, and nothing says where anyone was. Here every rank arms a deadline at
 the start of each step (and of each save); if it passes, the rank dumps its threads and
 leaves, so the job ends within the limit and the scheduler can requeue it. A save that does
-not finish never replaces `latest` (train/checkpoint.py commits it last), so the last complete
-checkpoint is where the requeued job resumes.
+not finish never replaces `latest` (checkpoint/directory.py commits it last), so the last
+complete checkpoint is where the requeued job resumes.
 
 Why not only `faulthandler.dump_traceback_later(exit=True)`: its output cannot be tagged
 with the rank (a job's ranks share one log) and it exits 1, the code of non-finite runs. So

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from layout_runs import train_and_collect
 from helpers.step_reference import assert_records_match, check_run_against_reference, merged_records
+from layout_runs import train_and_collect
 
 SMALL = (
     "model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_attention_heads=4",

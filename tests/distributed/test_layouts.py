@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from layout_runs import train_and_collect
 from helpers.step_reference import assert_records_match, check_run_against_reference, merged_records
+from layout_runs import train_and_collect
 
 SMALL = (
     "model.hybrid_layer_pattern=*-*-", "model.hidden_size=64", "model.ffn_hidden_size=128",

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from helpers.checkpoint_helpers import (
     ROOT,
     SMALL,

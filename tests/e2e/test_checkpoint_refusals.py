@@ -27,7 +27,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers.checkpoint_helpers import CONFIG, ROOT, SMALL, in_process, latest, main, ok, read_tensors
+from helpers.checkpoint_helpers import (
+    CONFIG,
+    ROOT,
+    SMALL,
+    in_process,
+    latest,
+    main,
+    ok,
+    read_tensors,
+)
 from test_checkpoint_faults import assert_one_line_error, snapshot
 
 DIST_OPT = "parallel.use_distributed_optimizer=true"
@@ -132,10 +141,10 @@ def test_fully_reshardable_loads_into_another_layout(dist_ckpts, tmp_path, layou
 
 def test_warm_start_from_ntp_resets_optimizer_scheduler_and_teacher(tmp_path):
     from megatron_rlp import distributed
+    from megatron_rlp.checkpoint import load_checkpoint
     from megatron_rlp.config import load_config
     from megatron_rlp.models.provider import unwrap_model
     from megatron_rlp.train.builder import build_state
-    from megatron_rlp.train.checkpoint import load_checkpoint
     from megatron_rlp.train.rlp_step import rlp_step
     from megatron_rlp.train.samplers import make_context_sampler
     from megatron_rlp.train.timers import PhaseTimer

@@ -104,9 +104,9 @@ def test_rng_states_round_trip(tmp_path):
     from megatron.core import tensor_parallel
 
     from megatron_rlp import distributed
+    from megatron_rlp.checkpoint import load_checkpoint, save_checkpoint
     from megatron_rlp.config import load_config
     from megatron_rlp.train.builder import build_state
-    from megatron_rlp.train.checkpoint import load_checkpoint, save_checkpoint
 
     with in_process():
         cfg = load_config(CONFIG, SMALL, world_size=1)

@@ -25,16 +25,16 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedBase
 
 from megatron_rlp import distributed
-from megatron_rlp.config import RunConfig, load_config
-from megatron_rlp.interop import names
-from megatron_rlp.interop.megatron_lm_export import export_model
-from megatron_rlp.train.builder import build_state
-from megatron_rlp.train.checkpoint import (
+from megatron_rlp.checkpoint import (
     CheckpointError,
     load_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
 )
+from megatron_rlp.config import RunConfig, load_config
+from megatron_rlp.interop import names
+from megatron_rlp.interop.megatron_lm_export import export_model
+from megatron_rlp.train.builder import build_state
 
 ROOT = Path(__file__).resolve().parents[2]
 PADDED = 320  # byte tokenizer (261 ids) padded to a multiple of 64

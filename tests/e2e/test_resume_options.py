@@ -85,9 +85,9 @@ def test_finetune_loads_weights_only_from_step_0(saved, tmp_path):
 def test_load_rng_false_keeps_the_seeded_states(tmp_path):
     """In process, so the RNGs can be read: restored by default, untouched when off."""
     from megatron_rlp import distributed
+    from megatron_rlp.checkpoint import load_checkpoint, save_checkpoint
     from megatron_rlp.config import load_config
     from megatron_rlp.train.builder import build_state
-    from megatron_rlp.train.checkpoint import load_checkpoint, save_checkpoint
     from megatron_rlp.train.resume import ResumeOptions
 
     with in_process():

@@ -93,7 +93,7 @@ def test_hf_directory_as_train_load_names_the_conversion(tmp_path):
 def test_hf_like_directory_at_load_time_names_the_conversion(tmp_path):
     """A directory with config.json but no weights passes start-up (it may be neither); the
     loader's refusal names the conversion too."""
-    from megatron_rlp.train.checkpoint import CheckpointError, resolve_checkpoint
+    from megatron_rlp.checkpoint import CheckpointError, resolve_checkpoint
 
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="convert it first with `python "

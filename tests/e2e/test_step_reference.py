@@ -1,4 +1,4 @@
-"""A real RLP step against an independent computation (tests/helpers/step_reference.py), on one rank.
+"""A real RLP step against an independent computation (tests/helpers/step_reference.py).
 
 Dense and hybrid (Mamba-2) models, steps 1 and 2: at step 1 the lazily initialised teacher
 equals the policy; at step 2 it is phi_1 = tau*theta_0 + (1-tau)*theta_1, which differs from

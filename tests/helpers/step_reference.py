@@ -246,10 +246,10 @@ def check_run_against_reference(config: str, overrides: tuple[str, ...], ckpt_ro
         rows: the run's metrics rows (grad_norm per step).
     """
     from megatron_rlp import distributed
+    from megatron_rlp.checkpoint import load_checkpoint
     from megatron_rlp.config import load_config
     from megatron_rlp.models.provider import build_model, unwrap_model
     from megatron_rlp.train.builder import build_state
-    from megatron_rlp.train.checkpoint import load_checkpoint
 
     records = merged_records(record_dir)
     steps = sorted(records)

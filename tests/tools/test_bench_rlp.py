@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,7 +33,7 @@ def test_bench_rlp_compares_paths_on_the_same_contexts(tmp_path):
         assert 8 <= row["prefix_len"] <= row["window_len"] <= 88
     for name, path in res["paths"].items():
         assert set(path["phases_s"]) == {"step", "rollout", "scoring", "update"}
-        assert path["tokens_per_s"] > 0 and path["peak_memory_bytes"] >= 0
+        assert path["tokens_per_s"] > 0 and 0 < path["peak_memory_bytes"] < 8 * 2**30
         if name != "hf":
             flops = path["flop_model"]
             assert flops["step"] == sum(flops[k] for k in ("prefill", "decode", "scoring",
@@ -45,3 +46,23 @@ def test_bench_rlp_compares_paths_on_the_same_contexts(tmp_path):
     sparsity = res["packed_attention"]["sparsity"]
     assert sparsity["block_size"] == 16 and 0 < sparsity["block"] <= sparsity["pair"] < 1
     assert "seconds" not in res["packed_attention"]
+
+
+def test_peak_memory_sees_a_block_allocation():
+    """bench_rlp's CPU peak (glibc mallinfo2, sampled) sees a 64 MiB tensor held in the block
+    and freed before its end, and not one freed before the block began."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("bench_rlp", ROOT / "tools" / "bench_rlp.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with bench.PeakMemory() as held:
+        x = torch.ones(16 * 2**20)  # 64 MiB, float32
+        time.sleep(0.05)
+        del x
+    assert held.bytes >= 64 * 2**20, held.bytes
+    with bench.PeakMemory() as idle:
+        time.sleep(0.02)
+    assert idle.bytes < 16 * 2**20, idle.bytes

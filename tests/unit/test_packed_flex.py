@@ -11,8 +11,8 @@ from functools import partial
 
 import pytest
 import torch
-from test_packed_update import TOK, G, _inputs, _run
 from helpers.tiny_models import tiny_dense_model
+from test_packed_update import TOK, G, _inputs, _run
 
 from megatron_rlp.packing import flex
 from megatron_rlp.packing.tree import tree_mask

@@ -9,8 +9,8 @@ import gc
 
 import pytest
 import torch
-from test_packed_update import TOK, G, _inputs, _run
 from helpers.tiny_models import tiny_model
+from test_packed_update import TOK, G, _inputs, _run
 
 from megatron_rlp.models.mamba import branches
 from megatron_rlp.models.provider import unwrap_model

@@ -21,8 +21,8 @@ import torch
 from megatron_rlp.config import ConfigError, RunConfig, _apply, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
-RUN_PATH = ("train", "data", "rollout", "objective", "scoring", "models", "parallel",
-            "tokenizer", "backends")
+RUN_PATH = ("train", "checkpoint", "data", "rollout", "objective", "scoring", "models",
+            "parallel", "tokenizer", "backends")
 
 
 def _raw(overrides: tuple[str, ...]) -> RunConfig:
@@ -359,4 +359,11 @@ def test_valid_neighbours_pass():
           "parallel.virtual_pipeline_model_parallel_size=2",
           "model.hybrid_layer_pattern=*-|*-|*-|*-", "train.micro_batch_size=8"), 2),
     ]:
-        load_config(None, overrides, world_size=world)
+        cfg = load_config(None, overrides, world_size=world)
+        for item in overrides:  # loaded as given: start-up neither refused nor rewrote them
+            section, key = item.split("=", 1)[0].split(".")
+            assert getattr(getattr(cfg, section), key) == \
+                getattr(getattr(_raw((item,)), section), key), item
+        if cfg.train.objective == "rlp":  # ... and the run's own checks accept them too
+            _split(cfg, world)
+            _sample(cfg, world)

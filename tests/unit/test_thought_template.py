@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_packed_update import _inputs, _run
 from helpers.tiny_models import tiny_dense_model
+from test_packed_update import _inputs, _run
 
 from megatron_rlp.config import ConfigError, load_config
 from megatron_rlp.packing.prefill import SharedWindows
