@@ -72,3 +72,17 @@ def test_aux_loss_reaches_router_gradients_at_its_coefficient():
     for n in one:
         torch.testing.assert_close(two[n], 2 * one[n])
     assert all(g.abs().sum() == 0 for g in _router_grads(0.0).values())
+
+
+def test_moe_norm_is_not_an_old_local_name():
+    """An E layer's `pre_mlp_layernorm` is stored so by both specs (TE's MoE layer keeps it
+    unfused): an MoE checkpoint is not mistaken for one saved before the TE key map."""
+    from megatron_rlp.interop.names import has_local_names
+
+    moe = ["model.decoder.layers.1.pre_mlp_layernorm.weight",
+           "model.decoder.layers.1.mlp.router.weight",
+           "optimizer.state.exp_avg.model.decoder.layers.1.pre_mlp_layernorm.weight",
+           "optimizer.state.exp_avg.model.decoder.layers.1.mlp.router.weight"]
+    assert not has_local_names(moe)
+    assert has_local_names(moe + ["model.decoder.layers.2.pre_mlp_layernorm.weight"])
+    assert has_local_names(["model.decoder.layers.0.input_layernorm.weight"])
