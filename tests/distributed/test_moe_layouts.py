@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.step_reference import assert_records_match, merged_records
 from layout_runs import ROOT, train_and_collect
 from test_layouts import RECORD_ATOL, SMALL, assert_metrics_match, assert_params_match
-
-from helpers.step_reference import assert_records_match, merged_records
 
 CONFIG = "examples/configs/tiny_moe_cpu.yaml"
 # Router losses off: Megatron defines the aux loss per micro-batch (sum_i f_i * P_i of that
