@@ -16,9 +16,7 @@ validates for N ranks in one process first (exit 0 or 2 with the one line).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-import warnings
 
 
 def _positive_int(text: str) -> int:
@@ -38,13 +36,8 @@ def main(argv: list[str] | None = None) -> int:
                         "exit: 0 valid, 2 with the one-line error")
     args = parser.parse_intermixed_args(argv)  # overrides may follow the options too
 
-    from megatron_rlp.config import (
-        ConfigError,
-        launch_env,
-        let_rank0_print,
-        load_config,
-        load_launch_config,
-    )
+    from megatron_rlp.config import ConfigError
+    from megatron_rlp.startup import load_config, load_launch_config, print_error, quiet_megatron
 
     if args.check_world_size is not None:
         try:
@@ -59,11 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # a bad config: its one-line error is printed
         return int(e.code)
 
-    # Megatron warns at import about optional kernels (TE, Apex) a CPU run never uses, and
-    # torch's extension loader about a missing CUDA runtime on CPU machines.
-    warnings.filterwarnings("ignore", module=r"megatron\..*")
-    warnings.filterwarnings("ignore", module=r"torch\.distributed\.checkpoint\..*")
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    quiet_megatron()
     from megatron_rlp import distributed
     from megatron_rlp.checkpoint import CheckpointError
     from megatron_rlp.train.faults import DataError, TrainingError
@@ -75,10 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, DataError, TrainingError) as e:
         # Raised on every rank alike; one line from global rank 0, the same exit code on
         # every rank, no traceback.
-        if launch_env()[1] == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        else:
-            let_rank0_print()
+        print_error(e)
         return 1 if isinstance(e, TrainingError) else 2
     finally:
         distributed.shutdown()

@@ -47,6 +47,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.num_microbatches_calculator import get_num_microbatches
 
+from megatron_rlp import startup
 from megatron_rlp.config import ConfigError, RunConfig
 from megatron_rlp.data import load_data
 from megatron_rlp.distributed import torch_device
@@ -156,7 +157,7 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
         raise ConfigError("invalid config: --fp16 (allowed: --bf16 or fp32; RLP has no fp16 "
                           "loss-scaling path)")
     cfg.precision.params_dtype = "bf16" if getattr(args, "bf16", False) else "fp32"
-    return cfg.validate(args.world_size)
+    return startup.validate(cfg, args.world_size)  # the pure rules, then this machine
 
 
 class _TeacherInCheckpoint:

@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
               "--window >= --positions", file=sys.stderr)
         return 2
 
-    from megatron_rlp.config import ConfigError, load_config
+    from megatron_rlp.config import ConfigError
+    from megatron_rlp.startup import load_config
 
     try:
         shape = (f"model.max_sequence_length={args.window + args.thought + 2}",

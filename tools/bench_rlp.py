@@ -276,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --steps must be >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
 
-    from megatron_rlp.config import ConfigError, load_config
+    from megatron_rlp.config import ConfigError
+    from megatron_rlp.startup import load_config
 
     size = ()
     if args.size != "config":

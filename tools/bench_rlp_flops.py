@@ -33,7 +33,7 @@ class ModelDims:
 
 
 def model_dims(cfg, vocab_size: int) -> ModelDims:
-    from megatron_rlp.models.provider import padded_vocab_size
+    from megatron_rlp.models.vocab import padded_vocab_size
 
     m = cfg.model
     h = m.hidden_size

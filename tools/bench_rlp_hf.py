@@ -29,7 +29,7 @@ def hf_model(cfg, vocab_size: int, seed: int):
     """A transformers Qwen3 causal LM shaped like `cfg.model` (randomly initialised)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from megatron_rlp.models.provider import padded_vocab_size
+    from megatron_rlp.models.vocab import padded_vocab_size
 
     m = cfg.model
     if set(m.hybrid_layer_pattern) - set("*-"):

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import logging
 import os
 import platform
 import resource
@@ -32,7 +31,6 @@ import statistics
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,11 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --steps must be >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
 
-    from megatron_rlp.config import load_launch_config
+    from megatron_rlp.startup import load_launch_config, quiet_megatron
 
     cfg = load_launch_config(args.config, tuple(args.overrides))  # exit 2 on a bad value
-    warnings.filterwarnings("ignore", module=r"megatron\..*")
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    quiet_megatron(checkpoint=False)
     # Megatron's modules are imported before the CPU backend patches torch (as pretrain_rlp.py
     # does): some torch.compile at import time and must see the real torch.cuda.
     import megatron_rlp.train.loop  # noqa: F401

@@ -41,11 +41,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
 import math
 import sys
 import time
-import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -136,7 +134,7 @@ def make_task(args: argparse.Namespace) -> tuple[Path, int]:
 
 
 def arm_config(args, tasks: Path, objective: str, lr: float, steps: int, thought: int):
-    from megatron_rlp.config import load_config
+    from megatron_rlp.startup import load_config
 
     strategy = "uniform" if args.positions == "answer" else args.positions
     overrides = [
@@ -393,9 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     if (bad := check_args(args)) is not None:
         print(f"error: {bad}", file=sys.stderr)
         return 2
-    warnings.filterwarnings("ignore", module=r"megatron\..*")
-    warnings.filterwarnings("ignore", module=r"torch\.distributed\.checkpoint\..*")
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    from megatron_rlp.startup import quiet_megatron
+
+    quiet_megatron()
     from megatron_rlp.config import ConfigError
     from megatron_rlp.eval.benchmark import read_benchmark
 

@@ -357,7 +357,7 @@ def _load(config: str | None, overrides: list[str], world_size: int, validate: b
     # today, e.g. pipeline-parallel RLP, can still be sized).
     import yaml
 
-    from megatron_rlp import config as C
+    from megatron_rlp.config import loading as C
 
     cfg = RunConfig()
     if config:

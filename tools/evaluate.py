@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -68,9 +66,9 @@ def main(argv: list[str] | None = None) -> int:
                   "items)", file=sys.stderr, flush=True)
         return 2
     # As pretrain_rlp.py: Megatron warns at import about kernels a CPU run never uses.
-    warnings.filterwarnings("ignore", module=r"megatron\..*")
-    warnings.filterwarnings("ignore", module=r"torch\.distributed\.checkpoint\..*")
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    from megatron_rlp.startup import check_machine, quiet_megatron
+
+    quiet_megatron()
     from megatron_rlp.checkpoint import CheckpointError, resolve_checkpoint
     from megatron_rlp.config import ConfigError
     from megatron_rlp.eval.benchmark import BenchmarkOptions, read_benchmark
@@ -96,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         load = None if args.load is None else str(resolve_checkpoint(args.load, "--load"))
         cfg = eval_config(load, args.config, tuple(args.overrides),
                           int(os.environ.get("WORLD_SIZE", "1")))
+        check_machine(cfg)  # TE, CUDA, FlexAttention against this machine
     except (ConfigError, CheckpointError, ValueError, OSError) as e:
         return fail(str(e).removeprefix("error: "))
 

@@ -167,7 +167,7 @@ def roofline(shape: dict, rows: int, prefix: float, thought: float, decode_s: fl
 
 def qwen3_stage(args, out: Path, budget: Budget) -> dict:
     """One RLP step of the Qwen3-1.7B-shaped model (bench_rlp_step.py), plus the roofline."""
-    from megatron_rlp.config import load_config
+    from megatron_rlp.startup import load_config
     from megatron_rlp.tokenizer import build_tokenizer
 
     overrides = [f"device.type={args.device}", f"precision.params_dtype={args.dtype}",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -23,7 +22,9 @@ def main() -> None:
     # Local task files only: never reach for the Hugging Face Hub at run time.
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    warnings.filterwarnings("ignore", module=r"megatron\..*")
+    from megatron_rlp.startup import quiet_megatron
+
+    quiet_megatron(checkpoint=False)
     from lm_eval.__main__ import cli_evaluate
 
     import megatron_rlp.eval.lm_eval_adapter  # noqa: F401 - registers `megatron-rlp`

@@ -210,12 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1 or args.chunk_size < 1:
         print("error: --workers and --chunk-size must be >= 1", file=sys.stderr)
         return 2
-    import logging
-    import warnings
+    from megatron_rlp.startup import quiet_megatron
 
     # Megatron warns at import about GPU kernels (TE, Apex) that tokenizing never uses.
-    warnings.filterwarnings("ignore", module=r"megatron\..*")
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    quiet_megatron(checkpoint=False)
     import megatron.core.datasets.indexed_dataset  # noqa: F401  (import time is not throughput)
 
     start = time.perf_counter()

@@ -34,6 +34,7 @@ from megatron.training.argument_utils import pretrain_cfg_container_from_args  #
 
 from megatron_rlp.config import ConfigError  # noqa: E402
 from megatron_rlp.plugin import RLPPlugin, add_rlp_args, hybrid_pattern_args  # noqa: E402
+from megatron_rlp.startup import print_error  # noqa: E402
 
 
 def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -64,8 +65,7 @@ def main() -> None:
     try:
         plugin = RLPPlugin(get_args())
     except ConfigError as e:  # one line (it names the project's key behind the --rlp-* flag)
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+        print_error(e)
         sys.exit(2)
     if args.rlp_device == "cpu":
         from megatron_rlp import distributed

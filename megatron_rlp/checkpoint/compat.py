@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from megatron_rlp.checkpoint.errors import CheckpointError
 from megatron_rlp.checkpoint.layout import current_layout, fmt_layout
 from megatron_rlp.checkpoint.optimizer import optimizer_kind
-from megatron_rlp.models.provider import padded_vocab_size
+from megatron_rlp.models.vocab import padded_vocab_size
 from megatron_rlp.train.resume import ResumeOptions
 
 if TYPE_CHECKING:

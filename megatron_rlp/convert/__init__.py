@@ -8,7 +8,8 @@ from megatron_rlp.convert.checkpoints import (
     read_hf,
     write_hf,
 )
-from megatron_rlp.convert.mapping import ARCHITECTURES, ConversionError
+from megatron_rlp.convert.errors import ConversionError
+from megatron_rlp.convert.mapping import ARCHITECTURES
 
 __all__ = [
     "ARCHITECTURES",

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 import yaml
 
+from megatron_rlp.convert.errors import ConversionError
 from megatron_rlp.convert.mapping import (
     ARCHITECTURES,
-    ConversionError,
     architecture_of_hf,
     architecture_of_megatron,
 )
@@ -36,7 +36,8 @@ from megatron_rlp.convert.refusals import check_hf_config, check_megatron_model
 
 # Megatron's modules must be imported before the CPU backend patches torch.cuda (their
 # torch.compile decorators run at import), so import them here, not after `initialize`.
-from megatron_rlp.models.provider import build_model, padded_vocab_size
+from megatron_rlp.models.provider import build_model
+from megatron_rlp.models.vocab import padded_vocab_size
 
 HF_OBJECTIVE = "hf-import"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

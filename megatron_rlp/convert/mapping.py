@@ -27,6 +27,9 @@ import re
 import torch
 from torch import Tensor
 
+from megatron_rlp.convert.errors import ConversionError
+from megatron_rlp.convert.refusals import check_hf_config
+
 # ---------------------------------------------------------------------------------------
 # Shared pieces
 
@@ -52,10 +55,6 @@ def unpack_qkv(qkv: Tensor, heads: int, groups: int, head_dim: int
     return q.contiguous(), k.contiguous(), v.contiguous()
 
 
-class ConversionError(ValueError):
-    """A checkpoint or config this converter cannot map (the message says why)."""
-
-
 def _take(sd: dict[str, Tensor], key: str) -> Tensor:
     if key not in sd:
         raise ConversionError(f"missing weight {key!r}")
@@ -72,8 +71,6 @@ def _rope_theta(hf: dict) -> float:
 
 
 def _check(hf: dict, arch: str) -> None:
-    from megatron_rlp.convert.refusals import check_hf_config  # imports ConversionError
-
     check_hf_config(hf, arch)
 
 

@@ -19,7 +19,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from megatron_rlp.convert.mapping import ConversionError
+from megatron_rlp.convert.errors import ConversionError
 
 _MISSING = object()
 

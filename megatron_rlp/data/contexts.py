@@ -40,6 +40,8 @@ from typing import Protocol
 
 import numpy as np
 
+from megatron_rlp.config.rlp import band_width, max_window_tokens  # noqa: F401 (a config rule)
+
 STRATEGIES = ("uniform", "stride", "entropy")
 
 PositionScorer = Callable[[list[np.ndarray]], list[np.ndarray]]
@@ -73,31 +75,6 @@ class Context:
     position: int
     prefix: np.ndarray
     target: int
-
-
-def band_width(min_prefix: int, max_prefix: int, band: int = 0) -> int:
-    """Candidate positions of one document's band: max_prefix - min_prefix + 1 (the positions
-    a window of max_prefix holds past min_prefix), narrowed to `band` when 0 < band < that
-    (a shrunk recipe keeps a band its prefixes allow)."""
-    widest = max_prefix - min_prefix + 1
-    return min(band, widest) if band else widest
-
-
-def max_window_tokens(min_prefix: int, max_prefix: int, positions_per_doc: int,
-                      strategy: str = "uniform", stride: int = 1, band: int = 0) -> int:
-    """Longest document window (and so longest prefix) the sampler can produce, in tokens.
-
-    One position per document: `max_prefix`. Several: `max_prefix` plus the widest spread
-    t_k - t_1 of one document's positions, (positions_per_doc - 1) * stride for "stride",
-    else the band width minus one (max_prefix - min_prefix by default; see the module
-    docstring). What config validation checks `model.max_sequence_length` and memory
-    estimates against.
-    """
-    if positions_per_doc <= 1:
-        return max_prefix
-    if strategy == "stride":
-        return max_prefix + (positions_per_doc - 1) * stride
-    return max_prefix + band_width(min_prefix, max_prefix, band) - 1
 
 
 def _band(length: int, k_span: int, min_prefix: int, max_prefix: int, width: int,

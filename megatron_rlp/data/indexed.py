@@ -22,7 +22,6 @@ documents in the same order.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,48 +39,11 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.megatron_dataset import MegatronDataset
 from megatron.core.datasets.utils import Split
 
+from megatron_rlp.config.sections import BlendError, parse_blend  # noqa: F401 (a config rule)
 from megatron_rlp.data.corpus import TokenizedCorpus
 from megatron_rlp.tokenizer import Tokenizer
 
 SPLITS = ("train", "valid", "test")
-
-
-class BlendError(ValueError):
-    """A `data.blend` that cannot be parsed (the message says what is allowed)."""
-
-
-def parse_blend(spec: str | Sequence[str]) -> tuple[list[str], list[float] | None]:
-    """Parse `"0.7 A 0.3 B"` (weighted) or `"A B"` (by size) into (prefixes, weights).
-
-    Args:
-        spec: One string, or a list of strings (YAML), split on whitespace.
-
-    Raises:
-        BlendError: Empty, odd weight/prefix pairs, or a weight that is not a positive number.
-    """
-    items = spec.split() if isinstance(spec, str) else [w for s in spec for w in str(s).split()]
-    if not items:
-        raise BlendError("one or more indexed-dataset prefixes, optionally each after a weight")
-
-    def number(s: str) -> float | None:
-        try:
-            return float(s)
-        except ValueError:
-            return None
-
-    if number(items[0]) is None:
-        if any(number(s) is not None for s in items):
-            raise BlendError("either a weight before every prefix or no weights at all")
-        return items, None
-    if len(items) % 2:
-        raise BlendError("pairs of WEIGHT PREFIX, e.g. '0.7 data/a_text 0.3 data/b_text'")
-    weights = [number(w) for w in items[0::2]]
-    prefixes = items[1::2]
-    if any(w is None or not (w > 0 and math.isfinite(w)) for w in weights):
-        raise BlendError("positive weights, each followed by a prefix")
-    if any(number(p) is not None for p in prefixes):
-        raise BlendError("pairs of WEIGHT PREFIX (a prefix looks like a number)")
-    return prefixes, [float(w) for w in weights]
 
 
 def is_indexed_prefix(path: str | Path) -> bool:

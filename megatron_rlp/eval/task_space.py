@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import Iterator
 from functools import lru_cache
 
-from megatron_rlp.eval.tasks import _OBJECTS, is_held_out
+from megatron_rlp.eval.task_keys import OBJECTS, is_held_out
 
 LISTABLE = 1_000_000  # most keys listed (hashed) to size a split exactly: ~1 s
 _CHAIN_STARTS, _CHAIN_LENGTHS = range(2, 21), (2, 3)
@@ -59,7 +59,7 @@ def instance_count(kind: str, digits: int = 3) -> int:
             total += sum(values.values()) if length in _CHAIN_LENGTHS else 0
         return total
     if kind == "lookup":
-        objects = len(_OBJECTS)
+        objects = len(OBJECTS)
         return sum(math.perm(objects, t) * _PRICES**t * t * (t - 1) * _QUANTITIES**2
                    for t in _LOOKUP_TABLES)
     raise ValueError(f"unknown task kind {kind!r}")

@@ -28,18 +28,17 @@ thought spans.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+from megatron_rlp.eval.task_keys import OBJECTS, is_held_out
+from megatron_rlp.eval.task_space import split_shortfall
 
 KINDS = ("add", "chain", "lookup")
 THINK_START, THINK_END = "<think>", "</think>"
 PROMPT = "Question: {question}\nAnswer: "  # the benchmark prompt; the answer follows directly
 
-_OBJECTS = (("pen", "pens"), ("cup", "cups"), ("hat", "hats"), ("book", "books"),
-            ("lamp", "lamps"), ("ball", "balls"), ("kite", "kites"), ("bell", "bells"),
-            ("sock", "socks"), ("mug", "mugs"), ("fork", "forks"), ("coin", "coins"))
 _OPS = {"add": ("+", lambda a, b: a + b), "subtract": ("-", lambda a, b: a - b),
         "multiply by": ("*", lambda a, b: a * b)}
 
@@ -71,13 +70,6 @@ class Item:
         `think`."""
         thought = f"{THINK_START}{self.work}{THINK_END}" if think else ""
         return f"{self.prompt()}{thought}{self.answer}"
-
-
-def is_held_out(key: str, held_out_percent: float) -> bool:
-    """Whether the instance `key` belongs to the held-out split: a SHA-256 of the key, so the
-    split depends on the instance alone (not on the seed, the order or the kind mix)."""
-    digest = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
-    return digest % 10_000 < held_out_percent * 100
 
 
 def make_add(rng: random.Random, digits: int) -> Item:
@@ -117,7 +109,7 @@ def make_chain(rng: random.Random, length: int) -> Item:
 
 def make_lookup(rng: random.Random, table_size: int) -> Item:
     """A price table of `table_size` objects, then the cost of two of them in quantities."""
-    objects = rng.sample(_OBJECTS, table_size)
+    objects = rng.sample(OBJECTS, table_size)
     prices = [rng.randint(2, 40) for _ in objects]
     i, j = rng.sample(range(table_size), 2)
     qi, qj = rng.randint(2, 9), rng.randint(2, 9)
@@ -155,8 +147,6 @@ def items(seed: int, *, held_out: bool, held_out_percent: float = 10.0,
     Raises:
         ValueError: an unknown kind, or a percentage outside (0, 100).
     """
-    from megatron_rlp.eval.task_space import split_shortfall  # it imports this module
-
     if not 0 < held_out_percent < 100:
         raise ValueError(f"held_out_percent must be in (0, 100), got {held_out_percent}")
     for kind in kinds:

@@ -49,7 +49,7 @@ from megatron.core.dist_checkpointing.gpt_checkpoint_interop import (
 from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase
 
 from megatron_rlp.interop import names
-from megatron_rlp.models.provider import padded_vocab_size
+from megatron_rlp.models.vocab import padded_vocab_size
 from megatron_rlp.parallel.pipeline import chunks_of
 
 TRACKER = "latest_checkpointed_iteration.txt"

@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+# `branch` values of window and padding tokens in a packed row (`packing.tree`), which the
+# tree mask and the Mamba branch layout (`models/mamba/branches.py`) both read.
+WINDOW, PAD = -1, -2
+
 
 def padded_causal_mask(valid: Tensor) -> Tensor:
     """[B, S] bool valid -> [B, 1, S, S] mask: causal, and padding keys hidden from every query.

@@ -26,17 +26,8 @@ from megatron_rlp.models.local_spec import local_hybrid_stack_spec
 from megatron_rlp.models.masked_attention import route_explicit_masks
 from megatron_rlp.models.moe import transformer_config_moe
 from megatron_rlp.models.seeded_init import seed_generator, seed_layers_by_number
+from megatron_rlp.models.vocab import padded_vocab_size
 from megatron_rlp.parallel.pipeline import ModelChunks
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int) -> int:
-    """Pad the vocabulary to a multiple of `divisible_by` (config requires TP to divide it).
-
-    Megatron-LM pads to a multiple of `divisible_by * TP`, which makes the embedding shape
-    depend on the layout; here it does not, so every layout starts from identical weights and
-    checkpoints move between TP sizes.
-    """
-    return -(-vocab_size // divisible_by) * divisible_by
 
 
 def squared_relu_eager(x: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from the B context rows as before.
 
 Mamba layers (hybrid models) have no columns to move: during the window prefill each one
 caches, per context, its conv state (the inputs before e_k) and SSM state after column e_k
-of the window scan (`models.mamba.branches.mamba_states_at`), which is the state the
+of the window scan (`models.mamba.model_walk.mamba_states_at`), which is the state the
 per-context prefill of `doc[ws : t_k]` reaches (padding leaves the state unchanged, see
 `models.mamba.mixer`); `<think>` and the thoughts then decode from it.
 """
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from megatron_rlp.models.mamba.branches import has_mamba, mamba_states_at
 from megatron_rlp.models.mamba.inference_state import MambaState
+from megatron_rlp.models.mamba.model_walk import has_mamba, mamba_states_at
 from megatron_rlp.models.masks import padded_causal_mask
 from megatron_rlp.rollout.template import lead_ids
 

@@ -33,9 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from megatron_rlp.models.masks import PAD, WINDOW
 from megatron_rlp.rollout.template import lead_ids
-
-WINDOW, PAD = -1, -2  # `branch` values of window and padding tokens
 
 
 @dataclass

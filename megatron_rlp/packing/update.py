@@ -9,7 +9,7 @@ thought rows (0 = all), as the unpacked update's do:
   each repeating the window (with one row per micro-batch this is the unpacked layout).
 Other sizes keep the unpacked update: `packable` says which. Mamba layers (hybrid models)
 scan each packed sequence's window once and start every branch from the conv/SSM state at
-its t_k (`models.mamba.branches.attach_branch_layout`), with gradients into the window.
+its t_k (`models.mamba.model_walk.attach_branch_layout`), with gradients into the window.
 
 On CPU the tree mask goes through Megatron's local `DotProductAttention` as an explicit
 [B, 1, S, S] mask (Megatron's torch softmax path applies a given mask whatever the layer's
@@ -27,7 +27,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from megatron_rlp.models.mamba.branches import attach_branch_layout
+from megatron_rlp.models.mamba.model_walk import attach_branch_layout
 from megatron_rlp.models.output_positions import logits_at_positions
 from megatron_rlp.objective import rlp_policy_loss
 from megatron_rlp.objective.kl import kl_penalty

@@ -32,31 +32,15 @@ from dataclasses import dataclass
 
 import torch
 
-PAPER_INSTRUCTION = ("Continue the text below. First think briefly between <think> and "
-                     "</think>, then continue in the same style.\n\n")
-PAPER_TEMPLATE = PAPER_INSTRUCTION + "{context}"
-PLACEHOLDER = "{context}"
-
-
-class TemplateError(ValueError):
-    """A bad `rlp.thought_template`; the message says what is allowed."""
-
-
-def parse_template(spec: str) -> tuple[str, str] | None:
-    """`rlp.thought_template` -> (text before the context, text after it), None for `none`.
-
-    Raises:
-        TemplateError: a string that is not `none`/`paper` and does not hold `{context}`
-            exactly once.
-    """
-    if spec == "none":
-        return None
-    if spec == "paper":
-        spec = PAPER_TEMPLATE
-    if spec.count(PLACEHOLDER) != 1:
-        raise TemplateError("none, paper, or a string containing {context} exactly once")
-    before, after = spec.split(PLACEHOLDER)
-    return before, after
+# The template's text is a config rule (config/rlp.py); its names stay importable here.
+from megatron_rlp.config.rlp import (  # noqa: F401
+    PAPER_INSTRUCTION,
+    PAPER_TEMPLATE,
+    PLACEHOLDER,
+    TemplateError,
+    parse_template,
+    template_token_count,
+)
 
 
 @dataclass(frozen=True)
@@ -133,13 +117,3 @@ def apply_template(template: ThoughtTemplate, prompts, windows, pad: int):
     new_windows = type(windows)(tokens=w_tokens, valid=w_valid, rows=windows.rows,
                                 cols=windows.cols + k, targets=windows.targets)
     return new_prompts, new_windows
-
-
-def template_token_count(spec: str, tokenizer_spec: str) -> int:
-    """Tokens `spec` adds to a rollout sequence (for the config's sequence-length check);
-    builds the tokenizer only for a template other than `none`."""
-    if parse_template(spec) is None:
-        return 0
-    from megatron_rlp.tokenizer import build_tokenizer
-
-    return build_template(spec, build_tokenizer(tokenizer_spec)).extra_tokens

@@ -58,7 +58,7 @@ def reference_logprobs(reference: nn.Module, batch: dict[str, Tensor], vocab_siz
         [m, K] fp32 log-probs on every pipeline stage (0-filled where `index` is unused).
     """
     # Imported here: packing.update imports scoring.next_token (no cycle at module import).
-    from megatron_rlp.models.mamba.branches import attach_branch_layout
+    from megatron_rlp.models.mamba.model_walk import attach_branch_layout
     from megatron_rlp.packing.rotary import rotary_at_positions
     from megatron_rlp.packing.tree import tree_mask
 

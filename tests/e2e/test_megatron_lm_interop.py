@@ -31,9 +31,10 @@ from megatron_rlp.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from megatron_rlp.config import RunConfig, load_config
+from megatron_rlp.config import RunConfig
 from megatron_rlp.interop import names
 from megatron_rlp.interop.megatron_lm_export import export_model
+from megatron_rlp.startup import load_config
 from megatron_rlp.train.builder import build_state
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 import yaml
 
-from megatron_rlp.config import ConfigError, RunConfig, load_config
+from megatron_rlp.config import ConfigError, RunConfig
+from megatron_rlp.startup import load_config
 
 
 def test_defaults_validate():

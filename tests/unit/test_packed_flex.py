@@ -97,7 +97,8 @@ def test_resolve_and_refusals():
 
 
 def test_config_refuses_flex_where_it_cannot_run():
-    from megatron_rlp.config import ConfigError, load_config
+    from megatron_rlp.config import ConfigError
+    from megatron_rlp.startup import load_config
 
     with pytest.raises(ConfigError, match=r"model.packed_attention='flex' .*no M"):
         load_config(None, ("model.packed_attention=flex", "model.hybrid_layer_pattern=M*-",

@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_rlp.config import ConfigError, RunConfig, _apply, load_config
+from megatron_rlp.config import ConfigError, RunConfig
+from megatron_rlp.config.loading import _apply
+from megatron_rlp.startup import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_PATH = ("train", "checkpoint", "data", "rollout", "objective", "scoring", "models",

@@ -17,11 +17,12 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.identity_op import IdentityOp
 
 from megatron_rlp.backends import transformer_engine as te
-from megatron_rlp.config import ConfigError, PrecisionConfig, load_config
+from megatron_rlp.config import ConfigError, PrecisionConfig
 from megatron_rlp.models import fp8, provider
 from megatron_rlp.models.local_spec import LocalHybridStack
 from megatron_rlp.models.mamba.mixer import LocalMambaLayer, LocalMambaMixer
 from megatron_rlp.models.te_spec import megatron_te_hybrid_spec, te_hybrid_stack_spec, te_qk_norm
+from megatron_rlp.startup import load_config
 
 HOPPER, AMPERE, ADA, BLACKWELL, RTX50 = (9, 0), (8, 0), (8, 9), (10, 0), (12, 0)
 

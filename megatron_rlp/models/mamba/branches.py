@@ -30,7 +30,6 @@ batching's Triton kernels (CUDA).
 from __future__ import annotations
 
 import weakref
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +40,7 @@ from torch import Tensor
 from megatron_rlp.models.mamba import ops
 from megatron_rlp.models.mamba.adapter import scan_chunk
 from megatron_rlp.models.mamba.inference_state import MambaState
-from megatron_rlp.packing.tree import WINDOW
+from megatron_rlp.models.masks import WINDOW
 
 
 @dataclass
@@ -82,73 +81,33 @@ class BranchLayout:
                    br_end=hi.gather(1, start).reshape(-1))
 
 
-def _mixers(model: torch.nn.Module):
-    from megatron_rlp.models.mamba.mixer import LocalMambaMixer  # mixer imports this module
-    from megatron_rlp.models.provider import unwrap_model
-    from megatron_rlp.parallel.pipeline import chunks_of
-
-    return [m for c in chunks_of(model) for m in unwrap_model(c).modules()
-            if isinstance(m, LocalMambaMixer)]
-
-
-def has_mamba(model: torch.nn.Module) -> bool:
-    """Whether the model (any pipeline chunk) has `LocalMambaMixer` layers."""
-    return bool(_mixers(model))
-
-
-_LAYOUTS: dict[tuple, BranchLayout] = {}  # by the tree mask's storage: see attach_branch_layout
+_LAYOUTS: dict[tuple, BranchLayout] = {}  # by the tree mask's storage: see register_layout
 
 
 def _mask_key(mask: Tensor) -> tuple:
     return mask.data_ptr(), tuple(mask.shape), str(mask.device)
 
 
-def attach_branch_layout(model: torch.nn.Module, mask: Tensor, branch: Tensor,
-                         lo: Tensor, hi: Tensor) -> Tensor:
-    """Register the `BranchLayout` of packed sequences (from `packing.tree.pack_branches`'
-    branch / lo / hi [N, S]) under their tree mask `mask`, for the model's Mamba layers,
-    which look it up from the mask they receive (`layout_of`); returns `mask`. A no-op for
-    models without Mamba layers.
+def register_layout(mask: Tensor, branch: Tensor, lo: Tensor, hi: Tensor) -> None:
+    """Register the `BranchLayout` of packed sequences (branch / lo / hi [N, S]) under their
+    tree mask `mask` (`model_walk.attach_branch_layout` says why and when).
 
-    Raises ValueError when a branch's prefix does not start at its window's first column:
-    a Mamba state at t_k is that of the scan from there (`data.batches.build_rlp_inputs`'
-    prefixes `doc[ws : t_k]`); a later start would need a scan of its own.
-
-    Keyed by the mask's storage, not set on the modules nor as an attribute of the mask:
-    activation recomputation re-runs a layer's forward during backward (after this
-    micro-batch's forward, possibly after later micro-batches' under pipeline schedules) on
-    a detached copy of the mask, which shares its storage. The entry goes when the mask is
-    freed (after its backward)."""
-    if _mixers(model):
-        if bool((lo[branch >= 0] != 0).any()):
-            raise ValueError("Mamba branches need every prefix to start at its window's "
-                             "first column")
-        key = _mask_key(mask)
-        _LAYOUTS[key] = BranchLayout.from_packed(branch, hi)
-        weakref.finalize(mask, _LAYOUTS.pop, key, None)
-    return mask
+    Raises:
+        ValueError: a branch's prefix does not start at its window's first column.
+    """
+    if bool((lo[branch >= 0] != 0).any()):
+        raise ValueError("Mamba branches need every prefix to start at its window's "
+                         "first column")
+    key = _mask_key(mask)
+    _LAYOUTS[key] = BranchLayout.from_packed(branch, hi)
+    weakref.finalize(mask, _LAYOUTS.pop, key, None)
 
 
 def layout_of(mask: Tensor | None) -> BranchLayout | None:
-    """The layout `attach_branch_layout` registered for `mask` (or a view of its storage)."""
+    """The layout `register_layout` registered for `mask` (or a view of its storage)."""
     if mask is None or not _LAYOUTS:
         return None
     return _LAYOUTS.get(_mask_key(mask))
-
-
-@contextmanager
-def mamba_states_at(model: torch.nn.Module, rows: Tensor, ends: Tensor):
-    """Within the block, a cached prefill leaves each Mamba layer's cache holding, for
-    context b, the states after column ends[b] (exclusive) of window row rows[b]: the
-    states of a prefix that starts at the row's first (non-padding) token."""
-    mixers = _mixers(model)
-    for m in mixers:
-        m.fork_at = (rows, ends)
-    try:
-        yield
-    finally:
-        for m in mixers:
-            m.fork_at = None
 
 
 def _params(mixer):

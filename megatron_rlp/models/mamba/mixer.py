@@ -72,7 +72,7 @@ def _tp_slice(full: Tensor, sizes: list[int], rank: int, tp: int) -> Tensor:
 class LocalMambaMixer(MambaMixer):
     """`MambaMixer` + padding mask, batch-first static decode, TP-invariant init, and the
     packed-branch / state-at-positions modes of `branches` (the layer passes the packed
-    layout; `branches.mamba_states_at` sets `fork_at`)."""
+    layout; `model_walk.mamba_states_at` sets `fork_at`)."""
 
     fork_at = None  # (rows, ends): a prefill caches the states at these window positions
 
