@@ -17,7 +17,7 @@ the fraction of thought tokens whose expert sets agree in every MoE layer.
 Why not Megatron's `RouterReplay` to record: it keeps only the last call's indices per
 router and registers every router of every model built (policy, teacher, reference) in one
 global list; a forward hook on this model's own routers records each decode step. Replay
-is not needed while agreement is 1.0 (tests/unit/test_moe.py checks it in fp32).
+is not needed while agreement is 1.0 (tests/e2e/test_rlp_moe.py checks it in fp32).
 """
 
 from __future__ import annotations
