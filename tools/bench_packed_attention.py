@@ -18,7 +18,8 @@ examples/configs/tiny_cpu.yaml) runs forward + backward of every micro-batch wit
   skips at `--block-size`, `pair` = fraction of (query, key) pairs the tree mask masks;
 - `seconds`: per path, the median over `--repeats` of one update (all micro-batches,
   forward + backward, synchronised), after one untimed pass (flex compiles there on CUDA);
-- `speedup_flex_vs_mask`, and `loss_abs_diff` / `grad_max_abs_diff` between the paths.
+- `speedup_flex_vs_mask`, and `loss_abs_diff` / `grad_max_abs_diff` between the paths
+  (`grad_max_abs`: the mask path's largest gradient entry, their scale).
 
 On CPU the flex path is FlexAttention's eager operator (dense math, for tests): its time
 says nothing about the block-sparse kernel. Speed targets live here, not in tests.
@@ -91,7 +92,7 @@ def time_attention(model, mbs: list[dict], vocab_size: int, kinds=("mask", "flex
     path, the median of `repeats` after one untimed pass; the paths' loss and gradients."""
     import torch
 
-    from megatron_rlp.packing.update import packed_forward_step
+    from megatron_rlp.train.rlp_update import rlp_forward_step
 
     cuda = next(model.parameters()).is_cuda
 
@@ -99,8 +100,8 @@ def time_attention(model, mbs: list[dict], vocab_size: int, kinds=("mask", "flex
         model.zero_grad(set_to_none=True)
         total = 0.0
         for mb in mbs:
-            logits, loss_fn = packed_forward_step(1.0 / len(mbs), vocab_size, 0.7, (0.2, 0.2),
-                                                  iter([mb]), model, attention=kind)
+            logits, loss_fn = rlp_forward_step(1.0 / len(mbs), vocab_size, 0.7, (0.2, 0.2),
+                                               iter([mb]), model, attention=kind)
             loss, _ = loss_fn(logits)
             loss.backward()
             total += float(loss.detach())
@@ -127,6 +128,7 @@ def time_attention(model, mbs: list[dict], vocab_size: int, kinds=("mask", "flex
         out["loss_abs_diff"] = abs(out["loss"]["mask"] - out["loss"]["flex"])
         out["grad_max_abs_diff"] = max(float((a - b).abs().max())
                                        for a, b in zip(grads["mask"], grads["flex"], strict=True))
+        out["grad_max_abs"] = max(float(a.abs().max()) for a in grads["mask"])
     return out
 
 

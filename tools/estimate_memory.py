@@ -12,11 +12,13 @@ same ones). Prints a table (or `--json`) of what one GPU holds:
                m and v; divided by DP with the distributed optimizer), the fp32 EMA teacher
                (sharded like the policy: TP, not DP)
   rollout      KV cache (attention layers) and conv/SSM state (Mamba layers) for one
-               rollout chunk: rlp.rollout_chunk_contexts contexts (0 = all B/DP of the
-               rank's) x G thoughts x (prefix + L_think + 2) tokens, the prefix as long as
-               a document window (`RLPConfig.max_window_tokens`), as the engine
-               allocates them; one layer of prefill activations; the full-vocabulary fp32
-               logits of a decode step and the sampler's copies
+               rollout chunk of C = rlp.rollout_chunk_contexts contexts (0 = all B/DP of
+               the rank's) and R = C x G rows: with rlp.share_prefixes (cascade decode,
+               packing/cascade.py) C x P + R x T tokens, else R x (P + T), where P is a
+               document window (`RLPConfig.max_window_tokens`) + `<think>` and T is
+               L_think + 1, as the engine allocates them; one layer of prefill
+               activations; the full-vocabulary fp32 logits of a decode step and the
+               sampler's copies
   scoring      the teacher's fp32 forward over the documents' windows (B/DP/positions per
                document rows): one layer of activations and the vocab-parallel logits at
                the scored positions only (positions_per_document per window)
@@ -47,6 +49,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_rlp.config import ConfigError, RunConfig, load_config  # noqa: E402
+from megatron_rlp.models.vocab import padded_vocab_size  # noqa: E402
 
 GIB = 1024**3
 MAMBA_CONV_KERNEL = 4  # Megatron MambaMixer d_conv default
@@ -95,11 +98,11 @@ def shapes(cfg: RunConfig, vocab_size: int) -> Shapes:
     head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
     m_head_dim = m.mamba_head_dim
     m_heads = m.mamba_num_heads or (2 * m.hidden_size) // m_head_dim  # Megatron: expand=2
-    div = m.make_vocab_size_divisible_by
     return Shapes(
         hidden=m.hidden_size, ffn=m.ffn_hidden_size, gated=m.activation == "swiglu",
         heads=m.num_attention_heads, groups=m.num_query_groups, head_dim=head_dim,
-        qk_norm=m.qk_layernorm, vocab=-(-vocab_size // div) * div,
+        qk_norm=m.qk_layernorm,
+        vocab=padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by),
         tied=not m.untie_embeddings_and_output_weights,
         n_attn=pattern.count("*"), n_mlp=pattern.count("-"), n_mamba=pattern.count("M"),
         m_heads=m_heads, m_head_dim=m_head_dim, m_state=m.mamba_state_dim,
@@ -223,7 +226,8 @@ def estimate(cfg: RunConfig, world_size: int, vocab_size: int, attention: str = 
         "parameters": n * pb,
         "gradients": n * 4,
         "optimizer": optimizer,
-        "ema_teacher": n * 4 if t.objective == "rlp" else 0.0,
+        # rlp.teacher_scoring=off builds no fp32 shadow (scoring/ema_teacher.py)
+        "ema_teacher": n * 4 if t.objective == "rlp" and r.teacher_scoring != "off" else 0.0,
     }
 
     contexts = r.contexts_per_step // dp
@@ -236,7 +240,12 @@ def estimate(cfg: RunConfig, world_size: int, vocab_size: int, attention: str = 
     window = r.max_window_tokens()
     seq = window + r.max_thought_tokens + 2
     layers_here = 1 / pp
-    kv = (s.n_attn * layers_here * 2 * chunk_rows * seq * (s.groups * s.head_dim / tp) * pb)
+    # With rlp.share_prefixes the rollout decodes with cascade attention (packing/cascade.py):
+    # each context's prefix (window + `<think>`) once, each row its own thought columns
+    # (L_think + `</think>`): C x P + R x T entries; without it every row holds P + T.
+    entries = (chunk_contexts * (window + 1) + chunk_rows * (r.max_thought_tokens + 1)
+               if r.share_prefixes else chunk_rows * seq)
+    kv = (s.n_attn * layers_here * 2 * entries * (s.groups * s.head_dim / tp) * pb)
     # The Mamba decode state is fp32 whatever the params dtype (models/mamba/mixer.py).
     conv_state = chunk_rows * (s.conv_dim / tp) * (MAMBA_CONV_KERNEL - 1) * 4
     ssm_state = chunk_rows * (s.m_heads / tp) * s.m_head_dim * s.m_state * 4

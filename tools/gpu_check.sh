@@ -1,63 +1,57 @@
 #!/usr/bin/env bash
-# GPU check in one command, for a bare single-GPU machine (an H200: Python 3.12, torch with
-# CUDA, Triton, transformers, tokenizers; no megatron-core, no Transformer Engine, no network):
+# GPU check in one command, on the lent machine as it is (docs/gpu/README.md):
 #
-#   bash tools/gpu_check.sh            # ~5 minutes; JSON in $OUT (else runs/gpu_check/)
+#   bash tools/gpu_check.sh                       # < 5 minutes; 2 files in $OUT
+#   bash tools/gpu_check.sh --dry-run             # the whole pipeline on CPU (tests)
 #
-# 1. Where megatron-core does not import, a venv that sees the system torch
-#    (--system-site-packages) gets the wheels committed under wheels/ (2.5 MB: megatron-core
-#    and einops + psutil, which its Mamba and checkpointing code import; numpy, packaging and
-#    PyYAML come with transformers), checked against wheels/SHA256SUMS and installed with
-#    --no-index --no-deps. To fetch them again, on a machine with network:
-#      python3.12 -m pip download megatron-core==0.19.2 einops psutil --no-deps -d wheels/
-# 2. tools/gpu_check.py runs the tiny dense and hybrid configs on CUDA in bf16, compares their
-#    step-1 rewards with CPU fp32 runs, runs one RLP step of a Qwen3-1.7B-shaped model and
-#    writes gpu_check.json (decode vs HBM roofline, update MFU, peak memory).
+# 1. The machine's own python3 (there: /opt/torch/.venv/bin/python3, torch with CUDA, Triton,
+#    transformers); no venv. The wheels committed under wheels/ (megatron-core 0.19.2, einops,
+#    psutil, mamba-ssm 2.3.2.post1 built without its CUDA extension: its Triton kernels need
+#    none), checked against wheels/SHA256SUMS, go into a fresh folder with
+#    `pip install --no-index --no-deps --target`, which PYTHONPATH then names.
+# 2. tools/gpu_check.py runs the stages (preflight first), each killed at its own cap, and
+#    packs its outputs into $OUT/gpu_check.json and $OUT/gpu_check_logs.txt.
 #
-# Transformer Engine is not installed by this script (its core wheel is ~730 MB); where it is
-# installed (NGC images) model.transformer_impl=auto picks its layers up.
-# Environment: PYTHON (interpreter, default python3), OUT (result folder), WHEELS (default
-# wheels/), GPU_CHECK_VENV (default runs/gpu_check_venv). Arguments go to tools/gpu_check.py
-# (e.g. --device cpu --dry-run --dtype fp32 runs the whole path tiny on CPU).
-set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# Environment: PYTHON (default python3), WHEELS (default wheels/), GPU_CHECK_SITE (the
+# install folder, default /tmp/gpu_check_site), OUT (default runs/gpu_check),
+# GPU_CHECK_TIMEOUT (seconds for the whole python part, default 295; 3600 with --dry-run). Arguments go to
+# tools/gpu_check.py. Exit: 0 every stage passed, 1 a stage failed, 2 this machine cannot
+# run the check (one line says why), 124 the whole check ran past GPU_CHECK_TIMEOUT.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 
 py=${PYTHON:-python3}
 wheels=${WHEELS:-wheels}
-venv=${GPU_CHECK_VENV:-runs/gpu_check_venv}
+site=${GPU_CHECK_SITE:-/tmp/gpu_check_site}
 out=${OUT:-runs/gpu_check}
 
-if ! "$py" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' 2>/dev/null; then
-  echo "error: $py is not a Python >= 3.12 (megatron-core 0.19.2 needs it); set PYTHON=" >&2
-  exit 2
-fi
-if ! "$py" -c 'import torch' 2>/dev/null; then
-  echo "error: torch does not import in $py; this check uses the machine's own torch" >&2
-  exit 2
-fi
+die() { echo "error: $*" >&2; exit 2; }
 
-if ! "$py" -c 'import megatron.core, einops, psutil' 2>/dev/null; then
-  shopt -s nullglob
-  found=("$wheels"/megatron_core-0.19.2-*.whl)
-  shopt -u nullglob
-  if [ "${#found[@]}" -eq 0 ]; then
-    echo "error: megatron-core does not import and $wheels/ has no megatron_core-0.19.2 wheel;" \
-      "on a machine with network run:" \
-      "python3.12 -m pip download megatron-core==0.19.2 einops psutil --no-deps -d $wheels/" >&2
-    exit 2
-  fi
-  if [ -f "$wheels/SHA256SUMS" ] && ! (cd "$wheels" && sha256sum --quiet -c SHA256SUMS); then
-    echo "error: $wheels/ does not match $wheels/SHA256SUMS (fetch the wheels again)" >&2
-    exit 2
-  fi
-  if [ ! -x "$venv/bin/python" ]; then
-    "$py" -m venv --system-site-packages "$venv"
-  fi
-  py=$venv/bin/python
-  echo "[gpu_check] installing $(cd "$wheels" && echo ./*.whl) into $venv (no network)"
-  "$py" -m pip install --quiet --no-index --no-deps --disable-pip-version-check "$wheels"/*.whl
-fi
+"$py" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' 2>/dev/null ||
+  die "$py is not a Python >= 3.12 (megatron-core 0.19.2 needs it); set PYTHON="
+"$py" -c 'import torch' 2>/dev/null ||
+  die "torch does not import in $py; this check uses the machine's own torch"
+shopt -s nullglob
+found=("$wheels"/*.whl)
+shopt -u nullglob
+[ "${#found[@]}" -gt 0 ] || die "$wheels/ holds no wheels (see wheels/README.md)"
+[ -f "$wheels/SHA256SUMS" ] || die "$wheels/SHA256SUMS is missing"
+(cd "$wheels" && sha256sum --quiet -c SHA256SUMS >/dev/null 2>&1) ||
+  die "$wheels/ does not match $wheels/SHA256SUMS (fetch the wheels again, wheels/README.md)"
+[ "$(grep -c '\.whl$' "$wheels/SHA256SUMS")" -eq "${#found[@]}" ] ||
+  die "$wheels/ holds wheels that $wheels/SHA256SUMS does not list"
 
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+rm -rf "$site"
+start=$SECONDS
+timeout 120 "$py" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir \
+  --disable-pip-version-check --target "$site" "${found[@]}" ||
+  die "pip install --no-index --no-deps --target $site failed for $wheels/*.whl"
+echo "[gpu_check] installed ${#found[@]} wheels into $site ($((SECONDS - start)) s, no network)"
+
+export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}"
+limit=${GPU_CHECK_TIMEOUT:-295}
+for arg in "$@"; do
+  if [ "$arg" = --dry-run ]; then limit=${GPU_CHECK_TIMEOUT:-3600}; fi  # CPU: minutes
+done
 mkdir -p "$out"
-exec "$py" tools/gpu_check.py --out "$out" "$@"
+timeout -k 10 "$limit" "$py" tools/gpu_check.py --out "$out" "$@"

@@ -65,6 +65,7 @@ class LoadPlan:
     override_scheduler: bool
     layout: dict | None
     same_layout: bool
+    teacher_note: str = ""  # an EMA teacher saved but not built, or built but not saved
 
     def message(self) -> str:
         """A line for the log: "resumed ..." or "warm-started ..."."""
@@ -78,7 +79,7 @@ class LoadPlan:
             "RNG states kept from train.seed)")
         if not self.optimizer:
             note += " (weights, teacher and schedule; fresh optimizer state: train.load_optimizer)"
-        return f"resumed{note}"
+        return f"resumed{note}{self.teacher_note}"
 
 
 def plan_load(common: dict, state: TrainState, ckpt: Path, options: ResumeOptions) -> LoadPlan:
@@ -100,6 +101,17 @@ def plan_load(common: dict, state: TrainState, ckpt: Path, options: ResumeOption
             f"checkpoint {ckpt} has no KL reference policy (saved with rlp.kl_coef=0), so "
             f"rlp.kl_coef={state.cfg.rlp.kl_coef} cannot resume from it: resume with "
             "rlp.kl_coef=0, or start a new RLP stage from it (train.finetune=true)")
+    # rlp.teacher_scoring across a resume (scoring/ema_teacher.py): S_ema never changes the
+    # update, so either way round is handled, said in the load line.
+    teacher_note = ""
+    saved_teacher = bool(common.get("teacher_initialized"))
+    if resume and state.cfg.train.objective == "rlp":
+        if saved_teacher and state.teacher is None:
+            teacher_note = ("; its EMA teacher is not loaded (rlp.teacher_scoring=off builds "
+                            "none)")
+        elif not saved_teacher and state.teacher is not None and common.get("step", 0):
+            teacher_note = ("; it holds no EMA teacher (saved with rlp.teacher_scoring=off): "
+                            "the teacher restarts as a copy of the policy at the next step")
     layout = common.get("layout")
     same_layout = layout == current_layout()
     optimizer = None
@@ -111,7 +123,7 @@ def plan_load(common: dict, state: TrainState, ckpt: Path, options: ResumeOption
                     finetune=options.finetune, teacher=teacher, reference=reference,
                     rng=resume and same_layout and options.load_rng, optimizer=optimizer,
                     override_scheduler=options.override_scheduler, layout=layout,
-                    same_layout=same_layout)
+                    same_layout=same_layout, teacher_note=teacher_note)
 
 
 def _check_model(common: dict, state: TrainState, ckpt: Path) -> None:

@@ -157,6 +157,13 @@ class RLPConfig:
     """Weight of a next-token cross-entropy on the step's raw document windows, added to the
     RLP loss (train/ntp_mix.py), metric `ntp_loss`; 0 = off. Not with an interleaved
     pipeline."""
+    teacher_scoring: Literal["every_step", "log_interval", "off"] = "every_step"
+    """When the EMA teacher scores S_ema (scoring/ema_teacher.py): `every_step`;
+    `log_interval` = step 1 and every `train.log_interval`-th step (the console lines; the
+    fp32 shadow is still updated every step); `off` = never, and no fp32 shadow is built,
+    updated or checkpointed. S_ema cancels from the group advantages, so the update is the
+    same under all three; only the reward metrics (`reward_mean`, `reward_std`, `s_ema`)
+    need it. Metric `teacher_scored` says whether a step was scored."""
 
     def max_window_tokens(self) -> int:
         """Longest document window (= longest prefix) the context sampler can draw

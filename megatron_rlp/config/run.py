@@ -109,7 +109,7 @@ class RunConfig:
 
         - TP x PP divides the world; DP = world / (TP x PP) divides the global batches
           (`rlp_step.local_contexts`, `ntp_step`, `validate.validate` slice them evenly);
-        - `train.micro_batch_size` divides the sequences of a rank (`update.split_microbatches`),
+        - `train.micro_batch_size` divides the sequences of a rank (`batches.split_microbatches`),
           and under an interleaved pipeline gives a multiple of PP micro-batches (Megatron's
           `forward_backward_pipelining_with_interleaving` asserts it);
         - a document's contexts stay on one rank (`data/batches.py` rebuilds their shared

@@ -25,7 +25,6 @@ import torch
 from megatron.core import parallel_state
 from torch import Tensor
 
-from megatron_rlp.packing.prefill import prefill_shared
 from megatron_rlp.parallel.pipeline import from_last_stage
 from megatron_rlp.rollout.engine import KVCacheEngine
 from megatron_rlp.rollout.template import lead_ids
@@ -153,7 +152,9 @@ def sample_thoughts(
             compaction); the only device-to-host syncs of the decode loop.
         shared: `packing.prefill.SharedWindows` of these contexts: each document window is
             prefilled once and the contexts' caches are cut from it (Mamba layers: states at t_k);
-            None prefills every prompt.
+            None prefills every prompt. The rollout only calls it (`shared.engine(model,
+            max_batch_size, max_sequence_length)`, `shared.prefill(engine, lead)`, `.tokens`,
+            `.chunk(start, end)`), so rollout/ does not import packing/.
         routing: `models.moe_routing.RolloutRouting` (MoE models): told after the prefill
             and each decode step, it records the experts that predicted every thought token.
     """
@@ -163,16 +164,12 @@ def sample_thoughts(
     rows, device = b * g, prompts.tokens.device
     if shared is not None:
         p = shared.tokens.shape[1]
-    engine_cls = KVCacheEngine
-    if shared is not None:
-        from megatron_rlp.packing.decode import SharedPrefixEngine  # imports rollout.engine
-
-        engine_cls = SharedPrefixEngine
-    engine = engine_cls(model, max_batch_size=rows, max_sequence_length=p + len(lead) + n + 1)
-
-    if shared is not None:
-        logits = prefill_shared(engine, shared, lead)
+    length = p + len(lead) + n + 1
+    if shared is not None:  # the caller's shared-prefix engine and prefill (packing.prefill)
+        engine = shared.engine(model, max_batch_size=rows, max_sequence_length=length)
+        logits = shared.prefill(engine, lead)
     else:
+        engine = KVCacheEngine(model, max_batch_size=rows, max_sequence_length=length)
         start = torch.tensor(lead, dtype=torch.long, device=device).expand(b, -1)
         logits = engine.prefill(
             torch.cat([prompts.tokens, start], 1),

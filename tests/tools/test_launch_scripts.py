@@ -22,7 +22,7 @@ SCRIPTS = sorted(p.relative_to(ROOT) for p in [*ROOT.glob("examples/**/*.sh"),
                                                *ROOT.glob("examples/**/*.sbatch")])
 # script -> (config, TP, G, rollout chunk, vocabulary of its tokenizer) as in its header
 MODELS = {
-    "qwen3_1p7b": ("examples/configs/qwen3_1p7b.yaml", 1, 16, 4, 151669),
+    "qwen3_1p7b": ("examples/configs/qwen3_1p7b.yaml", 1, 16, 8, 151669),
     "nemotron_nano_12b_v2": ("examples/configs/nemotron_nano_12b_v2.yaml", 8, 16, 64, 131072),
     "nemotron_h_8b": ("examples/configs/nemotron_h_8b.yaml", 4, 16, 32, 131072),
 }

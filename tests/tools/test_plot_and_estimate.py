@@ -96,8 +96,16 @@ def test_rollout_cache_arithmetic_and_tp_invariance():
                          "rlp.contexts_per_step=512", "rlp.group_size=4",
                          "rlp.max_prefix_tokens=2048", "rlp.max_thought_tokens=2048",
                          "model.max_sequence_length=4160"]
+    # With shared prefixes (the default) the rollout decodes with cascade attention: each
+    # context's prefix (window + <think>) once, each row its thought (+ </think>)
+    cascade = em.estimate(_cfg(base, 32), 32, 151936)
+    contexts, rows = 512 // 32, 512 // 32 * 4
+    assert cascade["phases"]["rollout"]["kv_cache"] == (
+        28 * 2 * (contexts * 2049 + rows * 2049) * 8 * 128 * 2)
+    # The per-context path (and the checks below): every row holds prefix + thought
+    base = base + ["rlp.share_prefixes=false"]
     one = em.estimate(_cfg(base, 32), 32, 151936)
-    rows, seq = 512 // 32 * 4, 2048 + 2048 + 2
+    seq = 2048 + 2048 + 2
     assert one["batch"]["rollout_rows_per_rank"] == rows
     # K and V, 28 attention layers, 8 KV heads x 128, bf16
     assert one["phases"]["rollout"]["kv_cache"] == 28 * 2 * rows * seq * 8 * 128 * 2

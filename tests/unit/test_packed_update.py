@@ -15,18 +15,13 @@ import torch
 from helpers.tiny_models import tiny_model
 
 from megatron_rlp.config import load_config
-from megatron_rlp.data.batches import build_rlp_inputs
+from megatron_rlp.data.batches import build_rlp_inputs, update_batch
 from megatron_rlp.data.contexts import Context
 from megatron_rlp.packing.tree import WINDOW, tree_mask
-from megatron_rlp.packing.update import (
-    packable,
-    packed_forward_step,
-    packed_update_batches,
-    rows_per_sequence,
-)
+from megatron_rlp.packing.update import packable, packed_update_batches, rows_per_sequence
 from megatron_rlp.rollout.thoughts import ThoughtBatch
 from megatron_rlp.tokenizer import ByteTokenizer
-from megatron_rlp.train.rlp_step import _forward_step, update_batch
+from megatron_rlp.train.rlp_update import rlp_forward_step
 
 TOK = ByteTokenizer()
 G, L, EPS = 3, 6, (0.2, 0.2)
@@ -92,12 +87,12 @@ def test_packed_loss_and_gradients_equal_unpacked(model, micro_batch_size, rows_
     batch = update_batch(prompts, thoughts, adv, G, TOK.pad, TOK.think_start)
     mbs = [{k: v[i:i + (micro_batch_size or rows)] for k, v in batch.items()}
            for i in range(0, rows, micro_batch_size or rows)]
-    ref_loss, ref = _run(model, _forward_step, mbs, rows)
+    ref_loss, ref = _run(model, rlp_forward_step, mbs, rows)
     packed = packed_update_batches(windows, prompts, thoughts, adv, G, micro_batch_size,
                                    TOK.pad, TOK.think_start, equal_width=micro_batch_size == 3,
                                    rows_per_seq=rows_per_seq)
     assert len(packed) == len(mbs)
-    loss, got = _run(model, packed_forward_step, packed, rows)
+    loss, got = _run(model, rlp_forward_step, packed, rows)
     assert loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-6)
     assert ref.keys() == got.keys() and len(ref) > 5
     for name in ref:
