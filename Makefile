@@ -10,16 +10,17 @@ venv: $(STAMP)
 
 # A Python >= 3.12 is found automatically (PYTHON=..., python3.1x on PATH, pyenv).
 # The demo needs the package only; the tests add the dev extra (transformers, plots, ...).
-$(STAMP): setup.py
+# Both install the exact versions of constraints.txt (setup.py has compatible ranges).
+$(STAMP): setup.py constraints.txt
 	@set -e; interp=$$(tools/find_python.sh); \
 	echo "[make] using $$interp"; \
 	test -x $(PY) || $$interp -m venv $(VENV); \
 	$(PY) -m pip install -q --upgrade pip; \
-	$(PY) -m pip install -q -e .; \
+	$(PY) -m pip install -q -c constraints.txt -e .; \
 	touch $(STAMP)
 
 $(DEV): $(STAMP)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	@touch $(DEV)
 
 demo: $(STAMP)

@@ -220,9 +220,8 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
         block_size: int = 128) -> dict:
     import dataclasses
 
-    from bench_rlp_flops import model_dims, step_flops
-
     from megatron_rlp.train.builder import build_state
+    from megatron_rlp.train.flops import model_dims, step_flops
     from megatron_rlp.train.rlp_step import rlp_step
     from megatron_rlp.train.samplers import make_context_sampler
     from megatron_rlp.train.timers import PhaseTimer

@@ -21,11 +21,18 @@ from megatron_rlp.train.resume import ResumeOptions
 if TYPE_CHECKING:
     from megatron_rlp.train.builder import TrainState
 
-# Model config keys that change parameter shapes or names: a checkpoint must match them.
+# Model config keys that change parameter shapes or names, or the function the weights
+# compute (RoPE's theta, the norms' epsilon): a checkpoint must match every one of them, on
+# resume and on a warm start. The other `model` fields do not change the function of loaded
+# weights: `name`; `max_sequence_length` (RoPE is the same at every position it covers);
+# `init_method_std` (initialisation only); `make_vocab_size_divisible_by` (checked as
+# `padded_vocab_size`; padding rows are never sampled nor scored); `transformer_impl` and
+# `packed_attention` (the same layers through other kernels, Megatron's TE/local names mapped).
 ARCH_KEYS = ("hybrid_layer_pattern", "hidden_size", "ffn_hidden_size", "num_attention_heads",
              "num_query_groups", "kv_channels", "qk_layernorm", "activation", "normalization",
-             "untie_embeddings_and_output_weights", "position_embedding_type",
-             "mamba_num_heads", "mamba_head_dim", "mamba_state_dim", "mamba_num_groups")
+             "norm_epsilon", "untie_embeddings_and_output_weights", "position_embedding_type",
+             "rotary_base", "mamba_num_heads", "mamba_head_dim", "mamba_state_dim",
+             "mamba_num_groups")
 
 
 def model_signature(state: TrainState) -> dict:
@@ -127,19 +134,28 @@ def plan_load(common: dict, state: TrainState, ckpt: Path, options: ResumeOption
 
 
 def _check_model(common: dict, state: TrainState, ckpt: Path) -> None:
-    saved = common.get("model_signature")
-    if saved is None:  # format 1 (before signatures): compare the saved config's model
-        model = (common.get("config") or {}).get("model", {})
-        saved = {k: model[k] for k in ARCH_KEYS if k in model}
-        if "hybrid_layer_pattern" in saved:
-            saved["hybrid_layer_pattern"] = saved["hybrid_layer_pattern"].replace("|", "")
+    # Keys a signature lacks (format 1 had none; rotary_base and norm_epsilon came later) are
+    # read from the saved config's model section.
+    model = (common.get("config") or {}).get("model", {})
+    saved = {k: model[k] for k in ARCH_KEYS if k in model}
+    if "hybrid_layer_pattern" in saved:
+        saved["hybrid_layer_pattern"] = saved["hybrid_layer_pattern"].replace("|", "")
+    saved.update(common.get("model_signature") or {})
     mine = model_signature(state)
-    diff = [f"{k}={saved[k]!r} (config: {mine[k]!r})" for k in mine
-            if k in saved and saved[k] != mine[k]]
+    diff = [k for k in mine if k in saved and saved[k] != mine[k]]
     if diff:
-        key = "data.tokenizer" if diff[0].startswith("padded_vocab") else "model"
-        raise CheckpointError(f"checkpoint {ckpt} does not fit the configured model: "
-                              f"{', '.join(diff)}; check {key} settings")
+        shown = ", ".join(f"{k}={saved[k]!r} (config: {mine[k]!r})" for k in diff)
+        if diff == ["padded_vocab_size"]:
+            raise CheckpointError(f"checkpoint {ckpt} does not fit the configured model: "
+                                  f"{shown}; check data.tokenizer settings")
+        fix = " ".join(f"model.{k}={saved[k]}" for k in diff if k != "padded_vocab_size")
+        yaml_file = ckpt.parent / "model.yaml"  # written by convert_checkpoint hf-to-megatron
+        where = (f", or add its model section as a second config: --config RUN.yaml --config "
+                 f"{yaml_file}" if yaml_file.is_file() else "")
+        where += ", or train.use_checkpoint_args=true (the model section saved with it)"
+        vocab = " (and check data.tokenizer)" if "padded_vocab_size" in diff else ""
+        raise CheckpointError(f"checkpoint {ckpt} does not fit the configured model: {shown}; "
+                              f"set {fix}{vocab}{where}")
 
 
 def _check_optimizer(saved: str, state: TrainState, ckpt: Path, layout: dict | None) -> None:

@@ -66,6 +66,15 @@ class RunConfig:
             check(stages == 1 or stages == pp, "model.hybrid_layer_pattern",
                   m.hybrid_layer_pattern,
                   f"{pp} pipeline stage(s) (| separated) for pipeline_model_parallel_size={pp}")
+            layers = sum(c in "M*-" for c in m.hybrid_layer_pattern)
+            if stages == 1 and layers % pp:  # Megatron splits a `|`-free pattern evenly
+                body = m.hybrid_layer_pattern
+                cut = [body[i * len(body) // pp:(i + 1) * len(body) // pp] for i in range(pp)]
+                check(False, "model.hybrid_layer_pattern", m.hybrid_layer_pattern,
+                      f"| between {pp} non-empty stages, e.g. {'|'.join(cut)!r}, or a layer "
+                      f"count divisible by pipeline_model_parallel_size={pp}, split evenly "
+                      f"({layers} layers here; Megatron deprecates patterns without | under "
+                      "PP)")
         else:
             check(stages == pp * vp, "model.hybrid_layer_pattern", m.hybrid_layer_pattern,
                   f"{pp * vp} | separated chunks (pipeline_model_parallel_size={pp} x "
@@ -77,6 +86,11 @@ class RunConfig:
             check(stages == 1 or all(seg for seg in m.hybrid_layer_pattern.split("|")),
                   "model.hybrid_layer_pattern", m.hybrid_layer_pattern,
                   "no empty pipeline stage between | separators")
+        # FlexAttention serves only the branch-packed update, which shares prefixes.
+        check(m.packed_attention != "flex" or self.rlp.share_prefixes, "model.packed_attention",
+              m.packed_attention, "auto or mask with rlp.share_prefixes=false (flex serves only "
+              "the branch-packed update, which shares prefixes; set rlp.share_prefixes=true "
+              "to use it)")
         self._check_sequence_lengths()
         return self
 
@@ -127,10 +141,14 @@ class RunConfig:
               f"EP*TP*PP dividing the world size {world_size} (EP a divisor of the "
               f"data-parallel size {dp}; tensor_model_parallel_size={tp}, "
               f"pipeline_model_parallel_size={pp})")
-        check(r.contexts_per_step % dp == 0, "rlp.contexts_per_step", r.contexts_per_step,
-              f"a multiple of the data-parallel size {dp}")
-        check(self.data.ntp_batch_size % dp == 0, "data.ntp_batch_size",
-              self.data.ntp_batch_size, f"a multiple of the data-parallel size {dp}")
+        # Each batch size only where its objective reads it (an RLP run never builds an NTP
+        # batch, nor an NTP run RLP contexts).
+        if t.objective == "rlp":
+            check(r.contexts_per_step % dp == 0, "rlp.contexts_per_step", r.contexts_per_step,
+                  f"a multiple of the data-parallel size {dp}")
+        else:
+            check(self.data.ntp_batch_size % dp == 0, "data.ntp_batch_size",
+                  self.data.ntp_batch_size, f"a multiple of the data-parallel size {dp}")
         check(t.eval_interval == 0 or t.eval_contexts % dp == 0, "train.eval_contexts",
               t.eval_contexts, f"a multiple of the data-parallel size {dp}")
         local = r.contexts_per_step // dp

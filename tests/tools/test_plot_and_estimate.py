@@ -8,6 +8,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -245,6 +246,23 @@ def test_console_lines_keep_their_prefix_and_gain_an_eta(tmp_path, capsys):
     assert lines[1].endswith("| 3/10 eta 0:00:00")
     rows = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+def test_held_out_metrics_and_peak_memory_reach_the_console(tmp_path, capsys):
+    """Validation metrics get their own console line at the step they are computed, even
+    off the log interval; step lines show the model TFLOP/s per GPU and the peak memory,
+    which the JSON rows do not hold (resumed runs must write the same rows)."""
+    w = _writer(tmp_path)
+    w.log(1, {"loss": 0.5, "flops": 3e12, "step_time": 2.0})
+    w.log(2, {"loss": 0.4, "val_nll_teacher": 2.5, "val_info_gain": 0.01,
+              "val_contexts": 8.0}, console=False)
+    w.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and re.search(r"\| peak_mem \d+\.\d\d GiB$", lines[0]), lines
+    assert "| TFLOP/s/GPU 1.5 |" in lines[0], lines[0]
+    assert lines[1] == "[rlp valid step     2] nll_teacher 2.5000 | info_gain +0.0100"
+    rows = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert not any("peak_mem" in k for r in rows for k in r)
 
 
 def test_progress_bar_draws_on_a_terminal_only():

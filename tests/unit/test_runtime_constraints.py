@@ -284,7 +284,7 @@ DATA = {
     ("data/indexed.py", "tokenized with"), ("data/indexed.py", "split has no document"),
     ("data/indexed.py", "no window of"), ("data/indexed.py", "documents leave the"),
     ("data/corpus.py", "invalid JSON"), ("data/corpus.py", "expected an object"),
-    ("data/corpus.py", "no usable document"),
+    ("data/corpus.py", "no usable document"), ("data/utf8.py", "lone surrogate"),
     ("data/contexts.py", "no document has more than min_prefix"),
     ("data/contexts.py", "documents with at least"),
     ("data/contexts.py", "positions outside thought spans"),
@@ -304,6 +304,8 @@ INVARIANT = {
     ("objective/surrogate.py", "advantages must be"),
     ("objective/advantages.py", "rewards must be"),
     ("objective/reward.py", "must have"), ("scoring/ema_teacher.py", "different parameters"),
+    # rlp.teacher_scoring is a Literal: start-up refuses any other value (config/loading.py)
+    ("scoring/ema_teacher.py", "expected one of"),
     ("models/mamba/mixer.py", "sequence_parallel"),  # rollouts run with SP off
     ("models/mamba/mixer.py", "packed_seq_params"), ("models/mamba/mixer.py", "one token per row"),
     ("models/mamba/mixer.py", "is_static_batching"),
