@@ -27,6 +27,10 @@ same ones). Prints a table (or `--json`) of what one GPU holds:
                train.recompute_granularity), the logits and their gradient
   overhead     CUDA context, NCCL buffers, allocator slack (--overhead-gib)
 
+MoE (`E` layers): routed experts split over EP (and TP), their Adam state over DP / EP with
+the distributed optimizer; an MoE layer keeps its dispatcher buffers and top-k routed copies
+of each token (`moe_bytes`).
+
 Peak = persistent + the largest phase + overhead. Activation sizes follow Korthikanti et
 al. (2022) per layer kind, without recomputation or sequence parallelism; attention is the
 materialised-softmax kind the local Megatron spec runs today (`--attention flash` for a
@@ -71,6 +75,13 @@ class Shapes:
     m_head_dim: int
     m_state: int
     m_groups: int
+    # MoE (`E`) layers: routed experts of `moe_ffn` each, top-k per token, an optional shared
+    # expert of `shared_ffn`; experts split over EP (and over TP as Megatron's expert TP).
+    n_moe: int = 0
+    experts: int = 0
+    topk: int = 0
+    moe_ffn: int = 0
+    shared_ffn: int = 0
 
     @property
     def d_inner(self) -> int:
@@ -96,11 +107,16 @@ def shapes(cfg: RunConfig, vocab_size: int) -> Shapes:
         n_attn=pattern.count("*"), n_mlp=pattern.count("-"), n_mamba=pattern.count("M"),
         m_heads=m_heads, m_head_dim=m_head_dim, m_state=m.mamba_state_dim,
         m_groups=m.mamba_num_groups,
+        n_moe=pattern.count("E"), experts=m.num_experts or 0, topk=m.moe_router_topk,
+        moe_ffn=m.moe_ffn_hidden_size or m.ffn_hidden_size,
+        shared_ffn=m.moe_shared_expert_intermediate_size or 0,
     )
 
 
-def parameter_counts(s: Shapes, tp: int) -> dict[str, float]:
-    """Total parameters and this rank's share under tensor parallelism (norms replicated)."""
+def parameter_counts(s: Shapes, tp: int, ep: int = 1) -> dict[str, float]:
+    """Total parameters and this rank's share under tensor parallelism (norms replicated)
+    and expert parallelism (`experts_per_rank`: the routed experts' share, in `per_rank`;
+    `active`: what one token runs through, top-k experts of each MoE layer)."""
     h, d = s.hidden, s.head_dim
     attn_split = h * (s.heads * d + 2 * s.groups * d) + s.heads * d * h
     attn_repl = h + (2 * d if s.qk_norm else 0)
@@ -114,10 +130,19 @@ def parameter_counts(s: Shapes, tp: int) -> dict[str, float]:
                    + di * h)  # out_proj
     mamba_repl = h
     emb = s.vocab * h * (1 if s.tied else 2)
-    split = s.n_attn * attn_split + s.n_mlp * mlp_split + s.n_mamba * mamba_split + emb
-    repl = s.n_attn * attn_repl + s.n_mlp * mlp_repl + s.n_mamba * mamba_repl + h  # final norm
-    return {"total": split + repl, "per_rank": split / tp + repl,
-            "embedding": emb, "non_embedding": split + repl - emb}
+    expert = h * s.moe_ffn * (2 if s.gated else 1) + s.moe_ffn * h
+    shared = h * s.shared_ffn * (2 if s.gated else 1) + s.shared_ffn * h
+    routed = s.n_moe * s.experts * expert
+    split = (s.n_attn * attn_split + s.n_mlp * mlp_split + s.n_mamba * mamba_split + emb
+             + s.n_moe * shared)
+    repl = (s.n_attn * attn_repl + s.n_mlp * mlp_repl + s.n_mamba * mamba_repl + h  # final norm
+            + s.n_moe * (h + s.experts * h))  # pre-MLP norm, router
+    experts_here = routed / (tp * ep)
+    total = split + repl + routed
+    return {"total": total, "per_rank": split / tp + repl + experts_here,
+            "experts_per_rank": experts_here, "embedding": emb,
+            "non_embedding": total - emb,
+            "active": total - routed + s.n_moe * s.topk * expert}
 
 
 def activation_bytes_per_token(s: Shapes, tp: int, b: int, seq: int, attention: str) -> float:
@@ -134,7 +159,21 @@ def activation_bytes_per_token(s: Shapes, tp: int, b: int, seq: int, attention: 
     di, cd = s.d_inner, s.conv_dim
     mamba = b * (2 * h + (2 * di + 2 * s.m_groups * s.m_state + s.m_heads) / tp
                  + 2 * cd / tp + 4 * di / tp)  # in_proj out, conv in/out, y, norm in (y, z), out
-    return s.n_attn * attn + s.n_mlp * mlp + s.n_mamba * mamba + 2 * b * h
+    return (s.n_attn * attn + s.n_mlp * mlp + s.n_mamba * mamba + s.n_moe * moe_bytes(s, tp, b)
+            + 2 * b * h)
+
+
+def moe_bytes(s: Shapes, tp: int, b: int) -> float:
+    """Bytes per token an MoE layer keeps for backward: norm in, fp32 router scores, the
+    dispatcher's buffers (the permuted token before and after the all-to-all, top-k copies),
+    each routed copy's expert fc1 in/out and fc2 in, the combine's input; a shared expert as
+    an MLP."""
+    if not s.n_moe:
+        return 0.0
+    f1 = s.moe_ffn * (2 if s.gated else 1)
+    routed = s.topk * (3 * s.hidden + f1 / tp + s.moe_ffn / tp)
+    shared = (s.shared_ffn * (2 if s.gated else 1) + s.shared_ffn) / tp
+    return b * (2 * s.hidden + routed + shared) + 4 * 2 * s.experts
 
 
 def kept_activation_bytes_per_token(s: Shapes, tp: int, b: int, seq: int, attention: str,
@@ -147,7 +186,7 @@ def kept_activation_bytes_per_token(s: Shapes, tp: int, b: int, seq: int, attent
     every = activation_bytes_per_token(s, tp, b, seq, attention)
     if recompute != "full":
         return every
-    layers = s.n_attn + s.n_mlp + s.n_mamba
+    layers = s.n_attn + s.n_mlp + s.n_mamba + s.n_moe
     groups = math.ceil(layers / recompute_layers)
     return groups * b * s.hidden + every * min(recompute_layers, layers) / layers
 
@@ -161,7 +200,8 @@ def one_layer_inference_bytes(s: Shapes, tp: int, b: int, rows: int, seq: int,
         attn += 2 * (s.heads / tp) * seq  # scores + probabilities
     mlp = (s.ffn * (2 if s.gated else 1) + s.ffn) / tp if s.n_mlp else 0
     mamba = (2 * s.d_inner + 2 * s.m_groups * s.m_state + 2 * s.conv_dim) / tp if s.n_mamba else 0
-    return b * rows * seq * (3 * h + max(attn if s.n_attn else 0, mlp, mamba))
+    moe = moe_bytes(s, tp, b) / b  # the dispatcher's buffers and the routed copies
+    return b * rows * seq * (3 * h + max(attn if s.n_attn else 0, mlp, mamba, moe))
 
 
 def estimate(cfg: RunConfig, world_size: int, vocab_size: int, attention: str = "unfused",
@@ -171,12 +211,17 @@ def estimate(cfg: RunConfig, world_size: int, vocab_size: int, attention: str = 
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     dp = world_size // (tp * pp)
     s = shapes(cfg, vocab_size)
-    counts = parameter_counts(s, tp)
+    ep = p.expert_model_parallel_size
+    counts = parameter_counts(s, tp, ep)
     n = counts["per_rank"] / pp  # layers split evenly over stages (rough for PP > 1)
+    n_experts = counts["experts_per_rank"] / pp
     bf16 = cfg.precision.params_dtype == "bf16"
     pb = 2 if bf16 else 4
     opt_per_param = (4 if bf16 else 0) + 8  # fp32 master (bf16 only) + Adam m, v
-    optimizer = n * opt_per_param / (dp if p.use_distributed_optimizer else 1)
+    # The distributed optimizer shards dense state over DP, expert state over the
+    # expert-data-parallel group (DP / EP).
+    optimizer = ((n - n_experts) * opt_per_param / (dp if p.use_distributed_optimizer else 1)
+                 + n_experts * opt_per_param / (dp // ep if p.use_distributed_optimizer else 1))
     persistent = {
         "parameters": n * pb,
         "gradients": n * 4,
@@ -242,7 +287,7 @@ def estimate(cfg: RunConfig, world_size: int, vocab_size: int, attention: str = 
     peak_phase = max(phase_totals, key=phase_totals.get)
     total = sum(persistent.values()) + phase_totals[peak_phase] + overhead_gib * GIB
     return {
-        "layout": {"world_size": world_size, "tp": tp, "pp": pp, "dp": dp,
+        "layout": {"world_size": world_size, "tp": tp, "pp": pp, "dp": dp, "ep": ep,
                    "distributed_optimizer": p.use_distributed_optimizer,
                    "params_dtype": cfg.precision.params_dtype, "attention": attention,
                    "rollout_chunks": rollout_chunks},
@@ -252,7 +297,7 @@ def estimate(cfg: RunConfig, world_size: int, vocab_size: int, attention: str = 
                   "update_micro_batch": mbs, "update_micro_batches": math.ceil(sequences / mbs),
                   "update_seq_len": upd_seq},
         "parameters": {"total": counts["total"], "per_rank": n,
-                       "non_embedding": counts["non_embedding"]},
+                       "non_embedding": counts["non_embedding"], "active": counts["active"]},
         "persistent": persistent,
         "phases": phases,
         "phase_totals": phase_totals,
@@ -270,7 +315,8 @@ def table(est: dict, gpu_gib: float) -> str:
     lay, bat = est["layout"], est["batch"]
     lines = [
         f"layout: {lay['world_size']} ranks = TP {lay['tp']} x PP {lay['pp']} x DP {lay['dp']}"
-        f" | {lay['params_dtype']} params | distributed optimizer "
+        + (f" (EP {lay['ep']})" if lay["ep"] > 1 else "")
+        + f" | {lay['params_dtype']} params | distributed optimizer "
         f"{'on' if lay['distributed_optimizer'] else 'off'} | attention {lay['attention']}"
         + (f" | rollout chunks {lay['rollout_chunks']}" if lay["rollout_chunks"] > 1 else ""),
         f"batch:  {bat['contexts_per_step']} contexts/step -> {bat['contexts_per_rank']}/rank x "
@@ -278,7 +324,9 @@ def table(est: dict, gpu_gib: float) -> str:
         f"{bat['rollout_seq_len']} tokens; update {bat['update_micro_batches']} x "
         f"{bat['update_micro_batch']} sequences of {bat['update_seq_len']}",
         f"params: {est['parameters']['total'] / 1e9:.3f} B total, "
-        f"{est['parameters']['per_rank'] / 1e9:.3f} B on this rank",
+        f"{est['parameters']['per_rank'] / 1e9:.3f} B on this rank"
+        + (f", {est['parameters']['active'] / 1e9:.3f} B active per token"
+           if est["parameters"]["active"] < est["parameters"]["total"] else ""),
         "",
         f"{'item':<34}{'GiB/rank':>9}",
     ]

@@ -164,6 +164,15 @@ def _check_optimizer(saved: str, state: TrainState, ckpt: Path, layout: dict | N
         was = "true" if saved.startswith("distributed") else "false"
         raise CheckpointError(f"checkpoint {ckpt} holds {saved.split('/')[0]} optimizer state: "
                               f"resume with parallel.use_distributed_optimizer={was}")
+    saved_ep, now_ep = (layout or {}).get("ep", 1), current_layout().get("ep", 1)
+    if (saved_ep > 1) != (now_ep > 1):
+        # Megatron chains a dense and an expert optimizer under EP > 1, one optimizer at EP=1.
+        raise CheckpointError(
+            f"checkpoint {ckpt} holds optimizer state of EP={saved_ep} (Megatron keeps expert "
+            f"parameters in {'a separate' if saved_ep > 1 else 'the same'} optimizer), which "
+            f"does not load at EP={now_ep}: resume with "
+            f"parallel.expert_model_parallel_size={saved_ep}, or with "
+            "train.load_optimizer=false (weights, teacher and schedule load in any EP)")
     moved = {k: (layout or {}).get(k) for k in ("tp", "pp", "vp")} != {
         k: current_layout().get(k) for k in ("tp", "pp", "vp")}
     if saved == "distributed/dp_reshardable" and moved:

@@ -49,6 +49,7 @@ class RunConfig:
         check(m.make_vocab_size_divisible_by % tp == 0, "parallel.tensor_model_parallel_size",
               tp, f"a divisor of model.make_vocab_size_divisible_by="
               f"{m.make_vocab_size_divisible_by} (the padded vocabulary is split over TP)")
+        self._check_moe()
         if world_size is not None:
             self._check_run_shapes(world_size)
         check(self.train.eval_interval == 0 or self.data.split_weights()[1] > 0,
@@ -93,6 +94,29 @@ class RunConfig:
         self._check_sequence_lengths()
         return self
 
+    def _check_moe(self) -> None:
+        """MoE against the layout and the objective (the world size is `_check_run_shapes`)."""
+        m, p = self.model, self.parallel
+        ep, tp = p.expert_model_parallel_size, p.tensor_model_parallel_size
+        if "E" not in m.hybrid_layer_pattern:
+            check(ep == 1, "parallel.expert_model_parallel_size", ep,
+                  "1 without E (MoE) layers in model.hybrid_layer_pattern")
+            return
+        check(m.num_experts % ep == 0, "parallel.expert_model_parallel_size", ep,
+              f"a divisor of model.num_experts={m.num_experts}")
+        for key in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
+            v = getattr(m, key)
+            check(v is None or v % tp == 0, "parallel.tensor_model_parallel_size", tp,
+                  f"a divisor of model.{key}={v}")
+        # Megatron's MoELayer raises in training with TP > 1 and no sequence parallel.
+        check(tp == 1 or p.sequence_parallel, "parallel.sequence_parallel", p.sequence_parallel,
+              "true with E (MoE) layers and tensor_model_parallel_size > 1 (Megatron's MoELayer)")
+        # Token dropping makes a token's experts depend on the other tokens of its batch:
+        # rollout (decode, one token a step) and update (whole sequences) would route apart.
+        check(m.moe_expert_capacity_factor is None or self.train.objective != "rlp",
+              "model.moe_expert_capacity_factor", m.moe_expert_capacity_factor,
+              "null with train.objective=rlp (exact on-policy routing: no token dropping)")
+
     def _check_run_shapes(self, world_size: int) -> None:
         """The run-time constraints that depend on the world size, checked here so that a
         run never stops at step 1 over them. Each names the code that would fail:
@@ -112,6 +136,11 @@ class RunConfig:
               "parallel.tensor_model_parallel_size", tp,
               f"TP*PP dividing the world size {world_size} (pipeline_model_parallel_size={pp})")
         dp = world_size // (tp * pp)
+        ep = p.expert_model_parallel_size
+        check(dp % ep == 0, "parallel.expert_model_parallel_size", ep,
+              f"EP*TP*PP dividing the world size {world_size} (EP a divisor of the "
+              f"data-parallel size {dp}; tensor_model_parallel_size={tp}, "
+              f"pipeline_model_parallel_size={pp})")
         # Each batch size only where its objective reads it (an RLP run never builds an NTP
         # batch, nor an NTP run RLP contexts).
         if t.objective == "rlp":

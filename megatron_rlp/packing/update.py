@@ -83,7 +83,8 @@ def packed_update_batches(windows, prompts, thoughts, advantages: Tensor, group_
                           micro_batch_size: int, pad: int, think_start: int,
                           equal_width: bool, multiple: int = 1, model_cfg=None,
                           rows_per_seq: int | None = None,
-                          block_sparse: bool = False) -> list[dict[str, Tensor]]:
+                          block_sparse: bool = False,
+                          routing: Tensor | None = None) -> list[dict[str, Tensor]]:
     """Micro-batches of packed sequences for `optimizer_update`.
 
     Args:
@@ -98,6 +99,8 @@ def packed_update_batches(windows, prompts, thoughts, advantages: Tensor, group_
         rows_per_seq: force the branches per sequence (a divisor of both a document's rows
             and a micro-batch's).
         block_sparse: the forward runs FlexAttention (`rows_per_sequence`'s cost model).
+        routing: [R, L, layers, E] the rollout's routing of the thought tokens (MoE models,
+            `models.moe_routing`); laid out like `mask` as `rollout_routing`.
 
     Returns:
         Micro-batches with tokens, positions, branch, lo, hi: [m, S]; index, labels, mask,
@@ -134,6 +137,8 @@ def packed_update_batches(windows, prompts, thoughts, advantages: Tensor, group_
                   mask=thoughts.mask[r].view(n_seq, -1),
                   logp_old=thoughts.logprobs[r].view(n_seq, -1),
                   advantages=advantages.to(device)[r])
+    if routing is not None:
+        packed["rollout_routing"] = routing.to(device)[r].flatten(1, 2)
     seqs_per_mb = size // rows_per_seq
     mbs = [{k: v[i:i + seqs_per_mb] for k, v in packed.items()}
            for i in range(0, n_seq, seqs_per_mb)]

@@ -55,6 +55,14 @@ def teacher_scores(mode: str, step: int, log_interval: int) -> bool:
     return mode == "every_step"
 
 
+def _averaged(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What phi averages: every parameter (every expert shard of an MoE model included) and
+    the MoE routers' `expert_bias` buffers (Megatron's aux-loss-free balancing state, moved
+    by token counts in `finalize_model_grads`, not by gradients; it decides the routing)."""
+    return {**dict(model.named_parameters()),
+            **{n: b for n, b in model.named_buffers() if n.endswith("expert_bias")}}
+
+
 class EMATeacher:
     """Holds phi and updates it from theta. No gradients, no communication: every rank
     updates its own shard from its own shard.
@@ -73,8 +81,7 @@ class EMATeacher:
         self.initialized = False
 
     def _pairs(self, policy: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        phi = dict(self.model.named_parameters())
-        theta = dict(unwrap_model(policy).named_parameters())
+        phi, theta = _averaged(self.model), _averaged(unwrap_model(policy))
         if phi.keys() != theta.keys():
             raise ValueError("EMA teacher and policy have different parameters")
         names = list(phi)

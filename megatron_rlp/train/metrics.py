@@ -37,6 +37,7 @@ _CONSOLE = (
     ("clip_fraction", "clip", "{:.3f}"), ("thought_len", "think_len", "{:.1f}"),
     ("s_ema", "S_ema", "{:.3f}"), ("s_pred", "S_pred", "{:.3f}"),
     ("grad_norm", "gnorm", "{:.3f}"), ("lr", "lr", "{:.2e}"),
+    ("routing_agreement", "route_agree", "{:.4f}"), ("moe_expert_load_max", "load_max", "{:.2f}"),
     ("tokens_per_s", "tok/s", "{:.0f}"), ("step_time", "step_s", "{:.2f}"),
 )
 

@@ -25,6 +25,7 @@ from torch import Tensor
 from megatron_rlp.data import ContextSampler
 from megatron_rlp.data.batches import DocumentWindows, build_rlp_inputs
 from megatron_rlp.models.fp8 import rollout_precision, token_multiple
+from megatron_rlp.models.moe_routing import RolloutRouting, with_routing_metrics
 from megatron_rlp.objective import group_advantages, info_gain_reward
 from megatron_rlp.packing.prefill import SharedWindows
 from megatron_rlp.rollout.template import apply_template, build_template
@@ -33,6 +34,7 @@ from megatron_rlp.scoring.ema_teacher import teacher_scores
 from megatron_rlp.scoring.next_token import score_next_tokens
 from megatron_rlp.scoring.reference import reference_logprobs
 from megatron_rlp.train.builder import TrainState
+from megatron_rlp.train.moe_losses import router_losses
 from megatron_rlp.train.ntp_mix import ntp_pass
 from megatron_rlp.train.record import record_step
 from megatron_rlp.train.rlp_metrics import rlp_metrics
@@ -77,6 +79,23 @@ class ScoredRollout:
     # the lead fed before each thought (`rollout.template`: `<think>`, or `after <think>`).
     raw_windows: DocumentWindows | None = None
     lead: tuple[int, ...] = ()
+    # MoE models: [C*G, L, layers, experts] bool, the experts that predicted each thought
+    # token in the rollout (`models.moe_routing`; None without E layers, or under PP / SP).
+    routing: Tensor | None = None
+
+
+# The MoE update's own metrics (models.moe_routing.with_routing_metrics), means over
+# micro-batches and data-parallel ranks; `routing_agreement` where `records_routing`.
+MOE_METRICS = ("routing_agreement", "moe_expert_load_max", "moe_dropped_fraction")
+
+
+def records_routing(cfg) -> bool:
+    """Whether the rollout records routing for `routing_agreement`: MoE layers, one pipeline
+    stage (the loss, which compares, sees every router) and no sequence parallel (the
+    update's routers would see a slice of each sequence)."""
+    p = cfg.parallel
+    return ("E" in cfg.model.hybrid_layer_pattern and p.pipeline_model_parallel_size == 1
+            and not p.sequence_parallel)
 
 
 def rollout_and_score(state: TrainState, sampler: ContextSampler, step: int,
@@ -100,13 +119,16 @@ def rollout_and_score(state: TrainState, sampler: ContextSampler, step: int,
         # The policy reads the template around x_<t; the teacher keeps the raw windows.
         prompts, windows = apply_template(template, raw_prompts, raw_windows, tok.pad)
         state.policy.eval()
-        thoughts = sample_thoughts_chunked(
-            state.policy, prompts, r.rollout_chunk_contexts, group_size=r.group_size,
-            max_thought_tokens=r.max_thought_tokens, temperature=r.temperature, top_p=r.top_p,
-            think_start=list(template.lead), think_end=tok.think_end, pad=tok.pad,
-            vocab_size=tok.vocab_size, seed=cfg.train.seed, step=step,
-            shared=(SharedWindows.from_windows(windows, prompts)
-                    if r.share_prefixes else None))
+        routing = RolloutRouting(state.policy) if records_routing(cfg) else None
+        with routing or contextlib.nullcontext():
+            thoughts = sample_thoughts_chunked(
+                state.policy, prompts, r.rollout_chunk_contexts, group_size=r.group_size,
+                max_thought_tokens=r.max_thought_tokens, temperature=r.temperature,
+                top_p=r.top_p, think_start=list(template.lead), think_end=tok.think_end,
+                pad=tok.pad, vocab_size=tok.vocab_size, seed=cfg.train.seed, step=step,
+                shared=(SharedWindows.from_windows(windows, prompts)
+                        if r.share_prefixes else None),
+                routing=routing)
         state.policy.train()
     scored = state.teacher is not None and teacher_scores(r.teacher_scoring, step,
                                                           cfg.train.log_interval)
@@ -127,7 +149,8 @@ def rollout_and_score(state: TrainState, sampler: ContextSampler, step: int,
         rewards = info_gain_reward(thoughts.s_pred, baseline)
         advantages = group_advantages(rewards.view(-1, r.group_size)).view(-1)
     return ScoredRollout(contexts, ids, prompts, windows, thoughts, s_ema, rewards, advantages,
-                         raw_windows=raw_windows, lead=template.lead)
+                         raw_windows=raw_windows, lead=template.lead,
+                         routing=routing.result() if routing is not None else None)
 
 
 def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer,
@@ -157,6 +180,9 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer,
                           r.temperature, (r.clip_eps_low, r.clip_eps_high),
                           attention=packed_attention(cfg) if layout == "packed" else "mask",
                           **loss_options)
+        moe = "E" in cfg.model.hybrid_layer_pattern
+        if moe:  # expert load, dropped tokens, routing agreement (models/moe_routing.py)
+            forward = with_routing_metrics(forward, cfg.model.moe_router_topk)
         ntp_losses, extra = [], []
         if r.ntp_loss_coef > 0:  # NTP on the raw windows, gradients added (train/ntp_mix.py)
             extra.append(ntp_pass(ro.raw_windows, r.ntp_loss_coef, multiple, ntp_losses))
@@ -174,6 +200,12 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer,
         optional["kl_ref"] = [d["kl_ref"] for d in losses]
     if r.ntp_loss_coef > 0:
         optional["ntp_loss"] = ntp_losses
+    if moe:
+        for k in MOE_METRICS:
+            if k != "routing_agreement" or records_routing(cfg):
+                optional[k] = [d[k] for d in losses]
     metrics = rlp_metrics(ro, losses, optional, grad_norm, applied, r.group_size)
+    if moe:  # Megatron's tracked router losses (a collective: every rank)
+        metrics.update(router_losses(cfg, len(mbs) + len(extra), step))
     state.consumed_tokens += int(metrics["tokens"])
     return metrics

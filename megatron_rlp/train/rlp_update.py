@@ -77,7 +77,8 @@ def rlp_forward_step(scale: float, vocab_size: int, temperature: float,
     """
     batch = next(data_iterator)
     with packed_forward(model, batch, attention) as mask:
-        logits = model(batch["tokens"], batch["positions"], mask)
+        logits = model(batch["tokens"], batch["positions"], mask,
+                       padding_mask=batch.get("padding_mask"))  # MoE: models.moe_routing
     return logits, partial(rlp_loss, batch, scale, vocab_size, temperature, eps,
                            **loss_options)
 
@@ -114,6 +115,8 @@ def unpacked_microbatches(cfg, tok, ro, multiple: int, equal_width: bool
     sends one activation shape) keeps the step's width, else each micro-batch is trimmed."""
     batch = update_batch(ro.prompts, ro.thoughts, ro.advantages, cfg.rlp.group_size, tok.pad,
                          list(ro.lead), multiple)
+    if getattr(ro, "routing", None) is not None:  # MoE: the rollout's experts, row-aligned
+        batch["rollout_routing"] = ro.routing.to(batch["index"].device)
     if equal_width:
         return split_microbatches(batch, cfg.train.micro_batch_size)
     return trimmed_microbatches(batch, cfg.train.micro_batch_size, multiple)
@@ -128,7 +131,8 @@ def packed_microbatches(cfg, tok, ro, multiple: int, equal_width: bool
                                  cfg.rlp.group_size, cfg.train.micro_batch_size, tok.pad,
                                  list(ro.lead), equal_width=equal_width, multiple=multiple,
                                  model_cfg=cfg.model,
-                                 block_sparse=packed_attention(cfg) == "flex")
+                                 block_sparse=packed_attention(cfg) == "flex",
+                                 routing=getattr(ro, "routing", None))
 
 
 UPDATE_LAYOUTS = {"unpacked": unpacked_microbatches, "packed": packed_microbatches}

@@ -67,10 +67,11 @@ def test_parameter_count_matches_published_models(overrides, vocab, published):
     assert em.parameter_counts(em.shapes(cfg, vocab), 1)["total"] == published
 
 
-@pytest.mark.parametrize("config", ["tiny_cpu.yaml", "tiny_hybrid_cpu.yaml"])
+@pytest.mark.parametrize("config", ["tiny_cpu.yaml", "tiny_hybrid_cpu.yaml", "tiny_moe_cpu.yaml",
+                                    "tiny_hybrid_moe_cpu.yaml"])
 def test_parameter_count_matches_the_built_megatron_model(config):
-    """The same formula against HybridModel as the provider builds it (attention, MLP and
-    Mamba-2 layers), on one CPU rank."""
+    """The same formula against HybridModel as the provider builds it (attention, MLP,
+    Mamba-2 and MoE layers: router, routed and shared experts), on one CPU rank."""
     path = ROOT / "examples/configs" / config
     assert path.is_file(), f"{config} is missing"
     from megatron_rlp import distributed
@@ -354,3 +355,20 @@ def test_from_config_reads_the_train_section(tmp_path):
     w = MetricsWriter.from_config(cfg)
     assert w.progress is None and w.tb is None and w.wandb is None and w.file is not None
     w.close()
+
+
+def test_moe_experts_split_over_expert_parallel_ranks():
+    """EP splits only the routed experts (and TP splits them too, as Megatron's expert TP);
+    the distributed optimizer shards their Adam state over DP / EP ranks."""
+    moe = str(ROOT / "examples/configs/tiny_moe_cpu.yaml")
+    cfg = em._load(moe, [], 8, validate=False)
+    one = em.parameter_counts(em.shapes(cfg, 260), 1, 1)
+    four = em.parameter_counts(em.shapes(cfg, 260), 1, 4)
+    assert four["experts_per_rank"] == one["experts_per_rank"] / 4 > 0
+    assert one["per_rank"] - four["per_rank"] == one["experts_per_rank"] * 3 / 4
+    assert one["active"] < one["total"]
+    dist = ["parallel.use_distributed_optimizer=true", "parallel.expert_model_parallel_size=4"]
+    est = em.estimate(em._load(moe, dist, 8, validate=False), 8, 260)
+    n, e = est["parameters"]["per_rank"], four["experts_per_rank"]
+    assert est["persistent"]["optimizer"] == pytest.approx((n - e) * 8 / 8 + e * 8 / 2)
+

@@ -309,8 +309,8 @@ INVARIANT = {
     ("models/mamba/mixer.py", "sequence_parallel"),  # rollouts run with SP off
     ("models/mamba/mixer.py", "packed_seq_params"), ("models/mamba/mixer.py", "one token per row"),
     ("models/mamba/mixer.py", "is_static_batching"),
-    ("models/mamba/ops.py", "unsupported activation"),
-    ("models/mamba/ops.py", "conv_state holds"), ("models/mamba/ops.py", "headdim is required"),
+    ("models/mamba/elementwise.py", "unsupported activation"),
+    ("models/mamba/conv.py", "conv_state holds"), ("models/mamba/ops.py", "headdim is required"),
     ("backends/cpu.py", "assert tensor is not None"),
     ("objective/policy_loss.py", "logp_rollout \" f\"{tuple(logp_rollout.shape)}"),
     ("objective/surrogate.py", "token_weights must be"),
