@@ -228,7 +228,10 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
 
     variants = {}
     for name, share in (("naive", False), ("optimised", True)):
-        c = dataclasses.replace(cfg, rlp=dataclasses.replace(cfg.rlp, share_prefixes=share))
+        # The optimised path measures cascade decode (auto turns it on only on cuda).
+        cascade = cfg.rlp.cascade_decode if cfg.rlp.cascade_decode is not None else share
+        c = dataclasses.replace(cfg, rlp=dataclasses.replace(cfg.rlp, share_prefixes=share,
+                                                             cascade_decode=cascade))
         state = build_state(c)
         variants[name] = (state, make_context_sampler(state))
     hf = None

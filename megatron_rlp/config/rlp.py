@@ -148,6 +148,12 @@ class RLPConfig:
     after its window with a tree mask (megatron_rlp/packing). Same thoughts, rewards and loss
     as the per-context path (false), which stays as the reference. Hybrid models too: Mamba
     layers fork/start branches from the conv and SSM states at each position."""
+    cascade_decode: bool | None = None
+    """Shared-prefix rollouts: keep each context's prefix K/V once and merge it with each
+    thought row's own keys by log-sum-exp (packing/cascade.py), so the rollout cache holds
+    C x P + R x T entries instead of R x (P + T). Exact up to fp32 rounding of the merge.
+    None (auto) = on where the device is cuda (the recipes' memory estimates assume it), off
+    on cpu, where the plain cache keeps runs bitwise equal to earlier releases."""
     thought_template: str | None = "none"
     """The prompt the policy thinks in (rollout/template.py): `none` = `x_<t <think>` as is;
     `paper` = the paper's short instruction (continue the text, think briefly between

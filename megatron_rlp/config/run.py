@@ -215,3 +215,9 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+
+def cascade_decode(cfg: RunConfig) -> bool:
+    """`rlp.cascade_decode`, with None (auto) resolved: on for device.type=cuda."""
+    if cfg.rlp.cascade_decode is not None:
+        return bool(cfg.rlp.cascade_decode)
+    return cfg.device.type == "cuda"
