@@ -223,3 +223,16 @@ def test_sections_are_independent_instances():
     a.rlp.group_size = 16
     assert b.rlp.group_size == 4
     assert all(dataclasses.is_dataclass(getattr(a, f.name)) for f in dataclasses.fields(a))
+
+
+def test_cascade_decode_auto_is_on_for_cuda_only():
+    from megatron_rlp.config import RunConfig, cascade_decode
+    from megatron_rlp.config.loading import _apply
+
+    for device, given, expected in (("cpu", None, False), ("cuda", None, True),
+                                    ("cpu", "true", True), ("cuda", "false", False)):
+        cfg = RunConfig()
+        _apply(cfg, "device.type", device)
+        if given is not None:
+            _apply(cfg, "rlp.cascade_decode", given)
+        assert cascade_decode(cfg) is expected, (device, given)
