@@ -4,7 +4,8 @@ by the information it adds about the real next token (see README.md).
     torchrun --nproc-per-node 2 pretrain_rlp.py --config examples/configs/tiny_cpu.yaml \
         rlp.group_size=4 train.steps=20
 
-Everything after the config file is a `section.key=value` override. The config is validated
+Everything after the config file is a `section.key=value` override; `--config` may be given
+several times (later files win key by key). The config is validated
 before torch.distributed starts, with the world size of the launcher (torchrun or srun): a bad
 value exits 2 with one line naming it, printed by global rank 0 only. Exit codes: 0 done or
 stopped cleanly, 1 non-finite steps, 2 bad config / data / checkpoint, 3 a step or save that
@@ -28,8 +29,10 @@ def _positive_int(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML config file (sections: model, parallel, rlp, "
-                        "optimizer, data, train, device, precision)")
+    parser.add_argument("--config", action="append", help="YAML config file (sections: model, "
+                        "parallel, rlp, optimizer, data, train, device, precision); repeat it "
+                        "to merge several, later files winning key by key (e.g. the run's, "
+                        "then a converted checkpoint's model.yaml)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     parser.add_argument("--check-world-size", type=_positive_int, metavar="N",
                         help="only validate the config for N ranks (no launcher needed) and "
@@ -37,11 +40,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # overrides may follow the options too
 
     from megatron_rlp.config import ConfigError
-    from megatron_rlp.startup import load_config, load_launch_config, print_error, quiet_megatron
+    from megatron_rlp.startup import (
+        check_run_start,
+        load_config,
+        load_launch_config,
+        print_error,
+        quiet_megatron,
+    )
 
     if args.check_world_size is not None:
         try:
-            load_config(args.config, tuple(args.overrides), world_size=args.check_world_size)
+            check_run_start(load_config(args.config, tuple(args.overrides),
+                                        world_size=args.check_world_size))
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

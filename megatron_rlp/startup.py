@@ -20,18 +20,19 @@ through `plugin.py`) load their config through `load_config` / `load_launch_conf
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
 import time
 import warnings
 
-from megatron_rlp.config import ConfigError, RunConfig, launch_env, read_config
+from megatron_rlp.config import ConfigError, RLPConfig, RunConfig, launch_env, read_config
 from megatron_rlp.config.errors import check
-from megatron_rlp.config.loading import quiet_imports
+from megatron_rlp.config.loading import ConfigPaths, quiet_imports
 
-__all__ = ["check_machine", "launch_env", "let_rank0_print", "load_config", "load_launch_config",
-           "print_error", "quiet_megatron", "validate"]
+__all__ = ["check_machine", "check_run_start", "launch_env", "let_rank0_print", "load_config",
+           "load_launch_config", "print_error", "quiet_megatron", "unused_keys", "validate"]
 
 
 def check_machine(cfg: RunConfig) -> None:
@@ -100,16 +101,44 @@ def _check_transformer_engine(cfg: RunConfig) -> None:
 
 
 def _use_checkpoint_args(cfg: RunConfig) -> None:
-    """The model section from a Megatron-LM checkpoint's args (interop/megatron_lm.py)."""
+    """The model section from a Megatron-LM checkpoint's args (interop/megatron_lm.py), or
+    from this project's own checkpoint (the config saved with it; `hf-to-megatron` output
+    too). The configured pattern's `|` stage splits are kept when the layers are the same."""
     from megatron_rlp.interop import megatron_lm
 
     try:
+        if cfg.train.load and megatron_lm.find(cfg.train.load) is None:
+            _use_own_checkpoint_model(cfg)
+            return
         megatron_lm.apply_checkpoint_args(cfg)
     except (megatron_lm.MegatronLMError, OSError) as e:
         text = str(e)
         if not text.startswith("train.use_checkpoint_args"):
             text = f"train.use_checkpoint_args=true: {text}"
         raise ConfigError(f"invalid config: {text}") from None
+
+
+def _use_own_checkpoint_model(cfg: RunConfig) -> None:
+    """`train.use_checkpoint_args` on this project's checkpoint: its saved `model` section."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_rlp.checkpoint import CheckpointError, resolve_checkpoint
+
+    try:
+        ckpt = resolve_checkpoint(cfg.train.load)
+        common = dist_checkpointing.load_common_state_dict(str(ckpt))
+    except CheckpointError as e:
+        raise ConfigError(f"invalid config: train.use_checkpoint_args=true: {e}") from None
+    saved = dict(((common or {}).get("config") or {}).get("model") or {})
+    check(bool(saved), "train.use_checkpoint_args", True,
+          f"false here: {ckpt} holds no model section")
+    mine = cfg.model.hybrid_layer_pattern
+    if mine.replace("|", "") == str(saved.get("hybrid_layer_pattern", "")).replace("|", ""):
+        saved["hybrid_layer_pattern"] = mine
+    known = {f.name for f in dataclasses.fields(cfg.model)}
+    for key, value in saved.items():
+        if key in known and key not in ("transformer_impl", "packed_attention"):
+            setattr(cfg.model, key, value)  # the layers' kernels stay this run's choice
 
 
 def validate(cfg: RunConfig, world_size: int | None = None) -> RunConfig:
@@ -127,15 +156,16 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> RunConfig:
     return cfg
 
 
-def load_config(path: str | None = None, overrides: tuple[str, ...] = (),
+def load_config(path: ConfigPaths = None, overrides: tuple[str, ...] = (),
                 world_size: int | None = None) -> RunConfig:
     """Build a validated RunConfig from defaults, an optional YAML file and overrides
     (`config.read_config`), the model section of a Megatron-LM checkpoint with
     `train.use_checkpoint_args`, and check it: the pure rules, then this machine.
 
     Args:
-        path: YAML file with sections as top-level keys (any subset).
-        overrides: `section.key=value` strings, applied after the file.
+        path: YAML file(s) with sections as top-level keys (any subset); several are merged in
+            order, later ones winning (`config.read_config`).
+        overrides: `section.key=value` strings, applied after the files.
         world_size: when known, also check divisibility by the data-parallel size.
 
     Raises:
@@ -163,13 +193,50 @@ def print_error(error: BaseException | str) -> None:
         let_rank0_print()
 
 
-def load_launch_config(path: str | None, overrides: tuple[str, ...]) -> RunConfig:
+def check_run_start(cfg: RunConfig) -> None:
+    """What a training entry point (pretrain_rlp.py, also with --check-world-size) refuses on
+    top of `load_config`: a recipe with a `train.base_model` run as RLP from random weights
+    (no `train.load`) or with the byte tokenizer, unless `train.allow_random_init`. Tools that
+    read the recipes for their shapes (memory estimates, GPU checks) do not call it.
+
+    Raises:
+        ConfigError: one line naming `train.load` or `data.tokenizer`, and what the recipe
+            expects.
+    """
+    t = cfg.train
+    if t.objective != "rlp" or t.base_model is None or t.allow_random_init:
+        return
+    expects = (f"this recipe continues {t.base_model}: convert it with `python "
+               f"tools/convert_checkpoint.py hf-to-megatron --hf-dir DIR --out OUT --tokenizer "
+               f"DIR/tokenizer.json`, then train.load=OUT data.tokenizer=DIR/tokenizer.json "
+               f"data.corpus=<your text, .jsonl or an indexed prefix>; or "
+               f"train.allow_random_init=true to run RLP from random weights anyway")
+    check(t.load is not None, "train.load", t.load, expects)
+    check(cfg.data.tokenizer != "byte", "data.tokenizer", cfg.data.tokenizer, expects)
+
+
+def unused_keys(cfg: RunConfig) -> list[str]:
+    """`rlp.*` settings (differing from the defaults) that a `train.objective=ntp` run never
+    reads: all of them without `train.eval_interval`, else those the held-out evaluation
+    (train/validate.py) does not use. Empty for RLP runs."""
+    if cfg.train.objective != "ntp":
+        return []
+    read = set() if not cfg.train.eval_interval else {
+        "min_prefix_tokens", "max_prefix_tokens", "position_stride", "skip_thought_spans",
+        "group_size", "max_thought_tokens", "temperature", "top_p", "thought_template"}
+    default = RLPConfig()
+    return [f"rlp.{f.name}={getattr(cfg.rlp, f.name)}" for f in dataclasses.fields(RLPConfig)
+            if f.name not in read and getattr(cfg.rlp, f.name) != getattr(default, f.name)]
+
+
+def load_launch_config(path: ConfigPaths, overrides: tuple[str, ...]) -> RunConfig:
     """`load_config` for an entry point under torchrun or srun (world size from `launch_env`),
     before torch.distributed starts. A bad value prints one `error:` line, from global rank 0
     only (every rank of a job reads the same config), and every rank exits 2."""
     world, rank, local_rank = launch_env()
     try:
         cfg = load_config(path, overrides, world_size=world)
+        check_run_start(cfg)
         if cfg.device.type == "cuda":
             import torch
 
@@ -183,6 +250,10 @@ def load_launch_config(path: str | None, overrides: tuple[str, ...]) -> RunConfi
                                   f"{' and '.join(missing)} is not set (allowed: export "
                                   "MASTER_ADDR=<first node> MASTER_PORT=<free port>, or "
                                   "launch with torchrun)")
+        unused = unused_keys(cfg)
+        if unused and rank == 0:
+            print(f"[config] train.objective=ntp does not read {', '.join(unused)} (RLP "
+                  "settings)", flush=True)
         return cfg
     except ConfigError as e:
         if rank == 0:

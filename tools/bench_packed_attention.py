@@ -86,13 +86,38 @@ def sparsity_report(mbs: list[dict], block_size: int) -> dict[str, float]:
             "micro_batches": len(mbs), "width": int(mbs[0]["tokens"].shape[1])}
 
 
+def available_bytes(device) -> int:
+    """Free memory of `device`: CUDA's free bytes, or the host's MemAvailable."""
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def attention_bytes(mbs: list[dict], heads: int, element: int, timed: bool) -> int:
+    """Bytes of the largest micro-batch's [m, S, S] tensors: the tree mask (bool, and its float
+    copy for the pair sparsity) and, when timed, the explicit-mask path's scores, softmax and
+    their gradient ([m, heads, S, S] each, `element` bytes)."""
+    worst = max(int(mb["tokens"].shape[0]) * int(mb["tokens"].shape[1]) ** 2 for mb in mbs)
+    return worst * (5 + (3 * heads * element if timed else 0))
+
+
 def time_attention(model, mbs: list[dict], vocab_size: int, kinds=("mask", "flex"),
                    repeats: int = 3) -> dict:
     """Seconds of one packed update (forward + backward of every micro-batch) per attention
     path, the median of `repeats` after one untimed pass; the paths' loss and gradients."""
     import torch
 
-    from megatron_rlp.packing.update import packed_forward_step
+    from megatron_rlp.train.rlp_update import rlp_forward_step
 
     cuda = next(model.parameters()).is_cuda
 
@@ -100,8 +125,8 @@ def time_attention(model, mbs: list[dict], vocab_size: int, kinds=("mask", "flex
         model.zero_grad(set_to_none=True)
         total = 0.0
         for mb in mbs:
-            logits, loss_fn = packed_forward_step(1.0 / len(mbs), vocab_size, 0.7, (0.2, 0.2),
-                                                  iter([mb]), model, attention=kind)
+            logits, loss_fn = rlp_forward_step(1.0 / len(mbs), vocab_size, 0.7, (0.2, 0.2),
+                                               iter([mb]), model, attention=kind)
             loss, _ = loss_fn(logits)
             loss.backward()
             total += float(loss.detach())
@@ -167,6 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    import logging
+    import warnings
+
+    # As pretrain_rlp.py: Megatron's import-time notices about kernels a CPU run never uses
+    # would precede a one-line refusal.
+    warnings.filterwarnings("ignore", module=r"megatron\..*")
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     import torch
 
     import megatron_rlp.train.loop  # noqa: F401  (Megatron imports before the CPU backend)
@@ -181,7 +213,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = torch_device(cfg)
         torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg, tok.vocab_size).to(device)
         windows, prompts, thoughts, adv = synthetic_update(
             args.docs, args.positions, args.group, args.window, args.thought, tok, device)
         # One layout for both kernels: the cost model's for the block-sparse kernel (every
@@ -190,6 +221,19 @@ def main(argv: list[str] | None = None) -> int:
                                     cfg.train.micro_batch_size, tok.pad, tok.think_start,
                                     equal_width=False, model_cfg=cfg.model,
                                     block_sparse=not args.dense_layout)
+        # Both paths hold [m, S, S] tensors: refused up front rather than killed for memory.
+        need = attention_bytes(mbs, cfg.model.num_attention_heads, 4,  # fp32 softmax
+                               not args.sparsity_only)
+        free = available_bytes(device)
+        if need > free:
+            width = max(int(mb["tokens"].shape[1]) for mb in mbs)
+            print(f"error: --window={args.window} needs ~{need / 2**30:.1f} GiB for the "
+                  f"[sequences, S, S] masks{'' if args.sparsity_only else ' and scores'} of "
+                  f"a micro-batch (S={width}), {device.type} has {free / 2**30:.1f} GiB free "
+                  "(allowed: a smaller --window, --positions, --group or --thought)",
+                  file=sys.stderr)
+            return 2
+        model = build_model(cfg, tok.vocab_size).to(device)
         res = {"sparsity": sparsity_report(mbs, args.block_size)}
         if not args.sparsity_only:
             res.update(time_attention(model, mbs, tok.vocab_size, repeats=args.repeats))

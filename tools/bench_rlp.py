@@ -117,6 +117,61 @@ class PeakMemory:
         self.bytes = self.peak - self.start
 
 
+class DecodeMeter:
+    """Decode steps of this project's rollouts: wall time of `KVCacheEngine.step` (mask
+    bookkeeping + the model forward, sampling excluded) and their number, and the cache's
+    bytes right after the G-way fork (`packing.cascade.cache_bytes`: C x P + R x T per
+    attention layer with cascade decode, R x (P + T) without)."""
+
+    def __init__(self):
+        self.seconds, self.steps, self.cache_bytes = 0.0, 0, 0
+
+    def __enter__(self):
+        from megatron_rlp.packing import decode
+        from megatron_rlp.packing.cascade import cache_bytes
+        from megatron_rlp.rollout.engine import KVCacheEngine
+
+        meter, self.undo = self, []
+        for cls in (KVCacheEngine, decode.SharedPrefixEngine):
+            fork = cls.__dict__["fork"]
+
+            def forked(engine, n, _fork=fork):
+                _fork(engine, n)
+                meter.cache_bytes = max(meter.cache_bytes, cache_bytes(engine.ctx))
+            self.undo.append((cls, "fork", fork))
+            cls.fork = forked
+        step = KVCacheEngine.__dict__["step"]
+
+        def timed(engine, tokens):
+            start = time.perf_counter()
+            try:
+                return step(engine, tokens)
+            finally:
+                meter.seconds += time.perf_counter() - start
+                meter.steps += 1
+        self.undo.append((KVCacheEngine, "step", step))
+        KVCacheEngine.step = timed
+        return self
+
+    def __exit__(self, *exc):
+        for cls, name, fn in reversed(self.undo):
+            setattr(cls, name, fn)
+
+
+def matmul_flop_per_s(n: int = 1024, repeats: int = 5) -> float:
+    """A plain fp32 [n, n] @ [n, n] matmul's FLOP rate on this process's threads (best of
+    `repeats`): the yardstick for the update's achieved rate."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
 def _summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "mean": statistics.fmean(values),
             "min": min(values), "max": max(values)}
@@ -165,16 +220,18 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
         block_size: int = 128) -> dict:
     import dataclasses
 
-    from bench_rlp_flops import model_dims, step_flops
-
     from megatron_rlp.train.builder import build_state
+    from megatron_rlp.train.flops import model_dims, step_flops
     from megatron_rlp.train.rlp_step import rlp_step
     from megatron_rlp.train.samplers import make_context_sampler
     from megatron_rlp.train.timers import PhaseTimer
 
     variants = {}
     for name, share in (("naive", False), ("optimised", True)):
-        c = dataclasses.replace(cfg, rlp=dataclasses.replace(cfg.rlp, share_prefixes=share))
+        # The optimised path measures cascade decode (auto turns it on only on cuda).
+        cascade = cfg.rlp.cascade_decode if cfg.rlp.cascade_decode is not None else share
+        c = dataclasses.replace(cfg, rlp=dataclasses.replace(cfg.rlp, share_prefixes=share,
+                                                             cascade_decode=cascade))
         state = build_state(c)
         variants[name] = (state, make_context_sampler(state))
     hf = None
@@ -192,7 +249,7 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
         traces = {}
         for name in order:
             timer, trace = PhaseTimer(), {}
-            with PeakMemory() as mem:
+            with PeakMemory() as mem, DecodeMeter() as meter:
                 start = time.perf_counter()
                 if name == "hf":
                     state, sampler = variants["naive"]
@@ -211,6 +268,14 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
             if i >= warmup:
                 row = {"step": seconds, **timer.pop(), "peak_bytes": mem.bytes,
                        "tokens": metrics["tokens"], "thought_len": metrics["thought_len"]}
+                decoded = metrics["thought_len"] * cfg.rlp.contexts_per_step * cfg.rlp.group_size
+                row["decoded_tokens_per_s"] = decoded / row["rollout"]
+                if name == "hf":
+                    row["decode_ms_per_step"] = 1e3 * hf.decode_seconds / max(hf.decode_steps, 1)
+                    hf.decode_seconds, hf.decode_steps = 0.0, 0
+                else:
+                    row["decode_ms_per_step"] = 1e3 * meter.seconds / max(meter.steps, 1)
+                    row["rollout_cache_bytes"] = meter.cache_bytes
                 if name != "hf":
                     row["flops"] = step_flops(dims, trace)
                     # what the contexts read (a position's prefix spans its document's
@@ -229,6 +294,9 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
         step_s = sum(r["step"] for r in rows)
         entry = {
             "phases_s": phases,
+            "decode_ms_per_step": _summary([r["decode_ms_per_step"] for r in rows]),
+            "decoded_tokens_per_s": _summary([r["decoded_tokens_per_s"] for r in rows]),
+            "rollout_cache_bytes": max(r.get("rollout_cache_bytes", 0) for r in rows) or None,
             "tokens_per_s": sum(r["tokens"] for r in rows) / step_s,
             "peak_memory_bytes": max(r["peak_bytes"] for r in rows),
             "thought_len": statistics.fmean(r["thought_len"] for r in rows),
@@ -238,6 +306,7 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
             total = {k: sum(r["flops"][k] for r in rows) for k in rows[0]["flops"]}
             entry["flop_model"] = {k: v / len(rows) for k, v in total.items()}
             entry["achieved_flop_per_s"] = total["step"] / step_s
+            entry["update_flop_per_s"] = total["update"] / sum(r["update"] for r in rows)
             if peak_tflops:
                 entry["mfu"] = entry["achieved_flop_per_s"] / (peak_tflops * 1e12)
         out["paths"][name] = entry
@@ -246,6 +315,9 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
     if hf:
         out["speedup"]["optimised_vs_hf"] = med["hf"] / med["optimised"]
         out["speedup"]["naive_vs_hf"] = med["hf"] / med["naive"]
+        roll = {n: out["paths"][n]["phases_s"]["rollout"]["median"] for n in names}
+        out["speedup"]["rollout_optimised_vs_hf"] = roll["hf"] / roll["optimised"]
+    out["matmul_flop_per_s"] = matmul_flop_per_s()  # same process, same thread count
     out["equal"] = {
         "identical_thoughts_all_steps": all(c["identical_thoughts"] for c in checks),
         "max_reward_abs_diff": max(c["rewards_max_abs_diff"] for c in checks),
@@ -314,7 +386,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench_rlp] {name:9s} step {ph['step']['median']:.3f}s | rollout "
               f"{ph['rollout']['median']:.3f}s | scoring {ph['scoring']['median']:.3f}s | "
               f"update {ph['update']['median']:.3f}s | {p['tokens_per_s']:.0f} tok/s | "
-              + (f"{p['achieved_flop_per_s'] / 1e9:.2f} GFLOP/s | " if "achieved_flop_per_s"
+              f"decode {p['decode_ms_per_step']['median']:.2f} ms/step, "
+              f"{p['decoded_tokens_per_s']['median']:.0f} decoded tok/s | "
+              + (f"cache {p['rollout_cache_bytes'] / 2**20:.1f} MiB | "
+                 if p["rollout_cache_bytes"] else "")
+              + (f"update {p['update_flop_per_s'] / 1e9:.2f} GFLOP/s | "
+                 if "update_flop_per_s" in p else "")
+              + (f"step {p['achieved_flop_per_s'] / 1e9:.2f} GFLOP/s | " if "achieved_flop_per_s"
                  in p else "") + f"peak +{p['peak_memory_bytes'] / 2**20:.0f} MiB")
     pa = res["packed_attention"]
     if pa:
@@ -322,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{pa['sparsity']['block_size']} (pair {pa['sparsity']['pair']:.3f})"
               + (f" | flex {pa['seconds']['flex']:.4f}s vs mask {pa['seconds']['mask']:.4f}s"
                  if "seconds" in pa else " | flex vs mask timed on CUDA only"))
+    print(f"[bench_rlp] plain fp32 matmul on this thread: {res['matmul_flop_per_s'] / 1e9:.2f} "
+          "GFLOP/s")
     print("[bench_rlp] speed-up " + ", ".join(f"{k} {v:.2f}x" for k, v in res["speedup"].items())
           + f" | equal {res['equal']}", flush=True)
     return 0

@@ -19,6 +19,7 @@ times and token counts are compared, never thoughts.
 from __future__ import annotations
 
 import copy
+import time
 
 import torch
 
@@ -62,6 +63,7 @@ class HFRLPStep:
         self.policy = hf_model(cfg, tokenizer.vocab_size, cfg.train.seed)
         self.teacher = copy.deepcopy(self.policy).eval().requires_grad_(False)
         self.padded_ids = list(range(tokenizer.vocab_size, self.policy.config.vocab_size))
+        self.decode_seconds, self.decode_steps = 0.0, 0  # `generate` calls (bench_rlp reads)
         o = cfg.optimizer
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=o.lr,
                                            betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
@@ -75,11 +77,15 @@ class HFRLPStep:
                         1).repeat_interleave(r.group_size, 0)
         attn = torch.cat([prompts.valid, torch.ones(len(prompts.valid), 1, dtype=torch.bool)],
                          1).repeat_interleave(r.group_size, 0).long()
+        start = time.perf_counter()
         out = self.policy.generate(
             ids, attention_mask=attn, do_sample=True, temperature=r.temperature, top_p=r.top_p,
             top_k=0, max_new_tokens=r.max_thought_tokens, eos_token_id=tok.think_end,
             pad_token_id=tok.pad, output_scores=True, return_dict_in_generate=True,
             suppress_tokens=self.padded_ids)
+        # `generate`'s time per decoded position (its prefill included: one forward of many)
+        self.decode_seconds += time.perf_counter() - start
+        self.decode_steps += len(out.scores)
         new = out.sequences[:, ids.shape[1]:]
         scores = torch.log_softmax(torch.stack(out.scores, 1), -1)  # [R, n, V]
         rows, full = [], []
@@ -116,12 +122,15 @@ class HFRLPStep:
                 prefix = prompts.tokens[b, -int(prompts.lengths[b]):]
                 ids = torch.cat([prefix, torch.tensor([tok.think_start])])[None]
                 for _ in range(g):
+                    start = time.perf_counter()
                     out = self.policy.generate(
                         ids, attention_mask=torch.ones_like(ids), do_sample=True,
                         temperature=r.temperature, top_p=r.top_p, top_k=0,
                         max_new_tokens=r.max_thought_tokens, eos_token_id=tok.think_end,
                         pad_token_id=tok.pad, output_scores=True, return_dict_in_generate=True,
                         suppress_tokens=self.padded_ids)  # never sample padded-vocabulary ids
+                    self.decode_seconds += time.perf_counter() - start
+                    self.decode_steps += len(out.scores)
                     thought = out.sequences[0, ids.shape[1]:]
                     scores = torch.stack(out.scores, 1)[0]  # [n, V] processed (temperature)
                     lp = torch.log_softmax(scores, -1).gather(-1, thought[:, None])[:, 0]

@@ -4,7 +4,8 @@
     python tools/convert_checkpoint.py hf-to-megatron --hf-dir Qwen3-1.7B-Base \
         --out runs/qwen3_init --tokenizer Qwen3-1.7B-Base/tokenizer.json
 
-    # Megatron -> HF: model.safetensors + config.json (+ tokenizer files of --template)
+    # Megatron -> HF: model.safetensors + config.json (+ tokenizer files of --template);
+    # the vocabulary is the real one (Megatron's padding rows cut, see convert/checkpoints.py)
     python tools/convert_checkpoint.py megatron-to-hf --checkpoint runs/rlp \
         --out exported/ --template Qwen3-1.7B-Base [--weights teacher] [--dtype bf16]
 
@@ -14,7 +15,8 @@
 
 A config field the converter does not model (YaRN or other RoPE scaling, a sliding window,
 biases, MoE settings on a dense model, ...) is refused: one `error:` line naming the field
-and value, exit code 2 (megatron_rlp/convert/refusals.py).
+and value, exit code 2 (megatron_rlp/convert/refusals.py). An existing, non-empty --out is
+refused unless --overwrite.
 
 Runs in one CPU process (no GPU, no network); the Megatron side may use any TP/PP when
 training: dist_checkpointing reshards at load. Needs `safetensors` (pip install
@@ -39,12 +41,19 @@ def main(argv: list[str] | None = None) -> int:
                    "*.safetensors")
     a.add_argument("--out", required=True, help="checkpoint root to write (train.load=OUT)")
     a.add_argument("--tokenizer", help="the data.tokenizer to train with (checked to fit)")
+    a.add_argument("--overwrite", action="store_true", help="write into an existing, non-empty "
+                   "--out (its step_00000000, latest and model.yaml replaced)")
     b = sub.add_parser("megatron-to-hf", help="checkpoint -> HF directory")
     b.add_argument("--checkpoint", required=True, help="a train.save root or a step_* dir")
     b.add_argument("--out", required=True, help="HF directory to write")
     b.add_argument("--template", help="HF directory: config keys kept, tokenizer files copied")
     b.add_argument("--weights", choices=("policy", "teacher"), default="policy")
     b.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    b.add_argument("--vocab-size", type=int, help="embedding/output rows to keep (default: the "
+                   "source HF config's vocab_size, else the run's data.tokenizer size; "
+                   "Megatron's padding rows past it are cut)")
+    b.add_argument("--overwrite", action="store_true", help="write into an existing, non-empty "
+                   "--out (model.safetensors, config.json and tokenizer files replaced)")
     c = sub.add_parser("megatron-to-megatron-lm", help="checkpoint -> Megatron-LM torch_dist "
                        "checkpoint (pretrain_hybrid.py, or pretrain_gpt.py with --layout gpt)")
     c.add_argument("--checkpoint", required=True, help="a train.save root or a step_* dir")
@@ -57,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                    "--out as a Megatron-LM run saves again (that iteration replaced, others "
                    "kept, the tracker pointed at it)")
     args = parser.parse_args(argv)
-    if args.command == "megatron-to-megatron-lm" and not args.overwrite and (
-            Path(args.out).is_dir() and any(Path(args.out).iterdir())):
+    if not args.overwrite and Path(args.out).is_dir() and any(Path(args.out).iterdir()):
         print(f"error: --out={args.out} is not empty (allowed: a new or empty directory, or "
               "add --overwrite to write into it)", file=sys.stderr)
         return 2
@@ -94,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {ckpt} (train.load={args.out}); model section: {args.out}/model.yaml")
         else:
             dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-            out = megatron_to_hf(args.checkpoint, args.out, args.template, args.weights, dtype)
+            out = megatron_to_hf(args.checkpoint, args.out, args.template, args.weights, dtype,
+                                 args.vocab_size)
             print(f"wrote {out}/model.safetensors and config.json")
     except (ConversionError, CheckpointError, ValueError) as e:  # input it does not model: exit 2
         print(f"error: {e}", file=sys.stderr)

@@ -12,11 +12,13 @@ same ones). Prints a table (or `--json`) of what one GPU holds:
                m and v; divided by DP with the distributed optimizer), the fp32 EMA teacher
                (sharded like the policy: TP, not DP)
   rollout      KV cache (attention layers) and conv/SSM state (Mamba layers) for one
-               rollout chunk: rlp.rollout_chunk_contexts contexts (0 = all B/DP of the
-               rank's) x G thoughts x (prefix + L_think + 2) tokens, the prefix as long as
-               a document window (`RLPConfig.max_window_tokens`), as the engine
-               allocates them; one layer of prefill activations; the full-vocabulary fp32
-               logits of a decode step and the sampler's copies
+               rollout chunk of C = rlp.rollout_chunk_contexts contexts (0 = all B/DP of
+               the rank's) and R = C x G rows: with rlp.share_prefixes (cascade decode,
+               packing/cascade.py) C x P + R x T tokens, else R x (P + T), where P is a
+               document window (`RLPConfig.max_window_tokens`) + `<think>` and T is
+               L_think + 1, as the engine allocates them; one layer of prefill
+               activations; the full-vocabulary fp32 logits of a decode step and the
+               sampler's copies
   scoring      the teacher's fp32 forward over the documents' windows (B/DP/positions per
                document rows): one layer of activations and the vocab-parallel logits at
                the scored positions only (positions_per_document per window)
@@ -24,6 +26,10 @@ same ones). Prints a table (or `--json`) of what one GPU holds:
                sequences of prefix + thought; 0 = all local sequences at once; less with
                train.recompute_granularity), the logits and their gradient
   overhead     CUDA context, NCCL buffers, allocator slack (--overhead-gib)
+
+MoE (`E` layers): routed experts split over EP (and TP), their Adam state over DP / EP with
+the distributed optimizer; an MoE layer keeps its dispatcher buffers and top-k routed copies
+of each token (`moe_bytes`).
 
 Peak = persistent + the largest phase + overhead. Activation sizes follow Korthikanti et
 al. (2022) per layer kind, without recomputation or sequence parallelism; attention is the
@@ -43,6 +49,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_rlp.config import ConfigError, RunConfig, load_config  # noqa: E402
+from megatron_rlp.models.vocab import padded_vocab_size  # noqa: E402
 
 GIB = 1024**3
 MAMBA_CONV_KERNEL = 4  # Megatron MambaMixer d_conv default
@@ -68,6 +75,13 @@ class Shapes:
     m_head_dim: int
     m_state: int
     m_groups: int
+    # MoE (`E`) layers: routed experts of `moe_ffn` each, top-k per token, an optional shared
+    # expert of `shared_ffn`; experts split over EP (and over TP as Megatron's expert TP).
+    n_moe: int = 0
+    experts: int = 0
+    topk: int = 0
+    moe_ffn: int = 0
+    shared_ffn: int = 0
 
     @property
     def d_inner(self) -> int:
@@ -84,20 +98,25 @@ def shapes(cfg: RunConfig, vocab_size: int) -> Shapes:
     head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
     m_head_dim = m.mamba_head_dim
     m_heads = m.mamba_num_heads or (2 * m.hidden_size) // m_head_dim  # Megatron: expand=2
-    div = m.make_vocab_size_divisible_by
     return Shapes(
         hidden=m.hidden_size, ffn=m.ffn_hidden_size, gated=m.activation == "swiglu",
         heads=m.num_attention_heads, groups=m.num_query_groups, head_dim=head_dim,
-        qk_norm=m.qk_layernorm, vocab=-(-vocab_size // div) * div,
+        qk_norm=m.qk_layernorm,
+        vocab=padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by),
         tied=not m.untie_embeddings_and_output_weights,
         n_attn=pattern.count("*"), n_mlp=pattern.count("-"), n_mamba=pattern.count("M"),
         m_heads=m_heads, m_head_dim=m_head_dim, m_state=m.mamba_state_dim,
         m_groups=m.mamba_num_groups,
+        n_moe=pattern.count("E"), experts=m.num_experts or 0, topk=m.moe_router_topk,
+        moe_ffn=m.moe_ffn_hidden_size or m.ffn_hidden_size,
+        shared_ffn=m.moe_shared_expert_intermediate_size or 0,
     )
 
 
-def parameter_counts(s: Shapes, tp: int) -> dict[str, float]:
-    """Total parameters and this rank's share under tensor parallelism (norms replicated)."""
+def parameter_counts(s: Shapes, tp: int, ep: int = 1) -> dict[str, float]:
+    """Total parameters and this rank's share under tensor parallelism (norms replicated)
+    and expert parallelism (`experts_per_rank`: the routed experts' share, in `per_rank`;
+    `active`: what one token runs through, top-k experts of each MoE layer)."""
     h, d = s.hidden, s.head_dim
     attn_split = h * (s.heads * d + 2 * s.groups * d) + s.heads * d * h
     attn_repl = h + (2 * d if s.qk_norm else 0)
@@ -111,10 +130,19 @@ def parameter_counts(s: Shapes, tp: int) -> dict[str, float]:
                    + di * h)  # out_proj
     mamba_repl = h
     emb = s.vocab * h * (1 if s.tied else 2)
-    split = s.n_attn * attn_split + s.n_mlp * mlp_split + s.n_mamba * mamba_split + emb
-    repl = s.n_attn * attn_repl + s.n_mlp * mlp_repl + s.n_mamba * mamba_repl + h  # final norm
-    return {"total": split + repl, "per_rank": split / tp + repl,
-            "embedding": emb, "non_embedding": split + repl - emb}
+    expert = h * s.moe_ffn * (2 if s.gated else 1) + s.moe_ffn * h
+    shared = h * s.shared_ffn * (2 if s.gated else 1) + s.shared_ffn * h
+    routed = s.n_moe * s.experts * expert
+    split = (s.n_attn * attn_split + s.n_mlp * mlp_split + s.n_mamba * mamba_split + emb
+             + s.n_moe * shared)
+    repl = (s.n_attn * attn_repl + s.n_mlp * mlp_repl + s.n_mamba * mamba_repl + h  # final norm
+            + s.n_moe * (h + s.experts * h))  # pre-MLP norm, router
+    experts_here = routed / (tp * ep)
+    total = split + repl + routed
+    return {"total": total, "per_rank": split / tp + repl + experts_here,
+            "experts_per_rank": experts_here, "embedding": emb,
+            "non_embedding": total - emb,
+            "active": total - routed + s.n_moe * s.topk * expert}
 
 
 def activation_bytes_per_token(s: Shapes, tp: int, b: int, seq: int, attention: str) -> float:
@@ -131,7 +159,21 @@ def activation_bytes_per_token(s: Shapes, tp: int, b: int, seq: int, attention: 
     di, cd = s.d_inner, s.conv_dim
     mamba = b * (2 * h + (2 * di + 2 * s.m_groups * s.m_state + s.m_heads) / tp
                  + 2 * cd / tp + 4 * di / tp)  # in_proj out, conv in/out, y, norm in (y, z), out
-    return s.n_attn * attn + s.n_mlp * mlp + s.n_mamba * mamba + 2 * b * h
+    return (s.n_attn * attn + s.n_mlp * mlp + s.n_mamba * mamba + s.n_moe * moe_bytes(s, tp, b)
+            + 2 * b * h)
+
+
+def moe_bytes(s: Shapes, tp: int, b: int) -> float:
+    """Bytes per token an MoE layer keeps for backward: norm in, fp32 router scores, the
+    dispatcher's buffers (the permuted token before and after the all-to-all, top-k copies),
+    each routed copy's expert fc1 in/out and fc2 in, the combine's input; a shared expert as
+    an MLP."""
+    if not s.n_moe:
+        return 0.0
+    f1 = s.moe_ffn * (2 if s.gated else 1)
+    routed = s.topk * (3 * s.hidden + f1 / tp + s.moe_ffn / tp)
+    shared = (s.shared_ffn * (2 if s.gated else 1) + s.shared_ffn) / tp
+    return b * (2 * s.hidden + routed + shared) + 4 * 2 * s.experts
 
 
 def kept_activation_bytes_per_token(s: Shapes, tp: int, b: int, seq: int, attention: str,
@@ -144,7 +186,7 @@ def kept_activation_bytes_per_token(s: Shapes, tp: int, b: int, seq: int, attent
     every = activation_bytes_per_token(s, tp, b, seq, attention)
     if recompute != "full":
         return every
-    layers = s.n_attn + s.n_mlp + s.n_mamba
+    layers = s.n_attn + s.n_mlp + s.n_mamba + s.n_moe
     groups = math.ceil(layers / recompute_layers)
     return groups * b * s.hidden + every * min(recompute_layers, layers) / layers
 
@@ -158,7 +200,8 @@ def one_layer_inference_bytes(s: Shapes, tp: int, b: int, rows: int, seq: int,
         attn += 2 * (s.heads / tp) * seq  # scores + probabilities
     mlp = (s.ffn * (2 if s.gated else 1) + s.ffn) / tp if s.n_mlp else 0
     mamba = (2 * s.d_inner + 2 * s.m_groups * s.m_state + 2 * s.conv_dim) / tp if s.n_mamba else 0
-    return b * rows * seq * (3 * h + max(attn if s.n_attn else 0, mlp, mamba))
+    moe = moe_bytes(s, tp, b) / b  # the dispatcher's buffers and the routed copies
+    return b * rows * seq * (3 * h + max(attn if s.n_attn else 0, mlp, mamba, moe))
 
 
 def estimate(cfg: RunConfig, world_size: int, vocab_size: int, attention: str = "unfused",
@@ -168,17 +211,23 @@ def estimate(cfg: RunConfig, world_size: int, vocab_size: int, attention: str = 
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     dp = world_size // (tp * pp)
     s = shapes(cfg, vocab_size)
-    counts = parameter_counts(s, tp)
+    ep = p.expert_model_parallel_size
+    counts = parameter_counts(s, tp, ep)
     n = counts["per_rank"] / pp  # layers split evenly over stages (rough for PP > 1)
+    n_experts = counts["experts_per_rank"] / pp
     bf16 = cfg.precision.params_dtype == "bf16"
     pb = 2 if bf16 else 4
     opt_per_param = (4 if bf16 else 0) + 8  # fp32 master (bf16 only) + Adam m, v
-    optimizer = n * opt_per_param / (dp if p.use_distributed_optimizer else 1)
+    # The distributed optimizer shards dense state over DP, expert state over the
+    # expert-data-parallel group (DP / EP).
+    optimizer = ((n - n_experts) * opt_per_param / (dp if p.use_distributed_optimizer else 1)
+                 + n_experts * opt_per_param / (dp // ep if p.use_distributed_optimizer else 1))
     persistent = {
         "parameters": n * pb,
         "gradients": n * 4,
         "optimizer": optimizer,
-        "ema_teacher": n * 4 if t.objective == "rlp" else 0.0,
+        # rlp.teacher_scoring=off builds no fp32 shadow (scoring/ema_teacher.py)
+        "ema_teacher": n * 4 if t.objective == "rlp" and r.teacher_scoring != "off" else 0.0,
     }
 
     contexts = r.contexts_per_step // dp
@@ -191,7 +240,12 @@ def estimate(cfg: RunConfig, world_size: int, vocab_size: int, attention: str = 
     window = r.max_window_tokens()
     seq = window + r.max_thought_tokens + 2
     layers_here = 1 / pp
-    kv = (s.n_attn * layers_here * 2 * chunk_rows * seq * (s.groups * s.head_dim / tp) * pb)
+    # With rlp.share_prefixes the rollout decodes with cascade attention (packing/cascade.py):
+    # each context's prefix (window + `<think>`) once, each row its own thought columns
+    # (L_think + `</think>`): C x P + R x T entries; without it every row holds P + T.
+    entries = (chunk_contexts * (window + 1) + chunk_rows * (r.max_thought_tokens + 1)
+               if r.share_prefixes else chunk_rows * seq)
+    kv = (s.n_attn * layers_here * 2 * entries * (s.groups * s.head_dim / tp) * pb)
     # The Mamba decode state is fp32 whatever the params dtype (models/mamba/mixer.py).
     conv_state = chunk_rows * (s.conv_dim / tp) * (MAMBA_CONV_KERNEL - 1) * 4
     ssm_state = chunk_rows * (s.m_heads / tp) * s.m_head_dim * s.m_state * 4
@@ -233,7 +287,7 @@ def estimate(cfg: RunConfig, world_size: int, vocab_size: int, attention: str = 
     peak_phase = max(phase_totals, key=phase_totals.get)
     total = sum(persistent.values()) + phase_totals[peak_phase] + overhead_gib * GIB
     return {
-        "layout": {"world_size": world_size, "tp": tp, "pp": pp, "dp": dp,
+        "layout": {"world_size": world_size, "tp": tp, "pp": pp, "dp": dp, "ep": ep,
                    "distributed_optimizer": p.use_distributed_optimizer,
                    "params_dtype": cfg.precision.params_dtype, "attention": attention,
                    "rollout_chunks": rollout_chunks},
@@ -243,7 +297,7 @@ def estimate(cfg: RunConfig, world_size: int, vocab_size: int, attention: str = 
                   "update_micro_batch": mbs, "update_micro_batches": math.ceil(sequences / mbs),
                   "update_seq_len": upd_seq},
         "parameters": {"total": counts["total"], "per_rank": n,
-                       "non_embedding": counts["non_embedding"]},
+                       "non_embedding": counts["non_embedding"], "active": counts["active"]},
         "persistent": persistent,
         "phases": phases,
         "phase_totals": phase_totals,
@@ -261,7 +315,8 @@ def table(est: dict, gpu_gib: float) -> str:
     lay, bat = est["layout"], est["batch"]
     lines = [
         f"layout: {lay['world_size']} ranks = TP {lay['tp']} x PP {lay['pp']} x DP {lay['dp']}"
-        f" | {lay['params_dtype']} params | distributed optimizer "
+        + (f" (EP {lay['ep']})" if lay["ep"] > 1 else "")
+        + f" | {lay['params_dtype']} params | distributed optimizer "
         f"{'on' if lay['distributed_optimizer'] else 'off'} | attention {lay['attention']}"
         + (f" | rollout chunks {lay['rollout_chunks']}" if lay["rollout_chunks"] > 1 else ""),
         f"batch:  {bat['contexts_per_step']} contexts/step -> {bat['contexts_per_rank']}/rank x "
@@ -269,7 +324,9 @@ def table(est: dict, gpu_gib: float) -> str:
         f"{bat['rollout_seq_len']} tokens; update {bat['update_micro_batches']} x "
         f"{bat['update_micro_batch']} sequences of {bat['update_seq_len']}",
         f"params: {est['parameters']['total'] / 1e9:.3f} B total, "
-        f"{est['parameters']['per_rank'] / 1e9:.3f} B on this rank",
+        f"{est['parameters']['per_rank'] / 1e9:.3f} B on this rank"
+        + (f", {est['parameters']['active'] / 1e9:.3f} B active per token"
+           if est["parameters"]["active"] < est["parameters"]["total"] else ""),
         "",
         f"{'item':<34}{'GiB/rank':>9}",
     ]

@@ -78,12 +78,13 @@ def qwen3_overrides(args, extra: tuple[str, ...], tokenizer: str) -> list[str]:
 def summarize(measured: dict, config: str, overrides: list[str], tokenizer: str,
               hbm_tbps: float, peak_tflops: float) -> dict:
     """The stage's JSON: what ran, the phases, peak memory, the model shape, the figures."""
+    from megatron_rlp.models.vocab import padded_vocab_size
     from megatron_rlp.startup import load_config
     from megatron_rlp.tokenizer import build_tokenizer
 
     cfg = load_config(config, tuple(overrides))
-    multiple = cfg.model.make_vocab_size_divisible_by  # provider.padded_vocab_size
-    vocab = -(-build_tokenizer(tokenizer).vocab_size // multiple) * multiple
+    vocab = padded_vocab_size(build_tokenizer(tokenizer).vocab_size,
+                              cfg.model.make_vocab_size_divisible_by)
     shape = model_shape(cfg, vocab)
     phases, work = measured["phases_s"], measured["work"]
     return {"run": measured["run"], "overrides": overrides, "phases_s": phases,

@@ -6,7 +6,8 @@
 One input record is one document and becomes one sequence of the dataset, in input order
 (documents are never merged or split). JSONL: one object per line with a string field
 (`--json-key`, default "text"); blank lines are skipped, anything else that is not such an
-object is an error naming the file and line. `.txt`: documents separated by blank lines.
+object, a line that is not UTF-8 and a text with a lone surrogate (a `\\ud800` escape without
+its pair) are errors naming the file and line. `.txt`: documents separated by blank lines.
 The end-of-document id is appended to every document unless `--no-append-eod` (Megatron's
 `--append-eod` convention; training on NTP windows needs it between documents, while RLP
 contexts never target it: the document view drops it). Documents that tokenize to nothing are
@@ -44,6 +45,8 @@ def _init_worker(spec: str) -> None:
 
 
 def _texts_of(chunk: tuple[str, str, list[tuple[int, str]]]) -> list[str]:
+    from megatron_rlp.data.utf8 import check_text
+
     path, key, lines = chunk
     if path.endswith(".txt"):
         return [text for _, text in lines]
@@ -55,7 +58,7 @@ def _texts_of(chunk: tuple[str, str, list[tuple[int, str]]]) -> list[str]:
             raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get(key), str):
             raise ValueError(f'{path}:{lineno}: expected an object with a string "{key}" field')
-        texts.append(record[key])
+        texts.append(check_text(path, lineno, record[key], key))
     return texts
 
 
@@ -67,22 +70,23 @@ def _encode(chunk) -> tuple[list[np.ndarray], int]:
 
 
 def _chunks(inputs: list[Path], key: str, size: int) -> Iterator[tuple[str, str, list]]:
+    from megatron_rlp.data.utf8 import read_utf8, utf8_lines
+
     for path in inputs:
         if path.suffix == ".txt":
-            text = path.read_text(encoding="utf-8")
+            text = read_utf8(path)
             blocks = [b.strip() for b in re.split(r"\n[ \t\r]*\n", text) if b.strip()]
             for i in range(0, len(blocks), size):
                 yield str(path), key, [(0, b) for b in blocks[i:i + size]]
             continue
         chunk: list[tuple[int, str]] = []
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                chunk.append((lineno, line))
-                if len(chunk) == size:
-                    yield str(path), key, chunk
-                    chunk = []
+        for lineno, line in utf8_lines(path):  # invalid UTF-8: FILE:LINE named
+            if not line.strip():
+                continue
+            chunk.append((lineno, line))
+            if len(chunk) == size:
+                yield str(path), key, chunk
+                chunk = []
         if chunk:
             yield str(path), key, chunk
 

@@ -237,7 +237,6 @@ rlp_paper_recipe() {
     train.save="$SAVE_DIR" train.save_interval="${SAVE_INTERVAL:-25}" train.load="$RLP_LOAD"
     train.metrics_file="$SAVE_DIR/metrics.jsonl" train.tensorboard_dir="$SAVE_DIR/tensorboard"
     data.corpus="$DATA" data.tokenizer="$TOKENIZER"
-    data.ntp_batch_size="$CONTEXTS"  # unused by RLP, but must divide by DP like the contexts
   )
   if [[ -n "${WANDB_PROJECT:-}" ]]; then
     overrides+=(train.wandb_project="$WANDB_PROJECT")

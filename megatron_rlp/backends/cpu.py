@@ -57,6 +57,16 @@ def _wrap_factory(fn):
     return wrapper
 
 
+def _wrap_method(fn):
+    @functools.wraps(fn)
+    def method(self, *args, **kwargs):
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device(kwargs["device"])
+        return fn(self, *args, **kwargs)
+
+    return method
+
+
 def _wrap_to(fn):
     @functools.wraps(fn)
     def to(self, *args, **kwargs):
@@ -168,6 +178,10 @@ def _patch_devices() -> None:
     for name in _FACTORIES:
         setattr(torch, name, _wrap_factory(getattr(torch, name)))
     torch.Tensor.to = _wrap_to(torch.Tensor.to)
+    # `Tensor.new_empty(..., device=torch.cuda.current_device())`: the MoE all-to-all
+    # (tensor_parallel.mappings._AllToAll, expert parallelism's token dispatch).
+    for name in ("new_empty", "new_zeros", "new_ones", "new_full"):
+        setattr(torch.Tensor, name, _wrap_method(getattr(torch.Tensor, name)))
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
     torch.nn.Module.cuda = lambda self, *args, **kwargs: self
     torch.Tensor.type = _wrap_type(torch.Tensor.type)
@@ -204,6 +218,59 @@ def _patch_inference_checks() -> None:
     communication_utils._is_cuda = _is_cuda
 
 
+def _patch_moe_dispatch() -> None:
+    """Megatron's all-to-all token dispatcher (expert parallelism) turns the split sizes into
+    host numpy arrays with `moe_utils.maybe_move_tensor_to_cpu(..., as_numpy=True)`, which
+    only converts CUDA tensors; CPU tensors stay tensors, which `all_to_all_single` rejects
+    as split sizes. Here every tensor asked for as numpy becomes one."""
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if as_numpy and torch.is_tensor(tensor):
+            return tensor.cpu().numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    _patch_uneven_collectives()
+
+
+def _patch_uneven_collectives() -> None:
+    """With EP and TP > 1 the dispatcher gathers / reduce-scatters each rank's (unequal)
+    token count over the expert TP group (`mappings._gather_along_first_dim` /
+    `_reduce_scatter_along_first_dim` with split sizes), as lists of unequal tensors, which
+    gloo refuses. Same results here: the gather pads every part to the largest, the
+    reduce-scatter all-reduces the whole input and keeps this rank's part."""
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import mappings
+
+    gather, scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in output_split_sizes]
+        padded = input_.new_zeros((max(sizes), *input_.shape[1:]))
+        padded[:input_.shape[0]] = input_
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded.contiguous(), group=group)
+        return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)])
+
+    def reduce_scatter_along_first_dim(input_, group, input_split_sizes=None,
+                                       use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return scatter(input_, group, input_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in input_split_sizes]
+        total = input_.clone().contiguous()
+        dist.all_reduce(total, group=group)
+        start = sum(sizes[:group.rank()])
+        return total[start:start + sizes[group.rank()]].contiguous()
+
+    mappings._gather_along_first_dim = gather_along_first_dim
+    mappings._reduce_scatter_along_first_dim = reduce_scatter_along_first_dim
+
+
 def activate() -> None:
     """Install the CPU backend (idempotent). Call before building any Megatron object."""
     global _ACTIVE
@@ -213,4 +280,5 @@ def activate() -> None:
     _patch_rng()
     _patch_devices()
     _patch_inference_checks()
+    _patch_moe_dispatch()
     _ACTIVE = True

@@ -32,11 +32,16 @@ One job per module:
     load.py       load_checkpoint
 """
 
-from megatron_rlp.checkpoint.directory import check_writable, latest_checkpoint, resolve_checkpoint
+from megatron_rlp.checkpoint.directory import (
+    check_writable,
+    holds_checkpoint,
+    latest_checkpoint,
+    resolve_checkpoint,
+)
 from megatron_rlp.checkpoint.errors import CheckpointError
 from megatron_rlp.checkpoint.load import load_checkpoint
 from megatron_rlp.checkpoint.optimizer import DIST_OPT_FORMATS
 from megatron_rlp.checkpoint.save import save_checkpoint
 
-__all__ = ["DIST_OPT_FORMATS", "CheckpointError", "check_writable", "latest_checkpoint",
-           "load_checkpoint", "resolve_checkpoint", "save_checkpoint"]
+__all__ = ["DIST_OPT_FORMATS", "CheckpointError", "check_writable", "holds_checkpoint",
+           "latest_checkpoint", "load_checkpoint", "resolve_checkpoint", "save_checkpoint"]

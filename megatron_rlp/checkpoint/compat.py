@@ -21,11 +21,18 @@ from megatron_rlp.train.resume import ResumeOptions
 if TYPE_CHECKING:
     from megatron_rlp.train.builder import TrainState
 
-# Model config keys that change parameter shapes or names: a checkpoint must match them.
+# Model config keys that change parameter shapes or names, or the function the weights
+# compute (RoPE's theta, the norms' epsilon): a checkpoint must match every one of them, on
+# resume and on a warm start. The other `model` fields do not change the function of loaded
+# weights: `name`; `max_sequence_length` (RoPE is the same at every position it covers);
+# `init_method_std` (initialisation only); `make_vocab_size_divisible_by` (checked as
+# `padded_vocab_size`; padding rows are never sampled nor scored); `transformer_impl` and
+# `packed_attention` (the same layers through other kernels, Megatron's TE/local names mapped).
 ARCH_KEYS = ("hybrid_layer_pattern", "hidden_size", "ffn_hidden_size", "num_attention_heads",
              "num_query_groups", "kv_channels", "qk_layernorm", "activation", "normalization",
-             "untie_embeddings_and_output_weights", "position_embedding_type",
-             "mamba_num_heads", "mamba_head_dim", "mamba_state_dim", "mamba_num_groups")
+             "norm_epsilon", "untie_embeddings_and_output_weights", "position_embedding_type",
+             "rotary_base", "mamba_num_heads", "mamba_head_dim", "mamba_state_dim",
+             "mamba_num_groups")
 
 
 def model_signature(state: TrainState) -> dict:
@@ -65,6 +72,7 @@ class LoadPlan:
     override_scheduler: bool
     layout: dict | None
     same_layout: bool
+    teacher_note: str = ""  # an EMA teacher saved but not built, or built but not saved
 
     def message(self) -> str:
         """A line for the log: "resumed ..." or "warm-started ..."."""
@@ -78,7 +86,7 @@ class LoadPlan:
             "RNG states kept from train.seed)")
         if not self.optimizer:
             note += " (weights, teacher and schedule; fresh optimizer state: train.load_optimizer)"
-        return f"resumed{note}"
+        return f"resumed{note}{self.teacher_note}"
 
 
 def plan_load(common: dict, state: TrainState, ckpt: Path, options: ResumeOptions) -> LoadPlan:
@@ -100,6 +108,17 @@ def plan_load(common: dict, state: TrainState, ckpt: Path, options: ResumeOption
             f"checkpoint {ckpt} has no KL reference policy (saved with rlp.kl_coef=0), so "
             f"rlp.kl_coef={state.cfg.rlp.kl_coef} cannot resume from it: resume with "
             "rlp.kl_coef=0, or start a new RLP stage from it (train.finetune=true)")
+    # rlp.teacher_scoring across a resume (scoring/ema_teacher.py): S_ema never changes the
+    # update, so either way round is handled, said in the load line.
+    teacher_note = ""
+    saved_teacher = bool(common.get("teacher_initialized"))
+    if resume and state.cfg.train.objective == "rlp":
+        if saved_teacher and state.teacher is None:
+            teacher_note = ("; its EMA teacher is not loaded (rlp.teacher_scoring=off builds "
+                            "none)")
+        elif not saved_teacher and state.teacher is not None and common.get("step", 0):
+            teacher_note = ("; it holds no EMA teacher (saved with rlp.teacher_scoring=off): "
+                            "the teacher restarts as a copy of the policy at the next step")
     layout = common.get("layout")
     same_layout = layout == current_layout()
     optimizer = None
@@ -111,23 +130,32 @@ def plan_load(common: dict, state: TrainState, ckpt: Path, options: ResumeOption
                     finetune=options.finetune, teacher=teacher, reference=reference,
                     rng=resume and same_layout and options.load_rng, optimizer=optimizer,
                     override_scheduler=options.override_scheduler, layout=layout,
-                    same_layout=same_layout)
+                    same_layout=same_layout, teacher_note=teacher_note)
 
 
 def _check_model(common: dict, state: TrainState, ckpt: Path) -> None:
-    saved = common.get("model_signature")
-    if saved is None:  # format 1 (before signatures): compare the saved config's model
-        model = (common.get("config") or {}).get("model", {})
-        saved = {k: model[k] for k in ARCH_KEYS if k in model}
-        if "hybrid_layer_pattern" in saved:
-            saved["hybrid_layer_pattern"] = saved["hybrid_layer_pattern"].replace("|", "")
+    # Keys a signature lacks (format 1 had none; rotary_base and norm_epsilon came later) are
+    # read from the saved config's model section.
+    model = (common.get("config") or {}).get("model", {})
+    saved = {k: model[k] for k in ARCH_KEYS if k in model}
+    if "hybrid_layer_pattern" in saved:
+        saved["hybrid_layer_pattern"] = saved["hybrid_layer_pattern"].replace("|", "")
+    saved.update(common.get("model_signature") or {})
     mine = model_signature(state)
-    diff = [f"{k}={saved[k]!r} (config: {mine[k]!r})" for k in mine
-            if k in saved and saved[k] != mine[k]]
+    diff = [k for k in mine if k in saved and saved[k] != mine[k]]
     if diff:
-        key = "data.tokenizer" if diff[0].startswith("padded_vocab") else "model"
-        raise CheckpointError(f"checkpoint {ckpt} does not fit the configured model: "
-                              f"{', '.join(diff)}; check {key} settings")
+        shown = ", ".join(f"{k}={saved[k]!r} (config: {mine[k]!r})" for k in diff)
+        if diff == ["padded_vocab_size"]:
+            raise CheckpointError(f"checkpoint {ckpt} does not fit the configured model: "
+                                  f"{shown}; check data.tokenizer settings")
+        fix = " ".join(f"model.{k}={saved[k]}" for k in diff if k != "padded_vocab_size")
+        yaml_file = ckpt.parent / "model.yaml"  # written by convert_checkpoint hf-to-megatron
+        where = (f", or add its model section as a second config: --config RUN.yaml --config "
+                 f"{yaml_file}" if yaml_file.is_file() else "")
+        where += ", or train.use_checkpoint_args=true (the model section saved with it)"
+        vocab = " (and check data.tokenizer)" if "padded_vocab_size" in diff else ""
+        raise CheckpointError(f"checkpoint {ckpt} does not fit the configured model: {shown}; "
+                              f"set {fix}{vocab}{where}")
 
 
 def _check_optimizer(saved: str, state: TrainState, ckpt: Path, layout: dict | None) -> None:
@@ -136,6 +164,15 @@ def _check_optimizer(saved: str, state: TrainState, ckpt: Path, layout: dict | N
         was = "true" if saved.startswith("distributed") else "false"
         raise CheckpointError(f"checkpoint {ckpt} holds {saved.split('/')[0]} optimizer state: "
                               f"resume with parallel.use_distributed_optimizer={was}")
+    saved_ep, now_ep = (layout or {}).get("ep", 1), current_layout().get("ep", 1)
+    if (saved_ep > 1) != (now_ep > 1):
+        # Megatron chains a dense and an expert optimizer under EP > 1, one optimizer at EP=1.
+        raise CheckpointError(
+            f"checkpoint {ckpt} holds optimizer state of EP={saved_ep} (Megatron keeps expert "
+            f"parameters in {'a separate' if saved_ep > 1 else 'the same'} optimizer), which "
+            f"does not load at EP={now_ep}: resume with "
+            f"parallel.expert_model_parallel_size={saved_ep}, or with "
+            "train.load_optimizer=false (weights, teacher and schedule load in any EP)")
     moved = {k: (layout or {}).get(k) for k in ("tp", "pp", "vp")} != {
         k: current_layout().get(k) for k in ("tp", "pp", "vp")}
     if saved == "distributed/dp_reshardable" and moved:

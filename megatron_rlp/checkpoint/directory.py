@@ -130,6 +130,22 @@ def megatron_lm_dir(path: str | Path) -> Path | None:
         raise CheckpointError(str(e)) from None
 
 
+def holds_checkpoint(path: str | Path) -> bool:
+    """Whether `path` holds anything `resolve_checkpoint` would read (a `latest` pointer, a
+    checkpoint's metadata.json, a step_* directory, a Megatron-LM tracker or iteration dir).
+    False for a missing or empty directory, or one with only logs: Megatron-LM's
+    `--save X --load X` idiom starts from scratch there (train/loop.py)."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    if (p / LATEST).exists() or (p / "metadata.json").exists() or _checkpoints(p):
+        return True
+    try:
+        return megatron_lm_dir(p) is not None
+    except CheckpointError:  # a broken Megatron-LM save: resolve_checkpoint says what is wrong
+        return True
+
+
 def resolve_checkpoint(path: str, flag: str = "train.load") -> Path:
     """`path` is a checkpoint directory or a `train.save` root with a `latest` pointer, or a
     Megatron-LM save (its tracker file) or `iter_*` directory. `flag`: what the user set it

@@ -34,7 +34,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key)
     if origin is list:
-        # A YAML list, or one string split on whitespace (`data.blend="0.7 a 0.3 b"`).
+        # A YAML list, or one string split on whitespace (`data.blend="0.7 a 0.3 b"`); on the
+        # command line also the YAML list form of the docs, `data.blend='[0.7, a, 0.3, b]'`.
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            raw = value
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                value = None
+            if not isinstance(value, list):
+                raise ConfigError(
+                    f"invalid config: {key}={raw!r} is cut off or not a YAML list (allowed: a "
+                    "whole list; quote the whole override against the shell's word splitting, "
+                    "e.g. 'data.blend=[0.7, A, 0.3, B]', or give it space-separated: "
+                    "data.blend=\"0.7 A 0.3 B\")")
         items = value.split() if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)) or not items:
             raise ConfigError(f"invalid config: {key}={value!r} (allowed: a non-empty list or "
@@ -94,7 +107,7 @@ def _apply(cfg: RunConfig, key: str, value: Any) -> None:
     top = _section_types(RunConfig)
     if parts[0] not in top:
         raise ConfigError(f"invalid config: unknown section {parts[0]!r} in {key!r} "
-                          f"(allowed: {', '.join(top)})")
+                          f"(allowed: {', '.join(top)}){_did_you_mean(key)}")
     section = getattr(cfg, parts[0])
     hints = _section_types(type(section))
     if len(parts) == 1 and parts[0] == "device" and isinstance(value, str):
@@ -102,9 +115,21 @@ def _apply(cfg: RunConfig, key: str, value: Any) -> None:
     if len(parts) != 2:
         raise ConfigError(f"invalid config: {key!r} (allowed: section.key, e.g. rlp.group_size)")
     if parts[1] not in hints:
-        raise ConfigError(f"invalid config: unknown key {key!r} (allowed in {parts[0]}: "
-                          f"{', '.join(hints)})")
+        guess = _did_you_mean(key)
+        allowed = f"a key of {parts[0]}" if guess else ", ".join(hints)
+        raise ConfigError(f"invalid config: unknown key {key!r} (allowed: {allowed}){guess}")
     setattr(section, parts[1], _coerce(value, hints[parts[1]], key))
+
+
+def _did_you_mean(key: str) -> str:
+    """"; did you mean rlp.group_size?" for the closest known `section.key`s (up to 3), or
+    ""."""
+    import difflib
+
+    known = [f"{sec}.{k}" for sec, tp in _section_types(RunConfig).items()
+             for k in _section_types(tp)]
+    close = sorted(difflib.get_close_matches(key, known, n=3, cutoff=0.75))
+    return f"; did you mean {' or '.join(close)}?" if close else ""
 
 
 def _flatten(data: dict) -> list[tuple[str, Any]]:
@@ -117,21 +142,27 @@ def _flatten(data: dict) -> list[tuple[str, Any]]:
     return items
 
 
-def read_config(path: str | None = None, overrides: tuple[str, ...] = ()) -> RunConfig:
-    """A RunConfig from defaults, an optional YAML file and overrides, not yet validated.
+ConfigPaths = str | Path | list[str] | tuple[str, ...] | None
+
+
+def read_config(path: ConfigPaths = None, overrides: tuple[str, ...] = ()) -> RunConfig:
+    """A RunConfig from defaults, optional YAML files and overrides, not yet validated.
 
     Args:
-        path: YAML file with sections as top-level keys (any subset).
-        overrides: `section.key=value` strings, applied after the file.
+        path: YAML file with sections as top-level keys (any subset), or several, applied in
+            order (later ones win, key by key: e.g. a run config, then the `model.yaml` that
+            `tools/convert_checkpoint.py hf-to-megatron` writes).
+        overrides: `section.key=value` strings, applied after the files.
 
     Raises:
         ConfigError: a missing or unreadable file, an unknown key, a value of the wrong type.
     """
     cfg = RunConfig()
-    if path is not None:
+    paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
+    for path in paths:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"invalid config: file {path!r} does not exist")
+            raise ConfigError(f"invalid config: file {str(path)!r} does not exist")
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
@@ -150,15 +181,15 @@ def read_config(path: str | None = None, overrides: tuple[str, ...] = ()) -> Run
     return cfg
 
 
-def load_config(path: str | None = None, overrides: tuple[str, ...] = (),
+def load_config(path: ConfigPaths = None, overrides: tuple[str, ...] = (),
                 world_size: int | None = None) -> RunConfig:
     """Build a RunConfig from defaults, an optional YAML file and overrides, and check it
     with the pure rules (`RunConfig.validate`). `megatron_rlp.startup.load_config` adds
     `train.use_checkpoint_args` and the machine checks.
 
     Args:
-        path: YAML file with sections as top-level keys (any subset).
-        overrides: `section.key=value` strings, applied after the file.
+        path: YAML file(s), as `read_config` takes them.
+        overrides: `section.key=value` strings, applied after the files.
         world_size: when known, also check divisibility by the data-parallel size.
 
     Raises:

@@ -5,6 +5,7 @@ precision (`precision`). Each section checks its own values; rules across sectio
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -14,14 +15,16 @@ from megatron_rlp.config.errors import check
 @dataclass(kw_only=True)
 class ModelConfig:
     """Architecture. Dense Qwen3-style models are HybridModel patterns of `*` (attention) and
-    `-` (MLP) layers; `M` adds Mamba-2 layers (hybrid models)."""
+    `-` (MLP) layers; `M` adds Mamba-2 layers (hybrid models), `E` mixture-of-experts layers
+    (Qwen3-MoE, Nemotron 3; the `num_experts` and `moe_*` keys, docs/moe.md)."""
 
     name: str = "tiny"
     """A label for the model (recipes name their size here); printed and saved, never parsed."""
     hybrid_layer_pattern: str = "*-*-*-*-"
     """The layers, one character each, as Megatron's HybridModel pattern: `*` attention, `-`
-    MLP, `M` Mamba-2; `|` splits pipeline stages (PP, or PP x VP chunks with an interleaved
-    pipeline). The number of layers is the number of `M`, `*` and `-` characters."""
+    MLP, `M` Mamba-2, `E` mixture of experts; `|` splits pipeline stages (PP, or PP x VP
+    chunks with an interleaved pipeline). The number of layers is the number of `M`, `*`, `-`
+    and `E` characters."""
     hidden_size: int = 192
     """Hidden size (Megatron-LM `--hidden-size`)."""
     ffn_hidden_size: int = 512
@@ -79,16 +82,59 @@ class ModelConfig:
     with a BlockMask (block-sparse, compiled, on CUDA; an eager fallback on CPU for tests),
     `mask` = the explicit [B, 1, S, S] tree mask through Megatron's attention, `auto` = flex
     on CUDA for attention-only patterns, else mask. See docs/performance.md."""
+    num_experts: int | None = None
+    """Routed experts of every `E` (MoE) layer (`--num-experts`); required with `E` layers,
+    null without. The experts are Megatron's MoELayer (models/moe.py)."""
+    moe_router_topk: int = 2
+    """Experts each token is routed to (`--moe-router-topk`); in [1, num_experts]."""
+    moe_ffn_hidden_size: int | None = None
+    """One routed expert's FFN width (`--moe-ffn-hidden-size`); null = ffn_hidden_size."""
+    moe_shared_expert_intermediate_size: int | None = None
+    """FFN width of the shared expert every token also runs through
+    (`--moe-shared-expert-intermediate-size`); null = no shared expert."""
+    moe_router_load_balancing_type: Literal["aux_loss", "seq_aux_loss", "global_aux_loss",
+                                            "none"] = "aux_loss"
+    """Load-balancing loss (`--moe-router-load-balancing-type`): `aux_loss` (Switch/GShard, per
+    micro-batch), `seq_aux_loss` (per sequence, DeepSeek-V3 / Nemotron 3), `global_aux_loss`
+    (over the global batch) or `none`."""
+    moe_aux_loss_coeff: float = 0.0
+    """Weight of the load-balancing loss in the update's loss (`--moe-aux-loss-coeff`); >= 0."""
+    moe_z_loss_coeff: float | None = None
+    """Weight of the router z-loss (ST-MoE; `--moe-z-loss-coeff`); null = off."""
+    moe_router_score_function: Literal["softmax", "sigmoid"] = "softmax"
+    """Router scores (`--moe-router-score-function`): `softmax` (Qwen3-MoE) or `sigmoid`
+    (DeepSeek-V3, Nemotron 3)."""
+    moe_router_pre_softmax: bool = False
+    """Softmax over all experts before the top-k (`--moe-router-pre-softmax`); false = top-k
+    of the logits, then softmax over those k (Qwen3's normalised top-k probabilities)."""
+    moe_router_topk_scaling_factor: float | None = None
+    """Scale of the routed experts' weights (`--moe-router-topk-scaling-factor`, the HF
+    `routed_scaling_factor`); null = 1."""
+    moe_router_enable_expert_bias: bool = False
+    """Aux-loss-free balancing (`--moe-router-enable-expert-bias`): a per-expert bias added to
+    the scores for the top-k choice only, moved after each update by the token counts."""
+    moe_router_bias_update_rate: float = 1e-3
+    """Step of the expert-bias update (`--moe-router-bias-update-rate`); > 0."""
+    moe_router_dtype: Literal["fp32", "fp64"] | None = None
+    """Router computation dtype (`--moe-router-dtype`); null = the params dtype."""
+    moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
+    """How tokens reach their experts' ranks under expert parallelism
+    (`--moe-token-dispatcher-type`); `alltoall` runs on gloo (CPU) too."""
+    moe_expert_capacity_factor: float | None = None
+    """Token dropping (`--moe-expert-capacity-factor`): null = none. Refused with RLP: a
+    token's experts would depend on the other tokens of its batch, so rollout (decode) and
+    update (full sequences) would route apart (docs/moe.md)."""
 
     def validate(self) -> None:
         pat = self.hybrid_layer_pattern
-        # `E` (MoE) and the other HybridModel kinds need layer specs this package does not ship.
-        check(set(pat) <= set("M*-|") and any(c in "M*-" for c in pat) and "||" not in pat,
+        # The other HybridModel kinds (G, D, +, ...) need layer specs this package does not ship.
+        check(set(pat) <= set("M*-E|") and any(c in "M*-E" for c in pat) and "||" not in pat,
               "model.hybrid_layer_pattern", pat,
-              "a non-empty string of M (Mamba-2), * (attention) and - (MLP) layers, "
+              "a non-empty string of M (Mamba-2), * (attention), - (MLP) and E (MoE) layers, "
               "| between pipeline stages")
         if "M" in pat:
             self._validate_mamba()
+        self._validate_moe()
         for key in ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                     "max_sequence_length", "make_vocab_size_divisible_by"):
             v = getattr(self, key)
@@ -103,6 +149,42 @@ class ModelConfig:
                   self.hidden_size, "a multiple of num_attention_heads (or set kv_channels)")
         check(self.norm_epsilon > 0, "model.norm_epsilon", self.norm_epsilon, "> 0")
         check(self.init_method_std > 0, "model.init_method_std", self.init_method_std, "> 0")
+
+    def _validate_moe(self) -> None:
+        """The MoE keys: only with `E` layers, and the combinations Megatron would assert on
+        deep inside (or silently accept) refused here."""
+        pat, n = self.hybrid_layer_pattern, self.num_experts
+        if "E" not in pat:
+            check(n is None, "model.num_experts", n,
+                  "null without E layers in model.hybrid_layer_pattern")
+            return
+        check(isinstance(n, int) and n >= 1, "model.num_experts", n,
+              "an integer >= 1 with E layers in model.hybrid_layer_pattern")
+        k = self.moe_router_topk
+        check(isinstance(k, int) and 1 <= k <= n, "model.moe_router_topk", k,
+              f"an integer in [1, num_experts={n}]")
+        for key in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
+            v = getattr(self, key)
+            check(v is None or v > 0, f"model.{key}", v, "a positive integer or null")
+        check(0 <= self.moe_aux_loss_coeff < math.inf, "model.moe_aux_loss_coeff",
+              self.moe_aux_loss_coeff, "a finite number >= 0")
+        check(self.moe_aux_loss_coeff == 0 or self.moe_router_load_balancing_type != "none",
+              "model.moe_aux_loss_coeff", self.moe_aux_loss_coeff,
+              "0 with moe_router_load_balancing_type=none")
+        z = self.moe_z_loss_coeff
+        check(z is None or 0 <= z < math.inf, "model.moe_z_loss_coeff", z,
+              "null or a finite number >= 0")
+        f = self.moe_router_topk_scaling_factor
+        check(f is None or 0 < f < math.inf, "model.moe_router_topk_scaling_factor", f,
+              "null or a finite number > 0")
+        check(not self.moe_router_pre_softmax or self.moe_router_score_function == "softmax",
+              "model.moe_router_pre_softmax", self.moe_router_pre_softmax,
+              "false with moe_router_score_function=sigmoid")
+        check(0 < self.moe_router_bias_update_rate < math.inf,
+              "model.moe_router_bias_update_rate", self.moe_router_bias_update_rate, "> 0")
+        c = self.moe_expert_capacity_factor
+        check(c is None or 0 < c < math.inf, "model.moe_expert_capacity_factor", c,
+              "null (no token dropping) or a finite number > 0")
 
     def mamba_heads(self) -> int:
         """Mamba-2 heads: `mamba_num_heads`, or Megatron's default 2 * hidden / head_dim."""
@@ -143,9 +225,14 @@ class ParallelConfig:
     """Megatron sequence parallelism (`--sequence-parallel`); true only with TP > 1."""
     use_distributed_optimizer: bool = False
     """Shard the optimizer state over data-parallel ranks (`--use-distributed-optimizer`)."""
+    expert_model_parallel_size: int = 1
+    """Expert parallelism EP (`--expert-model-parallel-size`): each `E` layer's experts split
+    over this many data-parallel ranks (expert tensor parallelism = TP); a divisor of
+    `model.num_experts` and of the data-parallel size (EP x TP x PP divides the world)."""
 
     def validate(self) -> None:
-        for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                    "expert_model_parallel_size"):
             v = getattr(self, key)
             check(isinstance(v, int) and v >= 1, f"parallel.{key}", v, "an integer >= 1")
         vp = self.virtual_pipeline_model_parallel_size

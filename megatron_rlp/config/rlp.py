@@ -51,7 +51,7 @@ def parse_template(spec: str) -> tuple[str, str] | None:
 
     Raises:
         TemplateError: a string that is not `none`/`paper` and does not hold `{context}`
-            exactly once.
+            exactly once, or whose text after it holds `<think>` or `</think>`.
     """
     if spec == "none":
         return None
@@ -60,6 +60,12 @@ def parse_template(spec: str) -> tuple[str, str] | None:
     if spec.count(PLACEHOLDER) != 1:
         raise TemplateError("none, paper, or a string containing {context} exactly once")
     before, after = spec.split(PLACEHOLDER)
+    # The text after {context} is fed as forced tokens right before the thought's <think>:
+    # a marker there would open or close a thought outside the sampled one (the text before
+    # may mention them, as the paper's instruction does).
+    if "<think>" in after or "</think>" in after:
+        raise TemplateError("a text after {context} without <think> or </think> (the "
+                            "thought's markers; <think> is added after it)")
     return before, after
 
 
@@ -142,13 +148,20 @@ class RLPConfig:
     after its window with a tree mask (megatron_rlp/packing). Same thoughts, rewards and loss
     as the per-context path (false), which stays as the reference. Hybrid models too: Mamba
     layers fork/start branches from the conv and SSM states at each position."""
-    thought_template: str = "none"
+    cascade_decode: bool | None = None
+    """Shared-prefix rollouts: keep each context's prefix K/V once and merge it with each
+    thought row's own keys by log-sum-exp (packing/cascade.py), so the rollout cache holds
+    C x P + R x T entries instead of R x (P + T). Exact up to fp32 rounding of the merge.
+    None (auto) = on where the device is cuda (the recipes' memory estimates assume it), off
+    on cpu, where the plain cache keeps runs bitwise equal to earlier releases."""
+    thought_template: str | None = "none"
     """The prompt the policy thinks in (rollout/template.py): `none` = `x_<t <think>` as is;
     `paper` = the paper's short instruction (continue the text, think briefly between
     `<think>` and `</think>`, then continue in the same style) before the context; or a string
     with one `{context}`: its text before is prepended, its text after is fed as forced
     tokens before `<think>` (no loss on either). The EMA teacher always scores raw `x_<t`. See
-    "Thought format and ablation knobs" in docs/configuration.md."""
+    "Thought format and ablation knobs" in docs/configuration.md. `null` (YAML) = `none`; the
+    text after `{context}` may not hold `<think>` or `</think>`."""
     kl_coef: float = 0.0
     """KL penalty beta to a frozen reference policy (the policy at the start of the RLP stage;
     objective/kl.py, k3 estimator on thought tokens), metric `kl_ref`; 0 = off and no
@@ -165,6 +178,13 @@ class RLPConfig:
     scored whole with k = its length."""
     reward_discount: float = 1.0
     """Discount gamma of the reward horizon: token j of the k counts gamma^j; in (0, 1]."""
+    teacher_scoring: Literal["every_step", "log_interval", "off"] = "every_step"
+    """When the EMA teacher scores S_ema (scoring/ema_teacher.py): `every_step`;
+    `log_interval` = step 1 and every `train.log_interval`-th step (the console lines; the
+    fp32 shadow is still updated every step); `off` = never, and no fp32 shadow is built,
+    updated or checkpointed. S_ema cancels from the group advantages, so the update is the
+    same under all three; only the reward metrics (`reward_mean`, `reward_std`, `s_ema`)
+    need it. Metric `teacher_scored` says whether a step was scored."""
 
     def max_window_tokens(self) -> int:
         """Longest document window (= longest prefix) the context sampler can draw
@@ -175,6 +195,8 @@ class RLPConfig:
 
     def validate(self) -> None:
         try:
+            if self.thought_template is None:  # `thought_template: null` in YAML
+                self.thought_template = "none"
             parse_template(self.thought_template)
         except TemplateError as e:
             raise ConfigError(f"invalid config: rlp.thought_template={self.thought_template!r} "

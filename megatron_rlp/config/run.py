@@ -49,6 +49,7 @@ class RunConfig:
         check(m.make_vocab_size_divisible_by % tp == 0, "parallel.tensor_model_parallel_size",
               tp, f"a divisor of model.make_vocab_size_divisible_by="
               f"{m.make_vocab_size_divisible_by} (the padded vocabulary is split over TP)")
+        self._check_moe()
         if world_size is not None:
             self._check_run_shapes(world_size)
         check(self.train.eval_interval == 0 or self.data.split_weights()[1] > 0,
@@ -65,6 +66,15 @@ class RunConfig:
             check(stages == 1 or stages == pp, "model.hybrid_layer_pattern",
                   m.hybrid_layer_pattern,
                   f"{pp} pipeline stage(s) (| separated) for pipeline_model_parallel_size={pp}")
+            layers = sum(c in "M*-" for c in m.hybrid_layer_pattern)
+            if stages == 1 and layers % pp:  # Megatron splits a `|`-free pattern evenly
+                body = m.hybrid_layer_pattern
+                cut = [body[i * len(body) // pp:(i + 1) * len(body) // pp] for i in range(pp)]
+                check(False, "model.hybrid_layer_pattern", m.hybrid_layer_pattern,
+                      f"| between {pp} non-empty stages, e.g. {'|'.join(cut)!r}, or a layer "
+                      f"count divisible by pipeline_model_parallel_size={pp}, split evenly "
+                      f"({layers} layers here; Megatron deprecates patterns without | under "
+                      "PP)")
         else:
             check(stages == pp * vp, "model.hybrid_layer_pattern", m.hybrid_layer_pattern,
                   f"{pp * vp} | separated chunks (pipeline_model_parallel_size={pp} x "
@@ -76,8 +86,36 @@ class RunConfig:
             check(stages == 1 or all(seg for seg in m.hybrid_layer_pattern.split("|")),
                   "model.hybrid_layer_pattern", m.hybrid_layer_pattern,
                   "no empty pipeline stage between | separators")
+        # FlexAttention serves only the branch-packed update, which shares prefixes.
+        check(m.packed_attention != "flex" or self.rlp.share_prefixes, "model.packed_attention",
+              m.packed_attention, "auto or mask with rlp.share_prefixes=false (flex serves only "
+              "the branch-packed update, which shares prefixes; set rlp.share_prefixes=true "
+              "to use it)")
         self._check_sequence_lengths()
         return self
+
+    def _check_moe(self) -> None:
+        """MoE against the layout and the objective (the world size is `_check_run_shapes`)."""
+        m, p = self.model, self.parallel
+        ep, tp = p.expert_model_parallel_size, p.tensor_model_parallel_size
+        if "E" not in m.hybrid_layer_pattern:
+            check(ep == 1, "parallel.expert_model_parallel_size", ep,
+                  "1 without E (MoE) layers in model.hybrid_layer_pattern")
+            return
+        check(m.num_experts % ep == 0, "parallel.expert_model_parallel_size", ep,
+              f"a divisor of model.num_experts={m.num_experts}")
+        for key in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
+            v = getattr(m, key)
+            check(v is None or v % tp == 0, "parallel.tensor_model_parallel_size", tp,
+                  f"a divisor of model.{key}={v}")
+        # Megatron's MoELayer raises in training with TP > 1 and no sequence parallel.
+        check(tp == 1 or p.sequence_parallel, "parallel.sequence_parallel", p.sequence_parallel,
+              "true with E (MoE) layers and tensor_model_parallel_size > 1 (Megatron's MoELayer)")
+        # Token dropping makes a token's experts depend on the other tokens of its batch:
+        # rollout (decode, one token a step) and update (whole sequences) would route apart.
+        check(m.moe_expert_capacity_factor is None or self.train.objective != "rlp",
+              "model.moe_expert_capacity_factor", m.moe_expert_capacity_factor,
+              "null with train.objective=rlp (exact on-policy routing: no token dropping)")
 
     def _check_run_shapes(self, world_size: int) -> None:
         """The run-time constraints that depend on the world size, checked here so that a
@@ -85,7 +123,7 @@ class RunConfig:
 
         - TP x PP divides the world; DP = world / (TP x PP) divides the global batches
           (`rlp_step.local_contexts`, `ntp_step`, `validate.validate` slice them evenly);
-        - `train.micro_batch_size` divides the sequences of a rank (`update.split_microbatches`),
+        - `train.micro_batch_size` divides the sequences of a rank (`batches.split_microbatches`),
           and under an interleaved pipeline gives a multiple of PP micro-batches (Megatron's
           `forward_backward_pipelining_with_interleaving` asserts it);
         - a document's contexts stay on one rank (`data/batches.py` rebuilds their shared
@@ -98,10 +136,19 @@ class RunConfig:
               "parallel.tensor_model_parallel_size", tp,
               f"TP*PP dividing the world size {world_size} (pipeline_model_parallel_size={pp})")
         dp = world_size // (tp * pp)
-        check(r.contexts_per_step % dp == 0, "rlp.contexts_per_step", r.contexts_per_step,
-              f"a multiple of the data-parallel size {dp}")
-        check(self.data.ntp_batch_size % dp == 0, "data.ntp_batch_size",
-              self.data.ntp_batch_size, f"a multiple of the data-parallel size {dp}")
+        ep = p.expert_model_parallel_size
+        check(dp % ep == 0, "parallel.expert_model_parallel_size", ep,
+              f"EP*TP*PP dividing the world size {world_size} (EP a divisor of the "
+              f"data-parallel size {dp}; tensor_model_parallel_size={tp}, "
+              f"pipeline_model_parallel_size={pp})")
+        # Each batch size only where its objective reads it (an RLP run never builds an NTP
+        # batch, nor an NTP run RLP contexts).
+        if t.objective == "rlp":
+            check(r.contexts_per_step % dp == 0, "rlp.contexts_per_step", r.contexts_per_step,
+                  f"a multiple of the data-parallel size {dp}")
+        else:
+            check(self.data.ntp_batch_size % dp == 0, "data.ntp_batch_size",
+                  self.data.ntp_batch_size, f"a multiple of the data-parallel size {dp}")
         check(t.eval_interval == 0 or t.eval_contexts % dp == 0, "train.eval_contexts",
               t.eval_contexts, f"a multiple of the data-parallel size {dp}")
         local = r.contexts_per_step // dp
@@ -168,3 +215,9 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+
+def cascade_decode(cfg: RunConfig) -> bool:
+    """`rlp.cascade_decode`, with None (auto) resolved: on for device.type=cuda."""
+    if cfg.rlp.cascade_decode is not None:
+        return bool(cfg.rlp.cascade_decode)
+    return cfg.device.type == "cuda"

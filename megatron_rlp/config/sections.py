@@ -187,10 +187,20 @@ class TrainConfig:
     load: str | None = None
     """Checkpoint to resume from (same objective) or warm-start from (other objective)
     (`--load`); null = start from scratch. A Hugging Face model directory is refused with the
-    conversion command."""
+    conversion command. Equal to `save` (Megatron-LM's `--save X --load X`): resume from X when
+    it holds a checkpoint, else start from scratch (one line says so)."""
+    base_model: str | None = None
+    """The pretrained model a recipe continues from (examples/configs/qwen3_1p7b.yaml: the HF
+    Qwen3-1.7B-Base). Its RLP run refuses to start (`pretrain_rlp.py`, with
+    `--check-world-size` too) without `load` or with the byte tokenizer, naming what it
+    expects: RLP from random weights is never meant. null = no such check."""
+    allow_random_init: bool = False
+    """Run a recipe with a `base_model` as RLP from random weights (or the byte tokenizer)
+    anyway."""
     use_checkpoint_args: bool = False
-    """With a Megatron-LM checkpoint in `load`: take the model section from its saved args
-    (`--use-checkpoint-args`); otherwise they are checked against the model."""
+    """Take the model section from the checkpoint in `load` (`--use-checkpoint-args`): a
+    Megatron-LM checkpoint's saved args, or the config saved with this project's checkpoints
+    (`hf-to-megatron` output too); otherwise they are checked against the model."""
     micro_batch_size: int = 0
     """Sequences per update micro-batch (`--micro-batch-size`); 0 = all at once."""
     recompute_granularity: Literal["none", "selective", "full"] = "none"
@@ -271,9 +281,14 @@ class TrainConfig:
         if self.save is not None:
             check(bool(self.save) and not Path(self.save).is_file(), "train.save", self.save,
                   "a directory path (not an existing file)")
-        if self.load is not None:
+        # Megatron-LM's `--save X --load X`: with nothing in X the run starts from scratch
+        # (train/loop.py says so in one line); a load path of its own must exist.
+        same = self.load is not None and self.save is not None and \
+            Path(self.load).resolve() == Path(self.save).resolve()
+        if self.load is not None and not same:
             check(Path(self.load).is_dir(), "train.load", self.load,
-                  "an existing checkpoint directory")
+                  "an existing checkpoint directory (or train.load = train.save: resume from "
+                  "it when it holds a checkpoint, else start from scratch)")
             check(not _hf_model_dir(Path(self.load)), "train.load", self.load,
                   "a checkpoint directory; this is a Hugging Face model directory: convert it "
                   f"first with `python tools/convert_checkpoint.py hf-to-megatron --hf-dir "

@@ -12,7 +12,11 @@ Megatron -> HF loads a checkpoint (any TP/PP it was saved with) into a TP=1 mode
 Vocabulary: HF embeddings are usually padded past the tokenizer (Qwen3: 151,936 rows for
 151,669 ids). The converted model keeps every row: `model.make_vocab_size_divisible_by` is set
 to the HF vocab_size, so that Megatron pads any tokenizer up to exactly that many rows (the
-extra rows are never sampled nor scored). Export writes all rows back.
+extra rows are never sampled nor scored). Export writes back the rows of a real vocabulary
+only: the source HF config's `vocab_size` for an imported model, else the size of the run's
+`data.tokenizer` (<think>/</think> included). Megatron's padding rows past it are cut, as the
+product itself never samples nor scores them; an HF model keeping them puts probability on ids
+the tokenizer does not have, and `generate` samples them (Megatron-Bridge issue 625).
 """
 
 from __future__ import annotations
@@ -240,8 +244,43 @@ def load_megatron(path: str | Path, weights: str = "policy"):
     return model, fields, common
 
 
+def real_vocab_size(common: dict, rows: int, vocab_size: int | None = None) -> int:
+    """The ids an exported model keeps: rows past them are Megatron's vocabulary padding.
+
+    Args:
+        common: The checkpoint's common state (`hf_config`, `config.data.tokenizer`).
+        rows: Embedding rows in the checkpoint (the padded vocabulary).
+        vocab_size: Given by the user (`--vocab-size`); else the source HF config's
+            `vocab_size` for a model imported by `hf_to_megatron`, else the size of the run's
+            `data.tokenizer`.
+
+    Raises:
+        ConversionError: the size is not in 1..rows, or the run's tokenizer cannot be read.
+    """
+    if vocab_size is None and (common.get("hf_config") or {}).get("vocab_size"):
+        vocab_size = int(common["hf_config"]["vocab_size"])
+        if vocab_size > rows:  # e.g. trained with a smaller divisor than the import set
+            vocab_size = None
+    if vocab_size is None:
+        from megatron_rlp.tokenizer import build_tokenizer
+
+        spec = str(((common.get("config") or {}).get("data") or {}).get("tokenizer") or "byte")
+        try:
+            vocab_size = build_tokenizer(spec).vocab_size
+        except (OSError, ValueError) as e:
+            raise ConversionError(
+                f"the run's data.tokenizer={spec} cannot be read to find the real vocabulary "
+                f"({e}); allowed: run where that path resolves, or give --vocab-size N "
+                f"(1..{rows})") from None
+    if not 1 <= vocab_size <= rows:
+        raise ConversionError(f"--vocab-size={vocab_size} (allowed: 1..{rows}, the "
+                              "checkpoint's embedding rows)")
+    return vocab_size
+
+
 def megatron_to_hf(path: str | Path, out_dir: str | Path, template: str | Path | None = None,
-                   weights: str = "policy", dtype: torch.dtype | None = None) -> Path:
+                   weights: str = "policy", dtype: torch.dtype | None = None,
+                   vocab_size: int | None = None) -> Path:
     """Export a checkpoint (a `train.save` root or a step directory) as a HF directory.
 
     Args:
@@ -249,6 +288,7 @@ def megatron_to_hf(path: str | Path, out_dir: str | Path, template: str | Path |
             tokenizer files are copied; default: the config saved by `hf_to_megatron`, if any.
         weights: "policy" or "teacher" (the EMA copy).
         dtype: Cast the weights (e.g. torch.bfloat16); default: as trained (fp32).
+        vocab_size: Rows to keep (see `real_vocab_size`); written as config `vocab_size`.
     """
     from megatron_rlp.config import RunConfig
 
@@ -260,7 +300,12 @@ def megatron_to_hf(path: str | Path, out_dir: str | Path, template: str | Path |
     base = common.get("hf_config") if common.get("hf_architecture") == arch else None
     if template is not None:
         base = json.loads((Path(template) / "config.json").read_text())
-    rows = int(sd["embedding.word_embeddings.weight"].shape[0])
+    keep = real_vocab_size(common, int(sd["embedding.word_embeddings.weight"].shape[0]),
+                           vocab_size)
+    for k in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        if k in sd:  # [rows, hidden] -> [keep, hidden]: Megatron's padding rows go
+            sd[k] = sd[k][:keep].clone()
+    rows = keep
     spec = ARCHITECTURES[arch]
     check_megatron_model(fields, arch)
     hf_cfg = spec["hf_config"](fields, rows, base)

@@ -9,6 +9,11 @@ position, so all of a document's contexts must be on one rank (config validation
 together: `RLPRunConfig` refuses a positions_per_document that does not divide the contexts
 per data-parallel rank).
 
+The update's unpacked layout lives here too: `update_batch` lays every thought out as its
+own right-padded `prefix <think> thought` row, `split_microbatches` and
+`trimmed_microbatches` cut the rows into micro-batches (`packing.update` is the packed
+layout of the same rows).
+
 The tensors are assembled on the host (they come from numpy documents) and moved to the
 run's device in one copy per tensor per step (`device=`).
 """
@@ -24,7 +29,9 @@ from torch import Tensor
 
 from megatron_rlp.data.contexts import Context
 from megatron_rlp.data.corpus import TokenizedCorpus
-from megatron_rlp.rollout.thoughts import PromptBatch
+from megatron_rlp.rollout.template import lead_ids
+from megatron_rlp.rollout.thoughts import PromptBatch, ThoughtBatch
+from megatron_rlp.utils import ceil_to
 
 
 @dataclass
@@ -103,3 +110,69 @@ def _to(batch, device):
     if all(fields[k] is v for k, v in vars(batch).items()):
         return batch
     return type(batch)(**fields)
+
+
+def update_batch(prompts: PromptBatch, thoughts: ThoughtBatch, advantages: Tensor,
+                 group_size: int, pad: int, think_start: int | list[int], multiple: int = 1
+                 ) -> dict[str, Tensor]:
+    """Right-padded `prefix <think> thought` sequences for the gradient forward; the width is
+    a multiple of `multiple` (the TP size under sequence parallel). `think_start` may be a
+    template's lead (`rollout.template`: forced ids ending with `<think>`, no loss on them).
+
+    Returns a dict of (on the device of `advantages`; laid out on the host, one copy each):
+        tokens, positions: [R, S]; index: [R, L] positions whose logits predict thought token
+        k; labels, mask, logp_old: [R, L]; advantages: [R].
+    """
+    device = advantages.device
+    prompts = PromptBatch(**{k: v.cpu() for k, v in vars(prompts).items()})
+    thoughts = ThoughtBatch(**{k: v.cpu() for k, v in vars(thoughts).items()})
+    lead = torch.tensor(lead_ids(think_start), dtype=torch.long)
+    m = len(lead)
+    lengths = prompts.lengths.repeat_interleave(group_size)  # [R]
+    rows, n = thoughts.tokens.shape
+    width = int((lengths + m + thoughts.lengths).max())
+    width = ceil_to(width, multiple)
+    tokens = torch.full((rows, width), pad, dtype=torch.long)
+    prefixes = prompts.tokens.repeat_interleave(group_size, 0)
+    for r in range(rows):
+        p = int(lengths[r])
+        tokens[r, :p] = prefixes[r, -p:]
+        tokens[r, p:p + m] = lead
+        tokens[r, p + m:p + m + int(thoughts.lengths[r])] = thoughts.tokens[r, :thoughts.lengths[r]]
+    k = torch.arange(n)[None]
+    index = torch.where(thoughts.mask, lengths[:, None] + (m - 1) + k, 0)
+    batch = dict(tokens=tokens, positions=torch.arange(width).expand(rows, -1), index=index,
+                 labels=torch.where(thoughts.mask, thoughts.tokens, 0), mask=thoughts.mask,
+                 logp_old=thoughts.logprobs)
+    return {**{k: v.to(device) for k, v in batch.items()}, "advantages": advantages}
+
+
+def split_microbatches(batch: dict[str, Tensor], micro_batch_size: int) -> list[dict]:
+    """Split every tensor of `batch` along dim 0 into equal micro-batches (0 = one batch)."""
+    n = next(iter(batch.values())).shape[0]
+    size = micro_batch_size or n
+    if n % size:
+        raise ValueError(f"train.micro_batch_size={size} must divide the {n} local sequences")
+    return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
+
+
+def trimmed_microbatches(batch: dict[str, Tensor], micro_batch_size: int, multiple: int = 1
+                         ) -> list[dict[str, Tensor]]:
+    """Micro-batches of sequences of similar length, each cut to its own longest sequence.
+
+    The update batch is padded to the longest sequence of the step; with small micro-batches
+    (the paper's recipes use one sequence) most of that padding is wasted compute. Without
+    pipeline parallelism nothing needs equal micro-batch shapes, so rows are sorted by length
+    and each micro-batch keeps the columns its logits need (right padding never changes a
+    causal forward). Rows keep their tensors together, so the loss is unchanged: it is a mean
+    over thoughts.
+    """
+    need = batch["index"].max(1).values + 1  # [R] inputs up to the last scored position
+    if 0 < micro_batch_size < len(need):  # one micro-batch: keep the rows' order
+        batch = {k: v[torch.argsort(need, stable=True)] for k, v in batch.items()}
+    mbs = split_microbatches(batch, micro_batch_size)
+    for mb in mbs:
+        width = int(mb["index"].max()) + 1
+        width = ceil_to(width, multiple)
+        mb["tokens"], mb["positions"] = mb["tokens"][:, :width], mb["positions"][:, :width]
+    return mbs

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_rlp.data.utf8 import check_text, read_utf8, utf8_lines
 from megatron_rlp.tokenizer import Tokenizer
 
 
@@ -61,16 +62,15 @@ def jsonl_records(path: Path) -> Iterator[tuple[int, object]]:
     """(line number, parsed JSON) for every non-blank line of a JSONL file.
 
     Raises:
-        ValueError: a line that is not JSON (file and line named).
+        ValueError: a line that is not JSON or not UTF-8 (file and line named).
     """
-    with Path(path).open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+    for lineno, line in utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
 
 
 def _read_jsonl(path: Path, offsets: list | None = None) -> list[str]:
@@ -83,7 +83,7 @@ def _read_jsonl(path: Path, offsets: list | None = None) -> list[str]:
             raise ValueError(
                 f'{path}:{lineno}: expected an object with a string "text" field'
             )
-        texts.append(text)
+        texts.append(check_text(path, lineno, text))
         if offsets is not None:
             found = record.get("answer_offsets")
             ok = isinstance(found, list) and all(isinstance(o, int) and 0 <= o < len(text)
@@ -99,7 +99,7 @@ def _token_positions(text: str, offsets: list[int], tokenizer: Tokenizer) -> np.
 
 def _read_txt(path: Path) -> list[str]:
     """Returns the documents of a text file, separated by blank lines."""
-    blocks = re.split(r"\n[ \t\r]*\n", path.read_text(encoding="utf-8"))
+    blocks = re.split(r"\n[ \t\r]*\n", read_utf8(path))
     return [block.strip() for block in blocks if block.strip()]
 
 
@@ -116,8 +116,9 @@ def load_corpus(path: str | Path, tokenizer: Tokenizer) -> TokenizedCorpus:
 
     Raises:
         FileNotFoundError: `path` does not exist.
-        ValueError: A JSONL line is not valid JSON or lacks a string "text" field (the message
-            names file and line), or no document has any token.
+        ValueError: A JSONL line is not valid JSON or lacks a string "text" field, the file is
+            not UTF-8 or a text holds a lone surrogate (the message names file and line), or
+            no document has any token.
     """
     path = Path(path)
     if not path.is_file():

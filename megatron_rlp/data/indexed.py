@@ -22,6 +22,7 @@ documents in the same order.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,28 @@ from megatron_rlp.data.corpus import TokenizedCorpus
 from megatron_rlp.tokenizer import Tokenizer
 
 SPLITS = ("train", "valid", "test")
+
+
+class _CacheNoticeOnce(logging.Filter):
+    """Megatron's `BlendedDataset` logs "Cannot save the BlendedDataset indexes because
+    path_to_cache is None" for every split it builds (twice per blend run, four times with NTP
+    windows). Said once per process, with the key that silences it."""
+
+    said = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "path_to_cache is None" not in str(record.msg):
+            return True
+        if _CacheNoticeOnce.said:
+            return False
+        _CacheNoticeOnce.said = True
+        record.msg = (f"{record.msg} (data.cache_dir is unset: the blend's indexes are "
+                      "rebuilt at each start; said once)")
+        record.args = ()
+        return True
+
+
+logging.getLogger("megatron.core.datasets.blended_dataset").addFilter(_CacheNoticeOnce())
 
 
 def is_indexed_prefix(path: str | Path) -> bool:

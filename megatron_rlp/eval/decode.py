@@ -28,6 +28,7 @@ from megatron_rlp.models.masks import padded_causal_mask
 from megatron_rlp.parallel.pipeline import from_last_stage, stage_forward
 from megatron_rlp.parallel.sequence import sequence_parallel_off
 from megatron_rlp.rollout.engine import KVCacheEngine
+from megatron_rlp.rollout.thoughts import any_in_expert_group
 from megatron_rlp.rollout.vocab_parallel import mask_padded_vocab, sample_vocab_parallel
 from megatron_rlp.scoring.next_token import token_logprobs_vocab_parallel
 
@@ -146,7 +147,8 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
             for r in torch.nonzero(active & ~finished).flatten().tolist():
                 if any(s in decode(out[r, : k + 1].tolist()) for s in stop_texts):
                     finished[r] = True
-        if bool(finished.all()) or k == max_new_tokens - 1:
+        # MoE with EP > 1: every forward is a collective of the expert-parallel group
+        if k == max_new_tokens - 1 or not any_in_expert_group(not bool(finished.all())):
             break
         logits = engine.step(torch.where(finished, pad, tok))
     return [out[r, : int(lengths[r])].tolist() for r in range(n)]

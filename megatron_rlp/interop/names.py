@@ -46,10 +46,21 @@ def te_to_local_key(key: str) -> str:
     return key
 
 
+_ROUTER = re.compile(r"mlp\.router\.weight$")
+
+
 def has_local_names(keys) -> bool:
     """True if any tensor key uses the local spec's norm names (a checkpoint from before the
-    TE key map)."""
-    return any(_LOCAL.search(k) for k in keys)
+    TE key map). An MoE (`E`) layer's `pre_mlp_layernorm` is not one: TE's MoE layer keeps
+    that norm unfused, so both specs store it under that name (its layer has a router)."""
+    keys = list(keys)
+    moe = {k[:m.start()] for k in keys if (m := _ROUTER.search(k))}  # "...layers.i." prefixes
+    for k in keys:
+        m = _LOCAL.search(k)
+        if m and not (m.group(1) == "pre_mlp_layernorm"
+                      and k[:k.rindex("pre_mlp_layernorm.")] in moe):
+            return True
+    return False
 
 
 def to_local_names(sharded_state_dict: dict) -> None:

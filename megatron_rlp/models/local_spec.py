@@ -37,6 +37,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_rlp.models.mamba.mixer import LocalMambaLayer, LocalMambaMixer
+from megatron_rlp.models.moe import local_moe_layer_spec
 
 # Local norm -> TE fused-norm key (sharded_state_dict_keys_map; prefixes of a layer's keys).
 TE_NAMES_ATTENTION = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
@@ -73,9 +74,10 @@ class LocalHybridStack(HybridStack):
 
 
 def local_hybrid_stack_spec(qk_layernorm: bool, normalization: str) -> ModuleSpec:
-    """HybridStack spec for `*` (attention), `-` (MLP) and `M` (Mamba-2) layers without
-    Transformer Engine. Other layer kinds (`E`, `G`, ...) are unset and refused by config
-    validation (an unset kind would silently build as an identity)."""
+    """HybridStack spec for `*` (attention), `-` (MLP), `M` (Mamba-2) and `E` (MoE,
+    models/moe.py) layers without Transformer Engine. Other layer kinds (`G`, `D`, ...) are
+    unset and refused by config validation (an unset kind would silently build as an
+    identity)."""
     full = get_gpt_layer_local_submodules(qk_layernorm=qk_layernorm, normalization=normalization)
     attention = full.self_attention
     if qk_layernorm:
@@ -118,5 +120,6 @@ def local_hybrid_stack_spec(qk_layernorm: bool, normalization: str) -> ModuleSpe
     return ModuleSpec(
         module=LocalHybridStack,
         submodules=HybridStackSubmodules(attention_layer=attention_layer, mlp_layer=mlp_layer,
-                                         mamba_layer=mamba_layer),
+                                         mamba_layer=mamba_layer,
+                                         moe_layer=local_moe_layer_spec(LocalNorm)),
     )

@@ -1,7 +1,7 @@
 """Model provider: RunConfig -> Megatron `TransformerConfig` -> `HybridModel`.
 
 Dense (Qwen3-style) and hybrid (Nemotron-H-style) models are both Megatron `HybridModel`s;
-the layer pattern says which layers exist (`*` attention, `-` MLP, `M` Mamba-2). The
+the layer pattern says which layers exist (`*` attention, `-` MLP, `M` Mamba-2, `E` MoE). The
 Megatron-LM entry scripts call this split "model provider"; it is the one place that knows
 how config keys become Megatron arguments.
 """
@@ -24,6 +24,7 @@ from megatron_rlp.config import RunConfig
 from megatron_rlp.models.fp8 import transformer_config_fp8
 from megatron_rlp.models.local_spec import local_hybrid_stack_spec
 from megatron_rlp.models.masked_attention import route_explicit_masks
+from megatron_rlp.models.moe import transformer_config_moe
 from megatron_rlp.models.seeded_init import seed_generator, seed_layers_by_number
 from megatron_rlp.models.vocab import padded_vocab_size
 from megatron_rlp.parallel.pipeline import ModelChunks
@@ -116,7 +117,6 @@ def transformer_config(cfg: RunConfig, params_dtype: str | None = None) -> Trans
         # (gloo: wrong tensors). Megatron's unbatched ops keep the directions apart (one
         # process group each), as Megatron-LM's default overlap_p2p_comm does.
         batch_p2p_comm=p.virtual_pipeline_model_parallel_size is None,
-        moe_token_dispatcher_type="alltoall",
         # Fused CUDA kernels and TE-only paths off where they cannot run.
         bias_dropout_fusion=not on_cpu,
         # Off on GPU too: for `causal` layers the fused kernel ignores the explicit masks
@@ -135,6 +135,8 @@ def transformer_config(cfg: RunConfig, params_dtype: str | None = None) -> Trans
         mamba_head_dim=m.mamba_head_dim,
         mamba_state_dim=m.mamba_state_dim,
         mamba_num_groups=m.mamba_num_groups,
+        expert_model_parallel_size=p.expert_model_parallel_size,
+        **transformer_config_moe(m, transformer_impl(cfg) == "transformer_engine"),
         **transformer_config_fp8(cfg.precision),  # FP8 fields, only when precision.fp8 is set
     )
 

@@ -9,6 +9,8 @@ for the layer kinds this package builds:
 - `-` MLP: the norm fused into `linear_fc1` (`TELayerNormColumnParallelLinear`),
   `TERowParallelLinear` fc2;
 - `M` Mamba-2: the norm fused into the mixer's `in_proj`, `TERowParallelLinear` out;
+- `E` MoE: `MoETransformerLayer` with `TENorm`, and `get_moe_module_spec(use_te=True)`'s
+  grouped-GEMM experts (its router given the padding-mask fix of `models.moe`);
 - the stack's final norm: `TENorm` (Megatron's `HybridStack`).
 
 What changes here, and why:
@@ -25,7 +27,7 @@ What changes here, and why:
    initial weight (TE has no `keep_master_weight_for_test`), so under TE the initial model
    depends on the TP layout; conv, dt and A stay TP-invariant.
 
-Layer kinds other than `*`, `-` and `M` are left unset, as in the local spec (config
+Layer kinds other than `*`, `-`, `M` and `E` are left unset, as in the local spec (config
 validation refuses them). Without Transformer Engine the spec still *builds* (Megatron puts
 placeholders where the TE classes would be) but no module can be instantiated from it;
 models/provider.py selects it only when TE imports (backends/transformer_engine.py).
@@ -39,6 +41,7 @@ from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSub
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_rlp.models.mamba.mixer import LocalMambaLayer, LocalMambaMixer
+from megatron_rlp.models.moe import with_masked_router
 
 
 def megatron_te_hybrid_spec() -> ModuleSpec:
@@ -62,7 +65,7 @@ def _with_submodules(spec: ModuleSpec, **changes) -> ModuleSpec:
 
 
 def te_hybrid_stack_spec(qk_layernorm: bool) -> ModuleSpec:
-    """HybridStack spec for `*`, `-` and `M` layers on Transformer Engine (see module doc).
+    """HybridStack spec for `*`, `-`, `M` and `E` layers on Transformer Engine (see module doc).
 
     Args:
         qk_layernorm: add Megatron's TE QK-norm to attention (Qwen3).
@@ -83,5 +86,8 @@ def te_hybrid_stack_spec(qk_layernorm: bool) -> ModuleSpec:
     return ModuleSpec(
         module=HybridStack,
         submodules=HybridStackSubmodules(attention_layer=attention_layer,
-                                         mlp_layer=stock.mlp_layer, mamba_layer=mamba_layer),
+                                         mlp_layer=stock.mlp_layer, mamba_layer=mamba_layer,
+                                         moe_layer=_with_submodules(
+                                             stock.moe_layer,
+                                             mlp=with_masked_router(stock.moe_layer.submodules.mlp))),
     )

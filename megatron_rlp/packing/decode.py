@@ -27,6 +27,7 @@ from megatron.core.transformer.attention import SelfAttention
 from torch import Tensor
 
 from megatron_rlp.models.provider import unwrap_model
+from megatron_rlp.packing.cascade import CascadeKV, cascade_attention, cascade_fork, cascade_keep
 from megatron_rlp.parallel.pipeline import chunks_of
 from megatron_rlp.rollout.engine import KVCacheEngine
 
@@ -45,7 +46,13 @@ def _decode_attention(self: SelfAttention, hidden_states: Tensor, attention_mask
         freqs = emb[pos:pos + 1]
         query = apply_rotary_pos_emb(query, freqs, config=self.config)
         key = apply_rotary_pos_emb(key, freqs, config=self.config)
-    cache_k, cache_v = ctx.key_value_memory_dict[self.layer_number]
+    entry = ctx.key_value_memory_dict[self.layer_number]
+    if isinstance(entry, CascadeKV):  # shared prefix + own thought keys (packing/cascade.py)
+        scale = getattr(self.core_attention, "softmax_scale", None) or query.shape[-1] ** -0.5
+        context = cascade_attention(query[0], key[0], value[0], entry, ctx.cascade_rows, pos,
+                                    scale)
+        return self.linear_proj(context[None])
+    cache_k, cache_v = entry
     rows = key.shape[1]
     cache_k[pos, :rows] = key[0]
     cache_v[pos, :rows] = value[0]
@@ -66,10 +73,17 @@ class SharedPrefixEngine(KVCacheEngine):
     """`KVCacheEngine` whose decode steps use `_decode_attention` (rotated-key cache).
 
     Call `rotate_cache()` once after the prefill (and after any rearranging of pre-RoPE
-    columns, see `packing.prefill`); `prefill` does it itself."""
+    columns, see `packing.prefill`); `prefill` does it itself.
 
-    def __init__(self, model: torch.nn.Module, max_batch_size: int, max_sequence_length: int):
+    With `cascade` (the default) `fork` keeps each context's prefix K/V once and gives every
+    branch row its own thought cache (`packing.cascade`: C x P + R x T cache entries per
+    layer instead of R x (P + T)); without it the prefix is copied to every row."""
+
+    def __init__(self, model: torch.nn.Module, max_batch_size: int, max_sequence_length: int,
+                 cascade: bool = True):
         super().__init__(model, max_batch_size, max_sequence_length)
+        self.cascade = cascade
+        self._full = (max_batch_size, max_sequence_length)
         self.attentions = [m for c in chunks_of(model) for m in unwrap_model(c).modules()
                            if isinstance(m, SelfAttention)]
         for chunk in chunks_of(model):
@@ -96,6 +110,29 @@ class SharedPrefixEngine(KVCacheEngine):
                     k, _ = cache[m.layer_number]
                     k[:upto] = apply_rotary_pos_emb(k[:upto], freqs.to(k.device),
                                                     config=m.config)
+
+    def limit_prefix(self, rows: int, columns: int) -> None:
+        """Before a prefill (cascade only): Megatron's attention allocates its cache at the
+        context's max batch x max sequence, so make those the prefill's own rows and prefix
+        columns; `fork` restores them. Without it the prefill would hold R x (P + T)."""
+        if self.cascade:
+            self.ctx.max_batch_size, self.ctx.max_sequence_length = rows, columns
+
+    def fork(self, n: int) -> None:
+        if not self.cascade:
+            return super().fork(n)
+        self.ctx.max_batch_size, self.ctx.max_sequence_length = self._full
+        valid = torch.zeros(self.key_valid.shape[0], self._full[1], dtype=torch.bool,
+                            device=self.key_valid.device)
+        valid[:, :self.key_valid.shape[1]] = self.key_valid
+        self.ctx.cascade_rows = cascade_fork(self.ctx, n, valid)
+        self.key_valid = valid[self.ctx.cascade_rows.row_context]
+
+    def keep(self, rows: Tensor) -> None:
+        if not self.cascade:
+            return super().keep(rows)
+        self.ctx.cascade_rows = cascade_keep(self.ctx, self.ctx.cascade_rows, rows)
+        self.key_valid = self.key_valid[rows.to(self.key_valid.device)]
 
     def _forward(self, tokens: Tensor, mask: Tensor) -> Tensor | None:
         if self.ctx.sequence_len_offset == 0:  # prefill: Megatron's own path

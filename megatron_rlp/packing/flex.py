@@ -31,14 +31,21 @@ What is handled:
 - Masked-out rows (padding tokens read nothing) give 0 here and a uniform average under
   Megatron's -10000 fill; their outputs are never read by the loss.
 
-Where it runs: on CUDA `flex_attention` is wrapped in `torch.compile` (PyTorch's fused
-Triton kernel; eager flex materialises the scores) and the BlockMask is built compiled. On
-CPU, `flex_attention` refuses inputs that need gradients (a device policy check); the CPU
-path calls the same FlexAttention operator (`torch._higher_order_ops.flex_attention`) eagerly,
-whose math implementation applies the mask_mod densely. It exists for tests and debugging:
-it proves the mask_mod, GQA, scale and layout plumbing against the explicit-mask path; the
-block structure the CUDA kernel skips by is checked separately (`dense_from_block_mask`
-against `tree.tree_mask`). `model.packed_attention` selects the path (`resolve`).
+Where it runs: on CUDA `flex_attention` and `create_block_mask` run under `torch.compile`
+(inductor: PyTorch's fused block-sparse Triton kernel; eager flex materialises the scores).
+The packed width S varies from step to step, so the compiled path pads it up to a multiple of
+`BLOCK_SIZE` (padding tokens: `tree.PAD`, they attend and are attended by nothing; their
+outputs are dropped) and compiles with static shapes: one compilation per padded width, not
+per step. Every compilation is counted (`compile_count`, the `flex_compiles` metric). On CPU,
+`flex_attention` refuses inputs that need gradients (a device policy check; inductor has no
+CPU backward for it): the CPU path calls the same FlexAttention operator
+(`torch._higher_order_ops.flex_attention`) eagerly, whose math implementation applies the
+mask_mod densely. It exists for tests and debugging: it proves the mask_mod, GQA, scale and
+layout plumbing against the explicit-mask path; the block structure the CUDA kernel skips by
+is checked separately (`dense_from_block_mask` against `tree.tree_mask`). With
+`compile_on_cpu = True` (the kernel tests) a CPU forward that needs no gradients takes the
+compiled path, inductor's C++ FlexAttention template, as a GPU run compiles it.
+`model.packed_attention` selects the path (`resolve`).
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ import torch
 from torch import Tensor
 
 from megatron_rlp.models.masked_attention import wrap_core_attentions
-from megatron_rlp.packing.tree import WINDOW, tree_mask
+from megatron_rlp.packing.tree import PAD, WINDOW, tree_mask
 
 try:  # FlexAttention: torch >= 2.5
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -63,6 +70,8 @@ except ImportError:  # pragma: no cover - the pinned torch has it
 BLOCK_SIZE = 128  # FlexAttention's default tile (query and key), what its CUDA kernel uses
 _CACHE_SIZE = 16  # micro-batches in flight (pipeline 1F1B keeps up to PP forwards live)
 _block_masks: OrderedDict[tuple, tuple[Tensor, BlockMask]] = OrderedDict()
+compile_on_cpu = False  # CPU forwards without gradients take the compiled path (module doc)
+_compiles = 0  # inductor compilations of the compiled path (first ones and recompiles)
 
 
 def resolve(kind: str, device_type: str, pattern: str) -> str:
@@ -108,25 +117,52 @@ def tree_mask_mod(descriptor: Tensor):
     return mask_mod
 
 
-def tree_block_mask(descriptor: Tensor, block_size: int = BLOCK_SIZE) -> BlockMask:
+def pad_descriptor(descriptor: Tensor, block_size: int = BLOCK_SIZE) -> Tensor:
+    """[B, 3, S] -> [B, 3, S'] with S' the next multiple of `block_size`; the new tokens are
+    padding (branch `PAD`, lo = hi = 0): they attend nothing and nothing attends them."""
+    extra = -descriptor.shape[2] % block_size
+    if not extra:
+        return descriptor
+    fill = descriptor.new_tensor([PAD, 0, 0])[None, :, None]
+    return torch.cat([descriptor, fill.expand(descriptor.shape[0], 3, extra)], dim=2)
+
+
+def tree_block_mask(descriptor: Tensor, block_size: int = BLOCK_SIZE, *,
+                    compiled: bool = False) -> BlockMask:
     """The BlockMask of a [B, 3, S] tree descriptor (heads broadcast), on its device.
 
-    Built with `create_block_mask` (compiled on CUDA, so the S x S mask is never materialised
-    there) and cached per descriptor storage; `block_size` is the query and key tile.
+    Built with `create_block_mask`, under `torch.compile` when `compiled` (the CUDA path: the
+    S x S mask is never materialised there; S is then padded to a multiple of `block_size`,
+    `pad_descriptor`), and cached per descriptor storage; `block_size` is the query and key
+    tile.
     """
-    key = (descriptor.data_ptr(), tuple(descriptor.shape), descriptor.device, block_size)
+    key = (descriptor.data_ptr(), tuple(descriptor.shape), descriptor.device, block_size,
+           compiled)
     hit = _block_masks.get(key)
     if hit is not None:
         _block_masks.move_to_end(key)
         return hit[1]
-    b, _, s = descriptor.shape
-    block_mask = create_block_mask(tree_mask_mod(descriptor), b, None, s, s,
-                                   device=descriptor.device, BLOCK_SIZE=block_size,
-                                   _compile=descriptor.device.type == "cuda")
+    tree = pad_descriptor(descriptor, block_size) if compiled else descriptor
+    b, _, s = tree.shape
+    make = _compiled(create_block_mask) if compiled else create_block_mask
+    block_mask = make(tree_mask_mod(tree), b, None, s, s, device=tree.device,
+                      BLOCK_SIZE=block_size)
     _block_masks[key] = (descriptor, block_mask)
     while len(_block_masks) > _CACHE_SIZE:
         _block_masks.popitem(last=False)
     return block_mask
+
+
+def _compiled_path(device: torch.device, needs_grad: bool) -> bool:
+    return device.type != "cpu" or (compile_on_cpu and not needs_grad)
+
+
+def block_mask_for(descriptor: Tensor, needs_grad: bool | None = None) -> BlockMask:
+    """The BlockMask the attention layers of a packed forward use for `descriptor`: compiled
+    and padded on the compiled path (CUDA; CPU forwards without gradients under
+    `compile_on_cpu`), eager otherwise. `needs_grad` defaults to `torch.is_grad_enabled()`."""
+    needs_grad = torch.is_grad_enabled() if needs_grad is None else needs_grad
+    return tree_block_mask(descriptor, compiled=_compiled_path(descriptor.device, needs_grad))
 
 
 def _blocks_dense(num: Tensor, indices: Tensor | None, kv_blocks: int) -> Tensor:
@@ -185,10 +221,25 @@ def packed_sparsity(branch: Tensor, lo: Tensor, hi: Tensor,
     return {"block": block_sparsity(block_mask), "pair": pair}
 
 
+def compile_count() -> int:
+    """Inductor compilations of the compiled flex path in this process (first compilations
+    and recompiles of `flex_attention` and `create_block_mask`): the `flex_compiles` metric."""
+    return _compiles
+
+
+def _counting_inductor(graph, example_inputs):
+    """torch.compile backend: inductor (`compile_fx`, what `backend="inductor"` runs), counted."""
+    from torch._inductor.compile_fx import compile_fx
+
+    global _compiles
+    _compiles += 1
+    return compile_fx(graph, example_inputs)
+
+
 @functools.cache
-def _compiled_flex():
-    """`flex_attention` under torch.compile: PyTorch's fused block-sparse kernel on CUDA."""
-    return torch.compile(flex_attention)
+def _compiled(fn):
+    """`fn` under torch.compile with static shapes (padded widths: one graph per width)."""
+    return torch.compile(fn, backend=_counting_inductor, dynamic=False)
 
 
 def _flex_cpu(query: Tensor, key: Tensor, value: Tensor, block_mask: BlockMask,
@@ -217,13 +268,16 @@ def flex_tree_attention(query: Tensor, key: Tensor, value: Tensor, descriptor: T
     """
     sq, b, heads, hn = query.shape
     q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, hn]
-    block_mask = tree_block_mask(descriptor)
-    if q.device.type == "cpu":
-        out = _flex_cpu(q, k, v, block_mask, scale)
-    else:
-        out = _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale,
-                               enable_gqa=heads != k.shape[1])
-    return out.permute(2, 0, 1, 3).reshape(sq, b, heads * hn)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    block_mask = block_mask_for(descriptor, needs_grad)
+    if not _compiled_path(q.device, needs_grad):
+        return _flex_cpu(q, k, v, block_mask, scale).permute(2, 0, 1, 3).reshape(
+            sq, b, heads * hn)
+    pad = block_mask.seq_lengths[0] - sq  # widths padded to the tile (pad_descriptor)
+    q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    out = _compiled(flex_attention)(q, k, v, block_mask=block_mask, scale=scale,
+                                    enable_gqa=heads != k.shape[1])
+    return out[:, :, :sq].permute(2, 0, 1, 3).reshape(sq, b, heads * hn)
 
 
 def _check_supported(core: torch.nn.Module) -> float:

@@ -31,6 +31,7 @@ from torch import Tensor
 from megatron_rlp.models.mamba.inference_state import MambaState
 from megatron_rlp.models.mamba.model_walk import has_mamba, mamba_states_at
 from megatron_rlp.models.masks import padded_causal_mask
+from megatron_rlp.packing.decode import SharedPrefixEngine
 from megatron_rlp.rollout.template import lead_ids
 
 
@@ -51,18 +52,33 @@ class SharedWindows:
     rows: Tensor
     ends: Tensor
     lengths: Tensor
+    cascade: bool = True  # the rollout engine's cache (packing/decode.SharedPrefixEngine)
 
     @classmethod
-    def from_windows(cls, windows, prompts) -> SharedWindows:
+    def from_windows(cls, windows, prompts, cascade: bool = True) -> SharedWindows:
         return cls(tokens=windows.tokens, valid=windows.valid, rows=windows.rows,
-                   ends=windows.cols + 1, lengths=prompts.lengths)
+                   ends=windows.cols + 1, lengths=prompts.lengths, cascade=cascade)
 
     def chunk(self, start: int, end: int) -> SharedWindows:
         """Contexts [start, end), with only the windows they use."""
         rows = self.rows[start:end]
         used, inverse = torch.unique(rows, return_inverse=True)
         return SharedWindows(tokens=self.tokens[used], valid=self.valid[used], rows=inverse,
-                             ends=self.ends[start:end], lengths=self.lengths[start:end])
+                             ends=self.ends[start:end], lengths=self.lengths[start:end],
+                             cascade=self.cascade)
+
+    # What `rollout.thoughts.sample_thoughts` calls on its `shared` argument: the rollout
+    # gets the shared-prefix engine and prefill from here, so it never imports packing.
+
+    def engine(self, model: torch.nn.Module, max_batch_size: int, max_sequence_length: int):
+        """A fresh `packing.decode.SharedPrefixEngine` for these windows' rollout."""
+        return SharedPrefixEngine(model, max_batch_size=max_batch_size,
+                                  max_sequence_length=max_sequence_length,
+                                  cascade=self.cascade)
+
+    def prefill(self, engine, think_start) -> Tensor | None:
+        """`prefill_shared(engine, self, think_start)`."""
+        return prefill_shared(engine, self, think_start)
 
 
 @torch.no_grad()
@@ -85,6 +101,8 @@ def prefill_shared(engine, shared: SharedWindows, think_start) -> Tensor | None:
     ctx.reset()
     ctx.key_value_memory_dict.clear()
     d, w = shared.tokens.shape
+    if hasattr(engine, "limit_prefix"):  # cascade: the cache holds the D windows' P columns
+        engine.limit_prefix(d, w + len(lead_ids(think_start)))
     device = shared.tokens.device
     engine.key_valid = torch.zeros(d, ctx.max_sequence_length, dtype=torch.bool, device=device)
     engine.key_valid[:, :w] = shared.valid

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from megatron_rlp.models.masks import PAD, WINDOW
 from megatron_rlp.rollout.template import lead_ids
+from megatron_rlp.utils import ceil_to
 
 
 @dataclass
@@ -107,7 +108,7 @@ def pack_branches(plan: PackPlan, window_tokens: Tensor, window_valid: Tensor,
     win_len = win_end - win_first
     need = win_len + (lens + m - 1).sum(1)
     s = int(need.max()) if width is None else width
-    s = -(-s // multiple) * multiple
+    s = ceil_to(s, multiple)
     if int(need.max()) > s:
         raise ValueError(f"packed sequences need {int(need.max())} columns, width is {s}")
 

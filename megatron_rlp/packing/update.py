@@ -1,9 +1,10 @@
-"""The branch-packed RLP update: micro-batches of packed sequences, forward step and loss.
+"""The branch-packed RLP update's layout: micro-batches of packed sequences.
 
-Same loss as `train.rlp_step`'s unpacked update (clipped surrogate, token-mean per thought,
-mean over thoughts) on the same thought rows, computed from one forward per document window
-instead of one per thought (`packing.tree`). Each micro-batch holds `micro_batch_size`
-thought rows (0 = all), as the unpacked update's do:
+The unpacked update's thought rows (`data.batches.update_batch`), laid out so that one
+forward per document window serves them instead of one per thought (`packing.tree`); the
+forward step and the loss are the unpacked update's (`train.rlp_update`: clipped surrogate,
+token-mean per thought, mean over thoughts; `packing.forward` sets up the tree). Each
+micro-batch holds `micro_batch_size` thought rows (0 = all), as the unpacked update's do:
 - a micro-batch of whole documents packs each document into one sequence;
 - a micro-batch smaller than a document packs the document's rows into several sequences,
   each repeating the window (with one row per micro-batch this is the unpacked layout).
@@ -22,19 +23,11 @@ skipping the masked tiles.
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from torch import Tensor
 
-from megatron_rlp.models.mamba.model_walk import attach_branch_layout
-from megatron_rlp.models.output_positions import logits_at_positions
-from megatron_rlp.objective import rlp_policy_loss
-from megatron_rlp.objective.kl import kl_penalty
-from megatron_rlp.packing.flex import route_core_attention, tree_block_mask, tree_descriptors
-from megatron_rlp.packing.rotary import rotary_at_positions
-from megatron_rlp.packing.tree import pack_branches, plan_packing, tree_mask
-from megatron_rlp.scoring.next_token import token_logprobs_vocab_parallel
+from megatron_rlp.packing.tree import pack_branches, plan_packing
+from megatron_rlp.utils import ceil_to
 
 
 def packable(pattern: str, rows_per_document: int, rows: int, micro_batch_size: int) -> bool:
@@ -90,7 +83,8 @@ def packed_update_batches(windows, prompts, thoughts, advantages: Tensor, group_
                           micro_batch_size: int, pad: int, think_start: int,
                           equal_width: bool, multiple: int = 1, model_cfg=None,
                           rows_per_seq: int | None = None,
-                          block_sparse: bool = False) -> list[dict[str, Tensor]]:
+                          block_sparse: bool = False,
+                          routing: Tensor | None = None) -> list[dict[str, Tensor]]:
     """Micro-batches of packed sequences for `optimizer_update`.
 
     Args:
@@ -105,6 +99,8 @@ def packed_update_batches(windows, prompts, thoughts, advantages: Tensor, group_
         rows_per_seq: force the branches per sequence (a divisor of both a document's rows
             and a micro-batch's).
         block_sparse: the forward runs FlexAttention (`rows_per_sequence`'s cost model).
+        routing: [R, L, layers, E] the rollout's routing of the thought tokens (MoE models,
+            `models.moe_routing`); laid out like `mask` as `rollout_routing`.
 
     Returns:
         Micro-batches with tokens, positions, branch, lo, hi: [m, S]; index, labels, mask,
@@ -141,59 +137,16 @@ def packed_update_batches(windows, prompts, thoughts, advantages: Tensor, group_
                   mask=thoughts.mask[r].view(n_seq, -1),
                   logp_old=thoughts.logprobs[r].view(n_seq, -1),
                   advantages=advantages.to(device)[r])
+    if routing is not None:
+        packed["rollout_routing"] = routing.to(device)[r].flatten(1, 2)
     seqs_per_mb = size // rows_per_seq
     mbs = [{k: v[i:i + seqs_per_mb] for k, v in packed.items()}
            for i in range(0, n_seq, seqs_per_mb)]
     if not equal_width:
         for mb in mbs:  # right padding never changes what a query reads
             used = int((mb["branch"] != -2).sum(1).max())
-            width = -(-used // multiple) * multiple
+            width = ceil_to(used, multiple)
             for key in ("tokens", "positions", "branch", "lo", "hi"):
                 mb[key] = mb[key][:, :width]
     return mbs
 
-
-def packed_loss(batch: dict[str, Tensor], scale: float, vocab_size: int, temperature: float,
-                eps: tuple[float, float], logits: Tensor, *, logp_old_source: str = "update",
-                tis_cap: float = 2.0, kl_coef: float = 0.0):
-    """The update's loss of a packed micro-batch: `rlp_policy_loss` on its thought rows, exactly
-    as the unpacked update (`train.rlp_step._loss`) computes it (KL penalty included).
-
-    `logits`: [m, K*L, V/tp] at `batch["index"]`; reshaped to the [m*K, L] thought rows.
-    """
-    rows = batch["advantages"].numel()
-    logp_new = token_logprobs_vocab_parallel(logits, batch["labels"], vocab_size, temperature)
-    loss, metrics = rlp_policy_loss(logp_new.reshape(rows, -1),
-                                    batch["logp_old"].reshape(rows, -1),
-                                    batch["advantages"].reshape(-1),
-                                    batch["mask"].reshape(rows, -1), *eps, logp_old_source,
-                                    tis_cap)
-    if kl_coef:  # rlp.kl_coef (objective/kl.py)
-        kl = kl_penalty(logp_new.reshape(rows, -1), batch["logp_ref"].reshape(rows, -1),
-                        batch["mask"].reshape(rows, -1))
-        loss, metrics = loss + kl_coef * kl, {**metrics, "kl_ref": kl.detach()}
-    return loss * scale, {"loss": loss.detach(), **metrics}
-
-
-def packed_forward_step(scale: float, vocab_size: int, temperature: float,
-                        eps: tuple[float, float], data_iterator, model, *,
-                        attention: str = "mask", **loss_options):
-    """Megatron `forward_step_func` for packed micro-batches (see `train.update`).
-
-    `attention`: `mask` passes the explicit [B, 1, S, S] tree mask to Megatron's attention;
-    `flex` passes the [B, 3, S] tree descriptor, which `packing.flex` routes to FlexAttention
-    (block-sparse on CUDA).
-    """
-    batch = next(data_iterator)
-    if attention == "flex":  # attention-only models (config refuses flex with Mamba layers)
-        route_core_attention(model)
-        mask = tree_descriptors(batch["branch"], batch["lo"], batch["hi"])
-        tree_block_mask(mask)  # built once here; every layer (and recompute) reuses it
-    else:
-        mask = tree_mask(batch["branch"], batch["lo"], batch["hi"])
-        attach_branch_layout(model, mask, batch["branch"], batch["lo"], batch["hi"])  # Mamba
-    with (logits_at_positions(model, batch["index"]),
-          rotary_at_positions(model, batch["positions"])):
-        logits = model(batch["tokens"], batch["positions"], mask)
-    return logits, partial(packed_loss, batch, scale, vocab_size, temperature, eps,
-                           **loss_options)

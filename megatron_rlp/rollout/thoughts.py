@@ -22,9 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from megatron.core import parallel_state
 from torch import Tensor
 
-from megatron_rlp.packing.prefill import prefill_shared
 from megatron_rlp.parallel.pipeline import from_last_stage
 from megatron_rlp.rollout.engine import KVCacheEngine
 from megatron_rlp.rollout.template import lead_ids
@@ -70,6 +70,22 @@ class ThoughtBatch:
     lengths: Tensor
     closed: Tensor
     s_pred: Tensor
+
+
+def any_in_expert_group(flag: bool) -> bool:
+    """`flag` on any rank of this rank's expert-parallel group. With experts split over
+    ranks (MoE, EP > 1) every forward is a collective of the group (Megatron's all-to-all
+    token dispatch), so the decode loop's data-dependent choices (stop early, force-close)
+    must be the same on its ranks, which hold different contexts."""
+    if not parallel_state.model_parallel_is_initialized():
+        return flag
+    group = parallel_state.get_expert_model_parallel_group()
+    if torch.distributed.get_world_size(group) == 1:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32,
+                     device="cuda" if torch.distributed.get_backend(group) == "nccl" else "cpu")
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=group)
+    return bool(t.item())
 
 
 def _chunk(prompts: PromptBatch, start: int, end: int) -> PromptBatch:
@@ -118,6 +134,7 @@ def sample_thoughts(
     compact_below: float = 0.5,
     check_every: int = 8,
     shared=None,
+    routing=None,
 ) -> ThoughtBatch:
     """Sample `group_size` thoughts for every prompt and score the real next token after each.
 
@@ -135,7 +152,11 @@ def sample_thoughts(
             compaction); the only device-to-host syncs of the decode loop.
         shared: `packing.prefill.SharedWindows` of these contexts: each document window is
             prefilled once and the contexts' caches are cut from it (Mamba layers: states at t_k);
-            None prefills every prompt.
+            None prefills every prompt. The rollout only calls it (`shared.engine(model,
+            max_batch_size, max_sequence_length)`, `shared.prefill(engine, lead)`, `.tokens`,
+            `.chunk(start, end)`), so rollout/ does not import packing/.
+        routing: `models.moe_routing.RolloutRouting` (MoE models): told after the prefill
+            and each decode step, it records the experts that predicted every thought token.
     """
     b, p = prompts.tokens.shape
     g, n = group_size, max_thought_tokens
@@ -143,20 +164,19 @@ def sample_thoughts(
     rows, device = b * g, prompts.tokens.device
     if shared is not None:
         p = shared.tokens.shape[1]
-    engine_cls = KVCacheEngine
-    if shared is not None:
-        from megatron_rlp.packing.decode import SharedPrefixEngine  # imports rollout.engine
-
-        engine_cls = SharedPrefixEngine
-    engine = engine_cls(model, max_batch_size=rows, max_sequence_length=p + len(lead) + n + 1)
-
-    if shared is not None:
-        logits = prefill_shared(engine, shared, lead)
+    length = p + len(lead) + n + 1
+    if shared is not None:  # the caller's shared-prefix engine and prefill (packing.prefill)
+        engine = shared.engine(model, max_batch_size=rows, max_sequence_length=length)
+        logits = shared.prefill(engine, lead)
     else:
+        engine = KVCacheEngine(model, max_batch_size=rows, max_sequence_length=length)
         start = torch.tensor(lead, dtype=torch.long, device=device).expand(b, -1)
         logits = engine.prefill(
             torch.cat([prompts.tokens, start], 1),
             torch.cat([prompts.valid, torch.ones_like(start, dtype=torch.bool)], 1))
+    if routing is not None:
+        routing.begin(rows, n)
+        routing.prefill(b, g)
     engine.fork(g)
     if logits is not None:
         logits = logits.repeat_interleave(g, 0)
@@ -209,20 +229,25 @@ def sample_thoughts(
         closing = active & (tok == think_end)
         finished[live] |= closing
         logits = engine.step(tokens[live, k])
+        if routing is not None and k + 1 < n:
+            routing.decode(k + 1, live)
         score(logits, closing)
         if (k + 1) % check_every and k + 1 < n:
             continue
         unfinished = ~finished[live]
-        if not bool(unfinished.any()):
+        if not any_in_expert_group(bool(unfinished.any())):
             break
-        if int(unfinished.sum()) <= compact_below * len(live):  # same decision on every stage
+        # same decision on every stage; never down to no rows (an expert-parallel peer may
+        # still be decoding: this rank decodes its finished rows on, recording nothing)
+        if 0 < int(unfinished.sum()) <= compact_below * len(live):
             keep = unfinished.nonzero().flatten()
             engine.keep(keep)
             live = live[keep]
             logits = None if logits is None else logits[keep]
 
     closed = finished.clone()
-    if not bool(closed.all()):  # force-close at the limit: `</think>` is given, not sampled
+    # force-close at the limit: `</think>` is given, not sampled
+    if any_in_expert_group(not bool(closed.all())):
         logits = engine.step(torch.where(closed[live], pad, think_end))
         score(logits, ~closed[live])
     lengths = mask.sum(1)

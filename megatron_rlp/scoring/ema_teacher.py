@@ -17,6 +17,17 @@ teacher refreshed after every EMA update. fp32 scoring needs neither, and it cos
 accuracy anywhere: S_ema is the same for all G thoughts of a context, so it cancels from
 the group advantages; only the logged reward level depends on it. The price is fp32
 compute for one no-gradient forward over the document windows per step.
+
+Teacher work only where it matters (`rlp.teacher_scoring`, issue 28): because S_ema is one
+value per context, `A_i = G/(G-1) * (S_pred_i - mean_j S_pred_j)` whatever S_ema is, so the
+update (loss, gradients, parameters) does not depend on it
+(tests/e2e/test_teacher_cancellation.py proves it to fp32 rounding). Only the logged reward
+level (`reward_mean`, `reward_std`, `s_ema`) needs the teacher:
+
+    every_step    score S_ema at every step (the paper's recipe; the default)
+    log_interval  score only at steps whose metrics reach the console (step 1 and every
+                  `train.log_interval`-th); the shadow is kept and updated every step
+    off           never score; no shadow is built, updated or checkpointed
 """
 
 from __future__ import annotations
@@ -25,6 +36,31 @@ import torch
 from torch import nn
 
 from megatron_rlp.models.provider import unwrap_model
+
+TEACHER_SCORING = ("every_step", "log_interval", "off")
+
+
+def teacher_scores(mode: str, step: int, log_interval: int) -> bool:
+    """Whether step `step` (1-based) scores S_ema under `rlp.teacher_scoring=mode`: always for
+    `every_step`, never for `off`, and for `log_interval` at step 1 and every multiple of
+    `log_interval` (the steps `train.loop` prints, so every console line carries the reward).
+
+    Raises:
+        ValueError: for a mode not in `TEACHER_SCORING`.
+    """
+    if mode not in TEACHER_SCORING:
+        raise ValueError(f"rlp.teacher_scoring={mode!r}: expected one of {TEACHER_SCORING}")
+    if mode == "log_interval":
+        return step == 1 or step % log_interval == 0
+    return mode == "every_step"
+
+
+def _averaged(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What phi averages: every parameter (every expert shard of an MoE model included) and
+    the MoE routers' `expert_bias` buffers (Megatron's aux-loss-free balancing state, moved
+    by token counts in `finalize_model_grads`, not by gradients; it decides the routing)."""
+    return {**dict(model.named_parameters()),
+            **{n: b for n, b in model.named_buffers() if n.endswith("expert_bias")}}
 
 
 class EMATeacher:
@@ -45,8 +81,7 @@ class EMATeacher:
         self.initialized = False
 
     def _pairs(self, policy: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        phi = dict(self.model.named_parameters())
-        theta = dict(unwrap_model(policy).named_parameters())
+        phi, theta = _averaged(self.model), _averaged(unwrap_model(policy))
         if phi.keys() != theta.keys():
             raise ValueError("EMA teacher and policy have different parameters")
         names = list(phi)

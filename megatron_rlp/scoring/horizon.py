@@ -99,14 +99,16 @@ def score_horizon(model: torch.nn.Module, sequences: Sequence[Sequence[int]], ta
     return discounted_sum(logps.view(n, k), mask.to(device), gamma).float()
 
 
-def horizon_scores(policy: torch.nn.Module, teacher: torch.nn.Module, contexts: Sequence,
-                   documents: Sequence, prompts: PromptBatch, thoughts: ThoughtBatch,
-                   lead: Sequence[int], think_end: int, k: int, gamma: float, *,
-                   vocab_size: int, pad: int, window: int) -> tuple[Tensor, Tensor]:
+def horizon_scores(policy: torch.nn.Module, teacher: torch.nn.Module | None,
+                   contexts: Sequence, documents: Sequence, prompts: PromptBatch,
+                   thoughts: ThoughtBatch, lead: Sequence[int], think_end: int, k: int,
+                   gamma: float, *, vocab_size: int, pad: int, window: int
+                   ) -> tuple[Tensor, Tensor | None]:
     """S_pred [C*G] and S_ema [C] over the horizon, for one step's contexts.
 
     Args:
-        policy, teacher: the policy (eval mode) and the EMA teacher.
+        policy, teacher: the policy (eval mode) and the EMA teacher; None when the teacher
+            does not score this step (`rlp.teacher_scoring`): S_ema is then None.
         contexts: C contexts (`doc_index`, `position`, `prefix`: the raw x_<t the teacher
             reads); documents: the corpus's documents.
         prompts: the policy's C prompts (`rlp.thought_template` applied, left-padded).
@@ -117,8 +119,8 @@ def horizon_scores(policy: torch.nn.Module, teacher: torch.nn.Module, contexts: 
     """
     targets, mask = horizon_targets(documents, [(c.doc_index, c.position) for c in contexts], k)
     common = dict(vocab_size=vocab_size, pad=pad, window=window)
-    s_ema = score_horizon(teacher, [[int(x) for x in c.prefix] for c in contexts], targets,
-                          mask, gamma, **common)
+    s_ema = None if teacher is None else score_horizon(
+        teacher, [[int(x) for x in c.prefix] for c in contexts], targets, mask, gamma, **common)
     group = len(thoughts.tokens) // len(contexts)
     tokens, valid = prompts.tokens.cpu(), prompts.valid.cpu()
     t_tokens, t_mask, closed = thoughts.tokens.cpu(), thoughts.mask.cpu(), thoughts.closed.cpu()

@@ -13,12 +13,10 @@ refused): Megatron has no frozen-reference holder outside megatron.training's RL
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor, nn
 
-from megatron_rlp.models.output_positions import logits_at_positions
+from megatron_rlp.packing.forward import packed_forward
 from megatron_rlp.parallel.pipeline import from_last_stage, stage_forward
 from megatron_rlp.parallel.sequence import sequence_parallel_off
 from megatron_rlp.scoring.ema_teacher import EMATeacher
@@ -45,7 +43,7 @@ def reference_logprobs(reference: nn.Module, batch: dict[str, Tensor], vocab_siz
     """log pi_ref of an update micro-batch's thought tokens, at the update's temperature.
 
     Runs the reference over exactly what the policy's gradient forward reads: an unpacked
-    micro-batch (`train.rlp_step.update_batch`: causal rows) or a packed one
+    micro-batch (`data.batches.update_batch`: causal rows) or a packed one
     (`packing.update`: tree mask, per-token RoPE positions), logits only at `index`.
 
     Args:
@@ -57,22 +55,8 @@ def reference_logprobs(reference: nn.Module, batch: dict[str, Tensor], vocab_siz
     Returns:
         [m, K] fp32 log-probs on every pipeline stage (0-filled where `index` is unused).
     """
-    # Imported here: packing.update imports scoring.next_token (no cycle at module import).
-    from megatron_rlp.models.mamba.model_walk import attach_branch_layout
-    from megatron_rlp.packing.rotary import rotary_at_positions
-    from megatron_rlp.packing.tree import tree_mask
-
-    tokens, positions = batch["tokens"], batch["positions"]
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(sequence_parallel_off(reference))  # as the teacher scores
-        stack.enter_context(logits_at_positions(reference, batch["index"]))
-        mask = None
-        if "branch" in batch:
-            mask = tree_mask(batch["branch"], batch["lo"], batch["hi"])
-            # Mamba layers run each branch from the state at its t_k (as the policy's step)
-            attach_branch_layout(reference, mask, batch["branch"], batch["lo"], batch["hi"])
-            stack.enter_context(rotary_at_positions(reference, positions))
-        logits = stage_forward(reference, tokens, positions, mask)
+    with sequence_parallel_off(reference), packed_forward(reference, batch) as mask:
+        logits = stage_forward(reference, batch["tokens"], batch["positions"], mask)
     logp = None
     if logits is not None:
         logp = token_logprobs_vocab_parallel(logits, batch["labels"], vocab_size, temperature)

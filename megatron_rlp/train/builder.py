@@ -48,7 +48,7 @@ class TrainState:
     policy: HybridModel | ModelChunks  # the same, unwrapped (rollouts: no DDP hooks)
     optimizer: MegatronOptimizer
     scheduler: OptimizerParamScheduler
-    teacher: EMATeacher | None  # RLP only
+    teacher: EMATeacher | None  # RLP only, and not with rlp.teacher_scoring=off
     step: int = 0  # optimizer steps taken
     consumed_tokens: int = 0
     valid_corpus: TokenizedCorpus | IndexedCorpus | None = None  # held out (data.split)
@@ -112,7 +112,7 @@ def build_state(cfg: RunConfig) -> TrainState:
         chunk.config.finalize_model_grads_func = finalize_model_grads
         chunk.config.grad_scale_func = optimizer.scale_loss
     teacher = None
-    if cfg.train.objective == "rlp":
+    if cfg.train.objective == "rlp" and cfg.rlp.teacher_scoring != "off":
         # fp32 shadow from its own fp32 TransformerConfig (scoring/ema_teacher.py says why),
         # without FP8 parameters (models/fp8.py: teacher_config).
         teacher = EMATeacher(build_stage(teacher_config(cfg), tokenizer.vocab_size,

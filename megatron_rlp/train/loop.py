@@ -18,8 +18,11 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron.core import parallel_state
+
 from megatron_rlp.checkpoint import (
     check_writable,
+    holds_checkpoint,
     latest_checkpoint,
     load_checkpoint,
     resolve_checkpoint,
@@ -29,6 +32,7 @@ from megatron_rlp.config import RunConfig
 from megatron_rlp.train import faults
 from megatron_rlp.train.builder import TrainState, build_state
 from megatron_rlp.train.faults import DataError, TrainingError
+from megatron_rlp.train.flops import model_dims, ntp_flops, step_flops
 from megatron_rlp.train.metrics import MetricsWriter
 from megatron_rlp.train.ntp_step import ntp_step
 from megatron_rlp.train.resume import resume_options
@@ -71,12 +75,25 @@ def _step_fn(state: TrainState):
     """The step function of the objective, and (when `train.eval_interval`) the evaluator."""
     cfg = state.cfg
     try:
+        # The model FLOPs per GPU of rank 0's share of each step, for the step lines'
+        # TFLOP/s (train/flops.py: closed forms over the step's rows, no extra pass).
+        dims = model_dims(cfg, state.tokenizer.vocab_size)
+        p = cfg.parallel
+        shards = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
         if cfg.train.objective == "rlp":
             sampler = make_context_sampler(state)
-            step = lambda timer: rlp_step(state, sampler, timer)  # noqa: E731
+
+            def step(timer):
+                trace: dict = {}
+                metrics = rlp_step(state, sampler, timer, trace)
+                return {**metrics, "flops": step_flops(dims, trace)["step"] / shards}
         else:
             batcher = make_ntp_batcher(state)
-            step = lambda timer: ntp_step(state, batcher, timer)  # noqa: E731
+            dp = parallel_state.get_data_parallel_world_size()
+            flops = ntp_flops(dims, cfg.data.ntp_batch_size // dp, cfg.data.ntp_seq_length)
+
+            def step(timer):
+                return {**ntp_step(state, batcher, timer), "flops": flops / shards}
         evaluate = None
         if cfg.train.eval_interval:
             held_out = eval_sampler(state)
@@ -115,8 +132,16 @@ def _run(cfg: RunConfig, state: TrainState, writer: MetricsWriter, guard: StopGu
         print(f"[warn] train.save={t.save} already holds checkpoints (latest: "
               f"{latest_checkpoint(t.save).name}) and train.load is not set: this run starts "
               "from step 0 and writes beside them", flush=True)
-    if t.load:
-        source = resolve_checkpoint(t.load)
+    load = t.load
+    if load and t.save and Path(load).resolve() == Path(t.save).resolve() \
+            and not holds_checkpoint(load):
+        # Megatron-LM's `--save X --load X`: the first job of a series starts from scratch.
+        load = None
+        if writer.rank0:
+            print(f"[load] no checkpoint in {t.load}: starting from scratch (train.load = "
+                  "train.save; later runs resume from it)", flush=True)
+    if load:
+        source = resolve_checkpoint(load)
         with watchdog.watch(f"loading {source}"):
             how = load_checkpoint(state, str(source), t.checkpoint_checksums, counters,
                                   resume_options(t))
@@ -176,6 +201,7 @@ def _one_step(state: TrainState, step_fn, evaluate, timer: PhaseTimer, writer: M
         step_time=elapsed,
         tokens_per_s=metrics["tokens"] / elapsed,
         **{f"t_{k}": v for k, v in timer.pop().items()},
+        **kernel_metrics(),
     )
     if evaluate is not None and state.step % t.eval_interval == 0:
         metrics.update(evaluate())  # held-out metrics on the same row
@@ -186,6 +212,22 @@ def _one_step(state: TrainState, step_fn, evaluate, timer: PhaseTimer, writer: M
     else:
         counters["skipped_in_a_row"] = 0
     return skipped
+
+
+def kernel_metrics() -> dict[str, str | int]:
+    """Which GPU kernels this process runs, for the metrics records: `mamba_kernels` (the
+    Mamba layers' path, `models.mamba.adapter`) once a Mamba layer was built, and
+    `flex_compiles` (inductor compilations of the packed update's FlexAttention so far,
+    `packing.flex`) once it compiled."""
+    from megatron_rlp.models.mamba import adapter
+    from megatron_rlp.packing import flex
+
+    out: dict[str, str | int] = {}
+    if adapter.kernel_choice() is not None:
+        out["mamba_kernels"] = adapter.kernel_choice()
+    if flex.compile_count():
+        out["flex_compiles"] = flex.compile_count()
+    return out
 
 
 def _count_skip(state: TrainState, counters: dict[str, int], limit: int, save: str | None,

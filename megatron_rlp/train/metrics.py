@@ -5,9 +5,14 @@ plus (optional) TensorBoard scalars, Weights & Biases and a progress bar with ET
     writer.log(step, {"loss": ..., "reward_mean": ...})
     writer.close()
 
-Console lines start with `[rlp step N]` / `[ntp step N]` (tools and tests grep them); with a
-known step total they end with `| N/TOTAL eta H:MM:SS`. On a terminal (stderr is a TTY) a
-live bar is drawn on stderr and cleared before each console line. TensorBoard
+Console lines start with `[rlp step N]` / `[ntp step N]` (tools and tests grep them), show the
+model TFLOP/s per GPU (rank 0's `flops`, train/flops.py, over the step time), the
+process's peak memory (`peak_mem`: CUDA's max allocated on a GPU, the max RSS on CPU; console
+only, never in the JSON rows, which resume tests compare) and, with a known step total, end
+with `| N/TOTAL eta H:MM:SS`. A step with held-out metrics (`val_*`, train.eval_interval)
+also prints `[rlp valid step N] nll_teacher ... | info_gain ...`, whatever log_interval.
+On a terminal (stderr is a TTY) a live bar is drawn on stderr and cleared before each console
+line. TensorBoard
 (`torch.utils.tensorboard`, needs the `tensorboard` package) and W&B (`wandb`; set
 `WANDB_MODE=offline` where there is no network, then `wandb sync`) are optional: when the
 package is missing or fails to start, a one-line notice is printed and training goes on.
@@ -32,12 +37,28 @@ _CONSOLE = (
     ("clip_fraction", "clip", "{:.3f}"), ("thought_len", "think_len", "{:.1f}"),
     ("s_ema", "S_ema", "{:.3f}"), ("s_pred", "S_pred", "{:.3f}"),
     ("grad_norm", "gnorm", "{:.3f}"), ("lr", "lr", "{:.2e}"),
+    ("routing_agreement", "route_agree", "{:.4f}"), ("moe_expert_load_max", "load_max", "{:.2f}"),
     ("tokens_per_s", "tok/s", "{:.0f}"), ("step_time", "step_s", "{:.2f}"),
 )
 
 
 def _global_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def peak_memory_gib() -> float:
+    """Peak memory of this process in GiB: `torch.cuda.max_memory_allocated` when CUDA is in
+    use, else the maximum resident set size (`getrusage`, KiB on Linux)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    except (ImportError, OSError):
+        return float("nan")
 
 
 def _notice(msg: str) -> None:
@@ -185,14 +206,25 @@ class MetricsWriter:
         if console:
             cols = [f"{label} {fmt.format(metrics[k])}" for k, label, fmt in _CONSOLE
                     if k in metrics]
+            if metrics.get("flops") and metrics.get("step_time"):  # model FLOPs per GPU
+                cols.append(f"TFLOP/s/GPU {metrics['flops'] / metrics['step_time'] / 1e12:.3g}")
             phases = " ".join(f"{k[2:]} {v:.2f}s" for k, v in metrics.items()
                               if k.startswith("t_"))
             line = (f"[{self.objective} step {step:5d}] " + " | ".join(cols)
-                    + (f" | {phases}" if phases else ""))
+                    + (f" | {phases}" if phases else "")
+                    + f" | peak_mem {peak_memory_gib():.2f} GiB")
             if self.progress:
                 self.progress.clear()
                 line += f" | {self.progress.suffix()}"
             print(line, flush=True)
+        held_out = [(k, v) for k, v in metrics.items() if k.startswith("val_")
+                    and k != "val_contexts" and isinstance(v, (int, float))]
+        if held_out:
+            if self.progress:
+                self.progress.clear()
+            print(f"[{self.objective} valid step {step:5d}] " + " | ".join(
+                f"{k[4:]} {v:+.4f}" if "gain" in k else f"{k[4:]} {v:.4f}"
+                for k, v in held_out), flush=True)
         if self.progress:
             self.progress.draw(self.objective)
         if self.file:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from megatron_rlp.models.masks import padded_causal_mask
+from megatron_rlp.utils import ceil_to
 
 
 def ntp_window_batch(tokens: Tensor, valid: Tensor, multiple: int = 1) -> dict[str, Tensor]:
@@ -40,7 +41,7 @@ def ntp_window_batch(tokens: Tensor, valid: Tensor, multiple: int = 1) -> dict[s
         up to `multiple`); label t is token t + 1, counted where both are real tokens.
     """
     d, w = tokens.shape
-    s = -(-w // multiple) * multiple
+    s = ceil_to(w, multiple)
     out = tokens.new_full((d, s), 0)
     ok = valid.new_zeros((d, s))
     out[:, :w], ok[:, :w] = tokens, valid

@@ -6,10 +6,11 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_rlp.data import NTPBatcher
+from megatron_rlp.data.batches import split_microbatches
 from megatron_rlp.train.builder import TrainState
 from megatron_rlp.train.reduce import mean_data_parallel, share_last_stage_values
 from megatron_rlp.train.timers import PhaseTimer
-from megatron_rlp.train.update import optimizer_update, split_microbatches
+from megatron_rlp.train.update import optimizer_update
 
 
 def _loss(logits_or_loss: torch.Tensor):

@@ -61,7 +61,8 @@ def record_step(step: int, ro, trace: dict | None = None) -> None:
         "thought_logprobs": thoughts.logprobs.clone(),
         "closed": thoughts.closed.clone(),
         "s_pred": thoughts.s_pred.clone(),
-        "s_ema": ro.s_ema.detach().clone(),
+        # None where the teacher did not score the step (`rlp.teacher_scoring`)
+        "s_ema": ro.s_ema.detach().clone() if ro.s_ema is not None else None,
         "rewards": ro.rewards.detach().clone(),
         "advantages": ro.advantages.detach().clone(),
     }

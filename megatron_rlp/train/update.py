@@ -129,11 +129,3 @@ def _all_finite(state: TrainState, losses: list[dict]) -> bool:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return not bool(flag.item())
 
-
-def split_microbatches(batch: dict[str, torch.Tensor], micro_batch_size: int) -> list[dict]:
-    """Split every tensor of `batch` along dim 0 into equal micro-batches (0 = one batch)."""
-    n = next(iter(batch.values())).shape[0]
-    size = micro_batch_size or n
-    if n % size:
-        raise ValueError(f"train.micro_batch_size={size} must divide the {n} local sequences")
-    return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]

@@ -19,6 +19,7 @@ SHRUNK_QWEN3 = (
     "rlp.contexts_per_step=4", "rlp.positions_per_document=2", "rlp.group_size=3",
     "rlp.max_thought_tokens=4", "rlp.min_prefix_tokens=8", "rlp.max_prefix_tokens=32",
     "data.corpus=data/corpus.jsonl", "data.tokenizer=byte", "data.ntp_batch_size=4",
+    "train.allow_random_init=true",  # a shrunk model: nothing pretrained to load
     "optimizer.lr=1e-3", "optimizer.min_lr=1e-3", "train.seed=3", "train.steps=2",
     "device.type=cpu", "device.num_threads=1",
 )

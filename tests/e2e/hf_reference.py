@@ -3,7 +3,8 @@ patches, active in the test process once any Megatron test ran, change what
 `from_pretrained` builds).
 
     python tests/e2e/hf_reference.py make ARCH DIR      tiny random model -> DIR (+ DIR/ref.pt)
-    python tests/e2e/hf_reference.py logits DIR OUT     logits of DIR on DIR0/ref.pt's ids
+    python tests/e2e/hf_reference.py logits DIR REF OUT  logits of DIR on REF's ids (ref.pt)
+    python tests/e2e/hf_reference.py generate DIR OUT    sampled continuations of DIR (ids)
 """
 
 import sys
@@ -55,8 +56,23 @@ def logits(directory: str, ref: str, out: str) -> None:
         torch.save(model(ids).logits, out)
 
 
+def generate(directory: str, out: str) -> None:
+    """`generate` with sampling at temperature 1 (no top-k/top-p): 8 rows of 48 new tokens."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    torch.manual_seed(0)
+    prompt = torch.randint(0, model.config.vocab_size, (8, 4))
+    with torch.no_grad():
+        ids = model.generate(prompt, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                             max_new_tokens=48, min_new_tokens=48, pad_token_id=0)
+    torch.save({"ids": ids[:, prompt.shape[1]:], "vocab_size": model.config.vocab_size}, out)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "make":
         make(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "generate":
+        generate(sys.argv[2], sys.argv[3])
     else:
         logits(sys.argv[2], sys.argv[3], sys.argv[4])

@@ -69,7 +69,10 @@ def _flip(root: Path) -> None:
 
 DAMAGE = {
     # name: (damage, extra overrides, substrings of the error line)
-    "empty-dir": (lambda r: [shutil.rmtree(r), r.mkdir()], (), ("is not a checkpoint",)),
+    # (train.load = train.save with nothing there is Megatron-LM's --save X --load X: from
+    # scratch, tests/e2e/test_resume_options.py; a load path of its own must hold a checkpoint)
+    "empty-dir": (lambda r: [shutil.rmtree(r), r.mkdir()], ("train.save=null",),
+                  ("is not a checkpoint",)),
     "latest-garbage": (lambda r: (r / "latest").write_bytes(b"\x00\xffjunk"), (),
                        ("latest is corrupted",)),
     "latest-names-missing": (lambda r: (r / "latest").write_text("step_00000009\n"), (),

@@ -84,6 +84,20 @@ def test_other_tokenizer_is_refused(local_ckpt):
                       "check data.tokenizer"))
 
 
+@pytest.mark.parametrize("override, shown", [
+    ("model.rotary_base=10000", "rotary_base=1000000 (config: 10000)"),
+    ("model.norm_epsilon=1e-5", "norm_epsilon=1e-06 (config: 1e-05)"),
+])
+@pytest.mark.parametrize("objective", ["rlp", "ntp"])  # a resume, and a warm start
+def test_a_field_that_changes_the_function_is_refused(local_ckpt, override, shown, objective):
+    """RoPE's theta and the norms' epsilon change what the loaded weights compute, with the
+    same tensor shapes: resuming or warm-starting with another value is refused, naming the
+    checkpoint's value to set."""
+    key, value = shown.split(" ")[0].split("=")
+    _refused(local_ckpt, override, f"train.objective={objective}",
+             needles=("does not fit the configured model", shown, f"set model.{key}={value}"))
+
+
 def test_other_precision_refuses_the_optimizer_state_and_loads_the_weights(local_ckpt):
     """fp32 Adam state does not move into a bf16 run (fp32 main weights there): one line that
     names both settings; with train.load_optimizer=false the weights resume in bf16."""

@@ -91,8 +91,7 @@ def test_converted_qwen3_trains_and_exports(qwen3, tmp_path):
 
     model = yaml.safe_load((qwen3 / "meg" / "model.yaml").read_text())["model"]
     assert model["make_vocab_size_divisible_by"] == 512 and model["rotary_base"] == 1_000_000
-    config = {
-        "model": model,
+    config = {  # the model section comes from the conversion's model.yaml, a second --config
         "rlp": {"contexts_per_step": 2, "group_size": 2, "max_thought_tokens": 4,
                 "min_prefix_tokens": 8, "max_prefix_tokens": 32},
         "data": {"corpus": "data/corpus.jsonl", "tokenizer": TOKENIZER},
@@ -101,7 +100,17 @@ def test_converted_qwen3_trains_and_exports(qwen3, tmp_path):
         "device": {"type": "cpu", "num_threads": 2},
     }
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
-    proc = run("pretrain_rlp.py", "--config", str(tmp_path / "run.yaml"), timeout=600)
+    # Without it: the model section's defaults do not fit, and the line says what to add.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    alone = subprocess.run([sys.executable, "pretrain_rlp.py", "--config",
+                            str(tmp_path / "run.yaml"), "model.hidden_size=64",
+                            "model.num_attention_heads=4"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300, env=env)
+    assert alone.returncode == 2 and "does not fit the configured model" in alone.stderr
+    assert f"--config {qwen3 / 'meg' / 'model.yaml'}" in alone.stderr, alone.stderr
+    proc = run("pretrain_rlp.py", "--config", str(tmp_path / "run.yaml"), "--config",
+               str(qwen3 / "meg" / "model.yaml"), timeout=600)
     assert "warm-started" in proc.stdout, proc.stdout
 
     run("tools/convert_checkpoint.py", "megatron-to-hf", "--checkpoint", str(tmp_path / "run"),
@@ -136,3 +145,50 @@ def test_export_refuses_a_template_the_weights_do_not_fit(qwen3, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: megatron-to-hf: qwen3"), lines
     assert "rope_scaling.rope_type='yarn'" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_export_keeps_only_the_real_vocabulary(tmp_path):
+    """A model trained with 512 token ids and `make_vocab_size_divisible_by=384` has 768
+    embedding and (untied) output rows. The export keeps the tokenizer's 512: its HF logits
+    equal the product's forward over ids < 512, and HF `generate` never samples a padded id
+    (with the padding rows kept, ~1/3 of the probability sat on ids 512-767)."""
+    run("pretrain_rlp.py", "--config", "examples/configs/tiny_cpu.yaml",
+        "model.hybrid_layer_pattern=*-*-", "model.hidden_size=64", "model.ffn_hidden_size=128",
+        "model.max_sequence_length=96", "model.make_vocab_size_divisible_by=384",
+        "model.untie_embeddings_and_output_weights=true", f"data.tokenizer={TOKENIZER}",
+        "train.objective=ntp", "data.ntp_seq_length=32", "data.ntp_batch_size=4",
+        "train.steps=2", f"train.save={tmp_path / 'run'}", "device.num_threads=1")
+    run("tools/convert_checkpoint.py", "megatron-to-hf", "--checkpoint", str(tmp_path / "run"),
+        "--out", str(tmp_path / "hf"))
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["vocab_size"] == 512
+    weights = safetensors(tmp_path / "hf")
+    assert weights["model.embed_tokens.weight"].shape[0] == 512
+    assert weights["lm_head.weight"].shape[0] == 512
+
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    torch.save({"ids": ids}, tmp_path / "ids.pt")
+    run(HF_REF, "logits", str(tmp_path / "hf"), str(tmp_path / "ids.pt"),
+        str(tmp_path / "hf_logits.pt"))
+    ours = megatron_logits(tmp_path / "run", ids)
+    assert ours.shape[-1] == 768  # the product's padded forward
+    torch.testing.assert_close(torch.load(tmp_path / "hf_logits.pt"), ours[..., :512],
+                               atol=1e-4, rtol=0)
+
+    run(HF_REF, "generate", str(tmp_path / "hf"), str(tmp_path / "gen.pt"))
+    sampled = torch.load(tmp_path / "gen.pt")["ids"]
+    assert sampled.numel() == 8 * 48 and int(sampled.max()) < 512
+
+
+def test_use_checkpoint_args_reads_this_projects_checkpoint(qwen3):
+    """`train.use_checkpoint_args=true` takes the model section from a converted (or any of
+    this project's) checkpoint, as from a Megatron-LM one: the converted Qwen3's sizes and
+    RoPE theta, the configured `|` split kept."""
+    from megatron_rlp.startup import load_config
+
+    cfg = load_config(None, ("train.use_checkpoint_args=true", f"train.load={qwen3 / 'meg'}",
+                             f"data.tokenizer={TOKENIZER}", "model.hybrid_layer_pattern=*-|*-",
+                             "parallel.pipeline_model_parallel_size=2"), world_size=2)
+    assert (cfg.model.hidden_size, cfg.model.num_attention_heads, cfg.model.num_query_groups,
+            cfg.model.rotary_base, cfg.model.make_vocab_size_divisible_by) == \
+        (64, 4, 2, 1_000_000, 512)
+    assert cfg.model.hybrid_layer_pattern == "*-|*-"

@@ -107,3 +107,27 @@ def test_load_rng_false_keeps_the_seeded_states(tmp_path):
             assert torch.equal(torch.get_rng_state(), saved[1])
         finally:
             distributed.shutdown()
+
+
+@pytest.mark.parametrize("exists", [False, True])
+def test_save_x_load_x_starts_from_scratch_then_resumes(tmp_path, exists):
+    """Megatron-LM's `--save X --load X` (train.save = train.load): a missing or empty X (or
+    one holding only logs) is the first job of a series, which starts from scratch with one
+    line; the next job resumes from X. A train.load elsewhere that holds nothing is still
+    refused."""
+    from helpers.checkpoint_helpers import main
+
+    x = tmp_path / "x"
+    if exists:
+        x.mkdir()
+        (x / "metrics.jsonl").write_text("")
+    run = ok(*NTP, "train.steps=2", f"train.save={x}", f"train.load={x}")
+    assert f"[load] no checkpoint in {x}: starting from scratch" in run.out, run.out
+    assert "[ntp step     2]" in run.out and (x / "latest").is_file()
+    assert "TFLOP/s/GPU " in run.out and " | peak_mem " in run.out  # issue 25, item 9
+    again = ok(*NTP, "train.steps=3", f"train.save={x}", f"train.load={x}")
+    assert "[load] resumed from" in again.out and "[ntp step     3]" in again.out, again.out
+    assert "[ntp step     1]" not in again.out
+    other = main(*NTP, "train.steps=2", f"train.save={tmp_path / 'y'}",
+                 f"train.load={tmp_path / 'empty'}")
+    assert other.rc == 2 and "train.load=" in other.err, other.err

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_rlp.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from megatron_rlp.data.batches import build_rlp_inputs
+from megatron_rlp.data.batches import build_rlp_inputs, update_batch
 from megatron_rlp.data.corpus import load_corpus
 from megatron_rlp.models.masks import padded_causal_mask
 from megatron_rlp.objective.kl import kl_penalty
@@ -31,7 +31,7 @@ from megatron_rlp.rollout.template import PAPER_INSTRUCTION
 from megatron_rlp.scoring.next_token import token_logprobs_vocab_parallel
 from megatron_rlp.train import rlp_step as rlp_step_module
 from megatron_rlp.train.ntp_mix import ntp_pass
-from megatron_rlp.train.rlp_step import local_contexts, rlp_step, update_batch
+from megatron_rlp.train.rlp_step import local_contexts, rlp_step
 from megatron_rlp.train.samplers import make_context_sampler
 from megatron_rlp.train.timers import PhaseTimer
 from megatron_rlp.train.update import _forward_backward, _zero_grads

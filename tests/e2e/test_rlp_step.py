@@ -10,19 +10,18 @@ import pytest
 import torch
 
 from megatron_rlp.data import ContextSampler
-from megatron_rlp.data.batches import build_rlp_inputs
-from megatron_rlp.rollout.thoughts import sample_thoughts_chunked
-from megatron_rlp.scoring.next_token import token_logprobs_vocab_parallel
-from megatron_rlp.train.rlp_step import (
-    _forward_step,
-    _loss,
-    local_contexts,
-    rlp_step,
+from megatron_rlp.data.batches import (
+    build_rlp_inputs,
+    split_microbatches,
     trimmed_microbatches,
     update_batch,
 )
+from megatron_rlp.rollout.thoughts import sample_thoughts_chunked
+from megatron_rlp.scoring.next_token import token_logprobs_vocab_parallel
+from megatron_rlp.train.rlp_step import local_contexts, rlp_step
+from megatron_rlp.train.rlp_update import rlp_forward_step, rlp_loss
 from megatron_rlp.train.timers import PhaseTimer
-from megatron_rlp.train.update import optimizer_update, split_microbatches
+from megatron_rlp.train.update import optimizer_update
 
 TINY = (
     "model.hybrid_layer_pattern=*-*-", "model.hidden_size=64", "model.ffn_hidden_size=128",
@@ -105,7 +104,7 @@ def test_update_raises_logprob_of_positive_advantage_thoughts(state):
         return (lp * batch["mask"]).sum(1)
 
     before = thought_logprob()
-    forward = partial(_forward_step, 1.0, tok.vocab_size, r.temperature,
+    forward = partial(rlp_forward_step, 1.0, tok.vocab_size, r.temperature,
                       (r.clip_eps_low, r.clip_eps_high))
     _, _, applied = optimizer_update(state, [batch], forward, batch["tokens"].shape[1])
     assert applied
@@ -127,7 +126,7 @@ def test_trimmed_microbatches_give_the_same_loss_and_gradient(state):
         for p in state.policy.parameters():  # Megatron's fp32 optimizer aliases .grad to
             p.grad = None  # main_grad after a step; its zero_grad() drops them, do the same
         total = 0.0
-        forward = partial(_forward_step, len(mbs[0]["tokens"]) * len(mbs) / rows,
+        forward = partial(rlp_forward_step, len(mbs[0]["tokens"]) * len(mbs) / rows,
                           tok.vocab_size, r.temperature, (r.clip_eps_low, r.clip_eps_high))
         for mb in mbs:
             logits, loss_func = forward(iter([mb]), state.policy)
@@ -164,7 +163,7 @@ def test_update_projects_only_thought_positions(state):
         for p in state.policy.parameters():
             p.grad = None
         logits = compute_logits()
-        loss, _ = _loss(batch, 1.0, tok.vocab_size, r.temperature, eps, logits)
+        loss, _ = rlp_loss(batch, 1.0, tok.vocab_size, r.temperature, eps, logits)
         loss.backward()
         return logits.shape, float(loss.detach()), {
             n: p.main_grad.clone() for n, p in state.policy.named_parameters()}
@@ -174,7 +173,7 @@ def test_update_projects_only_thought_positions(state):
         return logits.gather(1, batch["index"][..., None].expand(-1, -1, logits.shape[-1]))
 
     def selected():
-        return _forward_step(1.0, tok.vocab_size, r.temperature, eps, iter([batch]),
+        return rlp_forward_step(1.0, tok.vocab_size, r.temperature, eps, iter([batch]),
                              state.model_chunks[0])[0]
 
     shape_ref, loss_ref, grads_ref = loss_and_grads(every_position)

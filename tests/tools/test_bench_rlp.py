@@ -38,10 +38,15 @@ def test_bench_rlp_compares_paths_on_the_same_contexts(tmp_path):
             flops = path["flop_model"]
             assert flops["step"] == sum(flops[k] for k in ("prefill", "decode", "scoring",
                                                            "update")) > 0
-            assert path["achieved_flop_per_s"] > 0
+            assert path["achieved_flop_per_s"] > 0 and path["update_flop_per_s"] > 0
+            assert path["rollout_cache_bytes"] > 0  # after the fork (cascade: C*P + R*T)
+        assert path["decode_ms_per_step"]["median"] > 0
+        assert path["decoded_tokens_per_s"]["median"] > 0
     # The FLOP model counts the step's necessary work: the same for both paths.
     assert res["paths"]["naive"]["flop_model"] == res["paths"]["optimised"]["flop_model"]
-    assert set(res["speedup"]) == {"optimised_vs_naive", "optimised_vs_hf", "naive_vs_hf"}
+    assert set(res["speedup"]) == {"optimised_vs_naive", "optimised_vs_hf", "naive_vs_hf",
+                                   "rollout_optimised_vs_hf"}
+    assert res["matmul_flop_per_s"] > 0
     # The packed update's block sparsity (FlexAttention tiles skipped); no CUDA: not timed.
     sparsity = res["packed_attention"]["sparsity"]
     assert sparsity["block_size"] == 16 and 0 < sparsity["block"] <= sparsity["pair"] < 1

@@ -74,8 +74,9 @@ def test_base_image_is_a_pinned_ngc_pytorch_with_python_312():
 
 
 def _setup_pins() -> dict[str, str]:
-    text = (ROOT / "setup.py").read_text()
-    return {m.group(1).lower(): m.group(2) for m in re.finditer(r'"([\w.-]+)==([\w.]+)"', text)}
+    """The exact versions of constraints.txt (setup.py itself has ranges)."""
+    text = (ROOT / "constraints.txt").read_text()
+    return {m.group(1).lower(): m.group(2) for m in re.finditer(r"^([\w.-]+)==(\S+)", text, re.M)}
 
 
 def test_pip_packages_are_pinned_and_agree_with_setup_py():

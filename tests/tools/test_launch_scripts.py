@@ -22,7 +22,7 @@ SCRIPTS = sorted(p.relative_to(ROOT) for p in [*ROOT.glob("examples/**/*.sh"),
                                                *ROOT.glob("examples/**/*.sbatch")])
 # script -> (config, TP, G, rollout chunk, vocabulary of its tokenizer) as in its header
 MODELS = {
-    "qwen3_1p7b": ("examples/configs/qwen3_1p7b.yaml", 1, 16, 4, 151669),
+    "qwen3_1p7b": ("examples/configs/qwen3_1p7b.yaml", 1, 16, 8, 151669),
     "nemotron_nano_12b_v2": ("examples/configs/nemotron_nano_12b_v2.yaml", 8, 16, 64, 131072),
     "nemotron_h_8b": ("examples/configs/nemotron_h_8b.yaml", 4, 16, 32, 131072),
 }
@@ -164,21 +164,23 @@ def test_tiny_cpu_script_trains_and_its_metrics_plot(tmp_path):
 PROBE = """\
 import os, signal, sys, time
 got = []
-signal.signal(signal.SIGUSR1, lambda *_: got.append(1))
+for sig in (signal.SIGUSR1, signal.SIGTERM):
+    signal.signal(sig, lambda n, _: got.append(signal.Signals(n).name))
 open(os.path.join(sys.argv[1], "ready." + os.environ["RANK"]), "w").close()
 end = time.time() + 60
 while not got and time.time() < end:
     time.sleep(0.05)
-signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # as the trainer's StopGuard: once is enough
+for sig in (signal.SIGUSR1, signal.SIGTERM):  # as the trainer's StopGuard: once is enough
+    signal.signal(sig, signal.SIG_IGN)
 # one write per line: the two ranks share the pipe, unbuffered
-print(f"rank {os.environ['RANK']} {'got SIGUSR1' if got else 'timed out'}", flush=True)
+print(f"rank {os.environ['RANK']} {'got ' + got[0] if got else 'timed out'}", flush=True)
 sys.exit(0 if got else 3)
 """
 
 
-def test_launcher_forwards_usr1_to_the_trainers(tmp_path):
-    """Without SLURM: USR1 sent to the launch shell alone reaches both trainers, and
-    torchrun (whose default USR1 action is to die) returns their exit code 0."""
+def _signal_job(tmp_path: Path, sig: signal.Signals, to: str) -> tuple[int, str]:
+    """Two probe trainers under torchrun started by the launch helpers; `sig` goes to the
+    launch shell (`to="shell"`) or to the torchrun agent alone (`to="torchrun"`)."""
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
     launcher = ('source examples/slurm/common.sh; export NNODES=1 NPROC_PER_NODE=2; '
@@ -192,11 +194,43 @@ def test_launcher_forwards_usr1_to_the_trainers(tmp_path):
         while not all((tmp_path / f"ready.{r}").exists() for r in (0, 1)):
             assert proc.poll() is None and time.monotonic() < end, proc.stdout.read()
             time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGUSR1)
-        out, _ = proc.communicate(timeout=60)
+        target = proc.pid
+        if to == "torchrun":
+            kids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+                    and _ppid(p) == proc.pid]
+            assert len(kids) == 1, kids
+            target = kids[0]
+        os.kill(target, sig)
+        out, _ = proc.communicate(timeout=90)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, out
-    assert "forwarding SIGUSR1" in out and "rank 0 got SIGUSR1" in out \
-        and "rank 1 got SIGUSR1" in out, out
+    return proc.returncode, out
+
+
+def _ppid(proc_dir: Path) -> int:
+    try:
+        return int((proc_dir / "stat").read_text().rsplit(") ", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_launcher_forwards_signals_to_the_trainers(tmp_path, sig):
+    """Without SLURM: USR1 or TERM sent to the launch shell alone (a scheduler, `docker
+    stop` of a container whose command is the script) reaches both trainers, and torchrun
+    (whose default USR1 action is to die, and which exits 1 on its own SIGTERM) returns
+    their exit code 0."""
+    rc, out = _signal_job(tmp_path, sig, "shell")
+    assert rc == 0, out
+    assert f"forwarding {sig.name}" in out and f"rank 0 got {sig.name}" in out \
+        and f"rank 1 got {sig.name}" in out, out
+
+
+def test_sigterm_to_torchrun_itself_exits_1_after_the_trainers_stop(tmp_path):
+    """What docs/reliability.md states for a SIGTERM sent to the torchrun agent (not through
+    the launch shell): torchrun relays it to the trainers, which stop cleanly (exit 0: a real
+    trainer saves first), and then torchrun exits 1 with its own SignalException report."""
+    rc, out = _signal_job(tmp_path, signal.SIGTERM, "torchrun")
+    assert "rank 0 got SIGTERM" in out and "rank 1 got SIGTERM" in out, out
+    assert rc == 1 and "SignalException" in out, out

@@ -8,6 +8,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -66,10 +67,11 @@ def test_parameter_count_matches_published_models(overrides, vocab, published):
     assert em.parameter_counts(em.shapes(cfg, vocab), 1)["total"] == published
 
 
-@pytest.mark.parametrize("config", ["tiny_cpu.yaml", "tiny_hybrid_cpu.yaml"])
+@pytest.mark.parametrize("config", ["tiny_cpu.yaml", "tiny_hybrid_cpu.yaml", "tiny_moe_cpu.yaml",
+                                    "tiny_hybrid_moe_cpu.yaml"])
 def test_parameter_count_matches_the_built_megatron_model(config):
-    """The same formula against HybridModel as the provider builds it (attention, MLP and
-    Mamba-2 layers), on one CPU rank."""
+    """The same formula against HybridModel as the provider builds it (attention, MLP,
+    Mamba-2 and MoE layers: router, routed and shared experts), on one CPU rank."""
     path = ROOT / "examples/configs" / config
     assert path.is_file(), f"{config} is missing"
     from megatron_rlp import distributed
@@ -95,8 +97,16 @@ def test_rollout_cache_arithmetic_and_tp_invariance():
                          "rlp.contexts_per_step=512", "rlp.group_size=4",
                          "rlp.max_prefix_tokens=2048", "rlp.max_thought_tokens=2048",
                          "model.max_sequence_length=4160"]
+    # With shared prefixes (the default) the rollout decodes with cascade attention: each
+    # context's prefix (window + <think>) once, each row its thought (+ </think>)
+    cascade = em.estimate(_cfg(base, 32), 32, 151936)
+    contexts, rows = 512 // 32, 512 // 32 * 4
+    assert cascade["phases"]["rollout"]["kv_cache"] == (
+        28 * 2 * (contexts * 2049 + rows * 2049) * 8 * 128 * 2)
+    # The per-context path (and the checks below): every row holds prefix + thought
+    base = base + ["rlp.share_prefixes=false"]
     one = em.estimate(_cfg(base, 32), 32, 151936)
-    rows, seq = 512 // 32 * 4, 2048 + 2048 + 2
+    seq = 2048 + 2048 + 2
     assert one["batch"]["rollout_rows_per_rank"] == rows
     # K and V, 28 attention layers, 8 KV heads x 128, bf16
     assert one["phases"]["rollout"]["kv_cache"] == 28 * 2 * rows * seq * 8 * 128 * 2
@@ -238,6 +248,23 @@ def test_console_lines_keep_their_prefix_and_gain_an_eta(tmp_path, capsys):
     assert [r["step"] for r in rows] == [1, 2, 3]
 
 
+def test_held_out_metrics_and_peak_memory_reach_the_console(tmp_path, capsys):
+    """Validation metrics get their own console line at the step they are computed, even
+    off the log interval; step lines show the model TFLOP/s per GPU and the peak memory,
+    which the JSON rows do not hold (resumed runs must write the same rows)."""
+    w = _writer(tmp_path)
+    w.log(1, {"loss": 0.5, "flops": 3e12, "step_time": 2.0})
+    w.log(2, {"loss": 0.4, "val_nll_teacher": 2.5, "val_info_gain": 0.01,
+              "val_contexts": 8.0}, console=False)
+    w.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and re.search(r"\| peak_mem \d+\.\d\d GiB$", lines[0]), lines
+    assert "| TFLOP/s/GPU 1.5 |" in lines[0], lines[0]
+    assert lines[1] == "[rlp valid step     2] nll_teacher 2.5000 | info_gain +0.0100"
+    rows = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert not any("peak_mem" in k for r in rows for k in r)
+
+
 def test_progress_bar_draws_on_a_terminal_only():
     from megatron_rlp.train.metrics import Progress, format_duration
 
@@ -328,3 +355,20 @@ def test_from_config_reads_the_train_section(tmp_path):
     w = MetricsWriter.from_config(cfg)
     assert w.progress is None and w.tb is None and w.wandb is None and w.file is not None
     w.close()
+
+
+def test_moe_experts_split_over_expert_parallel_ranks():
+    """EP splits only the routed experts (and TP splits them too, as Megatron's expert TP);
+    the distributed optimizer shards their Adam state over DP / EP ranks."""
+    moe = str(ROOT / "examples/configs/tiny_moe_cpu.yaml")
+    cfg = em._load(moe, [], 8, validate=False)
+    one = em.parameter_counts(em.shapes(cfg, 260), 1, 1)
+    four = em.parameter_counts(em.shapes(cfg, 260), 1, 4)
+    assert four["experts_per_rank"] == one["experts_per_rank"] / 4 > 0
+    assert one["per_rank"] - four["per_rank"] == one["experts_per_rank"] * 3 / 4
+    assert one["active"] < one["total"]
+    dist = ["parallel.use_distributed_optimizer=true", "parallel.expert_model_parallel_size=4"]
+    est = em.estimate(em._load(moe, dist, 8, validate=False), 8, 260)
+    n, e = est["parameters"]["per_rank"], four["experts_per_rank"]
+    assert est["persistent"]["optimizer"] == pytest.approx((n - e) * 8 / 8 + e * 8 / 2)
+

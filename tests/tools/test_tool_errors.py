@@ -51,15 +51,26 @@ def test_evaluate_refuses_a_limit_below_one(limit, tmp_path):
                     "items)")
 
 
-def test_megatron_lm_export_refuses_a_non_empty_out(tmp_path):
-    (tmp_path / "mlm").mkdir()
-    (tmp_path / "mlm" / "keep.txt").write_text("not ours")
-    line = one_line_error(run("tools/convert_checkpoint.py", "megatron-to-megatron-lm",
-                              "--checkpoint", str(tmp_path / "ckpt"), "--out",
-                              str(tmp_path / "mlm")))
-    assert line == (f"error: --out={tmp_path / 'mlm'} is not empty (allowed: a new or empty "
+@pytest.mark.parametrize("command, source", [("megatron-to-megatron-lm", "--checkpoint"),
+                                             ("megatron-to-hf", "--checkpoint"),
+                                             ("hf-to-megatron", "--hf-dir")])
+def test_conversions_refuse_a_non_empty_out(command, source, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("not ours")
+    line = one_line_error(run("tools/convert_checkpoint.py", command, source,
+                              str(tmp_path / "src"), "--out", str(tmp_path / "out")))
+    assert line == (f"error: --out={tmp_path / 'out'} is not empty (allowed: a new or empty "
                     "directory, or add --overwrite to write into it)")
-    assert (tmp_path / "mlm" / "keep.txt").read_text() == "not ours"
+    assert (tmp_path / "out" / "keep.txt").read_text() == "not ours"
+
+
+def test_packed_attention_bench_refuses_a_window_beyond_memory(tmp_path):
+    """--window 100000: [sequences, S, S] masks and scores of thousands of GiB. Refused with
+    the size it would need, before the model is built, instead of dying for memory."""
+    line = one_line_error(run("tools/bench_packed_attention.py", "--window", "100000",
+                              "--out", str(tmp_path / "pa.json")))
+    assert line.startswith("error: --window=100000 needs ~") and "GiB free" in line, line
+    assert "allowed: a smaller --window" in line and not (tmp_path / "pa.json").exists()
 
 
 @pytest.mark.parametrize("pattern, layout, mamba", [

@@ -103,8 +103,8 @@ BAD = [
                  ["model.hybrid_layer_pattern='*X'", "(attention)"], id="pattern-*X"),
     pytest.param(("model.hybrid_layer_pattern=",), None,
                  ["model.hybrid_layer_pattern=''", "non-empty"], id="pattern-empty"),
-    pytest.param(("model.hybrid_layer_pattern=*E",), None,
-                 ["model.hybrid_layer_pattern='*E'", "M (Mamba-2)"], id="pattern-moe-not-yet"),
+    pytest.param(("model.hybrid_layer_pattern=*G",), None,
+                 ["model.hybrid_layer_pattern='*G'", "E (MoE)"], id="pattern-gdn-not-shipped"),
     pytest.param(("model.hybrid_layer_pattern=M-",), None,
                  ["model.mamba_num_groups=8", "divisor of the 6 Mamba heads"], id="mamba-groups"),
     pytest.param(("model.hybrid_layer_pattern=M-", "model.mamba_num_groups=3",
@@ -223,3 +223,16 @@ def test_sections_are_independent_instances():
     a.rlp.group_size = 16
     assert b.rlp.group_size == 4
     assert all(dataclasses.is_dataclass(getattr(a, f.name)) for f in dataclasses.fields(a))
+
+
+def test_cascade_decode_auto_is_on_for_cuda_only():
+    from megatron_rlp.config import RunConfig, cascade_decode
+    from megatron_rlp.config.loading import _apply
+
+    for device, given, expected in (("cpu", None, False), ("cuda", None, True),
+                                    ("cpu", "true", True), ("cuda", "false", False)):
+        cfg = RunConfig()
+        _apply(cfg, "device.type", device)
+        if given is not None:
+            _apply(cfg, "rlp.cascade_decode", given)
+        assert cascade_decode(cfg) is expected, (device, given)

@@ -103,6 +103,21 @@ def test_blend_weights_and_ntp_windows(jsonl, prefix, tmp_path):
     assert (batch == TOK.eod).any()  # documents joined by their end-of-document ids
 
 
+def test_uncached_blend_notice_comes_once(prefix, caplog):
+    """Megatron logs its `path_to_cache is None` notice per split built; a blend run with NTP
+    windows said it four times. Once now, naming data.cache_dir."""
+    import logging
+
+    from megatron_rlp.data import indexed
+
+    indexed._CacheNoticeOnce.said = False
+    with caplog.at_level(logging.WARNING):
+        data = load_data("unused", ["0.5", prefix, "0.5", prefix], "90,10,0", TOK, seed=1)
+        data.train.gpt_windows(32, 1)
+    said = [r.getMessage() for r in caplog.records if "path_to_cache" in r.getMessage()]
+    assert len(said) == 1 and "data.cache_dir" in said[0], said
+
+
 def test_config_blend_and_split(prefix):
     cfg = load_config(None, (f"data.blend=0.3 {prefix} 0.7 {prefix}", "data.split=98,2,0"))
     assert cfg.data.blend == ["0.3", prefix, "0.7", prefix]

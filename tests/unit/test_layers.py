@@ -20,7 +20,7 @@ PACKAGE = "megatron_rlp"
 # Bottom to top. A module belongs to the layer of the longest entry that names it or a package
 # above it (names relative to megatron_rlp).
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("objective", "tokenizer"),  # pure tensor math; tokenizers
+    ("objective", "tokenizer", "utils"),  # pure tensor math; tokenizers; small helpers
     ("config",),  # typed sections and the pure rules
     ("backends", "parallel", "distributed"),  # Megatron-Core on this machine, process groups
     ("models",),  # providers, specs, Mamba layers
@@ -137,6 +137,16 @@ def test_no_import_cycle():
 
 def test_imports_run_only_downward():
     assert upward_imports(import_graph(module_sources())) == []
+
+
+def test_rollout_does_not_import_packing():
+    """Inside the phases' layer: the rollout is handed its shared-prefix engine and prefill
+    (`packing.prefill.SharedWindows.engine/.prefill`); it never imports packing/ itself."""
+    graph = import_graph(module_sources())
+    bad = [f"{m}:{line} -> {t}" for m, edges in sorted(graph.items())
+           if m.startswith(f"{PACKAGE}.rollout") for t, line in sorted(edges)
+           if t.startswith(f"{PACKAGE}.packing")]
+    assert bad == []
 
 
 def _planted(module: str, line: str) -> dict[str, str]:

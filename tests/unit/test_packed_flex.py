@@ -14,10 +14,11 @@ import torch
 from helpers.tiny_models import tiny_dense_model
 from test_packed_update import TOK, G, _inputs, _run
 
+from megatron_rlp.data.batches import update_batch
 from megatron_rlp.packing import flex
 from megatron_rlp.packing.tree import tree_mask
-from megatron_rlp.packing.update import packed_forward_step, packed_update_batches
-from megatron_rlp.train.rlp_step import _forward_step, update_batch
+from megatron_rlp.packing.update import packed_update_batches
+from megatron_rlp.train.rlp_update import rlp_forward_step
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +35,12 @@ def test_flex_loss_and_gradients_equal_mask_and_unpacked(model, micro_batch_size
     size = micro_batch_size or rows
     batch = update_batch(prompts, thoughts, adv, G, TOK.pad, TOK.think_start)
     mbs = [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, rows, size)]
-    ref_loss, ref = _run(model, _forward_step, mbs, rows)
+    ref_loss, ref = _run(model, rlp_forward_step, mbs, rows)
     packed = packed_update_batches(windows, prompts, thoughts, adv, G, micro_batch_size,
                                    TOK.pad, TOK.think_start, equal_width=False,
                                    rows_per_seq=rows_per_seq)
-    mask_loss, masked = _run(model, packed_forward_step, packed, rows)
-    flex_loss, got = _run(model, partial(packed_forward_step, attention="flex"), packed, rows)
+    mask_loss, masked = _run(model, rlp_forward_step, packed, rows)
+    flex_loss, got = _run(model, partial(rlp_forward_step, attention="flex"), packed, rows)
     assert flex.route_core_attention(model) == 2  # both attention layers went through flex
     assert flex_loss == pytest.approx(mask_loss, rel=1e-5, abs=1e-6)
     assert flex_loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-6)
@@ -55,12 +56,12 @@ def test_routed_attention_is_transparent_for_megatron_masks(model):
     batch = update_batch(prompts, thoughts, adv, G, TOK.pad, TOK.think_start)
     cores = [m.core_attention for m in model.modules() if hasattr(m, "core_attention")]
     routed = [c.__dict__.pop("forward", None) for c in cores]  # Megatron's own forward
-    before = _run(model, _forward_step, [batch], len(adv))
+    before = _run(model, rlp_forward_step, [batch], len(adv))
     for core, forward in zip(cores, routed, strict=True):
         if forward is not None:
             core.forward = forward
     assert flex.route_core_attention(model) == len(cores) == 2
-    after = _run(model, _forward_step, [batch], len(adv))
+    after = _run(model, rlp_forward_step, [batch], len(adv))
     assert after[0] == before[0]
     for name in before[1]:
         torch.testing.assert_close(after[1][name], before[1][name], rtol=0, atol=0)
@@ -124,10 +125,10 @@ def test_flex_survives_core_attention_recompute(model):
     rows = len(adv)
     packed = packed_update_batches(windows, prompts, thoughts, adv, G, 0, TOK.pad,
                                    TOK.think_start, equal_width=False, rows_per_seq=6)
-    ref_loss, ref = _run(model, packed_forward_step, packed, rows)
+    ref_loss, ref = _run(model, rlp_forward_step, packed, rows)
     layers = [m for m in model.modules() if hasattr(m, "checkpoint_core_attention")]
     assert len(layers) == 2
-    step = partial(packed_forward_step, attention="flex")
+    step = partial(rlp_forward_step, attention="flex")
 
     def forward_then_forget(*args, **kwargs):
         out = step(*args, **kwargs)
@@ -161,7 +162,7 @@ def test_plugin_pads_packed_micro_batches_to_seq_length(model, attention):
     padded = [_pad_packed_to(mb, width, TOK.pad) for mb in packed]
     assert all(mb["tokens"].shape[1] == width and (mb["branch"][:, -37:] == -2).all()
                for mb in padded)
-    step = partial(packed_forward_step, attention=attention)
+    step = partial(rlp_forward_step, attention=attention)
     ref_loss, ref = _run(model, step, packed, rows)
     loss, got = _run(model, step, padded, rows)
     assert loss == pytest.approx(ref_loss, rel=1e-6, abs=1e-7)

@@ -7,74 +7,22 @@ thoughts of varied lengths (1 token up to the limit)."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
-import numpy as np
 import pytest
 import torch
+from helpers.packed_inputs import EPS, TOK, G, L, _grads, _inputs, _run  # noqa: F401 - shared
 from helpers.tiny_models import tiny_model
 
 from megatron_rlp.config import load_config
-from megatron_rlp.data.batches import build_rlp_inputs
-from megatron_rlp.data.contexts import Context
+from megatron_rlp.data.batches import update_batch
 from megatron_rlp.packing.tree import WINDOW, tree_mask
-from megatron_rlp.packing.update import (
-    packable,
-    packed_forward_step,
-    packed_update_batches,
-    rows_per_sequence,
-)
-from megatron_rlp.rollout.thoughts import ThoughtBatch
-from megatron_rlp.tokenizer import ByteTokenizer
-from megatron_rlp.train.rlp_step import _forward_step, update_batch
-
-TOK = ByteTokenizer()
-G, L, EPS = 3, 6, (0.2, 0.2)
+from megatron_rlp.packing.update import packable, packed_update_batches, rows_per_sequence
+from megatron_rlp.train.rlp_update import rlp_forward_step
 
 
 @pytest.fixture(scope="module")
 def model(request):
     with tiny_model(TOK.vocab_size, request.param) as net:
         yield net
-
-
-def _inputs(seed: int = 0):
-    """Two documents x 2 positions, G thoughts each; prefixes of different lengths."""
-    rng = np.random.default_rng(seed)
-    docs = [rng.integers(0, 256, size=n).astype(np.int32) for n in (40, 30)]
-    contexts = [Context(d, t, docs[d][:t], int(docs[d][t])) for d, t in
-                ((0, 20), (0, 33), (1, 9), (1, 17))]
-    prompts, windows = build_rlp_inputs(contexts, list(range(4)), SimpleNamespace(documents=docs),
-                                        max_prefix=24, pad=TOK.pad)
-    rows = len(contexts) * G
-    gen = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, L + 1, (rows,), generator=gen)
-    lengths[0], lengths[1] = 1, L
-    mask = torch.arange(L)[None] < lengths[:, None]
-    tokens = torch.where(mask, torch.randint(0, 256, (rows, L), generator=gen), TOK.pad)
-    logp = torch.where(mask, -torch.rand(rows, L, generator=gen) * 3 - 2.5, 0.0)
-    thoughts = ThoughtBatch(tokens=tokens, mask=mask, logprobs=logp, lengths=lengths,
-                            closed=torch.ones(rows, dtype=torch.bool),
-                            s_pred=torch.zeros(rows))
-    advantages = torch.randn(rows, generator=gen)
-    return prompts, windows, thoughts, advantages
-
-
-def _grads(model) -> dict[str, torch.Tensor]:
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def _run(model, step, mbs, rows):
-    """Loss and gradients of `mbs` as Megatron's schedule sums them (loss/num_microbatches)."""
-    model.zero_grad(set_to_none=True)
-    it, total = iter(mbs), 0.0
-    for mb in mbs:
-        scale = (mb["advantages"].numel() if "branch" in mb else len(mb["tokens"])) * len(mbs)
-        logits, loss_fn = step(scale / rows, TOK.vocab_size, 0.7, EPS, it, model)
-        loss, _ = loss_fn(logits)
-        (loss / len(mbs)).backward()
-        total += float(loss.detach()) / len(mbs)
-    return total, _grads(model)
 
 
 LAYOUTS = [(0, 6), (0, 2), (6, 3), (3, 3), (1, 1)]  # (micro_batch_size, rows_per_seq)
@@ -92,12 +40,12 @@ def test_packed_loss_and_gradients_equal_unpacked(model, micro_batch_size, rows_
     batch = update_batch(prompts, thoughts, adv, G, TOK.pad, TOK.think_start)
     mbs = [{k: v[i:i + (micro_batch_size or rows)] for k, v in batch.items()}
            for i in range(0, rows, micro_batch_size or rows)]
-    ref_loss, ref = _run(model, _forward_step, mbs, rows)
+    ref_loss, ref = _run(model, rlp_forward_step, mbs, rows)
     packed = packed_update_batches(windows, prompts, thoughts, adv, G, micro_batch_size,
                                    TOK.pad, TOK.think_start, equal_width=micro_batch_size == 3,
                                    rows_per_seq=rows_per_seq)
     assert len(packed) == len(mbs)
-    loss, got = _run(model, packed_forward_step, packed, rows)
+    loss, got = _run(model, rlp_forward_step, packed, rows)
     assert loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-6)
     assert ref.keys() == got.keys() and len(ref) > 5
     for name in ref:

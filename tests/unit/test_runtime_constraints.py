@@ -1,8 +1,9 @@
 """Every ValueError / assert a training run can raise, walked: each one that configuration
 can reach is refused at start-up (`load_config`, before torch.distributed) with one line
-naming the key, and the run-time code raises on the same values; the others are listed with
-the reason no config reaches them (corpus contents, reported as one `DataError` line; or an
-internal shape invariant).
+naming the key, and the run-time code raises on the same values (a site that configuration
+reaches only on a machine without a feature, e.g. FlexAttention, is checked with the machine
+faked); the others are listed with the reason no config reaches them (corpus contents,
+reported as one `DataError` line; or an internal shape invariant).
 
 `test_every_raise_site_is_classified` greps the run-path modules, so a new `raise ValueError`
 or `assert` fails here until it is classified (and, if config can reach it, checked).
@@ -10,6 +11,7 @@ or `assert` fails here until it is classified (and, if config can reach it, chec
 
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,7 +26,7 @@ from megatron_rlp.startup import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_PATH = ("train", "checkpoint", "data", "rollout", "objective", "scoring", "models",
-            "parallel", "tokenizer", "backends")
+            "parallel", "tokenizer", "backends", "packing")
 
 
 def _raw(overrides: tuple[str, ...]) -> RunConfig:
@@ -52,7 +54,7 @@ def _local_rows(cfg: RunConfig, world: int) -> int:
 # --- what the run would call, with the values a config gives it ---------------------------
 
 def _split(cfg, world):
-    from megatron_rlp.train.update import split_microbatches
+    from megatron_rlp.data.batches import split_microbatches
 
     split_microbatches({"tokens": torch.zeros(_local_rows(cfg, world), 2)},
                        cfg.train.micro_batch_size)
@@ -143,11 +145,17 @@ def _transformer_impl(cfg, world=1):
     resolve_transformer_impl(cfg.model.transformer_impl, cfg.device.type, te_available=False)
 
 
+def _packed_attention(cfg, world=1):
+    from megatron_rlp.packing.flex import resolve
+
+    resolve(cfg.model.packed_attention, cfg.device.type, cfg.model.hybrid_layer_pattern)
+
+
 # (site: file and a snippet of the raising line(s)) -> the config that reaches it:
 # (overrides, world size, key the start-up line names, run-time reproduction or None when
 # the raise is inside Megatron / a model build not run here)
 CONFIG_REACHABLE = {
-    ("train/update.py", "must divide the"): [
+    ("data/batches.py", "must divide the"): [
         (("rlp.group_size=3", "train.micro_batch_size=4", "rlp.contexts_per_step=4"), 2,
          "train.micro_batch_size=4", _split),  # issue 14, point 1
         (("train.objective=ntp", "train.micro_batch_size=5"), 1, "train.micro_batch_size=5",
@@ -208,11 +216,24 @@ CONFIG_REACHABLE = {
     ("backends/transformer_engine.py", "Transformer Engine layers are CUDA-only"): [
         (("model.transformer_impl=transformer_engine",), 1,
          "model.transformer_impl='transformer_engine'", _transformer_impl)],
+    ("packing/flex.py", "an attention-only model.hybrid_layer_pattern"): [
+        (("model.packed_attention=flex", "model.hybrid_layer_pattern=M*-",
+          "model.mamba_num_groups=2"), 1,
+         "model.packed_attention='flex'", _packed_attention)],
     ("backends/transformer_engine.py", "to be importable"): [
         (("model.transformer_impl=transformer_engine",), 1,
          "model.transformer_impl='transformer_engine'",
          lambda cfg, w: _transformer_impl(_raw(("device.type=cuda",
                                                 "model.transformer_impl=transformer_engine"))))],
+}
+
+# Reached from configuration on a machine that lacks a feature this one has; start-up refuses
+# it there. (site) -> (overrides, key, (module, attribute, its value on such a machine),
+# run-time reproduction).
+MACHINE_REACHABLE = {
+    ("packing/flex.py", "flex_attention (torch >= 2.5)"): (
+        ("model.packed_attention=flex",), "model.packed_attention='flex'",
+        ("megatron_rlp.packing.flex", "HAVE_FLEX", False), _packed_attention),
 }
 
 # Raised inside Megatron-Core (no site in this repository), reached from configuration.
@@ -263,7 +284,7 @@ DATA = {
     ("data/indexed.py", "tokenized with"), ("data/indexed.py", "split has no document"),
     ("data/indexed.py", "no window of"), ("data/indexed.py", "documents leave the"),
     ("data/corpus.py", "invalid JSON"), ("data/corpus.py", "expected an object"),
-    ("data/corpus.py", "no usable document"),
+    ("data/corpus.py", "no usable document"), ("data/utf8.py", "lone surrogate"),
     ("data/contexts.py", "no document has more than min_prefix"),
     ("data/contexts.py", "documents with at least"),
     ("data/contexts.py", "positions outside thought spans"),
@@ -283,11 +304,13 @@ INVARIANT = {
     ("objective/surrogate.py", "advantages must be"),
     ("objective/advantages.py", "rewards must be"),
     ("objective/reward.py", "must have"), ("scoring/ema_teacher.py", "different parameters"),
+    # rlp.teacher_scoring is a Literal: start-up refuses any other value (config/loading.py)
+    ("scoring/ema_teacher.py", "expected one of"),
     ("models/mamba/mixer.py", "sequence_parallel"),  # rollouts run with SP off
     ("models/mamba/mixer.py", "packed_seq_params"), ("models/mamba/mixer.py", "one token per row"),
     ("models/mamba/mixer.py", "is_static_batching"),
-    ("models/mamba/ops.py", "unsupported activation"),
-    ("models/mamba/ops.py", "conv_state holds"), ("models/mamba/ops.py", "headdim is required"),
+    ("models/mamba/elementwise.py", "unsupported activation"),
+    ("models/mamba/conv.py", "conv_state holds"), ("models/mamba/ops.py", "headdim is required"),
     ("backends/cpu.py", "assert tensor is not None"),
     ("objective/policy_loss.py", "logp_rollout \" f\"{tuple(logp_rollout.shape)}"),
     ("objective/surrogate.py", "token_weights must be"),
@@ -296,6 +319,19 @@ INVARIANT = {
     # data/batches.py builds every prefix from its window's first token; no context parallel
     ("models/mamba/branches.py", "first column"),
     ("models/mamba/branches.py", "context_parallel_size == 1"),
+    # packing/: models.provider.transformer_config fixes apply_rope_fusion=False and
+    # attention_dropout=0, and no config key sets layer scaling, softmax_type or window_size
+    ("packing/decode.py", "needs unfused RoPE"), ("packing/rotary.py", "need unfused RoPE"),
+    ("packing/flex.py", "does not support {what}"),
+    # the packed forward passes no attention bias (add_bias_linear=False) or packed_seq_params
+    ("packing/flex.py", "takes no attention bias"),
+    # data/batches.py starts every prefix at its window's first token (as branches.py above)
+    ("packing/prefill.py", "Mamba layers need every context's prefix"),
+    # pack_branches is called without `width` (the plugin pads afterwards): width >= need
+    ("packing/tree.py", "packed sequences need"),
+    # the packed update runs only where packing.update.packable says the size packs, and
+    # rows_per_sequence returns a divisor of that size
+    ("packing/update.py", "cannot be packed"),
 }
 
 
@@ -313,7 +349,7 @@ def _sites() -> list[tuple[str, str]]:
 
 
 def test_every_raise_site_is_classified():
-    known = list(CONFIG_REACHABLE) + list(DATA) + list(INVARIANT)
+    known = list(CONFIG_REACHABLE) + list(MACHINE_REACHABLE) + list(DATA) + list(INVARIANT)
     sites = _sites()
     unclassified = [s for s in sites
                     if not any(f == s[0] and snip in s[1] for f, snip in known)]
@@ -333,6 +369,18 @@ def test_config_reachable_raise_is_refused_at_start_up(overrides, world, key, ru
             runtime(_raw(overrides), world)
     with pytest.raises(ConfigError) as err:  # ... and start-up refuses them first
         load_config(None, overrides, world_size=world)
+    msg = str(err.value)
+    assert "\n" not in msg and key in msg and "allowed" in msg, msg
+
+
+@pytest.mark.parametrize("site", list(MACHINE_REACHABLE), ids=lambda site: ":".join(site))
+def test_machine_reachable_raise_is_refused_at_start_up(site, monkeypatch):
+    overrides, key, (module, name, value), runtime = MACHINE_REACHABLE[site]
+    monkeypatch.setattr(importlib.import_module(module), name, value)  # such a machine
+    with pytest.raises(ValueError):
+        runtime(_raw(overrides), 1)
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides, world_size=1)
     msg = str(err.value)
     assert "\n" not in msg and key in msg and "allowed" in msg, msg
 

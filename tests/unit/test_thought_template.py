@@ -14,8 +14,9 @@ from helpers.tiny_models import tiny_dense_model
 from test_packed_update import _inputs, _run
 
 from megatron_rlp.config import ConfigError, load_config
+from megatron_rlp.data.batches import update_batch
 from megatron_rlp.packing.prefill import SharedWindows
-from megatron_rlp.packing.update import packed_forward_step, packed_update_batches
+from megatron_rlp.packing.update import packed_update_batches
 from megatron_rlp.rollout.template import (
     PAPER_INSTRUCTION,
     apply_template,
@@ -24,7 +25,7 @@ from megatron_rlp.rollout.template import (
 )
 from megatron_rlp.rollout.thoughts import sample_thoughts_chunked
 from megatron_rlp.tokenizer import ByteTokenizer, build_tokenizer
-from megatron_rlp.train.rlp_step import _forward_step, update_batch
+from megatron_rlp.train.rlp_update import rlp_forward_step
 
 TOK = ByteTokenizer()
 G = 3
@@ -94,11 +95,11 @@ def test_packed_update_equals_unpacked_with_a_template(model, micro_batch_size, 
     batch = update_batch(prompts, thoughts, adv, G, TOK.pad, lead)
     mbs = [{k: v[i:i + (micro_batch_size or rows)] for k, v in batch.items()}
            for i in range(0, rows, micro_batch_size or rows)]
-    ref_loss, ref = _run(model, _forward_step, mbs, rows)
+    ref_loss, ref = _run(model, rlp_forward_step, mbs, rows)
     packed = packed_update_batches(windows, prompts, thoughts, adv, G, micro_batch_size,
                                    TOK.pad, lead, equal_width=micro_batch_size == 3,
                                    rows_per_seq=rows_per_seq)
-    loss, got = _run(model, packed_forward_step, packed, rows)
+    loss, got = _run(model, rlp_forward_step, packed, rows)
     assert loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-6)
     assert ref.keys() == got.keys() and len(ref) > 5
     for name in ref:

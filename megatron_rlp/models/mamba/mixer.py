@@ -42,7 +42,7 @@ from megatron.core.ssm.mamba_mixer import MambaMixer
 from megatron.core.utils import deprecate_inference_params
 from torch import Tensor
 
-from megatron_rlp.models.mamba.adapter import install_torch_kernels
+from megatron_rlp.models.mamba.adapter import select_kernels
 from megatron_rlp.models.mamba.branches import layout_of, packed_ssm, states_at
 from megatron_rlp.models.mamba.inference_state import (
     batch_first,
@@ -79,7 +79,7 @@ class LocalMambaMixer(MambaMixer):
     def __init__(self, config, submodules, d_model, *, d_conv: int = 4, conv_init=None,
                  A_init_range=(1, 16), dt_min: float = 0.001, dt_max: float = 0.1,
                  dt_init_floor: float = 1e-4, **kwargs):
-        install_torch_kernels()  # no-op where mamba_ssm imports
+        select_kernels()  # once per process: mamba-ssm on CUDA, else torch (see adapter)
         super().__init__(config, submodules, d_model, d_conv=d_conv, conv_init=conv_init,
                          A_init_range=A_init_range, dt_min=dt_min, dt_max=dt_max,
                          dt_init_floor=dt_init_floor, **kwargs)

@@ -2,7 +2,8 @@
 `mamba_ssm` / `causal_conv1d` (CPU, CI).
 
 Every function keeps the signature and semantics of the CUDA/Triton kernel it stands in for,
-so the mixer code that calls it is unchanged:
+so the mixer code that calls it is unchanged (the conv and the gated norm live in `conv.py` and
+`norm.py`, re-exported here):
 
 | here | stands in for |
 |---|---|
@@ -32,6 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from megatron_rlp.models.mamba.conv import causal_conv1d_fn, causal_conv1d_update
+from megatron_rlp.models.mamba.elementwise import compute_dtype
+from megatron_rlp.models.mamba.norm import RMSNormGated, rmsnorm_fn
+
 __all__ = [
     "RMSNormGated",
     "causal_conv1d_fn",
@@ -42,21 +47,6 @@ __all__ = [
     "selective_state_update",
     "ssd_states_at",
 ]
-
-
-def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
-    """float64 if any input is float64, else float32 (bf16/fp16 inputs are upcast)."""
-    if any(t is not None and t.dtype == torch.float64 for t in tensors):
-        return torch.float64
-    return torch.float32
-
-
-def _act(x: Tensor, activation: str | bool | None) -> Tensor:
-    if activation in (None, False):
-        return x
-    if activation in ("silu", "swish", True):
-        return F.silu(x)
-    raise ValueError(f"unsupported activation {activation!r} (allowed: silu, swish, None)")
 
 
 def _discretize_dt(dt: Tensor, dt_bias: Tensor | None, dt_softplus: bool,
@@ -118,7 +108,7 @@ def mamba_chunk_scan_combined(
     if h % g:
         raise ValueError(f"nheads={h} is not a multiple of ngroups={g}")
     k = h // g  # heads per group
-    cd = _compute_dtype(x, dt, B, C, initial_states)
+    cd = compute_dtype(x, dt, B, C, initial_states)
     dt = _discretize_dt(dt, dt_bias, dt_softplus, dt_limit, cd)  # [b, l, h]
     xf, Bf, Cf = x.to(cd), B.to(cd), C.to(cd)
 
@@ -214,7 +204,7 @@ def ssd_states_at(
     """
     b, length, h, p = x.shape
     g, n = B.shape[-2], B.shape[-1]
-    cd = _compute_dtype(x, dt, B, initial_states)
+    cd = compute_dtype(x, dt, B, initial_states)
     dt = _discretize_dt(dt, dt_bias, dt_softplus, dt_limit, cd)  # [b, l, h]
     T = chunk_size
     nc = -(-length // T)
@@ -246,95 +236,6 @@ def ssd_states_at(
     inner = torch.einsum("kthp,kthn->khpn", xdt[rows, c] * weight[..., None], Bh[rows, c])
     decay = torch.where(j[:, None] > 0, torch.exp(last[:, 0]), torch.ones_like(last[:, 0]))
     return prev[rows, c] * decay[..., None, None] + inner
-
-
-def causal_conv1d_fn(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None = None,
-    seq_idx: Tensor | None = None,
-    initial_states: Tensor | None = None,
-    return_final_states: bool = False,
-    final_states_out: Tensor | None = None,
-    activation: str | None = None,
-):
-    """Depthwise causal convolution.
-
-    Args:
-        x: [batch, dim, seqlen].
-        weight: [dim, width]; bias: [dim].
-        initial_states: [batch, dim, width - 1], the inputs before position 0 (zeros if None).
-        return_final_states: also return the last width - 1 inputs (the decoding state).
-        activation: None, "silu" or "swish".
-
-    Returns:
-        [batch, dim, seqlen] in x's dtype (and [batch, dim, width - 1] final states).
-    """
-    if seq_idx is not None:
-        raise NotImplementedError("seq_idx (packed sequences) is not supported")
-    b, d, length = x.shape
-    w = weight.shape[-1]
-    cd = _compute_dtype(x, weight)
-    xf = x.to(cd)
-    if initial_states is None:
-        xp = F.pad(xf, (w - 1, 0))
-    else:
-        xp = torch.cat([initial_states.to(cd), xf], dim=-1)
-    out = F.conv1d(xp, weight.to(cd)[:, None, :], None if bias is None else bias.to(cd),
-                   groups=d)
-    out = _act(out, activation).to(x.dtype)
-    if not return_final_states:
-        return out
-    final = xp[..., -(w - 1):].to(x.dtype) if w > 1 else xp[..., :0].to(x.dtype)
-    if final_states_out is not None:
-        final_states_out.copy_(final)
-        final = final_states_out
-    return out, final
-
-
-def causal_conv1d_update(
-    x: Tensor,
-    conv_state: Tensor,
-    weight: Tensor,
-    bias: Tensor | None = None,
-    activation: str | bool | None = None,
-    cache_seqlens: Tensor | None = None,
-    conv_state_indices: Tensor | None = None,
-) -> Tensor:
-    """Advance the causal convolution by one (or a few) positions, updating `conv_state`.
-
-    Args:
-        x: [batch, dim] or [batch, dim, seqlen] new inputs.
-        conv_state: [batch, dim, state_len] (state_len >= width - 1) last inputs, oldest
-            first; shifted left and appended to in place.
-        weight: [dim, width]; bias: [dim].
-        conv_state_indices: [batch] rows of `conv_state` to use (default: 0..batch-1).
-
-    Returns:
-        Conv outputs shaped like x.
-    """
-    if cache_seqlens is not None:
-        raise NotImplementedError("circular conv state (cache_seqlens) is not supported")
-    squeeze = x.dim() == 2
-    if squeeze:
-        x = x[..., None]
-    length = x.shape[-1]
-    d, w = weight.shape
-    state = conv_state if conv_state_indices is None else conv_state[conv_state_indices]
-    state_len = state.shape[-1]
-    if state_len < w - 1:
-        raise ValueError(f"conv_state holds {state_len} inputs; width {w} needs >= {w - 1}")
-    cd = _compute_dtype(x, weight)
-    full = torch.cat([state.to(cd), x.to(cd)], dim=-1)  # [b, d, state_len + seqlen]
-    new_state = full[..., -state_len:].to(conv_state.dtype)
-    if conv_state_indices is None:
-        conv_state.copy_(new_state)
-    else:
-        conv_state[conv_state_indices] = new_state
-    out = F.conv1d(full[..., -(length + w - 1):], weight.to(cd)[:, None, :],
-                   None if bias is None else bias.to(cd), groups=d)
-    out = _act(out, activation).to(x.dtype)
-    return out[..., 0] if squeeze else out
 
 
 def selective_state_update(
@@ -389,7 +290,7 @@ def selective_state_update(
     # now: x, dt, z [b, s, h, p]; B, C [b, s, g, n]; state_v [b, h, p, n]; A [h, p, n]
     h = x.shape[2]
     g = B.shape[2]
-    cd = _compute_dtype(state, x, dt, B, C)
+    cd = compute_dtype(state, x, dt, B, C)
     st = state_v if state_batch_indices is None else state_v[state_batch_indices]
     st = st.to(cd)
     # Mamba-2 (Megatron's decode call): A, dt and dt_bias are per head, expanded (stride 0)
@@ -494,41 +395,3 @@ def mamba_split_conv1d_scan_combined(
     return (y, final) if return_final_states else y
 
 
-def rmsnorm_fn(x: Tensor, weight: Tensor, bias: Tensor | None = None, z: Tensor | None = None,
-               eps: float = 1e-6, group_size: int | None = None,
-               norm_before_gate: bool = True) -> Tensor:
-    """RMSNorm over groups of `group_size` channels, gated by silu(z).
-
-    norm_before_gate=True: norm(x) * silu(z); False (Megatron's mixer): norm(x * silu(z)).
-    """
-    cd = _compute_dtype(x, weight)
-    xf = x.to(cd)
-    if z is not None and not norm_before_gate:
-        xf = xf * F.silu(z.to(cd))
-    d = xf.shape[-1]
-    gs = group_size or d
-    xg = xf.reshape(*xf.shape[:-1], d // gs, gs)
-    xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + eps)
-    out = xg.reshape(xf.shape) * weight.to(cd)
-    if bias is not None:
-        out = out + bias.to(cd)
-    if z is not None and norm_before_gate:
-        out = out * F.silu(z.to(cd))
-    return out.to(x.dtype)
-
-
-class RMSNormGated(torch.nn.Module):
-    """`mamba_ssm.ops.triton.layernorm_gated.RMSNorm`: weight only (ones), grouped, gated."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-5, group_size: int | None = None,
-                 norm_before_gate: bool = True, device=None, dtype=None):
-        super().__init__()
-        self.eps = eps
-        self.group_size = group_size
-        self.norm_before_gate = norm_before_gate
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
-        self.register_parameter("bias", None)
-
-    def forward(self, x: Tensor, z: Tensor | None = None) -> Tensor:
-        return rmsnorm_fn(x, self.weight, self.bias, z=z, eps=self.eps,
-                          group_size=self.group_size, norm_before_gate=self.norm_before_gate)

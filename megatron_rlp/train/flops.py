@@ -1,4 +1,5 @@
-"""FLOP model of one RLP step, for tools/bench_rlp.py (achieved FLOP/s, MFU).
+"""FLOP model of one RLP or NTP step: the step lines' TFLOP/s (train/loop.py) and
+tools/bench_rlp.py's achieved FLOP/s and MFU.
 
 Model FLOPs of the work the step needs, counted once whatever a path executes (as MFU is
 defined): each document window's prefix is computed once per phase, attention counts only
@@ -16,6 +17,10 @@ Backward is twice the forward. Phases:
     update   3 x forward over windows + every branch `<think> thought[:-1]`; logits per
              thought token
 Mamba's scan and conv are left out (linear projections only): small next to the projections.
+NTP: 3 x forward over its windows (causal), logits at every position.
+
+Own code: Megatron-LM's `num_floating_point_operations` (megatron/training/training.py) counts
+fixed-length GPT batches; an RLP step's work depends on the sampled thought lengths.
 """
 
 from __future__ import annotations
@@ -54,27 +59,35 @@ def _forward(d: ModelDims, tokens: int, pairs: int, logits: int) -> float:
             + 2.0 * d.hidden * d.vocab * logits)
 
 
+def _arange_sum(start, count):
+    """sum(start + j for j in range(count)), elementwise (int64 tensors)."""
+    return count * start + count * (count - 1) // 2
+
+
 def step_flops(d: ModelDims, trace: dict) -> dict[str, float]:
-    """FLOPs per phase of the step a `rlp_step` trace describes (prompts, windows, thoughts)."""
+    """FLOPs per phase of the step a `rlp_step` trace describes (prompts, windows, thoughts),
+    this rank's rows. Closed forms over [R] tensors: no loop over tokens."""
     prompts, windows, thoughts = trace["prompts"], trace["windows"], trace["thoughts"]
-    win = windows.valid.sum(1).tolist()  # window lengths (= longest prefix of the document)
-    win_tokens, win_pairs = sum(win), sum(n * (n + 1) // 2 for n in win)
-    p = prompts.lengths.tolist()
+    win = windows.valid.sum(1).long().cpu()  # window lengths (= longest prefix of the document)
+    win_tokens, win_pairs = int(win.sum()), int((win * (win + 1) // 2).sum())
+    p = prompts.lengths.long().cpu()
     g = len(thoughts.lengths) // len(p)
-    n_rows = thoughts.lengths.tolist()
-    closed = thoughts.closed.tolist()
-    prefill = _forward(d, win_tokens + len(p), win_pairs + sum(x + 1 for x in p), len(p))
-    dec_tokens = dec_pairs = upd_tokens = upd_pairs = 0
-    for r, n in enumerate(n_rows):
-        pk = p[r // g]
-        fed = n + (0 if closed[r] else 1)
-        dec_tokens += fed
-        dec_pairs += sum(pk + 2 + j for j in range(fed))  # prefix, <think>, thought so far
-        upd_tokens += n
-        upd_pairs += sum(pk + 1 + j for j in range(n))
+    n = thoughts.lengths.long().cpu()
+    fed = n + (~thoughts.closed.cpu()).long()  # an open thought is also fed its `</think>`
+    pk = p.repeat_interleave(g)
+    prefill = _forward(d, win_tokens + len(p), win_pairs + int((p + 1).sum()), len(p))
+    dec_tokens = int(fed.sum())
+    dec_pairs = int(_arange_sum(pk + 2, fed).sum())  # prefix, <think>, thought so far
+    upd_tokens, upd_pairs = int(n.sum()), int(_arange_sum(pk + 1, n).sum())
     decode = _forward(d, dec_tokens, dec_pairs, dec_tokens)
     scoring = _forward(d, win_tokens, win_pairs, len(p))
-    update = 3.0 * _forward(d, win_tokens + upd_tokens, win_pairs + upd_pairs, sum(n_rows))
+    update = 3.0 * _forward(d, win_tokens + upd_tokens, win_pairs + upd_pairs, upd_tokens)
     out = {"prefill": prefill, "decode": decode, "scoring": scoring, "update": update}
     out["step"] = sum(out.values())
     return out
+
+
+def ntp_flops(d: ModelDims, rows: int, seq_length: int) -> float:
+    """FLOPs of an NTP step over `rows` windows of `seq_length` tokens (forward + backward)."""
+    tokens = rows * seq_length
+    return 3.0 * _forward(d, tokens, rows * seq_length * (seq_length + 1) // 2, tokens)

@@ -1,0 +1,163 @@
+"""tools/simulate_gpu.py: one RLP step on simulated CUDA (fake tensors, fake process group).
+
+The fast cases run the tiny recipe at TP=2 x PP=2 in bf16 on `cuda` for the first and the
+last pipeline stage, and a mutant of the step that leaves one tensor on the host, which the
+simulation must refuse with one line naming the op, the tensor and the file:line. The
+full-size recipes (slow) write the JSON committed under docs/simulated/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TOOL = ROOT / "tools/simulate_gpu.py"
+TINY_TP2_PP2 = ["--config", "examples/configs/tiny_cpu.yaml", "--world-size", "4",
+                "parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
+                "precision.params_dtype=bf16", "rlp.max_thought_tokens=8", "--decode-steps", "2"]
+
+
+def _run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def test_tiny_tp2_pp2_first_and_last_stage(tmp_path):
+    out = tmp_path / "tiny.json"
+    proc = _run([str(TOOL), *TINY_TP2_PP2, "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    stages = {r["stage"]: r for r in report["ranks"]}
+    assert set(stages) == {"first", "last"}
+    assert [r["rank"] for r in report["ranks"]] == [0, 3]
+    for r in report["ranks"]:
+        assert r["layout"] == {"tp": 2, "pp": 2, "dp": 1}
+        assert r["fits"] and 0 < r["peak_gib"] <= r["device_gib"]
+        # every phase of the step ran and was measured
+        assert {"rollout", "scoring", "update", "optimizer", "ema"} <= set(r["peak_gib_by_phase"])
+        assert r["flops_by_phase"]["update"] > r["flops_by_phase"]["scoring"] > 0
+        assert r["decode_steps"]["run"] == 2 and r["decode_steps"]["skipped"] > 0
+        assert r["kv_ssm_cache_bytes"] > 0
+    # the model's parameters are split over two stages: each holds a part, not all
+    assert stages["first"]["params_bytes"] > 0 and stages["last"]["params_bytes"] > 0
+
+
+def test_a_host_tensor_in_the_step_is_refused_with_one_line(tmp_path):
+    """Mutant: the advantages meet a tensor built on the host (no device=), as a bug in the
+    step would do; on a GPU that add raises, and so must the simulation, naming it."""
+    mutant = tmp_path / "mutant.py"
+    mutant.write_text(textwrap.dedent(f"""
+        import runpy, sys
+        import torch
+        import megatron_rlp.train.rlp_step as step
+
+        original = step.group_advantages
+
+        def planted(rewards):
+            advantages = original(rewards)
+            host_bias = torch.zeros(advantages.shape)  # the bug: no device=
+            return advantages + host_bias
+
+        step.group_advantages = planted
+        sys.argv = ["simulate_gpu.py", *{TINY_TP2_PP2!r}, "--stage", "first"]
+        runpy.run_path({str(TOOL)!r}, run_name="__main__")
+    """))
+    proc = _run([str(mutant)])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    line = errors[0]
+    assert "aten.add" in line and "`host_bias` (cpu" in line and "cuda:0" in line, line
+    assert f"{mutant}:11" in line, line
+
+
+def test_host_values_shadow_data_and_read_model_outputs_as_worst_case():
+    """Data-derived values are exact beside fake CUDA tensors; a sampled id (no value) reads as
+    0 (never `</think>`); an unknown integer of a large tensor is refused with its line."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import torch
+    from simulated_values import HostValues, Oracle, UnknownValue
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True), HostValues(Oracle(), zero_limit=64):
+        lengths = torch.tensor([3, 7, 5]).to("cuda")  # host data moved to the device
+        assert lengths.device.type == "cuda"
+        assert int(lengths.max()) == 7
+        assert torch.unique(lengths % 2).shape == (1,)  # value-dependent shape, from the value
+        logits = torch.randn(4, 100, device="cuda")  # a model output: no value
+        token = logits.argmax(-1)  # [4] long, from a bf16/fp32 tensor: unknown
+        assert not bool((token == 99).any())  # read as zeros
+        assert float(torch.randn(3000, device="cuda").sum()) == 0.0  # a loss: read as 0.0
+        with pytest.raises(UnknownValue, match="test_simulate_gpu.py"):
+            int(torch.randn(100, 100, device="cuda").long().sum())  # a count of 10^4 unknowns
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["qwen3_1p7b", "nemotron_h_8b", "nemotron_nano_12b_v2"])
+def test_full_size_recipe_at_its_stated_layout(recipe, tmp_path):
+    out = tmp_path / f"{recipe}.json"
+    proc = _run([str(TOOL), "--config", f"examples/configs/{recipe}.yaml", "--out", str(out)],
+                timeout=3600)
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]  # 1: does not fit (the JSON says)
+    report = json.loads(out.read_text())
+    assert report["world_size"] == 32
+    committed = json.loads((ROOT / f"docs/simulated/{recipe}.json").read_text())
+    for new, old in zip(report["ranks"], committed["ranks"], strict=True):
+        assert new["stage"] == old["stage"]
+        assert new["peak_gib"] == pytest.approx(old["peak_gib"], rel=0.02)
+
+
+def test_python_engine_gives_the_cpp_engines_gradients():
+    """The backward stand-in (tools/simulated_autograd.py) on real CPU tensors: the same
+    leaf gradients as PyTorch's engine, through a custom autograd.Function, a broadcast add
+    (summed back to shape), a split (multi-output node, one output unused), a bf16 cast (the
+    gradient cast back) and `torch.autograd.grad` with `inputs`."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from unittest import mock
+
+    import torch
+    from simulated_autograd import PythonEngine
+
+    class Double(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, scale):
+            ctx.scale = scale
+            return a * scale
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * ctx.scale, None
+
+    def loss_and_leaves():
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randn(6, 4, generator=gen, requires_grad=True)
+        b = torch.randn(4, generator=gen, requires_grad=True)
+        x = torch.randn(3, 6, generator=gen)
+        h = Double.apply(x @ w + b, 3.0)
+        first, _unused = h.split(2, dim=1)
+        y = first.to(torch.bfloat16).float().tanh() * h[:, :2]
+        return y.pow(2).sum(), (w, b)
+
+    loss, (w, b) = loss_and_leaves()
+    loss.backward()
+    expected = (w.grad.clone(), b.grad.clone())
+    loss, (w, b) = loss_and_leaves()
+    grads_expected = torch.autograd.grad(loss, (b,))
+    with mock.patch.object(torch.autograd.Variable, "_execution_engine", PythonEngine()):
+        loss, (w, b) = loss_and_leaves()
+        loss.backward()
+        got = (w.grad, b.grad)
+        loss, (w2, b2) = loss_and_leaves()
+        grads = torch.autograd.grad(loss, (b2,))
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+    torch.testing.assert_close(grads[0], grads_expected[0], rtol=0, atol=0)
+    assert w2.grad is None  # autograd.grad accumulates nothing
