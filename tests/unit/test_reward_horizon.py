@@ -137,3 +137,18 @@ def test_bad_horizon_values_are_one_line(override, needle):
     with pytest.raises(ConfigError) as e:
         load_config("examples/configs/tiny_cpu.yaml", (override,), world_size=1)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unscored_steps_keep_the_horizon_s_pred(state):
+    """`rlp.teacher_scoring=off`: no S_ema, the rewards are the k-token S_pred alone (the
+    same group advantages: S_ema is one constant per context)."""
+    scored = _scored(state, 3, 0.9)
+    r = state.cfg.rlp
+    saved, r.teacher_scoring = r.teacher_scoring, "off"
+    try:
+        unscored = _scored(state, 3, 0.9)
+    finally:
+        r.teacher_scoring = saved
+    assert unscored.s_ema is None
+    torch.testing.assert_close(unscored.rewards, scored.thoughts.s_pred)
+    torch.testing.assert_close(unscored.advantages, scored.advantages, atol=1e-4, rtol=0)
