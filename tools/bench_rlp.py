@@ -216,6 +216,20 @@ def _packed_attention(cfg, state, trace: dict, block_size: int) -> dict | None:
     return out
 
 
+def bench_config(config: str | None, size: str, overrides: list[str]):
+    """The bench's config: `DEFAULTS`, then a yardstick model of `SIZES` (unless `size` is
+    "config"), then the caller's overrides. Raises ConfigError with the one-line message."""
+    from megatron_rlp.startup import load_config
+
+    shape = ()
+    if size != "config":
+        layers, hidden, ffn, heads, groups = SIZES[size]
+        shape = (f"model.hybrid_layer_pattern={'*-' * layers}", f"model.hidden_size={hidden}",
+                 f"model.ffn_hidden_size={ffn}", f"model.num_attention_heads={heads}",
+                 f"model.num_query_groups={groups}")
+    return load_config(config, DEFAULTS + shape + tuple(overrides), world_size=1)
+
+
 def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | None,
         block_size: int = 128) -> dict:
     import dataclasses
@@ -349,16 +363,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from megatron_rlp.config import ConfigError
-    from megatron_rlp.startup import load_config
 
-    size = ()
-    if args.size != "config":
-        layers, hidden, ffn, heads, groups = SIZES[args.size]
-        size = (f"model.hybrid_layer_pattern={'*-' * layers}", f"model.hidden_size={hidden}",
-                f"model.ffn_hidden_size={ffn}", f"model.num_attention_heads={heads}",
-                f"model.num_query_groups={groups}")
     try:
-        cfg = load_config(args.config, DEFAULTS + size + tuple(args.overrides), world_size=1)
+        cfg = bench_config(args.config, args.size, args.overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -75,14 +75,14 @@ class Regions:
 
 
 def _instrument(regions: Regions) -> list:
-    from megatron_rlp.packing import decode
+    from megatron_rlp.packing import decode, prefill
     from megatron_rlp.rollout import engine, thoughts
 
     undo: list = []
     for attr, name in (("fork", "fork"), ("keep", "compaction")):  # its own (cascade) ones
         regions.patch(decode.SharedPrefixEngine, attr, name, undo)
     regions.patch(thoughts, "sample_thoughts", "rollout", undo)
-    regions.patch(thoughts, "prefill_shared", "prefill", undo)
+    regions.patch(prefill.SharedWindows, "prefill", "prefill", undo)  # the shared prefill
     regions.patch(engine.KVCacheEngine, "prefill", "prefill", undo)
     regions.patch(engine.KVCacheEngine, "fork", "fork", undo)
     regions.patch(engine.KVCacheEngine, "keep", "compaction", undo)
@@ -139,7 +139,7 @@ def _op_split(prof) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench_rlp import DEFAULTS, SIZES
+    from bench_rlp import SIZES, bench_config
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "examples/configs/tiny_cpu.yaml"))
@@ -150,16 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value, after the defaults")
     args = parser.parse_args(argv)
 
-    from megatron_rlp.config import ConfigError, load_config
+    from megatron_rlp.config import ConfigError
 
-    size = ()
-    if args.size != "config":
-        layers, hidden, ffn, heads, groups = SIZES[args.size]
-        size = (f"model.hybrid_layer_pattern={'*-' * layers}", f"model.hidden_size={hidden}",
-                f"model.ffn_hidden_size={ffn}", f"model.num_attention_heads={heads}",
-                f"model.num_query_groups={groups}")
     try:
-        cfg = load_config(args.config, DEFAULTS + size + tuple(args.overrides), world_size=1)
+        cfg = bench_config(args.config, args.size, args.overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

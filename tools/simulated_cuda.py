@@ -50,62 +50,7 @@ from unittest import mock
 import torch
 import torch.distributed as dist
 
-
-class _Stream:
-    """`torch.cuda.Stream` without a device: every wait is already satisfied."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def wait_stream(self, *args, **kwargs):
-        pass
-
-    def wait_event(self, *args, **kwargs):
-        pass
-
-    def synchronize(self):
-        pass
-
-    def record_event(self, *args, **kwargs):
-        return _Event()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-class _Event:
-    """`torch.cuda.Event`: recorded and complete at once; no time passes on a fake device."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def record(self, *args, **kwargs):
-        pass
-
-    def wait(self, *args, **kwargs):
-        pass
-
-    def synchronize(self):
-        pass
-
-    def query(self):
-        return True
-
-    def elapsed_time(self, other):
-        return 0.0
-
-
-def _no_op():
-    """A fresh do-nothing function per patched name: Dynamo maps torch functions to tracing
-    rules by object, and one object under two names with different rules makes it fail."""
-
-    def no_op(*args, **kwargs):
-        return None
-
-    return no_op
+from megatron_rlp.backends.null_cuda import NullEvent, NullStream, fresh_noop
 
 
 def _apply_unless_identity(original):
@@ -172,14 +117,14 @@ def simulated_cuda(device_gib: float = 80.0, gpus_per_node: int = 8, name: str =
     patches = {
         (torch.cuda, "current_device"): lambda: 0,
         (torch.cuda, "device_count"): lambda: gpus_per_node,
-        (torch.cuda, "set_device"): _no_op(),
-        (torch.cuda, "synchronize"): _no_op(),
-        (torch.cuda, "empty_cache"): _no_op(),
-        (torch.cuda, "Stream"): _Stream,
-        (torch.cuda, "Event"): _Event,
-        (torch.cuda, "current_stream"): lambda *a, **k: _Stream(),
-        (torch.cuda, "default_stream"): lambda *a, **k: _Stream(),
-        (torch.cuda, "stream"): lambda *a, **k: _Stream(),
+        (torch.cuda, "set_device"): fresh_noop(),
+        (torch.cuda, "synchronize"): fresh_noop(),
+        (torch.cuda, "empty_cache"): fresh_noop(),
+        (torch.cuda, "Stream"): NullStream,
+        (torch.cuda, "Event"): NullEvent,
+        (torch.cuda, "current_stream"): lambda *a, **k: NullStream(),
+        (torch.cuda, "default_stream"): lambda *a, **k: NullStream(),
+        (torch.cuda, "stream"): lambda *a, **k: NullStream(),
         (torch.cuda, "get_device_properties"): lambda *a, **k: props,
         (torch.cuda, "get_device_name"): lambda *a, **k: props.name,
         (torch.cuda, "mem_get_info"): lambda *a, **k: (props.total_memory, props.total_memory),
@@ -194,7 +139,7 @@ def simulated_cuda(device_gib: float = 80.0, gpus_per_node: int = 8, name: str =
         (mrandom, "_get_cuda_rng_state"): get_state,
         (mrandom, "_set_cuda_rng_state"): set_state,
         (dist, "all_gather_object"): _all_gather_object,
-        (dist, "broadcast_object_list"): _no_op(),
+        (dist, "broadcast_object_list"): fresh_noop(),
         (parallel_state, "get_data_parallel_group_gloo"):
             lambda with_context_parallel=False, partial_data_parallel=False:
             parallel_state.get_data_parallel_group(

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from megatron_rlp.backends.null_cuda import NullEvent, NullStream, fresh_noop
+
 _ACTIVE = False
 
 # Tensor factories that take a `device=` keyword (or a positional device, for `Tensor.to`).
@@ -93,62 +95,6 @@ def _wrap_type(fn):
     return type_
 
 
-class _DummyStream:
-    """Stands in for `torch.cuda.Stream`: DDP and the optimizer only wait on / sync streams."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def wait_stream(self, *args, **kwargs):
-        pass
-
-    def synchronize(self):
-        pass
-
-    def record_event(self, *args, **kwargs):
-        return _DummyEvent()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-class _DummyEvent:
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def record(self, *args, **kwargs):
-        pass
-
-    def wait(self, *args, **kwargs):
-        pass
-
-    def synchronize(self):
-        pass
-
-    def query(self):
-        return True
-
-    def elapsed_time(self, other):
-        return 0.0
-
-
-def _noop():
-    """A fresh do-nothing function. One object per patched name: Dynamo maps torch functions
-    to tracing rules by object, and rebuilds that map whenever a process group is created
-    (`torch.distributed` clears its caches); one shared stub standing for names with different
-    rules (`torch.cuda.synchronize`, `torch.cuda.set_device`, ...) makes the next
-    `torch.compile` fail with "Duplicate torch object" (Megatron compiles some modules at
-    import, e.g. its gated-delta-net kernels)."""
-
-    def noop(*args, **kwargs):
-        return None
-
-    return noop
-
-
 def _patch_rng() -> None:
     """Route the CUDA RNG (and Megatron's tracker) to the CPU generator."""
     from megatron.core.tensor_parallel import random as mrandom
@@ -169,7 +115,7 @@ def _patch_rng() -> None:
     torch.cuda.manual_seed = manual_seed
     torch.cuda.random.manual_seed = manual_seed
     # torch.manual_seed calls torch.cuda.manual_seed_all: a CPU version would recurse.
-    torch.cuda.manual_seed_all = torch.cuda.random.manual_seed_all = _noop()
+    torch.cuda.manual_seed_all = torch.cuda.random.manual_seed_all = fresh_noop()
     mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
 
@@ -187,14 +133,14 @@ def _patch_devices() -> None:
     torch.Tensor.type = _wrap_type(torch.Tensor.type)
     torch.cuda.current_device = lambda: 0
     torch.cuda.device_count = lambda: 1
-    torch.cuda.set_device = _noop()
-    torch.cuda.synchronize = _noop()
-    torch.cuda.empty_cache = _noop()
-    torch.cuda.current_stream = lambda *a, **k: _DummyStream()
-    torch.cuda.default_stream = lambda *a, **k: _DummyStream()
-    torch.cuda.stream = lambda *a, **k: _DummyStream()
-    torch.cuda.Stream = _DummyStream
-    torch.cuda.Event = _DummyEvent
+    torch.cuda.set_device = fresh_noop()
+    torch.cuda.synchronize = fresh_noop()
+    torch.cuda.empty_cache = fresh_noop()
+    torch.cuda.current_stream = lambda *a, **k: NullStream()
+    torch.cuda.default_stream = lambda *a, **k: NullStream()
+    torch.cuda.stream = lambda *a, **k: NullStream()
+    torch.cuda.Stream = NullStream
+    torch.cuda.Event = NullEvent
     torch.cuda.memory_allocated = lambda *a, **k: 0
     torch.cuda.max_memory_allocated = lambda *a, **k: 0
 

@@ -91,3 +91,18 @@ def ntp_flops(d: ModelDims, rows: int, seq_length: int) -> float:
     """FLOPs of an NTP step over `rows` windows of `seq_length` tokens (forward + backward)."""
     tokens = rows * seq_length
     return 3.0 * _forward(d, tokens, rows * seq_length * (seq_length + 1) // 2, tokens)
+
+
+# Dense bf16 peak TFLOP/s of the cards the recipes target (vendor datasheets, no sparsity):
+# the denominator of the step lines' MFU. Other devices (the CPU backend) print no MFU.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "B200": 2250.0,
+                    "GB200": 2500.0}
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """Dense bf16 peak TFLOP/s of a CUDA device by its name (`torch.cuda.get_device_name`,
+    e.g. "NVIDIA H100 80GB HBM3"), or None for a device not in `PEAK_BF16_TFLOPS`."""
+    for card, peak in PEAK_BF16_TFLOPS.items():  # a whole word or a prefix of one ("A100-SXM4")
+        if card in device_name.upper().split() or f" {card}" in f" {device_name.upper()}":
+            return peak
+    return None

@@ -46,6 +46,17 @@ def _global_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def _device_peak_tflops() -> float | None:
+    """The CUDA card's dense bf16 peak (train/flops.peak_tflops), None off CUDA."""
+    import torch
+
+    from megatron_rlp.train.flops import peak_tflops
+
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    return peak_tflops(torch.cuda.get_device_name())
+
+
 def peak_memory_gib() -> float:
     """Peak memory of this process in GiB: `torch.cuda.max_memory_allocated` when CUDA is in
     use, else the maximum resident set size (`getrusage`, KiB on Linux)."""
@@ -207,7 +218,11 @@ class MetricsWriter:
             cols = [f"{label} {fmt.format(metrics[k])}" for k, label, fmt in _CONSOLE
                     if k in metrics]
             if metrics.get("flops") and metrics.get("step_time"):  # model FLOPs per GPU
-                cols.append(f"TFLOP/s/GPU {metrics['flops'] / metrics['step_time'] / 1e12:.3g}")
+                tflops = metrics["flops"] / metrics["step_time"] / 1e12
+                cols.append(f"TFLOP/s/GPU {tflops:.3g}")
+                peak = _device_peak_tflops()
+                if peak:  # MFU against the card's dense bf16 peak (train/flops.py)
+                    cols.append(f"MFU {100 * tflops / peak:.1f}%")
             phases = " ".join(f"{k[2:]} {v:.2f}s" for k, v in metrics.items()
                               if k.startswith("t_"))
             line = (f"[{self.objective} step {step:5d}] " + " | ".join(cols)

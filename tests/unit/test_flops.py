@@ -59,3 +59,26 @@ def test_ntp_is_three_forwards_of_causal_windows():
                + 4 * DIMS.attention_layers * DIMS.attn_width * rows * seq * (seq + 1) // 2
                + 2 * DIMS.hidden * DIMS.vocab * rows * seq)
     assert ntp_flops(DIMS, rows, seq) == 3 * forward
+
+
+def test_peak_tflops_by_card_name_and_none_elsewhere():
+    from megatron_rlp.train.flops import peak_tflops
+
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops("NVIDIA H200") == 989.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops("NVIDIA GB200") == 2500.0 and peak_tflops("NVIDIA B200") == 2250.0
+    assert peak_tflops("cpu") is None and peak_tflops("NVIDIA GeForce RTX 4090") is None
+
+
+def test_step_line_shows_mfu_on_a_known_card(monkeypatch, capsys):
+    from megatron_rlp.train import metrics
+
+    monkeypatch.setattr(metrics, "_device_peak_tflops", lambda: 1000.0)
+    logger = metrics.MetricsWriter(None, "rlp", progress=False)
+    logger.log(3, {"loss": 0.5, "flops": 2e14, "step_time": 0.5}, console=True)
+    out = capsys.readouterr().out
+    assert "TFLOP/s/GPU 400" in out and "MFU 40.0%" in out, out
+    monkeypatch.setattr(metrics, "_device_peak_tflops", lambda: None)
+    logger.log(4, {"loss": 0.5, "flops": 2e14, "step_time": 0.5}, console=True)
+    assert "MFU" not in capsys.readouterr().out
