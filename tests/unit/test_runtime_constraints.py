@@ -306,6 +306,8 @@ INVARIANT = {
     ("objective/reward.py", "must have"), ("scoring/ema_teacher.py", "different parameters"),
     # rlp.teacher_scoring is a Literal: start-up refuses any other value (config/loading.py)
     ("scoring/ema_teacher.py", "expected one of"),
+    # select_kernels(force=...) is set by the kernel tests only, never by a config
+    ("models/mamba/adapter.py", "select_kernels force="),
     ("models/mamba/mixer.py", "sequence_parallel"),  # rollouts run with SP off
     ("models/mamba/mixer.py", "packed_seq_params"), ("models/mamba/mixer.py", "one token per row"),
     ("models/mamba/mixer.py", "is_static_batching"),
