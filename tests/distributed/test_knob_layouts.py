@@ -3,7 +3,8 @@
 the NTP mix and a 3-token discounted reward (issue 26) computes what the one-rank run
 computes — for 2 steps S_ema, S_pred, the loss (surrogate + beta x KL), `kl_ref`,
 `ntp_loss`, the gradient norms and the final parameters. Tolerances as in test_layouts.py
-(fp32 reduction order); the loss and `kl_ref` are sums of O(1e-3) terms here, compared at 1e-6 absolute.
+(fp32 reduction order); the loss and `kl_ref` are sums of O(1e-3) terms here, compared at
+1e-6 absolute.
 """
 
 from __future__ import annotations
