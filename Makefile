@@ -32,7 +32,7 @@ $(DEV): $(STAMP)
 # and megatron-core (--no-deps). Runs on CPU keep the torch kernels (models/mamba/adapter).
 $(KERNELS): $(DEV)
 	$(PY) -m pip install -q -c constraints.txt "setuptools>=61" wheel packaging
-	MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE $(PY) -m pip install -q \
+	MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE $(PY) -m pip install -q -c constraints.txt \
 		--no-build-isolation --no-deps mamba-ssm==$(MAMBA_SSM)
 	@touch $(KERNELS)
 

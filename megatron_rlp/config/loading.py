@@ -122,13 +122,13 @@ def _apply(cfg: RunConfig, key: str, value: Any) -> None:
 
 
 def _did_you_mean(key: str) -> str:
-    """"; did you mean rlp.group_size?" for the closest known `section.key`s (up to 3), or
-    ""."""
+    """"; did you mean rlp.group_size?" for the closest known `section.key`s (up to 2,
+    closest first), or ""."""
     import difflib
 
     known = [f"{sec}.{k}" for sec, tp in _section_types(RunConfig).items()
              for k in _section_types(tp)]
-    close = sorted(difflib.get_close_matches(key, known, n=3, cutoff=0.75))
+    close = difflib.get_close_matches(key, known, n=2, cutoff=0.75)
     return f"; did you mean {' or '.join(close)}?" if close else ""
 
 

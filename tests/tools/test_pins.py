@@ -60,7 +60,9 @@ def test_the_makefile_installs_with_the_constraints():
     make = (ROOT / "Makefile").read_text()
     installs = [line for line in make.splitlines() if "pip install" in line
                 and "--upgrade pip" not in line]
-    assert len(installs) == 2, installs  # the package (demo), then its dev extra (test)
+    # the package (demo), its dev extra (test), then the kernel tests' mamba-ssm and its
+    # build tools
+    assert len(installs) == 4, installs
     assert all("-c constraints.txt" in line for line in installs), installs
     stamp = re.search(r"^\$\(STAMP\):(.*)$", make, re.M)
     assert stamp and "constraints.txt" in stamp.group(1)  # a new pin reinstalls

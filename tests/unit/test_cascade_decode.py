@@ -63,13 +63,6 @@ def _closing_sampler(close_at: dict[int, int]):
     return sample
 
 
-class _PlainShared(decode.SharedPrefixEngine):
-    """The shared prefill with the prefix copied to every branch row (no cascade)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, cascade=False, **kwargs)
-
-
 def _three_paths(model, monkeypatch, chunk: int, **kw):
     prompts, windows = _inputs()
     shared = SharedWindows.from_windows(windows, prompts)
@@ -77,9 +70,9 @@ def _three_paths(model, monkeypatch, chunk: int, **kw):
               think_start=TOK.think_start, think_end=TOK.think_end, pad=TOK.pad,
               vocab_size=TOK.vocab_size, seed=3, step=1, **kw)
     per_context = sample_thoughts_chunked(model, prompts, chunk, **kw)
-    with monkeypatch.context() as m:
-        m.setattr(decode, "SharedPrefixEngine", _PlainShared)
-        plain = sample_thoughts_chunked(model, prompts, chunk, shared=shared, **kw)
+    # The shared prefill with the prefix copied to every branch row (no cascade).
+    plain_shared = SharedWindows.from_windows(windows, prompts, cascade=False)
+    plain = sample_thoughts_chunked(model, prompts, chunk, shared=plain_shared, **kw)
     cascade = sample_thoughts_chunked(model, prompts, chunk, shared=shared, **kw)
     return per_context, plain, cascade
 

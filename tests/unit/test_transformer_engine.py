@@ -191,8 +191,12 @@ def test_te_spec_is_megatrons_with_qk_norm_and_rlp_mamba():
     assert mamba.submodules.mixer.submodules.in_proj is te_ext.TELayerNormColumnParallelLinear
     assert mamba.submodules.mixer.submodules.out_proj is te_ext.TERowParallelLinear
     assert spec.module.__name__ == "HybridStack" and spec.module is not LocalHybridStack
-    for kind in ("moe_layer", "gdn_layer", "dsa_layer", "mla_layer"):
+    for kind in ("gdn_layer", "dsa_layer", "mla_layer"):
         assert getattr(spec.submodules, kind) is IdentityOp  # refused by config validation
+    # `E` layers: Megatron's MoE transformer layer (issue 24), its router with the padding fix
+    from megatron.core.transformer.transformer_layer import MoETransformerLayer
+
+    assert spec.submodules.moe_layer.module is MoETransformerLayer
     # Megatron's module-level spec is not mutated.
     assert _attention(megatron_te_hybrid_spec()).submodules.q_layernorm is None
     assert stock.mamba_layer.submodules.mixer.module.__name__ == "MambaMixer"
