@@ -19,10 +19,21 @@ What it cannot prove (kernels, numerics, NCCL, speed, Transformer Engine): docs/
 
 Values: data-derived values are computed for real beside the fake tensors, model-derived ones
 take the memory worst case (every thought runs to `rlp.max_thought_tokens`):
-tools/simulated_values.py. CUDA runtime queries: tools/simulated_cuda.py. `--decode-steps`
-runs the model for that many decode steps per rollout chunk and only the sampler's
-bookkeeping after that (the KV cache is allocated for the full thought either way); the
-skipped steps' FLOPs are extrapolated from the last decoded one.
+tools/simulated_values.py. The data is the worst case too: unless `data.corpus=` is given,
+a scratch corpus of long documents (`long_document_corpus`) gives every context its full
+prefix and every window nearly `max_window_tokens`. CUDA runtime queries:
+tools/simulated_cuda.py.
+
+Shortcuts that keep a full-size step to minutes on one core (docs/simulated_cuda.md):
+- `--decode-steps N` (8) runs the model for N decode steps per rollout chunk and only the
+  sampler's bookkeeping after that (the KV cache is allocated for the full thought either
+  way); the skipped steps' FLOPs are those of the last decoded one.
+- `--update-microbatches N` (2, at least PP) runs the update's forward and backward on the
+  N widest micro-batches (the update's peak is the widest one's; with PP the schedule holds
+  as many in flight); the others' FLOPs are the run ones' per token.
+- The rollout's keyed noise (an int64 hash of [rows, vocabulary]) runs on fake tensors
+  without host shadows (`HostValues.opaque`): its values end as floats nobody reads.
+- The memory tracker's total is read live after each op, not deep-copied.
 
 Exit codes: 0 fits, 1 a simulated rank does not fit, 2 a bad config or a device/dtype/shape
 error of the step (one `error:` line naming the op, its tensors and file:line).
@@ -36,8 +47,10 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 import warnings
+import weakref
 from pathlib import Path
 from unittest import mock
 
@@ -50,15 +63,19 @@ from megatron_rlp.config import ConfigError, RunConfig, load_config  # noqa: E40
 
 GIB = 2**30
 CARDS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}  # dense bf16 FLOP/s, HBM B/s
-STATED_WORLD = 32  # every shipped GPU recipe is sized for 4 nodes x 8 GPUs (examples/*.sh)
+# The shipped GPU recipes' stated sizes: the dense ones 4 nodes x 8 GPUs (examples/*.sh),
+# the MoE ones 8 nodes x 8 (docs/moe.md, their YAMLs' "Layout (64 x H100 80GB)").
+STATED_WORLD = 32
+STATED_WORLD_MOE = 64
 
 
 def default_world_size(cfg: RunConfig) -> int:
-    """The recipe's stated world size: 32 GPUs for a `device: cuda` recipe (the shipped ones
-    all say 4 nodes x 8), else one data-parallel rank of its TP x PP layout."""
+    """The recipe's stated world size: for a `device: cuda` recipe 64 GPUs with MoE layers
+    (`E` in the pattern) and 32 without, else one data-parallel rank of its TP x PP layout."""
     p = cfg.parallel
-    return STATED_WORLD if cfg.device.type == "cuda" else (
-        p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+    if cfg.device.type == "cuda":
+        return STATED_WORLD_MOE if "E" in cfg.model.hybrid_layer_pattern else STATED_WORLD
+    return p.tensor_model_parallel_size * p.pipeline_model_parallel_size
 
 
 class PhaseMemTracker:
@@ -87,7 +104,9 @@ class PhaseMemTracker:
         self.peaks: dict[str, int] = {}
 
     def current(self) -> int:
-        snap = self.tracker.get_tracker_snapshot("current")
+        # `get_tracker_snapshot` deep-copies the snapshot; this runs after every op, so read
+        # the tracker's live totals instead (the same numbers, nothing copied).
+        snap = self.tracker._curr_mem_snap
         return sum(v.get("Total", 0) for d, v in snap.items() if d.type == "cuda")
 
     def note(self) -> None:
@@ -103,6 +122,7 @@ class Phases:
     def __init__(self, memory: PhaseMemTracker, flops):
         self.memory, self.flops = memory, flops
         self.flops_by_phase: dict[str, int] = {}
+        self.grown: dict[str, int] = {}  # bytes still held at a phase's end that it allocated
         self.seconds: dict[str, float] = {}
         self.stack = ["build"]
 
@@ -122,9 +142,11 @@ class Phases:
         self.memory.phase = phase
         self.memory.note()
         t0 = time.perf_counter()
+        start = self.memory.current()
         try:
             yield
         finally:
+            self.grown[phase] = self.grown.get(phase, 0) + self.memory.current() - start
             self.charge()
             self.stack.pop()
             self.memory.phase = self.stack[-1]
@@ -149,8 +171,9 @@ def _wrap(owner, name: str, phases: Phases, phase: str, stack: contextlib.ExitSt
 
 class DecodeCut:
     """Runs the model for `steps` decode steps per rollout chunk, then only advances the cache
-    offset and hands back the last logits: the sampler's bookkeeping (and the update batch)
-    still sees every thought run to its limit. Records the largest KV/SSM cache and the FLOPs
+    offset and hands back the last logits, and the sampler hands back its last tokens and
+    log-probs: the loop's bookkeeping (and the update batch) still sees every thought run
+    to its limit. Records the largest KV/SSM cache and the FLOPs
     the skipped steps would have cost (those of the last decoded step)."""
 
     def __init__(self, steps: int | None, phases: Phases):
@@ -164,11 +187,12 @@ class DecodeCut:
 
         original = KVCacheEngine._forward
         cut = self
-        state = {"engine": None, "count": 0, "logits": None, "flops": 0}
+        # the engine by weak reference: holding it would keep its KV cache past the rollout
+        state = {"engine": lambda: None, "count": 0, "logits": None, "flops": 0}
 
         def _forward(engine, tokens, mask):
-            if state["engine"] is not engine:
-                state.update(engine=engine, count=0)
+            if state["engine"]() is not engine:
+                state.update(engine=weakref.ref(engine), count=0, logits=None)
             cut.cache_bytes = max(cut.cache_bytes, _cache_bytes(engine.ctx))
             decode = tokens.shape[1] == 1
             if decode and cut.steps is not None and state["count"] >= cut.steps:
@@ -188,6 +212,72 @@ class DecodeCut:
 
         stack.enter_context(mock.patch.object(KVCacheEngine, "_forward", _forward))
 
+        # Once the model is cut, the sampler's ops repeat at the same shapes every step (no
+        # thought closes, no row leaves): they ran, checked and counted, for the first
+        # `steps` steps; later steps reuse their result.
+        from megatron_rlp.rollout import thoughts
+
+        def reuse(name):
+            original = getattr(thoughts, name)
+            memo = {}
+
+            def run(*args, **kwargs):
+                skipping = cut.steps is not None and state["count"] >= cut.steps
+                if skipping and name in memo:
+                    return memo[name]
+                memo[name] = out = original(*args, **kwargs)
+                return out
+
+            stack.enter_context(mock.patch.object(thoughts, name, run))
+
+        reuse("sample_vocab_parallel")
+        reuse("token_logprobs_vocab_parallel")
+
+
+class UpdateCut:
+    """Runs the update's forward and backward on `keep` micro-batches (at least PP, so that
+    the 1F1B schedule holds as many in flight as it does with all of them), the widest ones,
+    in their order; the others are left out. Every micro-batch is padded to the same rows, so
+    the widest has the largest activations: the update's peak is that of the full pass.
+    The left-out ones' FLOPs are those of the run ones per token, times their tokens."""
+
+    def __init__(self, keep: int | None, phases: Phases):
+        self.keep, self.phases = keep, phases
+        self.run = self.skipped = 0
+        self.skipped_flops = 0
+
+    def install(self, stack: contextlib.ExitStack) -> None:
+        from megatron.core import parallel_state
+
+        from megatron_rlp.train import update
+
+        original = update._forward_backward
+        cut = self
+
+        def _forward_backward(state, microbatches, forward_step, seq_length):
+            keep = len(microbatches) if cut.keep is None else max(
+                cut.keep, parallel_state.get_pipeline_model_parallel_world_size())
+            widths = [_tokens(mb) for mb in microbatches]
+            chosen = sorted(sorted(range(len(microbatches)), key=lambda i: -widths[i])[:keep])
+            before = cut.phases.flops.get_total_flops()
+            losses = original(state, [microbatches[i] for i in chosen], forward_step,
+                              seq_length)
+            run_tokens = sum(widths[i] for i in chosen)
+            left_tokens = sum(widths) - run_tokens
+            cut.run += len(chosen)
+            cut.skipped += len(microbatches) - len(chosen)
+            cut.skipped_flops += (cut.phases.flops.get_total_flops() - before) * left_tokens \
+                // max(run_tokens, 1)
+            return losses
+
+        stack.enter_context(mock.patch.object(update, "_forward_backward", _forward_backward))
+
+
+def _tokens(microbatch: dict) -> int:
+    """Token slots of an update micro-batch: its rows x width (the widest tensor's)."""
+    return max(t.shape[0] * t.shape[-1] for t in microbatch.values()
+               if isinstance(t, torch.Tensor) and t.dim() >= 2)
+
 
 def _cache_bytes(ctx) -> int:
     """Bytes of the tensors in Megatron's inference context (attention K/V, Mamba states)."""
@@ -198,6 +288,23 @@ def _cache_bytes(ctx) -> int:
     return sum(t.untyped_storage().nbytes() for t in tensors.values())
 
 
+def long_document_corpus(cfg: RunConfig, path: Path, documents: int = 256) -> Path:
+    """A JSONL corpus of `documents` random-letter documents, each 4 windows long, for the
+    byte tokenizer (one token a character): every context then keeps its full
+    `rlp.max_prefix_tokens` prefix and every document window nears `max_window_tokens`, the
+    data's memory worst case (the shipped `data/corpus.jsonl` has short documents, whose
+    windows are cut by the document's start)."""
+    import random
+
+    rng = random.Random(0)
+    length = 4 * cfg.rlp.max_window_tokens()
+    letters = "abcdefghijklmnopqrstuvwxyz     "
+    with open(path, "w") as f:
+        for _ in range(documents):
+            f.write(json.dumps({"text": "".join(rng.choices(letters, k=length))}) + "\n")
+    return path
+
+
 def stage_rank(stage: str, world_size: int) -> int:
     """The global rank simulated for a stage: 0 is on the first pipeline stage and the last
     rank on the last (Megatron orders ranks tp-cp-ep-dp-pp, pipeline outermost)."""
@@ -205,7 +312,8 @@ def stage_rank(stage: str, world_size: int) -> int:
 
 
 def simulate_rank(cfg: RunConfig, world_size: int, rank: int, device_gib: float = 80.0,
-                  decode_steps: int | None = 8, card: str = "H100", mfu: float = 0.4) -> dict:
+                  decode_steps: int | None = 8, update_microbatches: int | None = 2,
+                  card: str = "H100", mfu: float = 0.4) -> dict:
     """Build the run of `cfg` for global `rank` of `world_size` on fake CUDA and run one RLP
     step; return the rank's report (module docstring; keys listed in `docs/simulated_cuda.md`).
 
@@ -222,6 +330,7 @@ def simulate_rank(cfg: RunConfig, world_size: int, rank: int, device_gib: float 
     from torch.utils.flop_counter import FlopCounterMode
 
     from megatron_rlp.parallel.pipeline import chunks_of
+    from megatron_rlp.rollout import sampling, vocab_parallel
     from megatron_rlp.scoring.ema_teacher import EMATeacher
     from megatron_rlp.train.builder import build_state
     from megatron_rlp.train.rlp_step import rlp_step
@@ -234,12 +343,16 @@ def simulate_rank(cfg: RunConfig, world_size: int, rank: int, device_gib: float 
     flops = FlopCounterMode(display=False)
     phases = Phases(memory, flops)
     cut = DecodeCut(decode_steps, phases)
+    update_cut = UpdateCut(update_microbatches, phases)
     with contextlib.ExitStack() as stack:
         stack.enter_context(simulated_cuda(device_gib, name=card))
         dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
         stack.callback(dist.destroy_process_group)
         stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
-        stack.enter_context(HostValues(oracle))
+        values = stack.enter_context(HostValues(oracle))
+        for module in (sampling, vocab_parallel):  # simulated_values.HostValues.opaque
+            stack.enter_context(mock.patch.object(module, "keyed_uniform",
+                                                  values.opaque(sampling.keyed_uniform)))
         stack.enter_context(memory.tracker)
         stack.enter_context(flops)
         parallel_state.initialize_model_parallel(
@@ -257,9 +370,11 @@ def simulate_rank(cfg: RunConfig, world_size: int, rank: int, device_gib: float 
         _wrap(state.optimizer, "step", phases, "optimizer", stack)
         _wrap(EMATeacher, "update", phases, "ema", stack)
         cut.install(stack)
+        update_cut.install(stack)
+        engine = PythonEngine(ddp_hooks(state.model_chunks))
         stack.enter_context(mock.patch.object(  # simulated_autograd.py says why
-            torch.autograd.Variable, "_execution_engine",
-            PythonEngine(ddp_hooks(state.model_chunks))))
+            torch.autograd.Variable, "_execution_engine", engine))
+        stack.enter_context(engine.saved())
         sampler = make_context_sampler(state)
         t1 = time.perf_counter()
         rlp_step(state, sampler, phases)
@@ -267,10 +382,17 @@ def simulate_rank(cfg: RunConfig, world_size: int, rank: int, device_gib: float 
         after = memory.current()
         stage = ("first" if parallel_state.is_pipeline_first_stage() else "") + (
             "last" if parallel_state.is_pipeline_last_stage() else "")
-    peak = max(memory.peaks.values())
+    # The first optimizer step creates Adam's m and v (torch.optim's lazy state); every later
+    # step's rollout, scoring and update run with them: its peak is the steady one.
+    first_step_state = max(phases.grown.get("optimizer", 0), 0)
+    before_optimizer = ("rollout", "scoring", "update")
+    steady = {k: v + (first_step_state if k in before_optimizer else 0)
+              for k, v in memory.peaks.items()}
+    peak = max(steady.values())
     peak_flops, hbm = CARDS[card]
     flops_by_phase = dict(phases.flops_by_phase)
     flops_by_phase["rollout"] = flops_by_phase.get("rollout", 0) + cut.skipped_flops
+    flops_by_phase["update"] = flops_by_phase.get("update", 0) + update_cut.skipped_flops
     step_flops = sum(v for k, v in flops_by_phase.items() if k != "build")
     compute_s = step_flops / (peak_flops * mfu)
     # Decode is bound by reading the weights and the cache once per step.
@@ -286,7 +408,9 @@ def simulate_rank(cfg: RunConfig, world_size: int, rank: int, device_gib: float 
         "peak_bytes": peak,
         "device_gib": device_gib,
         "fits": peak <= device_gib * GIB,
-        "peak_gib_by_phase": {k: round(v / GIB, 2) for k, v in memory.peaks.items()},
+        "peak_gib_by_phase": {k: round(v / GIB, 2) for k, v in steady.items()},
+        "first_step_peak_gib_by_phase": {k: round(v / GIB, 2) for k, v in memory.peaks.items()},
+        "first_step_state_gib": round(first_step_state / GIB, 2),
         "model_state_gib": round(after / GIB, 2),
         "built_gib": round(built / GIB, 2),
         "params_gib": round(params / GIB, 2),
@@ -295,6 +419,7 @@ def simulate_rank(cfg: RunConfig, world_size: int, rank: int, device_gib: float 
         "kv_ssm_cache_bytes": cut.cache_bytes,
         "flops_by_phase": {k: v for k, v in flops_by_phase.items() if k != "build"},
         "decode_steps": {"run": cut.decoded, "skipped": cut.skipped},
+        "update_microbatches": {"run": update_cut.run, "skipped": update_cut.skipped},
         "step_time_s": {"mfu": mfu, "card": card, "compute_bound": float(f"{compute_s:.3g}"),
                         "decode_memory_bound": float(f"{memory_s:.3g}"),
                         "estimate": float(f"{compute_s + memory_s:.3g}")},
@@ -309,13 +434,16 @@ def parallel_state_dp(world_size: int, p) -> int:
 
 def simulate(cfg: RunConfig, world_size: int, stages: list[str], **options) -> dict:
     """`simulate_rank` for the first and/or last pipeline stage; the JSON report."""
-    ranks = {stage_rank(s, world_size): s for s in stages}  # PP=1: one rank is both
+    if cfg.parallel.pipeline_model_parallel_size == 1:  # one stage, first and last: rank 0
+        stages = stages[:1]
+    ranks = {stage_rank(s, world_size): s for s in stages}
     out = [simulate_rank(cfg, world_size, r, **options) for r in ranks]
     return {"config": cfg.model.name, "world_size": world_size, "ranks": out,
             "fits": all(r["fits"] for r in out),
             "simulated_with": {"model.packed_attention": cfg.model.packed_attention,
                                "model.transformer_impl": "local",
-                               "decode_steps": options.get("decode_steps")}}
+                               "decode_steps": options.get("decode_steps"),
+                               "update_microbatches": options.get("update_microbatches")}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,13 +451,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     parser.add_argument("--world-size", type=int, default=None,
-                        help=f"default: {STATED_WORLD} for a device=cuda recipe, else TP x PP")
+                        help=f"default: {STATED_WORLD} for a device=cuda recipe "
+                        f"({STATED_WORLD_MOE} with MoE layers), else TP x PP")
     parser.add_argument("--stage", choices=("first", "last", "both"), default="both")
     parser.add_argument("--device-gib", type=float, default=80.0)
     parser.add_argument("--card", choices=sorted(CARDS), default="H100")
     parser.add_argument("--mfu", type=float, default=0.4, help="for the step-time estimate")
     parser.add_argument("--decode-steps", type=int, default=8,
                         help="decode steps the model runs per rollout chunk (0: all)")
+    parser.add_argument("--update-microbatches", type=int, default=2,
+                        help="update micro-batches run (the widest; at least PP; 0: all)")
     parser.add_argument("--out", help="write the JSON report here (else stdout)")
     args = parser.parse_intermixed_args(argv)
     warnings.filterwarnings("ignore")
@@ -341,8 +472,13 @@ def main(argv: list[str] | None = None) -> int:
     # packed update's explicit-mask path (the same attention, its [S, S] mask materialised)
     # stands in for it: an upper bound on the update's memory (docs/simulated_cuda.md).
     forced = ("device.type=cuda", "model.packed_attention=mask")
+    scratch = tempfile.TemporaryDirectory(prefix="simulate_gpu_")
     try:
         cfg = load_config(args.config, (*args.overrides, *forced))
+        if not any(o.startswith("data.corpus=") for o in args.overrides):
+            # long documents: the data's memory worst case (long_document_corpus)
+            corpus = long_document_corpus(cfg, Path(scratch.name) / "long_documents.jsonl")
+            forced = (*forced, f"data.corpus={corpus}")
         world = args.world_size or default_world_size(cfg)
         cfg = load_config(args.config, (*args.overrides, *forced), world_size=world)
     except ConfigError as e:
@@ -351,7 +487,9 @@ def main(argv: list[str] | None = None) -> int:
     stages = ["first", "last"] if args.stage == "both" else [args.stage]
     try:
         report = simulate(cfg, world, stages, device_gib=args.device_gib,
-                          decode_steps=args.decode_steps or None, card=args.card, mfu=args.mfu)
+                          decode_steps=args.decode_steps or None,
+                          update_microbatches=args.update_microbatches or None,
+                          card=args.card, mfu=args.mfu)
     except (SimulationError, UnknownValue) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

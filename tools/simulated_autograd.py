@@ -19,9 +19,11 @@ Why it keeps the device checks: every backward kernel is still dispatched throug
 `FakeTensorMode`, which refuses an op that mixes a CPU and a CUDA tensor, and the grads each
 node returns are checked here against the device and dtype its input had in the forward (what
 the C++ engine's `validate_outputs` checks). Only the stream bookkeeping is gone (there are
-no streams on a fake device). What it does not do: free a node's saved tensors as soon as
-the node has run (no Python API; they go with the graph at the end of the backward), so
-the update's backward peak is an upper bound by the activations already consumed.
+no streams on a fake device). A node's saved tensors are let go of once it has run, as the
+C++ engine's `release_variables` does: there is no Python API for that, so the forward runs
+under `PythonEngine.saved()` (saved-tensor hooks that keep each saved tensor in a holder the
+engine empties). Without it, a graph that anything still references (a metric, a schedule's
+output list) kept every micro-batch's activations alive: 47 GiB per Qwen3 micro-batch.
 """
 
 from __future__ import annotations
@@ -42,6 +44,26 @@ class PythonEngine:
     def __init__(self, grad_acc_hooks: dict | None = None):
         self.grad_acc_hooks = grad_acc_hooks or {}
         self._callbacks: list = []
+        self._unpacked: list | None = None  # holders a running node unpacked (`saved`)
+
+    def saved(self):
+        """`torch.autograd.graph.saved_tensors_hooks` to enter around the forward: each saved
+        tensor is kept in a holder, and once the node that unpacked it has run (without
+        `retain_graph`), the holder lets go of it, as the C++ engine's `release_variables`
+        does. Without it a graph's activations live as long as any Python reference to the
+        graph, which the C++ engine does not wait for."""
+
+        def pack(t):
+            return [t]
+
+        def unpack(holder):
+            if not holder:
+                raise RuntimeError("a saved tensor was used after its node ran (retain_graph?)")
+            if self._unpacked is not None:
+                self._unpacked.append(holder)
+            return holder[0]
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
     def queue_callback(self, callback) -> None:
         self._callbacks.append(callback)
@@ -75,10 +97,14 @@ class PythonEngine:
                     captured[i] = grads[nr]
             stop = not accumulate_grad and any(n is node for n, _ in wanted)
             if grads and not stop:
+                self._unpacked = [] if not keep_graph else None
                 try:
                     self._run(node, grads, buffers, accumulate_grad)
                 except RuntimeError as e:  # name the backward node beside the op
                     raise type(e)(f"{e} (in the backward of {node.name()})") from None
+                for holder in self._unpacked or ():  # the node's saved tensors die (saved)
+                    holder.clear()
+                self._unpacked = None
             del grads  # a node's incoming gradients die once it has run, as in the engine
             for child, _ in node.next_functions:
                 if child is None:

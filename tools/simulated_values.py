@@ -176,6 +176,23 @@ class HostValues(TorchDispatchMode):
         self.zero_limit = zero_limit
         self._shadow = WeakTensorKeyDictionary()
         self._stale: set[int] = set()  # data_ptrs of shadows overwritten by unknown values
+        self._opaque = 0  # > 0 inside `opaque` functions: no shadows
+
+    def opaque(self, fn):
+        """`fn`, whose result is float and whose integer insides no read needs, run without
+        shadows (its ops still run on fake tensors, checked and counted as every op is).
+        For the rollout's keyed noise (`rollout.sampling.keyed_uniform`): a hash of
+        [rows, vocabulary] int64 words per decode step, which real shadows would compute on
+        the CPU thousands of times, only for `.float()` to drop the values."""
+
+        def run(*args, **kwargs):
+            self._opaque += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._opaque -= 1
+
+        return run
 
     def value(self, t):
         """The real value of `t`: itself if real, its shadow if fake and known, else None."""
@@ -236,7 +253,7 @@ class HostValues(TorchDispatchMode):
         except (RuntimeError, TypeError, ValueError) as e:
             raise SimulationError(describe_op_error(func, flat, e)) from None
         if func.namespace in ("c10d", "_c10d_functional") or (not dynamic and (
-                _numel(out) > self.limit or not _has_value_dtype(out))):
+                self._opaque or _numel(out) > self.limit or not _has_value_dtype(out))):
             self._forget_mutated(func, args)  # a collective's result: not known here
             return out
         reals = self._values(flat)
