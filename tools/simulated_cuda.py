@@ -33,8 +33,9 @@ Each shim, and the code that needs it:
 - `nn.Module._apply`: fake parameters cannot be swapped (`swap_tensors` refuses tensors
   with weak references, which FakeTensorMode keeps). A conversion that changes nothing
   (`Float16Module`'s `.bfloat16()` of bf16 weights, `.to(cuda:0)` of weights on cuda:0) is
-  skipped; one that changes something still fails, which on fake CUDA means a module was
-  built on the host or in another dtype.
+  skipped; a dtype cast is done in place (`param.data = ...`, `Module._apply`'s non-swap
+  path; Megatron's Mamba mixer keeps fp32 parameters that `Float16Module` casts); a device
+  move still fails, which on fake CUDA means a module was built on the host.
 - `torch._dynamo.config.disable`: Megatron compiles its fused bias-dropout-add
   (`jit_fuser`); Dynamo does not trace fake tensors of an outer mode, so the same function
   runs eagerly (same ops, same shapes; kernel fusion is not what is simulated).
@@ -54,15 +55,28 @@ from megatron_rlp.backends.null_cuda import NullEvent, NullStream, fresh_noop
 
 
 def _apply_unless_identity(original):
-    """`nn.Module._apply` that leaves a module alone when `fn` changes none of its tensors."""
+    """`nn.Module._apply` that leaves a tensor alone when `fn` does not change it, casts one
+    in place (`param.data = fn(param)`, the non-swap path of `Module._apply`) when `fn`
+    changes only its dtype, and hands any other change (a device move) to the original,
+    which fails on fake tensors: on fake CUDA that means a module was built on the host."""
 
     def _apply(self, fn, recurse=True):
-        tensors = [*(self.parameters() if recurse else self._parameters.values()),
-                   *(self.buffers() if recurse else self._buffers.values())]
+        if recurse:
+            for child in self.children():
+                child._apply(fn)
         with torch.no_grad():
-            if all(fn(t) is t for t in tensors if t is not None):
-                return self
-        return original(self, fn, recurse)
+            tensors = [*self._parameters.values(), *self._buffers.values()]
+            changed = [(t, fn(t)) for t in tensors if t is not None]
+            changed = [(t, new) for t, new in changed if new is not t]
+            if any(new.device != t.device or new.shape != t.shape for t, new in changed):
+                return original(self, fn, recurse=False)
+            for key, buf in self._buffers.items():
+                if buf is not None:
+                    self._buffers[key] = fn(buf)
+            for t, new in changed:
+                if isinstance(t, torch.nn.Parameter):
+                    t.data = new  # e.g. Mamba's fp32 A_log under Float16Module's .bfloat16()
+        return self
 
     return _apply
 

@@ -127,6 +127,11 @@ _ZERO_DTYPES = {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, 
 _VALUE_DTYPES = _ZERO_DTYPES | {torch.bool}
 
 
+# Value-dependent shapes that depend on the index (or mask) alone, not on the data indexed:
+# `activation[known_mask]` has a known shape although the activation has no value.
+_SHAPE_FROM_INDEX = {aten.index.Tensor, aten.masked_select.default}
+
+
 class SimulationError(RuntimeError):
     """A device or dtype error of the simulated step, as one line (`describe_op_error`)."""
 
@@ -169,7 +174,7 @@ class HostValues(TorchDispatchMode):
             compute never runs for real.
     """
 
-    def __init__(self, oracle: Oracle, limit: int = 1 << 24, zero_limit: int = 1 << 16):
+    def __init__(self, oracle: Oracle, limit: int = 1 << 26, zero_limit: int = 1 << 16):
         super().__init__()
         self.oracle = oracle
         self.limit = limit
@@ -221,6 +226,20 @@ class HostValues(TorchDispatchMode):
                 reals[i] = z
         return reals
 
+    def _float_data_as_zeros(self, flat: list) -> list | None:
+        """`flat` with known values, float tensors without one as zeros (their values do
+        not shape a `_SHAPE_FROM_INDEX` op's output); None if an index is unknown."""
+        reals = []
+        for x in flat:
+            r = self.value(x) if isinstance(x, torch.Tensor) else x
+            if r is None and x.dtype.is_floating_point and x.dtype != torch.float64:
+                with unset_fake_temporarily():
+                    r = torch.zeros(x.shape, dtype=x.dtype)
+            if r is None:
+                return None
+            reals.append(r)
+        return reals
+
     def _remember(self, fake, real) -> None:
         self._stale.discard(real.untyped_storage().data_ptr())
         self._shadow[fake] = real
@@ -257,6 +276,9 @@ class HostValues(TorchDispatchMode):
             self._forget_mutated(func, args)  # a collective's result: not known here
             return out
         reals = self._values(flat)
+        stand_in = False
+        if reals is None and dynamic and func in _SHAPE_FROM_INDEX:
+            reals, stand_in = self._float_data_as_zeros(flat), True
         if reals is None or sum(_numel(r) for r in reals) > self.limit:
             if dynamic:
                 raise SimulationError(describe_op_error(
@@ -281,6 +303,8 @@ class HostValues(TorchDispatchMode):
             out = pytree.tree_map_only(
                 torch.Tensor, lambda r: torch.empty_strided(r.shape, r.stride(), dtype=r.dtype,
                                                             device=device), rout)
+        if stand_in:  # the values are the zeros', only the shape is the real one
+            return out
         for f, r in zip(pytree.tree_leaves(out), pytree.tree_leaves(rout), strict=False):
             # (a CPU kernel may shape an auxiliary output differently from the CUDA one)
             if (isinstance(f, FakeTensor) and isinstance(r, torch.Tensor)
