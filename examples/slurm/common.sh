@@ -224,7 +224,7 @@ rlp_paper_recipe() {
 
   local overrides=(
     device.type=cuda precision.params_dtype=bf16
-    parallel.tensor_model_parallel_size="$TP" parallel.pipeline_model_parallel_size=1
+    parallel.tensor_model_parallel_size="$TP" parallel.pipeline_model_parallel_size="${PP:-1}"
     parallel.use_distributed_optimizer=true
     rlp.contexts_per_step="$CONTEXTS" rlp.group_size="$GROUP_SIZE"
     rlp.rollout_chunk_contexts="$ROLLOUT_CHUNK"
