@@ -155,23 +155,32 @@ def test_layout_is_valid_fits_and_matches_the_header(name, tmp_path):
     assert est["total"] / 2**30 == pytest.approx(_header_peak(name), abs=0.6)
 
 
-@pytest.mark.parametrize("name", MOE_LAYOUTS)
-def test_moe_recipe_yaml_is_the_scripts_job(name, tmp_path):
-    """The MoE recipe's YAML alone describes the job its launch script runs (G, rollout
-    chunk, TP/PP/EP), and validates for the script's cluster; EP stays inside a node."""
-    config, tp, g, chunk, _ = MODELS[name]
+@pytest.mark.parametrize("script", ["examples/qwen3_30b_a3b.sh",
+                                    "examples/nemotron_3_nano_30b_a3b.sh"])
+def test_moe_recipe_yaml_is_the_scripts_job(script, tmp_path):
+    """The MoE recipe's YAML alone describes the job its launch script runs: batch, G,
+    rollout chunk, TP/PP/EP agree with the script's command, both validate for the
+    script's cluster, and each expert group lies within one node's 8 GPUs."""
+    name = Path(script).stem
+    config = MODELS[name][0]
     nodes, pp, ep = MOE_LAYOUTS[name]
+    cmd = _command(_script(name, _env(tmp_path, NNODES=str(nodes), MASTER_ADDR="node001")))
     from megatron_rlp.config import load_config
 
-    cfg = load_config(str(ROOT / config), world_size=8 * nodes)
-    p, r = cfg.parallel, cfg.rlp
-    assert (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-            p.expert_model_parallel_size) == (tp, pp, ep)
-    assert (r.group_size, r.rollout_chunk_contexts) == (g, chunk)
-    assert tp * ep <= 8 and 8 % (tp * ep) == 0  # an expert group within one node's 8 GPUs
-    assert cfg.model.hybrid_layer_pattern.count("|") == pp - 1  # explicit stage cuts
-    text = (ROOT / config).read_text()
-    assert f"examples/{name}.sh" in text and f"--world-size {8 * nodes}" in text
+    alone = load_config(str(ROOT / config), world_size=8 * nodes)
+    launched = load_config(str(ROOT / config), tuple(cmd[cmd.index("--config") + 2:]),
+                           world_size=8 * nodes)
+    for cfg in (alone, launched):
+        p, r = cfg.parallel, cfg.rlp
+        assert (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                p.expert_model_parallel_size) == MODELS[name][1:2] + (pp, ep)
+        assert (r.contexts_per_step, r.group_size, r.rollout_chunk_contexts,
+                r.max_thought_tokens, r.max_prefix_tokens, r.positions_per_document) == (
+            512, MODELS[name][2], MODELS[name][3], 2048, 2048, 8)
+        assert cfg.train.recompute_granularity == "selective"
+    assert p.tensor_model_parallel_size * ep <= 8  # an expert group within one node
+    assert alone.model.hybrid_layer_pattern.count("|") == pp - 1  # explicit stage cuts
+    assert script in (ROOT / config).read_text()  # the YAML names its launch script
 
 
 def test_tiny_cpu_script_trains_and_its_metrics_plot(tmp_path):
