@@ -34,8 +34,9 @@ from megatron_rlp.config import ConfigError, RLPConfig, RunConfig, launch_env, r
 from megatron_rlp.config.errors import check
 from megatron_rlp.config.loading import ConfigPaths, quiet_imports
 
-__all__ = ["check_machine", "check_memory", "check_run_start", "launch_env", "let_rank0_print", "load_config",
-           "load_launch_config", "print_error", "quiet_megatron", "unused_keys", "validate"]
+__all__ = ["check_machine", "check_memory", "check_run_start", "launch_env", "let_rank0_print",
+           "load_config", "load_launch_config", "print_error", "quiet_megatron", "unused_keys",
+           "validate"]
 
 
 def check_machine(cfg: RunConfig) -> None:
