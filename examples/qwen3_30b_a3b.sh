@@ -33,7 +33,7 @@
 # (1; > 1 turns on sequence parallel), PP (2; the config's pattern has 2 stages), EP (8),
 # CONTEXTS (512), GROUP_SIZE (16), ROLLOUT_CHUNK (8 contexts), THOUGHT_TOKENS (2048),
 # PREFIX_TOKENS (2048), MICRO_BATCH (1), STEPS (500), SAVE_INTERVAL (25), WANDB_PROJECT,
-# ESTIMATE=0 (skip the estimate), DRY_RUN=1 (print only).
+# RECIPE_GPUS (64), ESTIMATE=0 (skip the estimate), DRY_RUN=1 (print only).
 # Extra arguments are `section.key=value` overrides, applied last.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -41,6 +41,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source examples/slurm/common.sh
 
 export PP=${PP:-2}
+RECIPE_GPUS=${RECIPE_GPUS:-64}  # 8 nodes x 8: fewer prints what changes per rank
 sp=false
 [[ "${TP:-1}" == 1 ]] || sp=true  # Megatron's MoE layer needs sequence parallel with TP > 1
 rlp_paper_recipe examples/configs/qwen3_30b_a3b.yaml 1 16 8 \
