@@ -196,9 +196,10 @@ class UpdateAgreement:
         if not steps:
             return []
         flat = torch.cat([self._bad[j].flatten() for j in steps]).to(torch.int32)
-        group = parallel_state.get_model_parallel_group()
-        if dist.get_world_size(group) > 1:
-            dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)
+        if parallel_state.model_parallel_is_initialized():
+            group = parallel_state.get_model_parallel_group()
+            if dist.get_world_size(group) > 1:
+                dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)
         bad = flat.split([self._bad[j].numel() for j in steps])
         return [(self._count[j] - b.sum()).float() / self._count[j].clamp(min=1).float()
                 for j, b in zip(steps, bad, strict=True)]
