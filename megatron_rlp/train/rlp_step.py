@@ -87,9 +87,9 @@ class ScoredRollout:
     # the lead fed before each thought (`rollout.template`: `<think>`, or `after <think>`).
     raw_windows: DocumentWindows | None = None
     lead: tuple[int, ...] = ()
-    # MoE models: [C*G, L, layers, experts] bool, the experts that predicted each thought
-    # token in the rollout, this rank's layers (`models.moe_routing`; None without E layers
-    # on this pipeline stage).
+    # MoE models: [C*G, L, layers, E / 8] uint8, the experts that predicted each thought
+    # token in the rollout (bit-packed maps), this rank's layers (`models.moe_routing`;
+    # None without E layers on this pipeline stage).
     routing: Tensor | None = None
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from megatron_rlp.models import moe_routing
-from megatron_rlp.models.moe_routing import UpdateAgreement, disagreement
+from megatron_rlp.models.moe_routing import UpdateAgreement, disagreement, pack_routing
 
 B, S, E, TOPK = 3, 8, 4, 2
 
@@ -24,8 +24,9 @@ def _maps(layers: int, seed: int) -> list[torch.Tensor]:
 
 
 def _rollout(maps: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
-    """[B, K, layers, E]: the maps at `index` (what the rollout recorded, when it agrees)."""
-    return torch.stack([m.view(S, B, E)[index, torch.arange(B)[:, None]] for m in maps], 2)
+    """[B, K, layers, E / 8]: the maps at `index`, packed (the rollout's record, agreeing)."""
+    return pack_routing(torch.stack([m.view(S, B, E)[index, torch.arange(B)[:, None]]
+                                     for m in maps], 2))
 
 
 def _thoughts() -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,6 +55,16 @@ def test_sequence_slices_compare_their_own_tokens():
     # A position off the mask is never counted (row 1, column 3 predicts nothing).
     maps[0][0 * B + 1] = ~maps[0][0 * B + 1]
     assert disagreement(maps, index, mask, rollout).sum() == 1
+
+
+def test_pack_routing_keeps_every_expert():
+    """Packing is one-to-one: each expert has its own bit, E not a multiple of 8 included."""
+    for experts in (4, 8, 13, 128):
+        maps = torch.rand(64, experts) < 0.3
+        packed = pack_routing(maps)
+        assert packed.dtype == torch.uint8 and packed.shape == (64, -(-experts // 8))
+        bits = (packed[:, :, None] >> torch.arange(8, dtype=torch.uint8)) & 1
+        assert torch.equal(bits.flatten(1)[:, :experts].bool(), maps)
 
 
 class _Chunk:
