@@ -10,6 +10,11 @@ Out: the policy exported for Megatron-LM (`export_model`, GPT and hybrid layouts
 Megatron-LM's own `--use-checkpoint-args` + `load_checkpoint` into a fresh Megatron model whose
 logits equal the policy's.
 
+MoE: a GPT MoE checkpoint (Qwen3-MoE shape) and a hybrid Mamba-MoE one (Nemotron 3 shape:
+sigmoid router, expert bias, shared expert) load with the source's logits, experts included;
+an MoE policy exported and read back by Megatron-LM gives its logits, and read back here its
+exact weights (`expert_bias` too).
+
 Also: the local spec stores TE names, and a checkpoint saved with the old local names loads.
 """
 
@@ -71,6 +76,19 @@ def rlp_state(config: str, *overrides: str):
 CASES = {
     "dense": ("examples/configs/tiny_cpu.yaml", mlm.DENSE_FLAGS),
     "hybrid": ("examples/configs/tiny_hybrid_cpu.yaml", mlm.HYBRID_FLAGS),
+    "moe": ("examples/configs/tiny_moe_cpu.yaml", mlm.MOE_FLAGS),
+    "hybrid_moe": ("examples/configs/tiny_hybrid_moe_cpu.yaml", mlm.HYBRID_MOE_FLAGS),
+}
+# Keys of each case's checkpoint on disk (GPT layout: layers stacked, no layer index).
+ON_DISK = {
+    "dense": ["decoder.layers.self_attention.linear_qkv.layer_norm_weight",
+              "decoder.final_layernorm.weight"],
+    "hybrid": ["decoder.layers.0.mixer.in_proj.layer_norm_weight"],
+    "moe": ["decoder.layers.mlp.experts.experts.linear_fc1.weight",
+            "decoder.layers.mlp.router.weight", "decoder.layers.pre_mlp_layernorm.weight"],
+    "hybrid_moe": ["decoder.layers.1.mlp.experts.experts.linear_fc2.weight",
+                   "decoder.layers.1.mlp.router.expert_bias",
+                   "decoder.layers.4.mlp.shared_experts.linear_fc1.weight"],
 }
 
 
@@ -89,13 +107,13 @@ def test_megatron_lm_checkpoint_warm_starts_rlp_with_identical_logits(megatron, 
         assert not state.teacher.initialized  # copied from the policy at the first step
         got = mlm.logits(state.policy.eval(), IDS)
         torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
-    if kind == "dense":  # GPT layout on disk: stacked layers, final_layernorm
-        keys = dist_checkpointing.load_tensors_metadata(str(load)).keys()
-        assert "decoder.layers.self_attention.linear_qkv.layer_norm_weight" in keys
-        assert "decoder.final_layernorm.weight" in keys
-    else:
-        keys = dist_checkpointing.load_tensors_metadata(str(load)).keys()
-        assert "decoder.layers.0.mixer.in_proj.layer_norm_weight" in keys
+    keys = dist_checkpointing.load_tensors_metadata(str(load)).keys()
+    assert set(ON_DISK[kind]) <= set(keys), sorted(keys)
+    if kind == "hybrid_moe":  # the selection bias came along (it changes the routing)
+        source_bias = dict(source.named_buffers())["decoder.layers.1.mlp.router.expert_bias"]
+        assert torch.equal(dict(state.policy.named_buffers())[
+            "decoder.layers.1.mlp.router.expert_bias"], source_bias)
+        assert source_bias.abs().max() > 0
 
 
 def test_mismatched_model_is_one_line_naming_each_key(megatron, tmp_path):
@@ -134,6 +152,48 @@ def test_exported_policy_reloads_in_megatron_lm_with_identical_logits(megatron, 
     assert type(model).__name__ == ("GPTModel" if layout == "gpt" else "HybridModel")
     assert ckpt_args.padded_vocab_size == PADDED
     torch.testing.assert_close(mlm.logits(model, IDS), mlm.logits(policy, IDS), atol=ATOL, rtol=0)
+
+
+MOE_EXPORTS = [("examples/configs/tiny_moe_cpu.yaml", "gpt", []),
+               ("examples/configs/tiny_moe_cpu.yaml", "hybrid", []),
+               ("examples/configs/tiny_hybrid_moe_cpu.yaml", "hybrid",
+                ["model.mamba_num_heads=8", "model.mamba_head_dim=16", "model.mamba_state_dim=16",
+                 "model.norm_epsilon=1e-5"])]
+
+
+@pytest.mark.parametrize("config, layout, extra", MOE_EXPORTS,
+                         ids=[f"{Path(c).stem}-{lay}" for c, lay, _ in MOE_EXPORTS])
+def test_exported_moe_policy_round_trips_through_megatron_lm(megatron, tmp_path, config, layout,
+                                                             extra):
+    state = rlp_state(config, "model.hidden_size=64", "model.ffn_hidden_size=128",
+                      "model.moe_ffn_hidden_size=32", *extra)
+    policy = state.policy.eval()
+    with torch.no_grad():  # every tensor off its seeded init, the selection bias off zero
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        for name, b in policy.named_buffers():
+            if name.endswith("expert_bias"):
+                b.copy_(0.1 * torch.randn_like(b))
+    out = tmp_path / "export"
+    _, flags = export_model(policy, state.cfg.model, out, iteration=5, layout=layout)
+    assert flags[flags.index("--num-experts") + 1] == "8"
+    keys = dist_checkpointing.load_tensors_metadata(str(out / "iter_0000005")).keys()
+    expert = "decoder.layers.{}mlp.experts.experts.linear_fc1.weight"
+    assert expert.format("" if layout == "gpt" else "1.") in keys
+    # Megatron-LM's --use-checkpoint-args does not copy these (nor the router dtype).
+    mine = ["--norm-epsilon", str(state.cfg.model.norm_epsilon)]
+    mine += ["--qk-layernorm"] if state.cfg.model.qk_layernorm else []
+    mine += ["--moe-router-dtype", "fp32"]
+    model, _, _ = mlm.load_with_megatron_lm(str(out), mine)
+    torch.testing.assert_close(mlm.logits(model, IDS), mlm.logits(policy, IDS), atol=ATOL, rtol=0)
+
+    back = rlp_state(config, f"train.load={out}", "train.use_checkpoint_args=true", *extra)
+    load_checkpoint(back, str(out))
+    want = {k: v for k, v in policy.state_dict().items() if isinstance(v, torch.Tensor)}
+    got = back.policy.state_dict()
+    assert any("expert_bias" in k for k in want) == ("hybrid_moe" in config)
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
 
 
 def test_local_spec_writes_te_names_and_old_local_names_still_load(megatron, tmp_path):
