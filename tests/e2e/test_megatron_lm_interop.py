@@ -21,6 +21,8 @@ Also: the local spec stores TE names, and a checkpoint saved with the old local 
 from __future__ import annotations
 
 import os
+import re
+from argparse import Namespace
 from pathlib import Path
 
 import megatron_lm_side as mlm
@@ -37,7 +39,7 @@ from megatron_rlp.checkpoint import (
     save_checkpoint,
 )
 from megatron_rlp.config import RunConfig
-from megatron_rlp.interop import names
+from megatron_rlp.interop import megatron_lm, names
 from megatron_rlp.interop.megatron_lm_export import export_model
 from megatron_rlp.startup import load_config
 from megatron_rlp.train.builder import build_state
@@ -152,6 +154,29 @@ def test_exported_policy_reloads_in_megatron_lm_with_identical_logits(megatron, 
     assert type(model).__name__ == ("GPTModel" if layout == "gpt" else "HybridModel")
     assert ckpt_args.padded_vocab_size == PADDED
     torch.testing.assert_close(mlm.logits(model, IDS), mlm.logits(policy, IDS), atol=ATOL, rtol=0)
+
+
+def test_moe_checkpoint_refusals_name_the_arg(megatron, tmp_path):
+    """A configured MoE that differs from the checkpoint's names each routing key; MoE
+    variants this project does not build are refused by their Megatron-LM arg."""
+    mlm.write_checkpoint(mlm.MOE_FLAGS, str(tmp_path / "mlm"), PADDED, iteration=1, seed=0)
+    state = rlp_state("examples/configs/tiny_moe_cpu.yaml", "model.hybrid_layer_pattern=*E*E",
+                      "model.hidden_size=64", "model.ffn_hidden_size=128",
+                      "model.num_attention_heads=4", "model.num_experts=4",
+                      "model.moe_ffn_hidden_size=32", "model.moe_router_pre_softmax=true",
+                      "model.untie_embeddings_and_output_weights=true")
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(state, str(tmp_path / "mlm"))
+    msg = str(e.value)
+    assert "\n" not in msg and "model.num_experts=8 (config: 4)" in msg
+    assert "model.moe_router_pre_softmax=False (config: True)" in msg
+    assert "moe_ffn_hidden_size" not in msg
+
+    args = megatron_lm.read_common(tmp_path / "mlm" / "iter_0000001")["args"]
+    for arg, value in (("moe_router_num_groups", 2), ("moe_latent_size", 16),
+                       ("moe_shared_expert_gate", True), ("moe_layer_freq", [1, 0])):
+        with pytest.raises(megatron_lm.MegatronLMError, match=re.escape(f"{arg}={value!r}")):
+            megatron_lm.architecture(Namespace(**{**vars(args), arg: value}))
 
 
 MOE_EXPORTS = [("examples/configs/tiny_moe_cpu.yaml", "gpt", []),
