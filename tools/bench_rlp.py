@@ -140,17 +140,22 @@ class DecodeMeter:
                 meter.cache_bytes = max(meter.cache_bytes, cache_bytes(engine.ctx))
             self.undo.append((cls, "fork", fork))
             cls.fork = forked
-        step = KVCacheEngine.__dict__["step"]
+        depth = [0]  # the compiled engine's step calls the plain one before the fork
+        for cls in (KVCacheEngine, decode.SharedPrefixEngine):
+            step = cls.__dict__["step"]
 
-        def timed(engine, tokens):
-            start = time.perf_counter()
-            try:
-                return step(engine, tokens)
-            finally:
-                meter.seconds += time.perf_counter() - start
-                meter.steps += 1
-        self.undo.append((KVCacheEngine, "step", step))
-        KVCacheEngine.step = timed
+            def timed(engine, tokens, _step=step):
+                depth[0] += 1
+                start = time.perf_counter()
+                try:
+                    return _step(engine, tokens)
+                finally:
+                    depth[0] -= 1
+                    if not depth[0]:
+                        meter.seconds += time.perf_counter() - start
+                        meter.steps += 1
+            self.undo.append((cls, "step", step))
+            cls.step = timed
         return self
 
     def __exit__(self, *exc):
