@@ -22,12 +22,11 @@ from megatron_rlp.config.launch import launch_env
 from megatron_rlp.config.loading import load_config, read_config
 from megatron_rlp.config.model import ModelConfig, ParallelConfig, PrecisionConfig
 from megatron_rlp.config.rlp import RLPConfig, max_window_tokens
-from megatron_rlp.config.run import RunConfig, cascade_decode, compile_decode
+from megatron_rlp.config.run import RunConfig, cascade_decode
 from megatron_rlp.config.sections import DataConfig, DeviceConfig, OptimizerConfig, TrainConfig
 
 __all__ = [
     "cascade_decode",
-    "compile_decode",
     "ConfigError",
     "DataConfig",
     "DeviceConfig",

@@ -222,10 +222,3 @@ def cascade_decode(cfg: RunConfig) -> bool:
         return bool(cfg.rlp.cascade_decode)
     return cfg.device.type == "cuda"
 
-
-def compile_decode(cfg: RunConfig) -> bool:
-    """`rlp.compile_decode`, with None (auto) resolved: on for device.type=cpu, where it was
-    measured faster (docs/performance.md); off on cuda, not measured there."""
-    if cfg.rlp.compile_decode is not None:
-        return bool(cfg.rlp.compile_decode)
-    return cfg.device.type == "cpu"

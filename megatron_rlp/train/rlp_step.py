@@ -22,7 +22,7 @@ import torch
 from megatron.core import parallel_state
 from torch import Tensor
 
-from megatron_rlp.config import cascade_decode, compile_decode
+from megatron_rlp.config import cascade_decode
 from megatron_rlp.data import ContextSampler
 from megatron_rlp.data.batches import DocumentWindows, build_rlp_inputs
 from megatron_rlp.models.fp8 import rollout_precision, token_multiple
@@ -129,7 +129,7 @@ def rollout_and_score(state: TrainState, sampler: ContextSampler, step: int,
                 top_p=r.top_p, think_start=list(template.lead), think_end=tok.think_end,
                 pad=tok.pad, vocab_size=tok.vocab_size, seed=cfg.train.seed, step=step,
                 shared=(SharedWindows.from_windows(windows, prompts, cascade_decode(cfg),
-                                                   compile_decode(cfg))
+                                                   r.compile_decode)
                         if r.share_prefixes else None),
                 routing=routing)
         state.policy.train()
