@@ -221,4 +221,3 @@ def cascade_decode(cfg: RunConfig) -> bool:
     if cfg.rlp.cascade_decode is not None:
         return bool(cfg.rlp.cascade_decode)
     return cfg.device.type == "cuda"
-
