@@ -163,8 +163,8 @@ class RLPConfig:
     `decode_compiles` metric. Same thoughts, log-probs within fp32 rounding. Eager (one
     warning) with Mamba layers, tensor or pipeline parallel; ignored with
     `share_prefixes=false`. Off by default: measured on cpu (docs/performance.md) it is
-    2-3x faster per decode step at 0.8M but not at 25M, and each graph costs 10-70 s of
-    compilation; not yet measured on cuda."""
+    2.4-3.2x faster per decode step at 0.8M, not measurably at 25M (0.93-1.35x), and each
+    graph costs 30-130 s of cold compilation; not yet measured on cuda."""
     thought_template: str | None = "none"
     """The prompt the policy thinks in (rollout/template.py): `none` = `x_<t <think>` as is;
     `paper` = the paper's short instruction (continue the text, think briefly between
