@@ -13,7 +13,7 @@ logits equal the policy's.
 MoE: a GPT MoE checkpoint (Qwen3-MoE shape) and a hybrid Mamba-MoE one (Nemotron 3 shape:
 sigmoid router, expert bias, shared expert) load with the source's logits, experts included;
 an MoE policy exported and read back by Megatron-LM gives its logits, and read back here its
-exact weights (`expert_bias` too).
+exact weights (`expert_bias` too); under EP=2 (slow) each rank reads its share of the experts.
 
 Also: the local spec stores TE names, and a checkpoint saved with the old local names loads.
 """
@@ -255,3 +255,43 @@ def test_local_spec_writes_te_names_and_old_local_names_still_load(megatron, tmp
                               fresh.policy.state_dict().items(), strict=True):
         if isinstance(a, torch.Tensor):
             assert torch.equal(a, b), k
+
+
+@pytest.mark.slow  # two torchrun processes: about a minute, more on a loaded machine
+def test_megatron_lm_moe_checkpoint_loads_under_expert_parallelism(megatron, tmp_path):
+    """EP=2: each rank reads its half of every layer's experts from a Megatron-LM checkpoint
+    (one expert axis on disk). One NTP step at lr 1e-12 (and a bias step of 1e-12) later, the
+    run's checkpoint holds the source's tensors, every expert and the expert bias included."""
+    import subprocess
+    import sys
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    mlm.write_checkpoint(mlm.HYBRID_MOE_FLAGS, str(tmp_path / "mlm"), PADDED, iteration=3,
+                         seed=1)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    proc = subprocess.run(
+        [torchrun, "--standalone", "--nproc-per-node", "2", "pretrain_rlp.py", "--config",
+         "examples/configs/tiny_hybrid_moe_cpu.yaml", f"train.load={tmp_path / 'mlm'}",
+         "train.use_checkpoint_args=true", "parallel.expert_model_parallel_size=2",
+         "train.objective=ntp", "train.steps=1", "optimizer.lr=1e-12",
+         "model.moe_router_bias_update_rate=1e-12", "data.ntp_seq_length=32",
+         "data.ntp_batch_size=4", f"train.save={tmp_path / 'run'}", "device.num_threads=1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Megatron-LM" in proc.stdout + proc.stderr
+
+    def tensors(ckpt: Path, out: Path) -> dict[str, torch.Tensor]:
+        dcp_to_torch_save(ckpt, out)
+        return {k: v for k, v in torch.load(out, weights_only=False).items()
+                if isinstance(v, torch.Tensor) and "_extra_state" not in k}
+
+    source = tensors(tmp_path / "mlm" / "iter_0000003", tmp_path / "mlm.pt")
+    latest = (tmp_path / "run" / "latest").read_text().strip()
+    ours = tensors(tmp_path / "run" / latest, tmp_path / "run.pt")
+    assert {"decoder.layers.1.mlp.experts.experts.linear_fc1.weight",
+            "decoder.layers.4.mlp.router.expert_bias"} <= set(source)
+    for key, value in source.items():
+        torch.testing.assert_close(ours["model." + key], value, atol=1e-8, rtol=0, msg=key)
