@@ -102,7 +102,8 @@ def test_trained_moe_model_exports_to_transformers(config, tmp_path):
     product's over the real vocabulary, and converting it back in gives the same weights.
     (norm_epsilon 1e-5: the only Nemotron-H value with Mamba layers, refusals.py.)"""
     run("pretrain_rlp.py", "--config", f"examples/configs/{config}.yaml",
-        "model.norm_epsilon=1e-5", "model.hidden_size=64", "model.ffn_hidden_size=128", "model.moe_ffn_hidden_size=32",
+        "model.norm_epsilon=1e-5", "model.hidden_size=64", "model.ffn_hidden_size=128",
+        "model.moe_ffn_hidden_size=32",
         "model.mamba_num_heads=8", "model.mamba_head_dim=16", "model.mamba_state_dim=16",
         "train.objective=ntp", "data.ntp_seq_length=32", "data.ntp_batch_size=4",
         "train.steps=2", f"train.save={tmp_path / 'run'}", "device.num_threads=1")
