@@ -4,6 +4,12 @@
     python tools/bench_rlp.py --hf --size 25m --out runs/bench/rlp_hf_25m.json \
         rlp.positions_per_document=1 rlp.group_size=4 rlp.min_prefix_tokens=160 \
         rlp.max_prefix_tokens=160
+    python tools/bench_rlp.py --models --out docs/bench/rlp_models_moe.json \
+        device.num_threads=1
+
+`--models`: the tiny dense, MoE, hybrid and hybrid-MoE models at equal active parameters,
+one step each in turn, side by side (tools/bench_rlp_models.py); the rest of this docstring
+is the default mode.
 
 Defaults: the tiny model (examples/configs/tiny_cpu.yaml), 8 contexts from one document
 (8 positions per document), G=8, 256-token windows (max_prefix 144, min_prefix 32: each
@@ -140,17 +146,22 @@ class DecodeMeter:
                 meter.cache_bytes = max(meter.cache_bytes, cache_bytes(engine.ctx))
             self.undo.append((cls, "fork", fork))
             cls.fork = forked
-        step = KVCacheEngine.__dict__["step"]
+        depth = [0]  # the compiled engine's step calls the plain one before the fork
+        for cls in (KVCacheEngine, decode.SharedPrefixEngine):
+            step = cls.__dict__["step"]
 
-        def timed(engine, tokens):
-            start = time.perf_counter()
-            try:
-                return step(engine, tokens)
-            finally:
-                meter.seconds += time.perf_counter() - start
-                meter.steps += 1
-        self.undo.append((KVCacheEngine, "step", step))
-        KVCacheEngine.step = timed
+            def timed(engine, tokens, _step=step):
+                depth[0] += 1
+                start = time.perf_counter()
+                try:
+                    return _step(engine, tokens)
+                finally:
+                    depth[0] -= 1
+                    if not depth[0]:
+                        meter.seconds += time.perf_counter() - start
+                        meter.steps += 1
+            self.undo.append((cls, "step", step))
+            cls.step = timed
         return self
 
     def __exit__(self, *exc):
@@ -231,7 +242,7 @@ def bench_config(config: str | None, size: str, overrides: list[str]):
 
 
 def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | None,
-        block_size: int = 128) -> dict:
+        block_size: int = 128, naive: bool = True) -> dict:
     import dataclasses
 
     from megatron_rlp.train.builder import build_state
@@ -241,7 +252,7 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
     from megatron_rlp.train.timers import PhaseTimer
 
     variants = {}
-    for name, share in (("naive", False), ("optimised", True)):
+    for name, share in (("naive", False), ("optimised", True))[0 if naive else 1:]:
         # The optimised path measures cascade decode (auto turns it on only on cuda).
         cascade = cfg.rlp.cascade_decode if cfg.rlp.cascade_decode is not None else share
         c = dataclasses.replace(cfg, rlp=dataclasses.replace(cfg.rlp, share_prefixes=share,
@@ -252,8 +263,8 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
     if with_hf:
         from bench_rlp_hf import HFRLPStep
 
-        hf = HFRLPStep(cfg, variants["naive"][0].tokenizer, batched=with_hf == "batched")
-    dims = model_dims(cfg, variants["naive"][0].tokenizer.vocab_size)
+        hf = HFRLPStep(cfg, variants["optimised"][0].tokenizer, batched=with_hf == "batched")
+    dims = model_dims(cfg, variants["optimised"][0].tokenizer.vocab_size)
 
     names = list(variants) + (["hf"] if hf else [])
     results = {n: [] for n in names}
@@ -266,7 +277,7 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
             with PeakMemory() as mem, DecodeMeter() as meter:
                 start = time.perf_counter()
                 if name == "hf":
-                    state, sampler = variants["naive"]
+                    state, sampler = variants["optimised"]  # same config and seed
                     from megatron_rlp.data.batches import build_rlp_inputs
                     from megatron_rlp.train.rlp_step import local_contexts
 
@@ -297,7 +308,8 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
                     row["prefix_len"] = float(trace["prompts"].lengths.float().mean())
                     row["window_len"] = float(trace["windows"].valid.sum(1).float().mean())
                 results[name].append(row)
-        checks.append({"step": i + 1, **_compare(traces["naive"], traces["optimised"])})
+        if naive:
+            checks.append({"step": i + 1, **_compare(traces["naive"], traces["optimised"])})
 
     out = {"paths": {}, "checks": checks, "hf_variant": with_hf,
            "packed_attention": _packed_attention(cfg, variants["optimised"][0],
@@ -325,10 +337,11 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
                 entry["mfu"] = entry["achieved_flop_per_s"] / (peak_tflops * 1e12)
         out["paths"][name] = entry
     med = {n: out["paths"][n]["phases_s"]["step"]["median"] for n in names}
-    out["speedup"] = {"optimised_vs_naive": med["naive"] / med["optimised"]}
+    out["speedup"] = {"optimised_vs_naive": med["naive"] / med["optimised"]} if naive else {}
     if hf:
         out["speedup"]["optimised_vs_hf"] = med["hf"] / med["optimised"]
-        out["speedup"]["naive_vs_hf"] = med["hf"] / med["naive"]
+        if naive:
+            out["speedup"]["naive_vs_hf"] = med["hf"] / med["naive"]
         roll = {n: out["paths"][n]["phases_s"]["rollout"]["median"] for n in names}
         out["speedup"]["rollout_optimised_vs_hf"] = roll["hf"] / roll["optimised"]
     out["matmul_flop_per_s"] = matmul_flop_per_s()  # same process, same thread count
@@ -336,7 +349,7 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
         "identical_thoughts_all_steps": all(c["identical_thoughts"] for c in checks),
         "max_reward_abs_diff": max(c["rewards_max_abs_diff"] for c in checks),
         "max_loss_abs_diff": max(c["loss_abs_diff"] for c in checks),
-    }
+    } if naive else None  # --skip-naive: nothing to compare with
     return out
 
 
@@ -355,6 +368,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="device peak (dense, the run's dtype) for MFU")
     parser.add_argument("--block-size", type=int, default=128,
                         help="FlexAttention tile for the packed update's block sparsity")
+    parser.add_argument("--skip-naive", action="store_true", help="leave out the naive path "
+                        "(and its equality check): the longest rows only need optimised vs HF")
+    parser.add_argument("--models", action="store_true", help="time the tiny dense, MoE, "
+                        "hybrid and hybrid-MoE models side by side instead (--config, --size "
+                        "and --hf unused)")
     parser.add_argument("--out", default="runs/bench/rlp_paths.json")
     parser.add_argument("overrides", nargs="*", help="section.key=value, after the defaults")
     args = parser.parse_args(argv)
@@ -366,6 +384,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = bench_config(args.config, args.size, args.overrides)
+        if args.models:
+            import bench_rlp_models
+
+            cfgs = bench_rlp_models.configs(DEFAULTS, args.overrides)
+            cfg = cfgs["dense"]
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -377,7 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     distributed.initialize(cfg)
     try:
         hf = "batched" if args.hf_batched else "per-row" if args.hf else None
-        res = run(cfg, args.steps, args.warmup, hf, args.peak_tflops, args.block_size)
+        res = (bench_rlp_models.run(cfgs, args.steps, args.warmup) if args.models else
+               run(cfg, args.steps, args.warmup, hf, args.peak_tflops, args.block_size,
+                   naive=not args.skip_naive))
     finally:
         distributed.shutdown()
     import torch
@@ -385,9 +410,13 @@ def main(argv: list[str] | None = None) -> int:
     res["run"] = {"device": torch.cuda.get_device_name() if torch.cuda.is_available()
                   else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
                   "command": " ".join(sys.argv), "steps": args.steps, "warmup": args.warmup,
-                  "config": cfg.to_dict()}
+                  "config": ({n: c.to_dict() for n, c in cfgs.items()} if args.models
+                             else cfg.to_dict())}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    if args.models:
+        print(bench_rlp_models.report(res), flush=True)
+        return 0
     for name, p in res["paths"].items():
         ph = p["phases_s"]
         print(f"[bench_rlp] {name:9s} step {ph['step']['median']:.3f}s | rollout "
