@@ -190,7 +190,7 @@ class DecodeCut:
         # the engine by weak reference: holding it would keep its KV cache past the rollout
         state = {"engine": lambda: None, "count": 0, "logits": None, "flops": 0}
 
-        def _forward(engine, tokens, mask):
+        def _forward(engine, tokens, mask, call=None):
             if state["engine"]() is not engine:
                 state.update(engine=weakref.ref(engine), count=0, logits=None)
             cut.cache_bytes = max(cut.cache_bytes, _cache_bytes(engine.ctx))
@@ -201,7 +201,7 @@ class DecodeCut:
                 cut.skipped_flops += state["flops"]
                 return state["logits"]
             before = cut.phases.flops.get_total_flops()
-            logits = original(engine, tokens, mask)
+            logits = original(engine, tokens, mask, call)
             if decode:
                 state["count"] += 1
                 cut.decoded += 1
@@ -493,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SimulationError, UnknownValue) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    report["overrides"] = list(args.overrides)  # beside the recipe's YAML
     text = json.dumps(report, indent=1)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -247,11 +247,8 @@ def estimate(cfg: RunConfig, world_size: int, vocab_size: int, attention: str = 
     conv_state = chunk_rows * (s.conv_dim / tp) * (MAMBA_CONV_KERNEL - 1) * 4
     ssm_state = chunk_rows * (s.m_heads / tp) * s.m_head_dim * s.m_state * 4
     mamba_state = s.n_mamba * layers_here * (conv_state + ssm_state)
-    # With rlp.share_prefixes each document window is prefilled once (packing/prefill.py:
-    # SharedWindows), not each context's prefix: positions_per_document contexts a row.
-    prefill_rows = (max(1, math.ceil(chunk_contexts / r.positions_per_document))
-                    if r.share_prefixes else chunk_contexts)
-    prefill = one_layer_inference_bytes(s, tp, pb, prefill_rows, window + 1, attention)
+    prefill = one_layer_inference_bytes(s, tp, pb, chunk_contexts, window + 1,
+                                        attention)
     decode_logits = chunk_rows * s.vocab * (pb + 3 * 4)  # gathered logits, fp32 + sampler copies
     rollout = {"kv_cache": kv, "ssm_conv_state": mamba_state,
                "transient": max(prefill, decode_logits)}

@@ -373,24 +373,3 @@ def test_moe_experts_split_over_expert_parallel_ranks():
     assert est["persistent"]["optimizer"] == pytest.approx((n - e) * 8 / 8 + e * 8 / 2)
 
 
-
-def test_shared_prefix_rollout_prefills_each_document_window_once():
-    """With rlp.share_prefixes the rollout prefills each document's window once
-    (packing/prefill.py), positions_per_document contexts a row: the prefill transient is a
-    document's, not a context's (the simulated Qwen3 rollout, docs/simulated/, holds 0.7 GiB
-    beside its cache where per-context prefills gave 7.2)."""
-    from megatron_rlp.train import memory
-
-    base = QWEN3_1P7B + ["device.type=cuda", "precision.params_dtype=bf16",
-                         "rlp.contexts_per_step=512", "rlp.group_size=4",
-                         "rlp.positions_per_document=8", "rlp.max_prefix_tokens=2048",
-                         "rlp.max_thought_tokens=64", "model.max_sequence_length=4160"]
-    shared = memory.estimate(_cfg(base + ["rlp.share_prefixes=true"], 32), 32, 151936)
-    alone = memory.estimate(_cfg(base + ["rlp.share_prefixes=false"], 32), 32, 151936)
-    cfg = _cfg(base, 32)
-    s = memory.shapes(cfg, 151936)
-    window = cfg.rlp.max_window_tokens() + 1
-    assert shared["phases"]["rollout"]["transient"] == memory.one_layer_inference_bytes(
-        s, 1, 2, 16 // 8, window, "unfused")  # 16 contexts a rank, 2 documents
-    assert alone["phases"]["rollout"]["transient"] == memory.one_layer_inference_bytes(
-        s, 1, 2, 16, window, "unfused")
