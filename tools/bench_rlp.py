@@ -209,7 +209,7 @@ def _packed_attention(cfg, state, trace: dict, block_size: int) -> dict | None:
     mbs = packed_update_batches(trace["windows"], trace["prompts"], th, trace["advantages"],
                                 r.group_size, cfg.train.micro_batch_size, tok.pad,
                                 tok.think_start, equal_width=False, model_cfg=cfg.model,
-                                block_sparse=attention == "flex")  # the optimised path's
+                                block_sparse=attention in ("flex", "split"))  # the optimised path's
     out = {"sparsity": sparsity_report(mbs, block_size)}
     if torch.cuda.is_available() and cfg.device.type == "cuda":
         out.update(time_attention(state.policy, mbs, tok.vocab_size))

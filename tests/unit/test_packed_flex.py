@@ -87,7 +87,7 @@ def test_block_mask_equals_tree_mask_and_skips_blocks(block_size):
 
 
 def test_resolve_and_refusals():
-    assert flex.resolve("auto", "cpu", "*-") == "mask"
+    assert flex.resolve("auto", "cpu", "*-") == "split"
     assert flex.resolve("auto", "cuda", "*-") == "flex"
     assert flex.resolve("auto", "cuda", "M*") == "mask"
     assert flex.resolve("flex", "cpu", "*-") == "flex"
