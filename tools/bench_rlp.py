@@ -15,6 +15,9 @@ built from the same config and seed (identical weights); every step runs
     naive      rlp.share_prefixes=false: a prefill per context (its KV copied G ways), one
                update sequence per thought (the prefix recomputed with gradients G times)
     optimised  rlp.share_prefixes=true: one prefill per document window, branch-packed update
+    optimised_<attention>  (--also-attention mask ...) the same with another
+               `model.packed_attention` (`mask`: the dense tree mask, the update before
+               `split` became the CPU default); --no-naive skips the naive path
     hf         (--hf) tools/bench_rlp_hf.py: transformers `generate` per row, separate
                scoring and update forwards, same model dimensions; --hf-batched: one
                `generate` over all rows (a stronger yardstick)
@@ -231,7 +234,8 @@ def bench_config(config: str | None, size: str, overrides: list[str]):
 
 
 def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | None,
-        block_size: int = 128) -> dict:
+        block_size: int = 128, naive: bool = True, also_attention: tuple[str, ...] = ()
+        ) -> dict:
     import dataclasses
 
     from megatron_rlp.train.builder import build_state
@@ -241,19 +245,25 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
     from megatron_rlp.train.timers import PhaseTimer
 
     variants = {}
-    for name, share in (("naive", False), ("optimised", True)):
+    paths = [("naive", False, None)] if naive else []
+    paths += [("optimised", True, None)]
+    paths += [(f"optimised_{kind}", True, kind) for kind in also_attention]
+    for name, share, attention in paths:
         # The optimised path measures cascade decode (auto turns it on only on cuda).
         cascade = cfg.rlp.cascade_decode if cfg.rlp.cascade_decode is not None else share
-        c = dataclasses.replace(cfg, rlp=dataclasses.replace(cfg.rlp, share_prefixes=share,
-                                                             cascade_decode=cascade))
+        model = cfg.model if attention is None else dataclasses.replace(
+            cfg.model, packed_attention=attention)  # e.g. `mask`: the update before `split`
+        c = dataclasses.replace(cfg, model=model, rlp=dataclasses.replace(
+            cfg.rlp, share_prefixes=share, cascade_decode=cascade))
         state = build_state(c)
         variants[name] = (state, make_context_sampler(state))
+    first = next(iter(variants))  # the reference of the equality checks (naive if run)
     hf = None
     if with_hf:
         from bench_rlp_hf import HFRLPStep
 
-        hf = HFRLPStep(cfg, variants["naive"][0].tokenizer, batched=with_hf == "batched")
-    dims = model_dims(cfg, variants["naive"][0].tokenizer.vocab_size)
+        hf = HFRLPStep(cfg, variants[first][0].tokenizer, batched=with_hf == "batched")
+    dims = model_dims(cfg, variants[first][0].tokenizer.vocab_size)
 
     names = list(variants) + (["hf"] if hf else [])
     results = {n: [] for n in names}
@@ -266,7 +276,7 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
             with PeakMemory() as mem, DecodeMeter() as meter:
                 start = time.perf_counter()
                 if name == "hf":
-                    state, sampler = variants["naive"]
+                    state, sampler = variants[first]
                     from megatron_rlp.data.batches import build_rlp_inputs
                     from megatron_rlp.train.rlp_step import local_contexts
 
@@ -297,7 +307,10 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
                     row["prefix_len"] = float(trace["prompts"].lengths.float().mean())
                     row["window_len"] = float(trace["windows"].valid.sum(1).float().mean())
                 results[name].append(row)
-        checks.append({"step": i + 1, **_compare(traces["naive"], traces["optimised"])})
+        for name in variants:
+            if name != first:
+                checks.append({"step": i + 1, "path": name, "against": first,
+                               **_compare(traces[first], traces[name])})
 
     out = {"paths": {}, "checks": checks, "hf_variant": with_hf,
            "packed_attention": _packed_attention(cfg, variants["optimised"][0],
@@ -325,17 +338,21 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
                 entry["mfu"] = entry["achieved_flop_per_s"] / (peak_tflops * 1e12)
         out["paths"][name] = entry
     med = {n: out["paths"][n]["phases_s"]["step"]["median"] for n in names}
-    out["speedup"] = {"optimised_vs_naive": med["naive"] / med["optimised"]}
+    out["speedup"] = {f"optimised_vs_{n}": med[n] / med["optimised"]
+                      for n in variants if n != "optimised"}
     if hf:
-        out["speedup"]["optimised_vs_hf"] = med["hf"] / med["optimised"]
-        out["speedup"]["naive_vs_hf"] = med["hf"] / med["naive"]
+        for n in variants:
+            out["speedup"][f"{n}_vs_hf"] = med["hf"] / med[n]
         roll = {n: out["paths"][n]["phases_s"]["rollout"]["median"] for n in names}
         out["speedup"]["rollout_optimised_vs_hf"] = roll["hf"] / roll["optimised"]
     out["matmul_flop_per_s"] = matmul_flop_per_s()  # same process, same thread count
+    for entry in out["paths"].values():  # the update's rate as a share of a plain matmul's
+        if "update_flop_per_s" in entry:
+            entry["update_vs_matmul"] = entry["update_flop_per_s"] / out["matmul_flop_per_s"]
     out["equal"] = {
         "identical_thoughts_all_steps": all(c["identical_thoughts"] for c in checks),
-        "max_reward_abs_diff": max(c["rewards_max_abs_diff"] for c in checks),
-        "max_loss_abs_diff": max(c["loss_abs_diff"] for c in checks),
+        "max_reward_abs_diff": max((c["rewards_max_abs_diff"] for c in checks), default=0.0),
+        "max_loss_abs_diff": max((c["loss_abs_diff"] for c in checks), default=0.0),
     }
     return out
 
@@ -353,6 +370,11 @@ def main(argv: list[str] | None = None) -> int:
                         "one batched `generate` over all rows instead")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="device peak (dense, the run's dtype) for MFU")
+    parser.add_argument("--no-naive", action="store_true", help="skip the naive path (the "
+                        "equality checks then compare the optimised variants)")
+    parser.add_argument("--also-attention", nargs="*", default=[], choices=["mask", "split",
+                        "flex"], help="also run the optimised path with these "
+                        "model.packed_attention values (paths optimised_<value>)")
     parser.add_argument("--block-size", type=int, default=128,
                         help="FlexAttention tile for the packed update's block sparsity")
     parser.add_argument("--out", default="runs/bench/rlp_paths.json")
@@ -377,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     distributed.initialize(cfg)
     try:
         hf = "batched" if args.hf_batched else "per-row" if args.hf else None
-        res = run(cfg, args.steps, args.warmup, hf, args.peak_tflops, args.block_size)
+        res = run(cfg, args.steps, args.warmup, hf, args.peak_tflops, args.block_size,
+                  naive=not args.no_naive, also_attention=tuple(args.also_attention))
     finally:
         distributed.shutdown()
     import torch
@@ -397,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{p['decoded_tokens_per_s']['median']:.0f} decoded tok/s | "
               + (f"cache {p['rollout_cache_bytes'] / 2**20:.1f} MiB | "
                  if p["rollout_cache_bytes"] else "")
-              + (f"update {p['update_flop_per_s'] / 1e9:.2f} GFLOP/s | "
+              + (f"update {p['update_flop_per_s'] / 1e9:.2f} GFLOP/s "
+                 f"({100 * p['update_vs_matmul']:.0f}% of a matmul) | "
                  if "update_flop_per_s" in p else "")
               + (f"step {p['achieved_flop_per_s'] / 1e9:.2f} GFLOP/s | " if "achieved_flop_per_s"
                  in p else "") + f"peak +{p['peak_memory_bytes'] / 2**20:.0f} MiB")
