@@ -71,3 +71,25 @@ def test_peak_memory_sees_a_block_allocation():
     with bench.PeakMemory() as idle:
         time.sleep(0.02)
     assert idle.bytes < 16 * 2**20, idle.bytes
+
+
+def test_bench_rlp_runs_attention_variants_without_naive(tmp_path):
+    """--no-naive --also-attention mask: the optimised path with the split attention (the CPU
+    default) and with the dense tree mask, side by side, checked against each other."""
+    out = tmp_path / "variants.json"
+    proc = subprocess.run([sys.executable, "tools/bench_rlp.py", "--steps", "1", "--warmup", "0",
+                           "--no-naive", "--also-attention", "mask", "--out", str(out), *SMALL],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["paths"]) == {"optimised", "optimised_mask"}
+    assert res["run"]["config"]["model"]["packed_attention"] == "auto"  # split on CPU
+    assert [(c["path"], c["against"]) for c in res["checks"]] == [("optimised_mask",
+                                                                    "optimised")]
+    assert res["equal"]["identical_thoughts_all_steps"]
+    assert res["equal"]["max_loss_abs_diff"] < 1e-5
+    assert set(res["speedup"]) == {"optimised_vs_optimised_mask"}
+    for path in res["paths"].values():
+        assert 0 < path["update_vs_matmul"] == path["update_flop_per_s"] / res[
+            "matmul_flop_per_s"]
+
