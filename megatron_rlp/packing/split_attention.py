@@ -60,6 +60,8 @@ class SplitLayout:
             window columns (its prefix [lo, hi)) and against its own branch (causal, real
             tokens; slot 0 stays readable so that no row is fully masked).
         out: [N, S] long, each column's output in concat(window outputs [W], slots [K*T]).
+        rows: [S*N] long, the same as rows of the [N * (W + K*T)] outputs, in Megatron's
+            [S, N] order.
     """
 
     window: int
@@ -68,6 +70,7 @@ class SplitLayout:
     cols: Tensor
     masked: Tensor
     out: Tensor
+    rows: Tensor
 
     @classmethod
     def from_packed(cls, branch: Tensor, lo: Tensor, hi: Tensor) -> SplitLayout:
@@ -110,11 +113,12 @@ class SplitLayout:
         own = (steps[None, :] <= steps[:, None]) & (valid[:, :, None, :] | (steps == 0))
         sees = torch.cat([sees_prefix[:, :, None, :].expand(n, k, t, w), own], -1)
         out = torch.where(is_win, col, 0)  # padding columns: any output (never read)
-        rows = torch.arange(n, device=dev)[:, None, None].expand(n, k, t)
+        seq = torch.arange(n, device=dev)[:, None, None].expand(n, k, t)
         slot = w + torch.arange(k * t, device=dev).view(1, k, t).expand(n, k, t)
-        out[rows[valid], cols[valid]] = slot[valid]
+        out[seq[valid], cols[valid]] = slot[valid]
+        rows = (out + (w + k * t) * torch.arange(n, device=dev)[:, None]).t().reshape(-1)
         return cls(window=w, branches=k, length=t, cols=flat, masked=~sees[:, None, None],
-                   out=out)
+                   out=out, rows=rows)
 
 
 _LAYOUTS: dict[tuple, SplitLayout] = {}  # by the tree mask's storage (see register_layout)
@@ -144,9 +148,10 @@ def layout_of(mask) -> SplitLayout | None:
 
 
 def _slots(x: Tensor, cols: Tensor) -> Tensor:
-    """[N, h, S, D] -> [N, h, K*T, D]: the branch slots' rows."""
-    n, h, _, d = x.shape
-    return x.gather(2, cols[:, None, :, None].expand(n, h, cols.shape[1], d))
+    """[S, N, h, D] -> [N, h, K*T, D]: the branch slots' rows (one row copy per token)."""
+    s, n, h, d = x.shape
+    rows = (cols * n + torch.arange(n, device=cols.device)[:, None]).reshape(-1)
+    return x.reshape(s * n, h * d).index_select(0, rows).view(n, -1, h, d).transpose(1, 2)
 
 
 def split_tree_attention(query: Tensor, key: Tensor, value: Tensor, layout: SplitLayout,
@@ -169,9 +174,9 @@ def split_tree_attention(query: Tensor, key: Tensor, value: Tensor, layout: Spli
     q, kk, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [N, h, S, hn]
     ow = F.scaled_dot_product_attention(q[:, :, :w], kk[:, :, :w], v[:, :, :w], is_causal=True,
                                         scale=scale, enable_gqa=rep > 1)  # [N, np, W, hn]
-    qs = _slots(q, layout.cols).reshape(n, groups, rep * k * t, hn)  # a group's heads stacked
-    ks = _slots(kk, layout.cols).view(n, groups, 1, k, t, hn)
-    vs = _slots(v, layout.cols).view(n, groups, 1, k, t, hn)
+    qs = _slots(query, layout.cols).reshape(n, groups, rep * k * t, hn)  # group's heads stacked
+    ks = _slots(key, layout.cols).reshape(n, groups, 1, k, t, hn)
+    vs = _slots(value, layout.cols).reshape(n, groups, 1, k, t, hn)
     prefix = torch.matmul(qs, kk[:, :, :w].transpose(-1, -2)).view(n, groups, rep, k, t, w)
     own = torch.matmul(qs.view(n, groups, rep, k, t, hn), ks.transpose(-1, -2))
     scores = torch.cat([prefix, own], -1).mul_(scale).masked_fill_(layout.masked, float("-inf"))
@@ -180,8 +185,8 @@ def split_tree_attention(query: Tensor, key: Tensor, value: Tensor, layout: Spli
     ob = torch.matmul(p_prefix.reshape(n, groups, rep * k * t, w), v[:, :, :w])
     ob = ob.view(n, groups, rep, k, t, hn) + torch.matmul(p_own, vs)
     out = torch.cat([ow, ob.view(n, heads, k * t, hn)], 2)  # [N, np, W + K*T, hn]
-    out = out.gather(2, layout.out[:, None, :, None].expand(n, heads, s, hn))
-    return out.permute(2, 0, 1, 3).reshape(s, n, heads * hn)
+    out = out.transpose(1, 2).reshape(n * (w + k * t), heads * hn)
+    return out.index_select(0, layout.rows).view(s, n, heads * hn)
 
 
 def _routed_forward(core: torch.nn.Module, original, query, key, value, attention_mask,
