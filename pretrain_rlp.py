@@ -11,7 +11,9 @@ value exits 2 with one line naming it, printed by global rank 0 only. Exit codes
 stopped cleanly, 1 non-finite steps, 2 bad config / data / checkpoint, 3 a step or save that
 hung past train.watchdog_minutes (every thread's stack printed, tagged with the rank).
 torchrun adds its own failure report when a worker exits non-zero; `--check-world-size N`
-validates for N ranks in one process first (exit 0 or 2 with the one line).
+validates for N ranks in one process first (exit 0 or 2 with the one line), the memory
+estimate included for device.type=cuda where the GPU or `device.memory_gib` says how much
+one GPU holds.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from megatron_rlp.config import ConfigError
     from megatron_rlp.startup import (
+        check_memory,
         check_run_start,
         load_config,
         load_launch_config,
@@ -50,12 +53,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.check_world_size is not None:
         try:
-            check_run_start(load_config(args.config, tuple(args.overrides),
-                                        world_size=args.check_world_size))
+            cfg = load_config(args.config, tuple(args.overrides),
+                              world_size=args.check_world_size)
+            check_run_start(cfg)
+            memory = check_memory(cfg, args.check_world_size)
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        print(f"config valid for {args.check_world_size} rank(s)")
+        print(f"config valid for {args.check_world_size} rank(s)"
+              + ("" if cfg.device.type == "cpu" else f"; {memory}"))
         return 0
     try:
         cfg = load_launch_config(args.config, tuple(args.overrides))

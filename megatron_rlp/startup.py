@@ -8,6 +8,9 @@ it reaches into its lower layers:
 - the machine checks: `model.transformer_impl` and `precision.fp8` against this machine
   (Transformer Engine importable, CUDA, the GPU's compute capability:
   `backends/transformer_engine.py`) and `model.packed_attention=flex` (`packing/flex.py`);
+- the memory check (`check_memory`): a `device.type=cuda` launch whose estimated peak per
+  GPU (`train/memory.py`) exceeds the GPU's memory (or `device.memory_gib`) is refused,
+  naming the settings that would fit (`train/memory_fit.py`);
 - `train.use_checkpoint_args`: the model section from a Megatron-LM checkpoint's saved args
   (`interop/megatron_lm.py`);
 - the launcher glue: world size and ranks under torchrun or srun (`config.launch_env`), one
@@ -31,8 +34,9 @@ from megatron_rlp.config import ConfigError, RLPConfig, RunConfig, launch_env, r
 from megatron_rlp.config.errors import check
 from megatron_rlp.config.loading import ConfigPaths, quiet_imports
 
-__all__ = ["check_machine", "check_run_start", "launch_env", "let_rank0_print", "load_config",
-           "load_launch_config", "print_error", "quiet_megatron", "unused_keys", "validate"]
+__all__ = ["check_machine", "check_memory", "check_run_start", "launch_env", "let_rank0_print",
+           "load_config", "load_launch_config", "print_error", "quiet_megatron", "unused_keys",
+           "validate"]
 
 
 def check_machine(cfg: RunConfig) -> None:
@@ -177,6 +181,51 @@ def load_config(path: ConfigPaths = None, overrides: tuple[str, ...] = (),
     return validate(cfg, world_size)
 
 
+def check_memory(cfg: RunConfig, world_size: int, local_rank: int = 0) -> str:
+    """Refuse a `device.type=cuda` launch whose estimated peak per GPU (train/memory.py)
+    exceeds the GPU's memory: `device.memory_gib`, else this process's GPU
+    (`torch.cuda.get_device_properties`). Skipped with `device.skip_memory_check`, on CPU, and
+    where neither is known (no GPU visible, no `device.memory_gib`).
+
+    Returns:
+        What was checked, one phrase (`--check-world-size` prints it).
+
+    Raises:
+        ConfigError: one line naming the estimated peak, the device memory and the settings
+            that would fit (`train/memory_fit.py`).
+    """
+    d = cfg.device
+    if d.type != "cuda" or d.skip_memory_check:
+        return "memory not checked" + (" (device.skip_memory_check)" if d.type == "cuda" else "")
+    gib, source = d.memory_gib, "device.memory_gib"
+    if gib is None:
+        import torch
+
+        if not torch.cuda.is_available() or local_rank >= torch.cuda.device_count():
+            return "memory not checked (no GPU here: set device.memory_gib)"
+        props = torch.cuda.get_device_properties(local_rank)
+        gib, source = props.total_memory / 1024**3, props.name
+    from megatron_rlp.backends import transformer_engine as te
+    from megatron_rlp.train.memory_fit import check_fits
+
+    impl = te.resolve_transformer_impl(cfg.model.transformer_impl, d.type,
+                                       te.transformer_engine_available())
+    est = check_fits(cfg, world_size, _vocab_size(cfg), gib, source,
+                     "flash" if impl == "transformer_engine" else "unfused")
+    return f"estimated peak {est['total'] / 1024**3:.1f} of {gib:.1f} GiB per GPU"
+
+
+def _vocab_size(cfg: RunConfig) -> int:
+    """The tokenizer's vocabulary as training builds it; the model's padding multiple (the
+    padded vocabulary's lower bound) when the tokenizer cannot be read here."""
+    from megatron_rlp.tokenizer import build_tokenizer
+
+    try:
+        return build_tokenizer(cfg.data.tokenizer).vocab_size
+    except (OSError, ValueError, ImportError):
+        return cfg.model.make_vocab_size_divisible_by
+
+
 def let_rank0_print(seconds: float = 3.0) -> None:
     """On a rank other than 0 that is about to exit over an error rank 0 prints: wait a moment
     first. torchrun stops the whole job as soon as one worker exits non-zero, and a rank that
@@ -243,6 +292,7 @@ def load_launch_config(path: ConfigPaths, overrides: tuple[str, ...]) -> RunConf
             visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
             check(local_rank < visible, "device.type", cfg.device.type,
                   f"cpu: this process (local rank {local_rank}) sees {visible} CUDA device(s)")
+            check_memory(cfg, world, local_rank)
         if world > 1 and "WORLD_SIZE" not in os.environ:  # srun: env:// rendezvous
             missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
             if missing:

@@ -10,6 +10,7 @@
 #   rlp_estimate CONFIG WORLD OVERRIDES...                print the per-rank memory estimate
 #   rlp_launch COMMAND...      print, then `rlp_run workers` (DRY_RUN=1: print only)
 #   rlp_paper_recipe CONFIG TP G CHUNK [OVERRIDES...]  the paper's RLP settings on GPUs, launched
+#   rlp_fewer_gpus_note WORLD RECIPE_GPUS CONTEXTS DP G CHUNK  what a smaller launch changes
 #   rlp_run {workers|self} COMMAND...                     run COMMAND, forward signals
 #
 # Signals. SLURM sends `--signal=B:USR1@120` to the batch shell only, and SIGTERM at the
@@ -203,12 +204,36 @@ rlp_launch() {
   rlp_run workers "$@"
 }
 
+# On stderr (node 0), when a recipe sized for RECIPE_GPUS runs on fewer: the global batch
+# stays (the same job, the same thoughts: keyed sampling), so each rank holds more of it.
+rlp_fewer_gpus_note() {
+  local world=$1 recipe=$2 contexts=$3 dp=$4 g=$5 chunk=$6
+  ((world < recipe)) && [[ "${SLURM_NODEID:-0}" == 0 ]] || return 0
+  local per_rank=$((contexts / (dp > 0 ? dp : 1))) factor=$((recipe / world))
+  local rollouts="in one pass"
+  if ((chunk > 0 && chunk < per_rank)); then
+    rollouts="in $(((per_rank + chunk - 1) / chunk)) chunks of $chunk"
+  fi
+  echo "[recipe] note: this recipe is sized for $recipe GPUs ($((recipe / ${GPUS_PER_NODE:-8})) nodes" \
+    "x ${GPUS_PER_NODE:-8}); this launch has $world (NNODES=${NNODES:-1}). The same" \
+    "$contexts contexts/step now run on DP=$dp: $per_rank contexts x G=$g = $((per_rank * g))" \
+    "rollout rows per rank, sampled $rollouts, and as many update sequences: ~${factor}x the" \
+    "time per step, and more memory per GPU (Adam state over DP=$dp, not $((dp * factor));" \
+    "scoring of ${factor}x the documents). Start-up refuses a launch whose estimate exceeds" \
+    "the GPU, naming what would fit (tools/estimate_memory.py). For the recipe's per-rank batch" \
+    "instead: CONTEXTS=$((contexts * world / recipe)) (a smaller global batch)." >&2
+}
+
 # The paper's RLP settings (32 x H100: 512 contexts/step, 2048-token thoughts and prefixes,
 # lr 1e-6 constant, temperature 0.7, tau 0.999) for a model config, a default TP, G and
 # rollout chunk (contexts sampled together; 0 = all of a rank's); env vars override (see
-# the examples/*.sh headers), then the extra arguments. The 8 positions of a document share
-# one window of up to 2 x PREFIX_TOKENS - min_prefix_tokens tokens, so that each keeps its
-# full PREFIX_TOKENS prefix: max_sequence_length covers 2 x PREFIX_TOKENS + THOUGHT_TOKENS.
+# the examples/*.sh headers), then the extra arguments. With the defaults the overrides
+# describe the same job as CONFIG alone (tests/tools/test_launch_scripts.py checks it). The
+# 8 positions of a document share one window of up to 2 x PREFIX_TOKENS - min_prefix_tokens
+# tokens, so that each keeps its full PREFIX_TOKENS prefix: with PREFIX_TOKENS or
+# THOUGHT_TOKENS set, max_sequence_length is set to cover 2 x PREFIX_TOKENS + THOUGHT_TOKENS
+# (the model configs' own value covers the defaults). RECIPE_GPUS (default 32, the paper's
+# 4 nodes x 8) is the world the recipe is sized for: a launch on fewer GPUs says what changes.
 rlp_paper_recipe() {
   local default_config=$1 default_tp=$2 default_g=$3 default_chunk=$4
   shift 4
@@ -220,6 +245,7 @@ rlp_paper_recipe() {
   export NPROC_PER_NODE=$GPUS_PER_NODE
   TP=${TP:-$default_tp} CONTEXTS=${CONTEXTS:-512} GROUP_SIZE=${GROUP_SIZE:-$default_g}
   ROLLOUT_CHUNK=${ROLLOUT_CHUNK:-$default_chunk}
+  local lengths_set=${THOUGHT_TOKENS:-}${PREFIX_TOKENS:-}
   THOUGHT_TOKENS=${THOUGHT_TOKENS:-2048} PREFIX_TOKENS=${PREFIX_TOKENS:-2048}
 
   local overrides=(
@@ -230,7 +256,6 @@ rlp_paper_recipe() {
     rlp.rollout_chunk_contexts="$ROLLOUT_CHUNK"
     rlp.max_thought_tokens="$THOUGHT_TOKENS" rlp.max_prefix_tokens="$PREFIX_TOKENS"
     rlp.positions_per_document=8 rlp.temperature=0.7 rlp.ema_decay=0.999
-    model.max_sequence_length=$((2 * PREFIX_TOKENS + THOUGHT_TOKENS + 64))
     optimizer.lr=1e-6 optimizer.min_lr=1e-6 optimizer.lr_decay_style=constant
     optimizer.weight_decay=0.1 optimizer.adam_beta1=0.9 optimizer.adam_beta2=0.95
     train.micro_batch_size="${MICRO_BATCH:-1}" train.steps="${STEPS:-500}"
@@ -238,11 +263,16 @@ rlp_paper_recipe() {
     train.metrics_file="$SAVE_DIR/metrics.jsonl" train.tensorboard_dir="$SAVE_DIR/tensorboard"
     data.corpus="$DATA" data.tokenizer="$TOKENIZER"
   )
+  if [[ -n "$lengths_set" ]]; then
+    overrides+=(model.max_sequence_length=$((2 * PREFIX_TOKENS + THOUGHT_TOKENS + 64)))
+  fi
   if [[ -n "${WANDB_PROJECT:-}" ]]; then
     overrides+=(train.wandb_project="$WANDB_PROJECT")
   fi
 
   local world=$((NNODES * GPUS_PER_NODE))
+  rlp_fewer_gpus_note "$world" "${RECIPE_GPUS:-32}" "$CONTEXTS" $((world / TP)) "$GROUP_SIZE" \
+    "$ROLLOUT_CHUNK"
   rlp_estimate "$CONFIG" "$world" "${overrides[@]}" "$@"
   rlp_torchrun_args
   rlp_launch "${RLP_TORCHRUN[@]}" pretrain_rlp.py --config "$CONFIG" "${overrides[@]}" "$@"

@@ -263,7 +263,8 @@ class PrecisionConfig:
     """FP8 scaling recipe (`--fp8-recipe`); must stay `delayed` unless `fp8` is set."""
     fp8_param_gather: bool = False
     """Keep parameters in FP8 and all-gather them in FP8 (`--fp8-param-gather`:
-    TransformerConfig.fp8_param + DDP fp8_param_gather); only with `fp8` set."""
+    TransformerConfig.fp8_param + DDP fp8_param_gather). Refused for now: the model is built
+    on the CPU, where Transformer Engine cannot quantise it (models/fp8.py)."""
     first_last_layers_bf16: bool = False
     """Keep the first/last layers (global layer numbers) in bf16 under FP8
     (`--first-last-layers-bf16`); only with `fp8` set, not with the delayed recipe (Megatron
@@ -277,7 +278,8 @@ class PrecisionConfig:
     fp8_rollouts: bool = False
     """Rollouts (and the teacher's scoring) under the FP8 autocast too. false = they run in
     bf16 even when training in FP8: the forward runs with FP8 switched off (models/fp8.py).
-    Only with `fp8` set."""
+    Refused for now: decode steps and prefills give row counts FP8 GEMMs cannot take
+    (models/fp8.py)."""
 
     def validate(self) -> None:
         for key in ("num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16"):
@@ -289,5 +291,19 @@ class PrecisionConfig:
                       "false unless precision.fp8 is set (e4m3 or hybrid)")
             check(self.fp8_recipe == "delayed", "precision.fp8_recipe", self.fp8_recipe,
                   "the default (delayed) unless precision.fp8 is set (e4m3 or hybrid)")
+        else:
+            # models/fp8.py, "What FP8 refuses", says why and what lifting each would take.
+            check(not self.fp8_param_gather, "precision.fp8_param_gather",
+                  self.fp8_param_gather,
+                  "false: the model is built on the CPU (use_cpu_initialization, identical "
+                  "weights in every layout) and moved to the GPU after, so Transformer Engine's "
+                  "fp8_model_init would quantise CPU parameters; FP8 weights need a build on "
+                  "the device, which this project does not have yet (FP8 compute works without "
+                  "it)")
+            check(not self.fp8_rollouts, "precision.fp8_rollouts", self.fp8_rollouts,
+                  "false: Transformer Engine's FP8 GEMMs need row counts that are multiples "
+                  "of 16, and rollout decode steps (rows left after compaction) and prefills "
+                  "(unpadded prompts) give any count; rollouts run in bf16 under FP8 "
+                  "training, at no cost to the ratio (the update recomputes logp_old)")
         # The FP8 rules that need the machine (TE, GPU) are in startup.check_machine.
 

@@ -329,7 +329,18 @@ class DeviceConfig:
     rank, NCCL). `device: cpu` in YAML is shorthand for `device: {type: cpu}`."""
     num_threads: int = 0
     """Torch intra-op threads per rank on CPU; 0 = cores / local ranks."""
+    memory_gib: float | None = None
+    """Memory of one GPU in GiB that start-up checks the estimated peak per rank against
+    (train/memory.py; a launch that cannot fit is refused before torch.distributed starts,
+    naming the settings that would fit); null = ask the GPU
+    (`torch.cuda.get_device_properties`). Set it to check a launch on a machine without the
+    GPU (`pretrain_rlp.py --check-world-size N device.memory_gib=80`) or to leave headroom."""
+    skip_memory_check: bool = False
+    """Launch even when the estimated peak exceeds `memory_gib` (the estimate is a model, not
+    a measurement: docs/reliability.md)."""
 
     def validate(self) -> None:
         check(self.num_threads >= 0, "device.num_threads", self.num_threads, ">= 0")
+        check(self.memory_gib is None or 0 < self.memory_gib < math.inf, "device.memory_gib",
+              self.memory_gib, "null (ask the GPU) or a number of GiB > 0")
 

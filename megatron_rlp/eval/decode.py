@@ -29,8 +29,11 @@ from megatron_rlp.parallel.pipeline import from_last_stage, stage_forward
 from megatron_rlp.parallel.sequence import sequence_parallel_off
 from megatron_rlp.rollout.engine import KVCacheEngine
 from megatron_rlp.rollout.thoughts import any_in_expert_group
-from megatron_rlp.rollout.vocab_parallel import mask_padded_vocab, sample_vocab_parallel
-from megatron_rlp.scoring.next_token import token_logprobs_vocab_parallel
+from megatron_rlp.rollout.vocab_parallel import (
+    mask_padded_vocab,
+    sample_vocab_parallel,
+    token_logprobs_vocab_parallel,
+)
 
 
 def argmax_vocab_parallel(logits: Tensor, vocab_size: int) -> Tensor:

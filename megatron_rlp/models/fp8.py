@@ -13,7 +13,25 @@ from a policy quantised differently from the update's (delayed scaling even upda
 amax history from rollout activations), and decode steps of a few rows fall below the FP8
 GEMM alignment (TE pads or fails). Since the update recomputes its own log-probs as
 `logp_old` (issue 10, part 3), rollouts in bf16 cost nothing in the ratio. The teacher's
-scoring runs in bf16 for the same reason: S_pred and S_ema are then in one precision.
+scoring runs in bf16 for the same reason: S_pred and S_ema are then in one precision, and
+so does the `entropy` position strategy's scorer (scoring/entropy.py), in training and in the
+held-out evaluation's sampler.
+
+What FP8 refuses (`PrecisionConfig.validate`, one line each), and what lifting it would take:
+
+- `precision.fp8_param_gather` (Megatron's `fp8_param`): `HybridStack.__init__` would build
+  the TE layers under `fp8_model_init`, but the provider builds every module on the CPU
+  (`use_cpu_initialization`: identical weights in every layout) and moves it to the GPU
+  after (train/builder.py), so TE would quantise CPU parameters. Lifting it needs a build on
+  the device (`use_cpu_initialization=False` under `torch.device("cuda")`, Megatron's CUDA
+  RNG tracker for the weights; a run that loads a checkpoint does not mind the init).
+  `transformer_config_fp8` and the DDP flag still map the key for that day.
+- `precision.fp8_rollouts`: TE's FP8 GEMMs need both dimensions of every input matrix to be
+  multiples of 16 (`FP8_ALIGN`); a decode step feeds the rows left after compaction
+  (rollout/thoughts.py, any count) and a prefill batch x its unpadded width. Lifting it
+  needs every rollout and scoring forward padded to `FP8_ALIGN` rows (compaction keeping
+  a multiple of finished rows, prompts left-padded to a multiple). `rollout_precision`
+  keeps the switch.
 """
 
 from __future__ import annotations

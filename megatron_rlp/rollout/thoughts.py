@@ -28,8 +28,7 @@ from torch import Tensor
 from megatron_rlp.parallel.pipeline import from_last_stage
 from megatron_rlp.rollout.engine import KVCacheEngine
 from megatron_rlp.rollout.template import lead_ids
-from megatron_rlp.rollout.vocab_parallel import sample_vocab_parallel
-from megatron_rlp.scoring.next_token import token_logprobs_vocab_parallel
+from megatron_rlp.rollout.vocab_parallel import sample_vocab_parallel, token_logprobs_vocab_parallel
 
 
 @dataclass

@@ -8,6 +8,7 @@ the tensor-parallel group, never gathering the vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import numpy as np
@@ -16,7 +17,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from torch import Tensor
 
+from megatron_rlp.config import PrecisionConfig
 from megatron_rlp.data.batches import left_pad
+from megatron_rlp.models.fp8 import rollout_precision
 from megatron_rlp.models.masks import padded_causal_mask
 from megatron_rlp.parallel.pipeline import from_last_stage, stage_forward
 from megatron_rlp.parallel.sequence import sequence_parallel_off
@@ -61,16 +64,25 @@ def window_entropies(model: torch.nn.Module, windows: list[np.ndarray], vocab_si
     return [h[i, width - len(w):].numpy().copy() for i, w in enumerate(windows)]
 
 
-def model_entropy_scorer(get_model: Callable[[], torch.nn.Module], vocab_size: int, pad: int
+def model_entropy_scorer(get_model: Callable[[], torch.nn.Module], vocab_size: int, pad: int,
+                         precision: PrecisionConfig | None = None
                          ) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
-    """A `PositionScorer` running `get_model()` (called at each use, e.g. the current teacher)."""
+    """A `PositionScorer` running `get_model()` (called at each use, e.g. the current teacher).
+
+    With `precision`, the forward runs under `rollout_precision` like the rollouts and the
+    teacher's scoring (models/fp8.py): bf16 under FP8 training unless `fp8_rollouts`, so
+    that positions are chosen by the same model that scores them, and TE never sees the
+    windows' unaligned row counts."""
 
     def score(windows: list[np.ndarray]) -> list[np.ndarray]:
         model = get_model()
         was_training = model.training
         model.eval()
+        context = (contextlib.nullcontext() if precision is None
+                   else rollout_precision(precision, model))
         try:
-            return window_entropies(model, windows, vocab_size, pad)
+            with context:
+                return window_entropies(model, windows, vocab_size, pad)
         finally:
             model.train(was_training)
 

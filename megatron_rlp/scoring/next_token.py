@@ -2,7 +2,8 @@
 
 Used for S_ema (the teacher's no-think score): one forward over each document window, then
 log p(x_t | x_<t) at every sampled position via Megatron's `vocab_parallel_cross_entropy`
-(which all-reduces max and sum-exp over the tensor-parallel group).
+(which all-reduces max and sum-exp over the tensor-parallel group;
+`rollout.vocab_parallel.token_logprobs_vocab_parallel`).
 
 Only the target positions reach the output layer (`models.output_positions`, as in the
 update): a window's hidden states are selected before the vocabulary projection, so the
@@ -13,44 +14,13 @@ teacher holds [D, contexts per document, V/tp] logits instead of [D, W, V/tp] (a
 from __future__ import annotations
 
 import torch
-from megatron.core import parallel_state
-from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
 from torch import Tensor
 
 from megatron_rlp.models.masks import padded_causal_mask
 from megatron_rlp.models.output_positions import logits_at_positions
 from megatron_rlp.parallel.pipeline import from_last_stage, stage_forward
 from megatron_rlp.parallel.sequence import sequence_parallel_off
-from megatron_rlp.rollout.vocab_parallel import mask_padded_vocab
-
-
-def token_logprobs_vocab_parallel(logits: Tensor, targets: Tensor, vocab_size: int,
-                                  temperature: float = 1.0) -> Tensor:
-    """log softmax(logits / T)[target] over the real vocabulary, for vocab-sharded logits;
-    differentiable. Padded ids are excluded, as they are when sampling.
-
-    Args:
-        logits: [..., V/tp] this rank's vocabulary shard.
-        targets: [...] global token ids.
-        vocab_size: the tokenizer's vocabulary (unpadded).
-    """
-    logits = mask_padded_vocab(logits.float(), vocab_size)
-    if not torch.is_grad_enabled() and parallel_state.get_tensor_model_parallel_world_size() == 1:
-        # One shard and no backward (S_pred at every decode step, S_ema): Megatron's own
-        # cross-entropy arithmetic (VocabParallelCrossEntropy's steps, so bit-identical to
-        # the call below) without its three all-reduces over a one-rank group (profiled: ~1/6
-        # of a 0.8M rollout under gloo, tools/profile_rollout.py).
-        flat, logits_max = VocabParallelCrossEntropy.calculate_logits_max(
-            (logits / temperature).reshape(-1, logits.shape[-1]))
-        _, _, predicted, sum_exp, exp_logits = \
-            VocabParallelCrossEntropy.calculate_predicted_logits(
-                flat, targets.reshape(-1), logits_max, 0, flat.shape[-1])
-        _, loss = VocabParallelCrossEntropy.calculate_cross_entropy_loss(exp_logits, predicted,
-                                                                         sum_exp)
-        return -loss.reshape(targets.shape)
-    flat = (logits / temperature).reshape(1, -1, logits.shape[-1])
-    return -vocab_parallel_cross_entropy(flat, targets.reshape(1, -1)).reshape(targets.shape)
+from megatron_rlp.rollout.vocab_parallel import token_logprobs_vocab_parallel
 
 
 @torch.no_grad()

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from megatron_rlp.packing.forward import packed_forward
 from megatron_rlp.parallel.pipeline import from_last_stage, stage_forward
 from megatron_rlp.parallel.sequence import sequence_parallel_off
+from megatron_rlp.rollout.vocab_parallel import token_logprobs_vocab_parallel
 from megatron_rlp.scoring.ema_teacher import EMATeacher
-from megatron_rlp.scoring.next_token import token_logprobs_vocab_parallel
 
 
 class FrozenReference(EMATeacher):

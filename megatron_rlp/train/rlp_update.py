@@ -28,7 +28,7 @@ from megatron_rlp.objective.kl import kl_penalty
 from megatron_rlp.packing.flex import resolve as resolve_packed_attention
 from megatron_rlp.packing.forward import packed_forward
 from megatron_rlp.packing.update import packable, packed_update_batches
-from megatron_rlp.scoring.next_token import token_logprobs_vocab_parallel
+from megatron_rlp.rollout.vocab_parallel import token_logprobs_vocab_parallel
 
 
 def rlp_loss(batch: dict[str, Tensor], scale: float, vocab_size: int, temperature: float,

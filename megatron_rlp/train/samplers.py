@@ -16,13 +16,19 @@ def scoring_model(state: TrainState):
     return state.policy
 
 
+def entropy_scorer(state: TrainState):
+    """The `entropy` strategy's scorer: the scoring model's next-token entropies, its forward
+    under `rollout_precision` (bf16 under FP8 training, like the rollouts)."""
+    return model_entropy_scorer(lambda: scoring_model(state), state.tokenizer.vocab_size,
+                                state.tokenizer.pad, state.cfg.precision)
+
+
 def make_context_sampler(state: TrainState, corpus=None) -> ContextSampler:
     """The RLP context sampler of `state.cfg` over `corpus` (default: the train split)."""
     cfg = state.cfg
     scorer = None
     if cfg.rlp.position_strategy == "entropy":
-        scorer = model_entropy_scorer(lambda: scoring_model(state), state.tokenizer.vocab_size,
-                                      state.tokenizer.pad)
+        scorer = entropy_scorer(state)
     return build_context_sampler(cfg.rlp, state.corpus if corpus is None else corpus,
                                  cfg.train.seed, scorer, thought_markers(state))
 

@@ -33,11 +33,10 @@ from megatron_rlp.data.batches import build_rlp_inputs
 from megatron_rlp.models.fp8 import rollout_precision
 from megatron_rlp.rollout.template import apply_template, build_template
 from megatron_rlp.rollout.thoughts import sample_thoughts
-from megatron_rlp.scoring.entropy import model_entropy_scorer
 from megatron_rlp.scoring.next_token import score_next_tokens
 from megatron_rlp.train.builder import TrainState
 from megatron_rlp.train.reduce import gather_data_parallel
-from megatron_rlp.train.samplers import scoring_model, thought_markers
+from megatron_rlp.train.samplers import entropy_scorer, thought_markers
 
 EVAL_STEP_KEY = 0  # training steps are numbered from 1
 
@@ -54,8 +53,7 @@ def eval_sampler(state: TrainState) -> ContextSampler:
                                      state.tokenizer.think_end)
     scorer = None
     if strategy == "entropy":
-        scorer = model_entropy_scorer(lambda: scoring_model(state), state.tokenizer.vocab_size,
-                                      state.tokenizer.pad)
+        scorer = entropy_scorer(state)  # under rollout_precision, like the sampling below
     return ContextSampler(state.valid_corpus, min_prefix=r.min_prefix_tokens,
                           max_prefix=r.max_prefix_tokens, seed=state.cfg.train.seed,
                           strategy=strategy, stride=r.position_stride, scorer=scorer,

@@ -13,9 +13,8 @@ from megatron_rlp import distributed
 from megatron_rlp.config import load_config
 from megatron_rlp.models.provider import build_model
 from megatron_rlp.rollout.sampling import sample_tokens
-from megatron_rlp.rollout.vocab_parallel import sample_vocab_parallel
+from megatron_rlp.rollout.vocab_parallel import sample_vocab_parallel, token_logprobs_vocab_parallel
 from megatron_rlp.scoring.entropy import entropy_vocab_parallel, window_entropies
-from megatron_rlp.scoring.next_token import token_logprobs_vocab_parallel
 
 tp = int(sys.argv[1])
 cfg = load_config(None, (f"parallel.tensor_model_parallel_size={tp}", "model.num_query_groups=6",

@@ -28,7 +28,7 @@ from megatron_rlp.data.corpus import load_corpus
 from megatron_rlp.models.masks import padded_causal_mask
 from megatron_rlp.objective.kl import kl_penalty
 from megatron_rlp.rollout.template import PAPER_INSTRUCTION
-from megatron_rlp.scoring.next_token import token_logprobs_vocab_parallel
+from megatron_rlp.rollout.vocab_parallel import token_logprobs_vocab_parallel
 from megatron_rlp.train import rlp_step as rlp_step_module
 from megatron_rlp.train.ntp_mix import ntp_pass
 from megatron_rlp.train.rlp_step import local_contexts, rlp_step

@@ -17,7 +17,7 @@ from megatron_rlp.data.batches import (
     update_batch,
 )
 from megatron_rlp.rollout.thoughts import sample_thoughts_chunked
-from megatron_rlp.scoring.next_token import token_logprobs_vocab_parallel
+from megatron_rlp.rollout.vocab_parallel import token_logprobs_vocab_parallel
 from megatron_rlp.train.rlp_step import local_contexts, rlp_step
 from megatron_rlp.train.rlp_update import rlp_forward_step, rlp_loss
 from megatron_rlp.train.timers import PhaseTimer

@@ -29,6 +29,25 @@ MODELS = {
 TOKENIZER = "tests/assets/tiny_bpe/tokenizer.json"
 
 
+def _recipes() -> dict[str, tuple[str, int]]:
+    """Every examples/*.sh that launches a recipe (`rlp_paper_recipe CONFIG ...`): script ->
+    (its config, the GPUs it is sized for: RECIPE_GPUS in the script, else the paper's 32)."""
+    out = {}
+    for path in sorted(ROOT.glob("examples/*.sh")):
+        text = path.read_text()
+        found = re.search(r"^\s*rlp_paper_recipe\s+(\S+)", text, re.M)
+        if found:
+            gpus = re.search(r"RECIPE_GPUS=\$\{RECIPE_GPUS:-(\d+)\}", text)
+            out[path.stem] = (found.group(1), int(gpus.group(1)) if gpus else 32)
+    return out
+
+
+RECIPES = _recipes()
+# what a launch script takes from the environment (where the data and checkpoints are)
+PATH_KEYS = ("data.corpus", "data.tokenizer", "train.load", "train.save", "train.metrics_file",
+             "train.tensorboard_dir")
+
+
 def test_shellcheck_clean():
     sc = shutil.which("shellcheck")
     if sc is None:
@@ -137,6 +156,64 @@ def test_layout_is_valid_fits_and_matches_the_header(name, tmp_path):
     est = json.loads(proc.stdout)
     assert est["fits"], est
     assert est["total"] / 2**30 == pytest.approx(_header_peak(name), abs=0.6)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def test_every_gpu_recipe_script_is_found():
+    assert set(MODELS) <= set(RECIPES), RECIPES
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_yaml_and_launch_script_describe_the_same_job(name, tmp_path):
+    """Running the YAML directly and running its launch script (defaults, on the nodes the
+    recipe is sized for) give the same config, but for the paths the script takes from the
+    environment: same layout, G, rollout chunk, micro-batch, lengths, schedule."""
+    from megatron_rlp.config import read_config
+
+    config, gpus = RECIPES[name]
+    env = _env(tmp_path, NNODES=str(gpus // 8), MASTER_ADDR="node001")
+    cmd = _command(_script(name, env))
+    assert cmd[cmd.index("--config") + 1] == config
+    over = tuple(cmd[cmd.index("--config") + 2:])
+    paths = tuple(o for o in over if o.split("=", 1)[0] in PATH_KEYS)
+    assert len(paths) == len(PATH_KEYS), over
+    direct = _flat(read_config(str(ROOT / config), paths).to_dict())
+    launched = _flat(read_config(str(ROOT / config), over).to_dict())
+    differ = {k: (direct[k], launched[k]) for k in direct if direct[k] != launched[k]}
+    assert not differ, f"{config} vs examples/{name}.sh (yaml, script): {differ}"
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_fewer_nodes_than_the_recipe_says_so(name, tmp_path):
+    """On one node a 32-GPU recipe prints one note (stderr; the command stays the last line
+    of stdout) naming its GPU count, this launch's, and what changes per rank; on its own
+    node count it prints none."""
+    config, gpus = RECIPES[name]
+    proc = _script(name, _env(tmp_path, NNODES="1"))
+    cmd = _command(proc)
+    tp = int(next(o for o in cmd if o.startswith("parallel.tensor_model_parallel_size="))
+             .split("=")[1])
+    from megatron_rlp.config import read_config
+
+    cfg = read_config(str(ROOT / config), tuple(cmd[cmd.index("--config") + 2:]))
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("[recipe] note:")]
+    assert len(notes) == 1, proc.stderr
+    dp, contexts = 8 // tp, cfg.rlp.contexts_per_step
+    per_rank = contexts // dp
+    for part in (f"sized for {gpus} GPUs", "this launch has 8 (NNODES=1)",
+                 f"The same {contexts} contexts/step now run on DP={dp}",
+                 f"{per_rank} contexts x G={cfg.rlp.group_size} = "
+                 f"{per_rank * cfg.rlp.group_size} rollout rows per rank",
+                 f"~{gpus // 8}x the time per step", f"CONTEXTS={contexts * 8 // gpus}"):
+        assert part in notes[0], (part, notes[0])
+    proc = _script(name, _env(tmp_path, NNODES=str(gpus // 8), MASTER_ADDR="node001"))
+    assert proc.returncode == 0 and "[recipe]" not in proc.stderr, proc.stderr
 
 
 def test_tiny_cpu_script_trains_and_its_metrics_plot(tmp_path):

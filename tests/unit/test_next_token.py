@@ -1,4 +1,4 @@
-"""`scoring.next_token.token_logprobs_vocab_parallel`'s no-grad, one-shard path (S_pred at
+"""`rollout.vocab_parallel.token_logprobs_vocab_parallel`'s no-grad, one-shard path (S_pred at
 every decode step, S_ema) is bit-identical to Megatron's `vocab_parallel_cross_entropy`,
 which it skips only for its all-reduces over a one-rank group."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers.tiny_models import tiny_dense_model
 
-from megatron_rlp.scoring.next_token import token_logprobs_vocab_parallel
+from megatron_rlp.rollout.vocab_parallel import token_logprobs_vocab_parallel
 
 
 @pytest.mark.parametrize("shape", [(7, 300), (3, 5, 260)])

@@ -3,7 +3,8 @@ the TE spec's structure (Megatron puts placeholders where TE classes would be), 
 TransformerConfig fields, and the bf16 switch rollouts run under.
 
 Untested here (needs CUDA + TE): instantiating TE modules, an FP8 forward/backward, FP8
-parameters (`fp8_param_gather`), TE's dequantisation of FP8 weights inside `bf16_forward`.
+parameters (`fp8_param_gather`, refused at start-up for now), TE's dequantisation of FP8
+weights inside `bf16_forward`.
 """
 
 from __future__ import annotations
@@ -142,8 +143,10 @@ def test_fp8_config_on_hopper_reaches_transformer_config(machine):
     machine(True, HOPPER)
     cfg = load_config(None, FP8 + ("precision.fp8_recipe=tensorwise",
                                    "precision.first_last_layers_bf16=true",
-                                   "precision.num_layers_at_start_in_bf16=2",
-                                   "precision.fp8_param_gather=true"))
+                                   "precision.num_layers_at_start_in_bf16=2"))
+    # refused at start-up for now (test_fp8_refusals.py); its mapping is kept for the day the
+    # model is built on the device
+    cfg.precision.fp8_param_gather = True
     kwargs = fp8.transformer_config_fp8(cfg.precision)
     assert set(kwargs) == set(fp8.FP8_FIELDS)
     names = {f.name for f in dataclasses.fields(TransformerConfig)}
