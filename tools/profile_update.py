@@ -274,10 +274,12 @@ def main(argv: list[str] | None = None) -> int:
             ops = _op_split(prof)
             state.cfg = configs[kind]
             mbs = packed_microbatches(configs[kind], state.tokenizer, ro, 1, equal_width=False)
-            med = {name: statistics.median(r.get(name, 0.0) for r in regions[kind])
+            # the regions of the median update (so that they add up to its wall time)
+            mid = sorted(range(args.steps), key=walls[kind].__getitem__)[args.steps // 2]
+            med = {name: regions[kind][mid].get(name, 0.0)
                    for name in ("forward", "forward/core_attention", "loss", "backward",
                                 "finalize", "optimizer")}
-            wall = statistics.median(walls[kind])
+            wall = walls[kind][mid]
             med["rest"] = wall - sum(v for k, v in med.items() if k != "forward/core_attention")
             op_total = sum(sum(v.values()) for v in ops.values())
             out[kind] = {
