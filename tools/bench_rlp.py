@@ -17,7 +17,7 @@ built from the same config and seed (identical weights); every step runs
     optimised  rlp.share_prefixes=true: one prefill per document window, branch-packed update
     optimised_<attention>  (--also-attention mask ...) the same with another
                `model.packed_attention` (`mask`: the dense tree mask, the update before
-               `split` became the CPU default); --no-naive skips the naive path
+               `split` became the CPU default); --skip-naive leaves the naive path out
     hf         (--hf) tools/bench_rlp_hf.py: transformers `generate` per row, separate
                scoring and update forwards, same model dimensions; --hf-batched: one
                `generate` over all rows (a stronger yardstick)
@@ -161,6 +161,28 @@ class DecodeMeter:
             setattr(cls, name, fn)
 
 
+def _dual_timer():
+    """`train.timers.PhaseTimer` that also keeps each phase's CPU seconds of this thread as
+    `<phase>_cpu`: on a shared machine a one-thread process's CPU time leaves out the time
+    it waited for a core (cache and memory-bandwidth contention still count)."""
+    from contextlib import contextmanager
+
+    from megatron_rlp.train.timers import PhaseTimer
+
+    class DualTimer(PhaseTimer):
+        @contextmanager
+        def __call__(self, phase: str):
+            cpu = time.thread_time()
+            try:
+                with super().__call__(phase):
+                    yield
+            finally:
+                key = f"{phase}_cpu"
+                self.seconds[key] = self.seconds.get(key, 0.0) + time.thread_time() - cpu
+
+    return DualTimer()
+
+
 def matmul_flop_per_s(n: int = 1024, repeats: int = 5) -> float:
     """A plain fp32 [n, n] @ [n, n] matmul's FLOP rate on this process's threads (best of
     `repeats`): the yardstick for the update's achieved rate."""
@@ -242,7 +264,6 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
     from megatron_rlp.train.flops import model_dims, step_flops
     from megatron_rlp.train.rlp_step import rlp_step
     from megatron_rlp.train.samplers import make_context_sampler
-    from megatron_rlp.train.timers import PhaseTimer
 
     variants = {}
     paths = [("naive", False, None)] if naive else []
@@ -272,9 +293,9 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
         order = names[i % len(names):] + names[:i % len(names)]
         traces = {}
         for name in order:
-            timer, trace = PhaseTimer(), {}
+            timer, trace = _dual_timer(), {}
             with PeakMemory() as mem, DecodeMeter() as meter:
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.thread_time()
                 if name == "hf":
                     state, sampler = variants[first]
                     from megatron_rlp.data.batches import build_rlp_inputs
@@ -287,10 +308,10 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
                 else:
                     state, sampler = variants[name]
                     metrics = rlp_step(state, sampler, timer, trace)
-                seconds = time.perf_counter() - start
+                seconds, cpu = time.perf_counter() - start, time.thread_time() - cpu
             traces[name] = {**trace, "loss": metrics["loss"]}
             if i >= warmup:
-                row = {"step": seconds, **timer.pop(), "peak_bytes": mem.bytes,
+                row = {"step": seconds, "step_cpu": cpu, **timer.pop(), "peak_bytes": mem.bytes,
                        "tokens": metrics["tokens"], "thought_len": metrics["thought_len"]}
                 decoded = metrics["thought_len"] * cfg.rlp.contexts_per_step * cfg.rlp.group_size
                 row["decoded_tokens_per_s"] = decoded / row["rollout"]
@@ -321,6 +342,9 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
         step_s = sum(r["step"] for r in rows)
         entry = {
             "phases_s": phases,
+            # this thread's CPU seconds: what a quiet core would take (see _dual_timer)
+            "phases_cpu_s": {k: _summary([r[f"{k}_cpu"] for r in rows])
+                             for k in ("step", "rollout", "scoring", "update")},
             "decode_ms_per_step": _summary([r["decode_ms_per_step"] for r in rows]),
             "decoded_tokens_per_s": _summary([r["decoded_tokens_per_s"] for r in rows]),
             "rollout_cache_bytes": max(r.get("rollout_cache_bytes", 0) for r in rows) or None,
@@ -345,10 +369,18 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
             out["speedup"][f"{n}_vs_hf"] = med["hf"] / med[n]
         roll = {n: out["paths"][n]["phases_s"]["rollout"]["median"] for n in names}
         out["speedup"]["rollout_optimised_vs_hf"] = roll["hf"] / roll["optimised"]
+    cpu = {n: out["paths"][n]["phases_cpu_s"]["step"]["median"] for n in names}
+    out["speedup_cpu"] = {f"optimised_vs_{n}": cpu[n] / cpu["optimised"]
+                          for n in variants if n != "optimised"}
+    if hf:
+        for n in variants:
+            out["speedup_cpu"][f"{n}_vs_hf"] = cpu["hf"] / cpu[n]
     out["matmul_flop_per_s"] = matmul_flop_per_s()  # same process, same thread count
     for entry in out["paths"].values():  # the update's rate as a share of a plain matmul's
         if "update_flop_per_s" in entry:
             entry["update_vs_matmul"] = entry["update_flop_per_s"] / out["matmul_flop_per_s"]
+            entry["update_flop_per_cpu_s"] = entry["flop_model"]["update"] / entry[
+                "phases_cpu_s"]["update"]["median"]
     out["equal"] = {
         "identical_thoughts_all_steps": all(c["identical_thoughts"] for c in checks),
         "max_reward_abs_diff": max((c["rewards_max_abs_diff"] for c in checks), default=0.0),
@@ -370,8 +402,8 @@ def main(argv: list[str] | None = None) -> int:
                         "one batched `generate` over all rows instead")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="device peak (dense, the run's dtype) for MFU")
-    parser.add_argument("--no-naive", action="store_true", help="skip the naive path (the "
-                        "equality checks then compare the optimised variants)")
+    parser.add_argument("--skip-naive", action="store_true", help="leave out the naive path "
+                        "(the equality checks then compare the optimised variants)")
     parser.add_argument("--also-attention", nargs="*", default=[], choices=["mask", "split",
                         "flex"], help="also run the optimised path with these "
                         "model.packed_attention values (paths optimised_<value>)")
@@ -400,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         hf = "batched" if args.hf_batched else "per-row" if args.hf else None
         res = run(cfg, args.steps, args.warmup, hf, args.peak_tflops, args.block_size,
-                  naive=not args.no_naive, also_attention=tuple(args.also_attention))
+                  naive=not args.skip_naive, also_attention=tuple(args.also_attention))
     finally:
         distributed.shutdown()
     import torch
@@ -434,7 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[bench_rlp] plain fp32 matmul on this thread: {res['matmul_flop_per_s'] / 1e9:.2f} "
           "GFLOP/s")
     print("[bench_rlp] speed-up " + ", ".join(f"{k} {v:.2f}x" for k, v in res["speedup"].items())
-          + f" | equal {res['equal']}", flush=True)
+          + f" | equal {res['equal']}")
+    print("[bench_rlp] speed-up in CPU seconds of each path's thread " + ", ".join(
+        f"{k} {v:.2f}x" for k, v in res["speedup_cpu"].items()), flush=True)
     return 0
 
 

@@ -74,11 +74,11 @@ def test_peak_memory_sees_a_block_allocation():
 
 
 def test_bench_rlp_runs_attention_variants_without_naive(tmp_path):
-    """--no-naive --also-attention mask: the optimised path with the split attention (the CPU
+    """--skip-naive --also-attention mask: the optimised path with the split attention (the CPU
     default) and with the dense tree mask, side by side, checked against each other."""
     out = tmp_path / "variants.json"
     proc = subprocess.run([sys.executable, "tools/bench_rlp.py", "--steps", "1", "--warmup", "0",
-                           "--no-naive", "--also-attention", "mask", "--out", str(out), *SMALL],
+                           "--skip-naive", "--also-attention", "mask", "--out", str(out), *SMALL],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
