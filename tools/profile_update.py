@@ -24,7 +24,9 @@ attention softmax/mask, elementwise, copies, ...) in the forward and in the back
 the Python/dispatch time between operators. The core attention of the real micro-batch is
 also timed alone, forward and backward, per path. The update's achieved FLOP rate (FLOP
 model of `train/flops.py`, tree pairs only) is set against a plain fp32 1024^3 matmul on
-the same thread. Profiling adds a few microseconds per op: read its split as shares.
+the same thread, per wall second and per CPU second of the thread (`time.thread_time`: on a
+shared machine it leaves out the waits for a core). Profiling adds a few microseconds per
+op: read its split as shares.
 """
 
 from __future__ import annotations
@@ -134,9 +136,11 @@ def _family(name: str) -> str | None:
 
 def _op_split(prof) -> dict:
     """Operator self time (s) by family, in the forward (under region/forward or loss) and
-    in the rest of the update (backward: autograd's thread-local ops, optimizer)."""
+    in the rest of the update (backward: autograd's thread-local ops, optimizer); and the 10
+    costliest operators of the forward and of the backward (`top_ops`)."""
     out = {"forward": defaultdict(float), "backward": defaultdict(float),
            "optimizer": defaultdict(float), "other": defaultdict(float)}
+    ops = {k: defaultdict(float) for k in out}
     for ev in prof.events():
         family = _family(ev.name)
         if family is None or ev.name.startswith("region/"):
@@ -156,7 +160,11 @@ def _op_split(prof) -> dict:
         if where == "other" and ev.thread != prof.events()[0].thread:
             where = "backward"  # autograd's worker thread
         out[where][family] += ev.self_cpu_time_total / 1e6
-    return {k: dict(sorted(v.items(), key=lambda kv: -kv[1])) for k, v in out.items()}
+        ops[where][ev.name] += ev.self_cpu_time_total / 1e6
+    res = {k: dict(sorted(v.items(), key=lambda kv: -kv[1])) for k, v in out.items()}
+    res["top_ops"] = {k: dict(sorted(v.items(), key=lambda kv: -kv[1])[:10])
+                      for k, v in ops.items() if k in ("forward", "backward")}
+    return res
 
 
 def _attention_alone(state, mbs, kind: str, repeats: int = 3) -> dict:
@@ -243,10 +251,13 @@ def main(argv: list[str] | None = None) -> int:
         configs = {kind: dataclasses.replace(cfg, model=dataclasses.replace(
             cfg.model, packed_attention=kind)) for kind in args.attention}
 
+        cpu_s = {k: [] for k in args.attention}
+
         def update(kind: str) -> float:
             state.cfg = configs[kind]
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.thread_time()
             step_module.rlp_step(state, sampler, PhaseTimer())
+            cpu_s[kind].append(time.thread_time() - cpu)  # without waits for a core
             return time.perf_counter() - start
 
         for kind in args.attention:
@@ -281,13 +292,15 @@ def main(argv: list[str] | None = None) -> int:
                                 "finalize", "optimizer")}
             wall = walls[kind][mid]
             med["rest"] = wall - sum(v for k, v in med.items() if k != "forward/core_attention")
-            op_total = sum(sum(v.values()) for v in ops.values())
+            op_total = sum(sum(v.values()) for k, v in ops.items() if k != "top_ops")
             out[kind] = {
                 "update_s": _stats(walls[kind]), "regions_s": med,
+                "update_cpu_s": _stats(cpu_s[kind][1:args.steps + 1]),  # the timed ones
                 "profiled": {"wall_s": profiled, "op_self_s": ops,
                              "python_dispatch_s": profiled - op_total},
                 "attention_alone": _attention_alone(state, mbs, kind),
                 "update_flop": flop, "update_flop_per_s": flop / wall,
+                "update_flop_per_cpu_s": flop / statistics.median(cpu_s[kind][1:args.steps + 1]),
                 "micro_batches": [list(mb["tokens"].shape) for mb in mbs],
             }
     finally:
@@ -308,8 +321,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['loss']:.2f} + backward {r['backward']:.2f} + finalize {r['finalize']:.2f} + "
               f"optimizer {r['optimizer']:.2f} + rest {r['rest']:.2f} | core attention alone "
               f"fwd {a['forward_s']:.2f}s bwd {a['backward_s']:.2f}s | "
-              f"{p['update_flop_per_s'] / 1e9:.1f} GFLOP/s (plain matmul {mm / 1e9:.1f})")
+              f"{p['update_flop_per_s'] / 1e9:.1f} GFLOP/s, per CPU second "
+              f"{p['update_flop_per_cpu_s'] / 1e9:.1f} (plain matmul {mm / 1e9:.1f})")
         for where, fam in p["profiled"]["op_self_s"].items():
+            if where == "top_ops":
+                continue
             print(f"[profile_update] {kind:6s}   {where:9s} " + ", ".join(
                 f"{k} {v:.2f}s" for k, v in fam.items()))
         print(f"[profile_update] {kind:6s}   python/dispatch "
