@@ -9,7 +9,9 @@ Builds `tools/bench_rlp.py`'s model and shape (`--size`, bench defaults, then ov
 draws one rollout (`rlp_step`'s `rollout_and_score`) and runs the step's update on it
 (`rlp_step` with that rollout: same micro-batches, forward step, Megatron schedule, DDP and
 optimizer) for each `--attention` path (`model.packed_attention`), alternating the paths
-`--steps` times after a warm-up. Wall-clock regions per update (`time.perf_counter`):
+`--steps` times after a warm-up. Regions of the median update, in CPU seconds of the thread
+(`time.thread_time`: the machine this ran on is shared, and a one-thread process's CPU time
+leaves out its waits for a core; wall seconds are reported per update too):
 
     forward     the forward step: Megatron's model forward, logits at the thought positions
       core_attention   of which the layers' core attention (QK^T, mask, softmax, PV)
@@ -22,11 +24,10 @@ optimizer) for each `--attention` path (`model.packed_attention`), alternating t
 One more update per path runs under `torch.profiler`: operator self time by family (GEMM,
 attention softmax/mask, elementwise, copies, ...) in the forward and in the backward, and
 the Python/dispatch time between operators. The core attention of the real micro-batch is
-also timed alone, forward and backward, per path. The update's achieved FLOP rate (FLOP
-model of `train/flops.py`, tree pairs only) is set against a plain fp32 1024^3 matmul on
-the same thread, per wall second and per CPU second of the thread (`time.thread_time`: on a
-shared machine it leaves out the waits for a core). Profiling adds a few microseconds per
-op: read its split as shares.
+also timed alone (CPU seconds), forward and backward, per path. The update's achieved FLOP
+rate (FLOP model of `train/flops.py`, tree pairs only) is set against a plain fp32 1024^3
+matmul on the same thread, per wall second and per CPU second of the thread. Profiling
+adds a few microseconds per op: read its split as shares.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ FAMILIES = (  # operator name -> family, first match wins
 
 
 class Regions:
-    """Wall-clock seconds of named regions (summed), also marked for the profiler."""
+    """CPU seconds of this thread in named regions (summed; `time.thread_time`, which on a
+    shared machine leaves out the waits for a core), also marked for the profiler."""
 
     def __init__(self):
         self.seconds: dict[str, float] = defaultdict(float)
@@ -70,12 +72,12 @@ class Regions:
 
         @functools.wraps(fn)
         def inner(*args, **kwargs):
-            start = time.perf_counter()
+            start = time.thread_time()
             try:
                 with record_function(f"region/{name}"):
                     return fn(*args, **kwargs)
             finally:
-                self.seconds[name] += time.perf_counter() - start
+                self.seconds[name] += time.thread_time() - start
         return inner
 
 
@@ -192,13 +194,13 @@ def _attention_alone(state, mbs, kind: str, repeats: int = 3) -> dict:
     v = torch.randn(s, n, groups, hd, requires_grad=True)
     upstream = torch.randn(s, n, heads * hd)
     fwd, bwd = [], []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
+    for _ in range(repeats + 1):  # CPU seconds of this thread
+        start = time.thread_time()
         out = core(q, k, v, mask)
-        mid = time.perf_counter()
+        mid = time.thread_time()
         out.backward(upstream)
         fwd.append(mid - start)
-        bwd.append(time.perf_counter() - mid)
+        bwd.append(time.thread_time() - mid)
     layers = len(cores)
     return {"forward_s": layers * min(fwd[1:]), "backward_s": layers * min(bwd[1:]),
             "layers": layers, "shape": [n, s, heads, groups, hd]}
@@ -285,13 +287,15 @@ def main(argv: list[str] | None = None) -> int:
             ops = _op_split(prof)
             state.cfg = configs[kind]
             mbs = packed_microbatches(configs[kind], state.tokenizer, ro, 1, equal_width=False)
-            # the regions of the median update (so that they add up to its wall time)
-            mid = sorted(range(args.steps), key=walls[kind].__getitem__)[args.steps // 2]
+            # the regions of the median update (so that they add up to its CPU time)
+            timed = cpu_s[kind][1:args.steps + 1]
+            mid = sorted(range(args.steps), key=timed.__getitem__)[args.steps // 2]
             med = {name: regions[kind][mid].get(name, 0.0)
                    for name in ("forward", "forward/core_attention", "loss", "backward",
                                 "finalize", "optimizer")}
-            wall = walls[kind][mid]
-            med["rest"] = wall - sum(v for k, v in med.items() if k != "forward/core_attention")
+            wall = statistics.median(walls[kind])
+            med["rest"] = timed[mid] - sum(v for k, v in med.items()
+                                           if k != "forward/core_attention")
             op_total = sum(sum(v.values()) for k, v in ops.items() if k != "top_ops")
             out[kind] = {
                 "update_s": _stats(walls[kind]), "regions_s": med,
@@ -316,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     mm = res["matmul_flop_per_s"]
     for kind, p in out.items():
         r, a = p["regions_s"], p["attention_alone"]
-        print(f"[profile_update] {kind:6s} update {p['update_s']['median']:.2f}s = forward "
+        print(f"[profile_update] {kind:6s} update {p['update_s']['median']:.2f}s wall, "
+              f"{p['update_cpu_s']['median']:.2f}s CPU = forward "
               f"{r['forward']:.2f} (core attention {r['forward/core_attention']:.2f}) + loss "
               f"{r['loss']:.2f} + backward {r['backward']:.2f} + finalize {r['finalize']:.2f} + "
               f"optimizer {r['optimizer']:.2f} + rest {r['rest']:.2f} | core attention alone "
