@@ -28,9 +28,13 @@ fallback and activation recomputation read it as before) and registers this modu
 `SplitLayout` for it, keyed by the mask's storage as `models.mamba.branches` does; the core
 attention (Megatron's local or TE's; core attention has no weights) is wrapped
 (`route_core_attention`) to take the split path for a registered mask and call the original
-otherwise. Written here because neither Megatron-Core nor PyTorch has a tree-structured
-attention on CPU: Megatron's packed sequences are block-diagonal (THD), and FlexAttention's
-block-sparse kernel is compiled for CUDA (its CPU eager operator is dense math, `packing.flex`).
+otherwise, and for what the split path does not do (attention dropout in training,
+`apply_query_key_layer_scaling`, other softmax types, sliding windows: `packing.flex`'s
+list), where Megatron's dense path applies the same tree mask.
+
+Written here because neither Megatron-Core nor PyTorch has a tree-structured attention on
+CPU: Megatron's packed sequences are block-diagonal (THD), and FlexAttention's block-sparse
+kernel is compiled for CUDA (its CPU eager operator is dense math, `packing.flex`).
 """
 
 from __future__ import annotations
@@ -192,11 +196,17 @@ def split_tree_attention(query: Tensor, key: Tensor, value: Tensor, layout: Spli
 def _routed_forward(core: torch.nn.Module, original, query, key, value, attention_mask,
                     attn_mask_type=None, attention_bias=None, packed_seq_params=None, **kw):
     layout = layout_of(attention_mask)
-    if layout is None or attention_bias is not None or packed_seq_params is not None or kw:
+    scale = None
+    if layout is not None and attention_bias is None and packed_seq_params is None and not kw:
+        try:
+            scale = check_supported(core, "split")
+        except ValueError:  # attention dropout, layer scaling, ...: Megatron's dense path
+            scale = None
+    if scale is None:
         return original(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
                         attention_bias=attention_bias, packed_seq_params=packed_seq_params,
                         **kw)
-    return split_tree_attention(query, key, value, layout, check_supported(core, "split"))
+    return split_tree_attention(query, key, value, layout, scale)
 
 
 def route_core_attention(model) -> int:

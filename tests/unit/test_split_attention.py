@@ -167,3 +167,27 @@ def test_auto_is_split_on_cpu():
     from megatron_rlp.startup import load_config
 
     assert load_config(None, ("model.packed_attention=split",)).model.packed_attention == "split"
+
+
+def test_what_split_does_not_do_takes_megatrons_dense_path(model):
+    """Attention dropout in training (Megatron-LM's default 0.1 through the plugin): the
+    routed core attention keeps Megatron's path, which applies the same tree mask."""
+    packed = _packed(0, 6)
+    rows = packed[0]["advantages"].numel()
+    calls = []
+    forward = split_attention.split_tree_attention
+    config = next(m.core_attention.config for m in model.modules()
+                  if hasattr(m, "core_attention"))
+    try:
+        split_attention.split_tree_attention = lambda *a, **k: calls.append(1) or forward(*a,
+                                                                                         **k)
+        _run(model, partial(rlp_forward_step, attention="split"), packed, rows)
+        assert calls  # split by default
+        calls.clear()
+        config.attention_dropout = 0.1
+        loss, grads = _run(model, partial(rlp_forward_step, attention="split"), packed, rows)
+    finally:
+        config.attention_dropout = 0.0
+        split_attention.split_tree_attention = forward
+    assert not calls and loss == loss and grads  # Megatron's dense path ran, finite loss
+
