@@ -161,28 +161,6 @@ class DecodeMeter:
             setattr(cls, name, fn)
 
 
-def _dual_timer():
-    """`train.timers.PhaseTimer` that also keeps each phase's CPU seconds of this thread as
-    `<phase>_cpu`: on a shared machine a one-thread process's CPU time leaves out the time
-    it waited for a core (cache and memory-bandwidth contention still count)."""
-    from contextlib import contextmanager
-
-    from megatron_rlp.train.timers import PhaseTimer
-
-    class DualTimer(PhaseTimer):
-        @contextmanager
-        def __call__(self, phase: str):
-            cpu = time.thread_time()
-            try:
-                with super().__call__(phase):
-                    yield
-            finally:
-                key = f"{phase}_cpu"
-                self.seconds[key] = self.seconds.get(key, 0.0) + time.thread_time() - cpu
-
-    return DualTimer()
-
-
 def matmul_flop_per_s(n: int = 1024, repeats: int = 5) -> float:
     """A plain fp32 [n, n] @ [n, n] matmul's FLOP rate on this process's threads (best of
     `repeats`): the yardstick for the update's achieved rate."""
@@ -264,6 +242,7 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
     from megatron_rlp.train.flops import model_dims, step_flops
     from megatron_rlp.train.rlp_step import rlp_step
     from megatron_rlp.train.samplers import make_context_sampler
+    from megatron_rlp.train.timers import PhaseTimer
 
     variants = {}
     paths = [("naive", False, None)] if naive else []
@@ -293,7 +272,7 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
         order = names[i % len(names):] + names[:i % len(names)]
         traces = {}
         for name in order:
-            timer, trace = _dual_timer(), {}
+            timer, trace = PhaseTimer(cpu=True), {}  # wall and CPU seconds per phase
             with PeakMemory() as mem, DecodeMeter() as meter:
                 start, cpu = time.perf_counter(), time.thread_time()
                 if name == "hf":
@@ -342,7 +321,7 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
         step_s = sum(r["step"] for r in rows)
         entry = {
             "phases_s": phases,
-            # this thread's CPU seconds: what a quiet core would take (see _dual_timer)
+            # this thread's CPU seconds: what a quiet core would take (PhaseTimer(cpu=True))
             "phases_cpu_s": {k: _summary([r[f"{k}_cpu"] for r in rows])
                              for k in ("step", "rollout", "scoring", "update")},
             "decode_ms_per_step": _summary([r["decode_ms_per_step"] for r in rows]),

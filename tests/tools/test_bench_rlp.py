@@ -88,8 +88,10 @@ def test_bench_rlp_runs_attention_variants_without_naive(tmp_path):
                                                                     "optimised")]
     assert res["equal"]["identical_thoughts_all_steps"]
     assert res["equal"]["max_loss_abs_diff"] < 1e-5
-    assert set(res["speedup"]) == {"optimised_vs_optimised_mask"}
-    for path in res["paths"].values():
+    assert set(res["speedup"]) == set(res["speedup_cpu"]) == {"optimised_vs_optimised_mask"}
+    for path in res["paths"].values():  # CPU seconds of the thread beside the wall seconds
+        cpu = {k: v["median"] for k, v in path["phases_cpu_s"].items()}
+        assert 0 < cpu["update"] < cpu["step"] and cpu["rollout"] > 0
         assert 0 < path["update_vs_matmul"] == path["update_flop_per_s"] / res[
             "matmul_flop_per_s"]
 
