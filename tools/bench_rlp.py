@@ -4,6 +4,12 @@
     python tools/bench_rlp.py --hf --size 25m --out runs/bench/rlp_hf_25m.json \
         rlp.positions_per_document=1 rlp.group_size=4 rlp.min_prefix_tokens=160 \
         rlp.max_prefix_tokens=160
+    python tools/bench_rlp.py --models --out docs/bench/rlp_models_moe.json \
+        device.num_threads=1
+
+`--models`: the tiny dense, MoE, hybrid and hybrid-MoE models at equal active parameters,
+one step each in turn, side by side (tools/bench_rlp_models.py); the rest of this docstring
+is the default mode.
 
 Defaults: the tiny model (examples/configs/tiny_cpu.yaml), 8 contexts from one document
 (8 positions per document), G=8, 256-token windows (max_prefix 144, min_prefix 32: each
@@ -143,17 +149,22 @@ class DecodeMeter:
                 meter.cache_bytes = max(meter.cache_bytes, cache_bytes(engine.ctx))
             self.undo.append((cls, "fork", fork))
             cls.fork = forked
-        step = KVCacheEngine.__dict__["step"]
+        depth = [0]  # the compiled engine's step calls the plain one before the fork
+        for cls in (KVCacheEngine, decode.SharedPrefixEngine):
+            step = cls.__dict__["step"]
 
-        def timed(engine, tokens):
-            start = time.perf_counter()
-            try:
-                return step(engine, tokens)
-            finally:
-                meter.seconds += time.perf_counter() - start
-                meter.steps += 1
-        self.undo.append((KVCacheEngine, "step", step))
-        KVCacheEngine.step = timed
+            def timed(engine, tokens, _step=step):
+                depth[0] += 1
+                start = time.perf_counter()
+                try:
+                    return _step(engine, tokens)
+                finally:
+                    depth[0] -= 1
+                    if not depth[0]:
+                        meter.seconds += time.perf_counter() - start
+                        meter.steps += 1
+            self.undo.append((cls, "step", step))
+            cls.step = timed
         return self
 
     def __exit__(self, *exc):
@@ -388,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
                         "model.packed_attention values (paths optimised_<value>)")
     parser.add_argument("--block-size", type=int, default=128,
                         help="FlexAttention tile for the packed update's block sparsity")
+    parser.add_argument("--models", action="store_true", help="time the tiny dense, MoE, "
+                        "hybrid and hybrid-MoE models side by side instead (--config, --size "
+                        "and --hf unused)")
     parser.add_argument("--out", default="runs/bench/rlp_paths.json")
     parser.add_argument("overrides", nargs="*", help="section.key=value, after the defaults")
     args = parser.parse_args(argv)
@@ -399,6 +413,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = bench_config(args.config, args.size, args.overrides)
+        if args.models:
+            import bench_rlp_models
+
+            cfgs = bench_rlp_models.configs(DEFAULTS, args.overrides)
+            cfg = cfgs["dense"]
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -410,8 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     distributed.initialize(cfg)
     try:
         hf = "batched" if args.hf_batched else "per-row" if args.hf else None
-        res = run(cfg, args.steps, args.warmup, hf, args.peak_tflops, args.block_size,
-                  naive=not args.skip_naive, also_attention=tuple(args.also_attention))
+        res = (bench_rlp_models.run(cfgs, args.steps, args.warmup) if args.models else
+               run(cfg, args.steps, args.warmup, hf, args.peak_tflops, args.block_size,
+                   naive=not args.skip_naive, also_attention=tuple(args.also_attention)))
     finally:
         distributed.shutdown()
     import torch
@@ -419,9 +439,13 @@ def main(argv: list[str] | None = None) -> int:
     res["run"] = {"device": torch.cuda.get_device_name() if torch.cuda.is_available()
                   else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
                   "command": " ".join(sys.argv), "steps": args.steps, "warmup": args.warmup,
-                  "config": cfg.to_dict()}
+                  "config": ({n: c.to_dict() for n, c in cfgs.items()} if args.models
+                             else cfg.to_dict())}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    if args.models:
+        print(bench_rlp_models.report(res), flush=True)
+        return 0
     for name, p in res["paths"].items():
         ph = p["phases_s"]
         print(f"[bench_rlp] {name:9s} step {ph['step']['median']:.3f}s | rollout "

@@ -250,7 +250,7 @@ rlp_paper_recipe() {
 
   local overrides=(
     device.type=cuda precision.params_dtype=bf16
-    parallel.tensor_model_parallel_size="$TP" parallel.pipeline_model_parallel_size=1
+    parallel.tensor_model_parallel_size="$TP" parallel.pipeline_model_parallel_size="${PP:-1}"
     parallel.use_distributed_optimizer=true
     rlp.contexts_per_step="$CONTEXTS" rlp.group_size="$GROUP_SIZE"
     rlp.rollout_chunk_contexts="$ROLLOUT_CHUNK"
@@ -271,8 +271,8 @@ rlp_paper_recipe() {
   fi
 
   local world=$((NNODES * GPUS_PER_NODE))
-  rlp_fewer_gpus_note "$world" "${RECIPE_GPUS:-32}" "$CONTEXTS" $((world / TP)) "$GROUP_SIZE" \
-    "$ROLLOUT_CHUNK"
+  rlp_fewer_gpus_note "$world" "${RECIPE_GPUS:-32}" "$CONTEXTS" $((world / (TP * ${PP:-1}))) \
+    "$GROUP_SIZE" "$ROLLOUT_CHUNK"
   rlp_estimate "$CONFIG" "$world" "${overrides[@]}" "$@"
   rlp_torchrun_args
   rlp_launch "${RLP_TORCHRUN[@]}" pretrain_rlp.py --config "$CONFIG" "${overrides[@]}" "$@"

@@ -154,6 +154,17 @@ class RLPConfig:
     C x P + R x T entries instead of R x (P + T). Exact up to fp32 rounding of the merge.
     None (auto) = on where the device is cuda (the recipes' memory estimates assume it), off
     on cpu, where the plain cache keeps runs bitwise equal to earlier releases."""
+    compile_decode: bool = False
+    """Shared-prefix rollouts: run each decode step after the fork (the model forward of one
+    token over a static cache, and the sampler) under torch.compile (packing/compiled.py):
+    inductor on cpu, inductor with CUDA graphs (`mode="reduce-overhead"`'s setting) on cuda.
+    Static shapes: the decode batch is compacted to bucket sizes (R, then powers of two),
+    the cache is read whole with later columns masked; graph compilations are counted in the
+    `decode_compiles` metric. Same thoughts, log-probs within fp32 rounding. Eager (one
+    warning) with Mamba layers, tensor or pipeline parallel; ignored with
+    `share_prefixes=false`. Off by default: measured on cpu (docs/performance.md) it is
+    2.4-3.2x faster per decode step at 0.8M, not measurably at 25M (0.93-1.35x), and each
+    graph costs 30-130 s of cold compilation; not yet measured on cuda."""
     thought_template: str | None = "none"
     """The prompt the policy thinks in (rollout/template.py): `none` = `x_<t <think>` as is;
     `paper` = the paper's short instruction (continue the text, think briefly between

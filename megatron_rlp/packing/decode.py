@@ -22,13 +22,16 @@ flash-attn kernels; this one is plain torch and runs on CPU and GPU. Attention-o
 from __future__ import annotations
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.transformer.attention import SelfAttention
 from torch import Tensor
 
+from megatron_rlp.models.mamba.model_walk import has_mamba
 from megatron_rlp.models.provider import unwrap_model
+from megatron_rlp.packing import compiled
 from megatron_rlp.packing.cascade import CascadeKV, cascade_attention, cascade_fork, cascade_keep
-from megatron_rlp.parallel.pipeline import chunks_of
+from megatron_rlp.parallel.pipeline import chunks_of, pipeline_size
 from megatron_rlp.rollout.engine import KVCacheEngine
 
 
@@ -77,12 +80,18 @@ class SharedPrefixEngine(KVCacheEngine):
 
     With `cascade` (the default) `fork` keeps each context's prefix K/V once and gives every
     branch row its own thought cache (`packing.cascade`: C x P + R x T cache entries per
-    layer instead of R x (P + T)); without it the prefix is copied to every row."""
+    layer instead of R x (P + T)); without it the prefix is copied to every row.
+
+    With `compile` the decode steps after the fork run `packing.compiled`'s static-shape step
+    under torch.compile (batch in buckets, whole cache masked); eager for Mamba layers and
+    tensor- or pipeline-parallel layouts (one warning, see `packing.compiled`)."""
 
     def __init__(self, model: torch.nn.Module, max_batch_size: int, max_sequence_length: int,
-                 cascade: bool = True):
+                 cascade: bool = True, compile: bool = False):
         super().__init__(model, max_batch_size, max_sequence_length)
         self.cascade = cascade
+        self.compile = compile and _compilable(model)
+        self._static = False  # set by the fork: decode steps from here on are compiled
         self._full = (max_batch_size, max_sequence_length)
         self.attentions = [m for c in chunks_of(model) for m in unwrap_model(c).modules()
                            if isinstance(m, SelfAttention)]
@@ -119,6 +128,11 @@ class SharedPrefixEngine(KVCacheEngine):
             self.ctx.max_batch_size, self.ctx.max_sequence_length = rows, columns
 
     def fork(self, n: int) -> None:
+        self._fork(n)
+        if self.compile:
+            self._make_static(n)
+
+    def _fork(self, n: int) -> None:
         if not self.cascade:
             return super().fork(n)
         self.ctx.max_batch_size, self.ctx.max_sequence_length = self._full
@@ -133,14 +147,78 @@ class SharedPrefixEngine(KVCacheEngine):
             return super().keep(rows)
         self.ctx.cascade_rows = cascade_keep(self.ctx, self.ctx.cascade_rows, rows)
         self.key_valid = self.key_valid[rows.to(self.key_valid.device)]
+        if self._static:
+            self.ctx.cascade_rows.width = self._group  # static prefix layout [C, G]
+
+    def _make_static(self, n: int) -> None:
+        """After the fork: zero the plain cache's columns not written yet (masked columns
+        are read, and Megatron allocates the cache uninitialised), fix the cascade layout's
+        width at G, and hold the decode position in a tensor."""
+        offset = self.ctx.sequence_len_offset
+        for entry in self.ctx.key_value_memory_dict.values():
+            if type(entry) is tuple:  # plain K/V (not CascadeKV, not MambaState)
+                for cache in entry:
+                    cache[offset:] = 0
+        if self.cascade:
+            self.ctx.cascade_rows.width = n
+        self._group, self._rows = n, self.key_valid.shape[0]
+        self.ctx.decode_pos = torch.zeros((), dtype=torch.long, device=self.key_valid.device)
+        self._static = True
+
+    def rows_to_keep(self, unfinished: Tensor) -> Tensor:
+        if not self._static:
+            return super().rows_to_keep(unfinished)
+        return compiled.bucket_keep(unfinished, self._rows)
+
+    @property
+    def sampler(self):
+        return compiled.compiled_sampler if self._static else None
+
+    def step(self, tokens: Tensor) -> Tensor:
+        if not self._static:
+            return super().step(tokens)
+        pos = self.ctx.sequence_len_offset
+        self.key_valid[:, pos] = True
+        self.ctx.decode_pos.fill_(pos)
+        return self._forward(tokens[:, None], ~self.key_valid[:, None, None, :])
 
     def _forward(self, tokens: Tensor, mask: Tensor) -> Tensor | None:
         if self.ctx.sequence_len_offset == 0:  # prefill: Megatron's own path
             return super()._forward(tokens, mask)
+        patched = list(self.attentions)
         for m in self.attentions:
-            m.forward = _decode_attention.__get__(m)
+            m.forward = _bound(m, compiled.static_decode_attention if self._static
+                               else _decode_attention)
+        if self._static:  # the RoPE table, computed eagerly (see `compiled.static_rope`)
+            for chunk in chunks_of(self.model):
+                rope = getattr(unwrap_model(chunk), "rotary_pos_emb", None)
+                if rope is not None:
+                    rope._rlp_static_emb = type(rope).forward(rope, self.ctx.max_sequence_length)
+                    rope.forward = _bound(rope, compiled.static_rope)
+                    patched.append(rope)
         try:
-            return super()._forward(tokens, mask)
+            return super()._forward(tokens, mask, compiled.compiled_call if self._static
+                                    else None)
         finally:
-            for m in self.attentions:
+            for m in patched:
                 del m.forward  # back to the class method
+
+
+def _bound(module: torch.nn.Module, fn):
+    """`fn` bound to `module`, made once per (module, fn): the compiled step's guards see
+    the same method object at every step."""
+    cache = module.__dict__.setdefault("_rlp_decode_forwards", {})
+    if fn not in cache:
+        cache[fn] = fn.__get__(module)
+    return cache[fn]
+
+
+def _compilable(model: torch.nn.Module) -> bool:
+    """Whether `packing.compiled`'s step serves this model and layout (warns once if not)."""
+    if has_mamba(model):
+        compiled.warn_eager("Mamba layers: their decode state bookkeeping is per step")
+        return False
+    if pipeline_size() > 1 or parallel_state.get_tensor_model_parallel_world_size() > 1:
+        compiled.warn_eager("tensor/pipeline parallel: collectives in the graph are untested")
+        return False
+    return True

@@ -53,11 +53,14 @@ class SharedWindows:
     ends: Tensor
     lengths: Tensor
     cascade: bool = True  # the rollout engine's cache (packing/decode.SharedPrefixEngine)
+    compile: bool = False  # its compiled decode step (packing/compiled.py)
 
     @classmethod
-    def from_windows(cls, windows, prompts, cascade: bool = True) -> SharedWindows:
+    def from_windows(cls, windows, prompts, cascade: bool = True,
+                     compile: bool = False) -> SharedWindows:
         return cls(tokens=windows.tokens, valid=windows.valid, rows=windows.rows,
-                   ends=windows.cols + 1, lengths=prompts.lengths, cascade=cascade)
+                   ends=windows.cols + 1, lengths=prompts.lengths, cascade=cascade,
+                   compile=compile)
 
     def chunk(self, start: int, end: int) -> SharedWindows:
         """Contexts [start, end), with only the windows they use."""
@@ -65,7 +68,7 @@ class SharedWindows:
         used, inverse = torch.unique(rows, return_inverse=True)
         return SharedWindows(tokens=self.tokens[used], valid=self.valid[used], rows=inverse,
                              ends=self.ends[start:end], lengths=self.lengths[start:end],
-                             cascade=self.cascade)
+                             cascade=self.cascade, compile=self.compile)
 
     # What `rollout.thoughts.sample_thoughts` calls on its `shared` argument: the rollout
     # gets the shared-prefix engine and prefill from here, so it never imports packing.
@@ -74,7 +77,7 @@ class SharedWindows:
         """A fresh `packing.decode.SharedPrefixEngine` for these windows' rollout."""
         return SharedPrefixEngine(model, max_batch_size=max_batch_size,
                                   max_sequence_length=max_sequence_length,
-                                  cascade=self.cascade)
+                                  cascade=self.cascade, compile=self.compile)
 
     def prefill(self, engine, think_start) -> Tensor | None:
         """`prefill_shared(engine, self, think_start)`."""

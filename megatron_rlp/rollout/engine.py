@@ -40,8 +40,11 @@ def _vocab_shards(model: torch.nn.Module):
     if layer is None:
         yield
         return
-    forward = layer.forward
-    layer.forward = functools.partial(_no_gather, forward)
+    # one partial per layer, reused: a compiled decode step's guards see the same object
+    no_gather = layer.__dict__.get("_rlp_no_gather")
+    if no_gather is None:
+        no_gather = layer._rlp_no_gather = functools.partial(_no_gather, layer.forward)
+    layer.forward = no_gather
     try:
         yield
     finally:
@@ -69,15 +72,20 @@ class KVCacheEngine:
         self.ctx = StaticInferenceContext(max_batch_size, max_sequence_length)
         self.key_valid: Tensor | None = None  # [R, max_seq] bool: keys a row may attend to
 
+    sampler = None  # the decode loop's sampler; None = `vocab_parallel.sample_vocab_parallel`
+
     @torch.no_grad()
-    def _forward(self, tokens: Tensor, mask: Tensor) -> Tensor | None:
+    def _forward(self, tokens: Tensor, mask: Tensor, call=None) -> Tensor | None:
+        """`stage_forward` of `tokens` [R, S] after the cached columns; `call(model, ...)`
+        replaces the model call (one stage only), e.g. a compiled one."""
         positions = torch.arange(
             self.ctx.sequence_len_offset, self.ctx.sequence_len_offset + tokens.shape[1],
             device=tokens.device,
         ).expand_as(tokens)
         with InferenceMode.active(), sequence_parallel_off(self.model), _vocab_shards(self.model):
-            logits = stage_forward(self.model, tokens, positions, mask,
-                                   inference_context=self.ctx, runtime_gather_output=True)
+            logits = (call or stage_forward)(self.model, tokens, positions, mask,
+                                             inference_context=self.ctx,
+                                             runtime_gather_output=True)
         self.ctx.increment_sequence_len_offset(tokens.shape[1])
         return None if logits is None else logits[:, -1, :].float()
 
@@ -113,6 +121,11 @@ class KVCacheEngine:
         wasted work, and a decode step's cost grows with the rows it carries."""
         fork_cached_states(self.ctx, rows)
         self.key_valid = self.key_valid[rows.to(self.key_valid.device)]
+
+    def rows_to_keep(self, unfinished: Tensor) -> Tensor:
+        """The rows a compaction keeps, given `unfinished` [L] bool over the decoded rows:
+        exactly the unfinished ones (a static-shape engine pads them to a bucket)."""
+        return unfinished.nonzero().flatten()
 
     def step(self, tokens: Tensor) -> Tensor:
         """Feed one token per row.

@@ -212,8 +212,8 @@ def sample_thoughts(
         """Sample on the last stage; every stage gets (tokens, log-probs) to feed and record."""
         packed = None
         if next_logits is not None:
-            tok, lp = sample_vocab_parallel(next_logits, keys[live], temperature, top_p,
-                                            vocab_size)
+            tok, lp = (engine.sampler or sample_vocab_parallel)(
+                next_logits, keys[live], temperature, top_p, vocab_size)
             packed = torch.stack([tok.double(), lp.double()])  # ids < 2**53: exact in fp64
         packed = from_last_stage(packed, (2, len(live)), torch.float64)
         return packed[0].long(), packed[1].float()
@@ -239,7 +239,9 @@ def sample_thoughts(
         # same decision on every stage; never down to no rows (an expert-parallel peer may
         # still be decoding: this rank decodes its finished rows on, recording nothing)
         if 0 < int(unfinished.sum()) <= compact_below * len(live):
-            keep = unfinished.nonzero().flatten()
+            keep = engine.rows_to_keep(unfinished)
+            if len(keep) == len(live):  # already the smallest batch the engine takes
+                continue
             engine.keep(keep)
             live = live[keep]
             logits = None if logits is None else logits[keep]

@@ -218,15 +218,18 @@ def kernel_metrics() -> dict[str, str | int]:
     """Which GPU kernels this process runs, for the metrics records: `mamba_kernels` (the
     Mamba layers' path, `models.mamba.adapter`) once a Mamba layer was built, and
     `flex_compiles` (inductor compilations of the packed update's FlexAttention so far,
-    `packing.flex`) once it compiled."""
+    `packing.flex`) once it compiled, and `decode_compiles` (graph compilations of the
+    compiled rollout decode step, `packing.compiled`) once it compiled."""
     from megatron_rlp.models.mamba import adapter
-    from megatron_rlp.packing import flex
+    from megatron_rlp.packing import compiled, flex
 
     out: dict[str, str | int] = {}
     if adapter.kernel_choice() is not None:
         out["mamba_kernels"] = adapter.kernel_choice()
     if flex.compile_count():
         out["flex_compiles"] = flex.compile_count()
+    if compiled.compile_count():
+        out["decode_compiles"] = compiled.compile_count()
     return out
 
 

@@ -128,7 +128,8 @@ def rollout_and_score(state: TrainState, sampler: ContextSampler, step: int,
                 max_thought_tokens=r.max_thought_tokens, temperature=r.temperature,
                 top_p=r.top_p, think_start=list(template.lead), think_end=tok.think_end,
                 pad=tok.pad, vocab_size=tok.vocab_size, seed=cfg.train.seed, step=step,
-                shared=(SharedWindows.from_windows(windows, prompts, cascade_decode(cfg))
+                shared=(SharedWindows.from_windows(windows, prompts, cascade_decode(cfg),
+                                                   r.compile_decode)
                         if r.share_prefixes else None),
                 routing=routing)
         state.policy.train()

@@ -95,3 +95,30 @@ def test_bench_rlp_runs_attention_variants_without_naive(tmp_path):
         assert 0 < path["update_vs_matmul"] == path["update_flop_per_s"] / res[
             "matmul_flop_per_s"]
 
+
+def test_bench_rlp_models_side_by_side_at_equal_active_parameters(tmp_path):
+    """`--models`: the tiny dense, MoE, hybrid and hybrid-MoE configs each run RLP steps in one
+    process; the MoE models' active parameters equal their dense counterparts' but for the
+    routers (hidden x experts per MoE layer), and routing agreement is 1.0."""
+    out = tmp_path / "models.json"
+    small = ["rlp.contexts_per_step=4", "rlp.positions_per_document=2", "rlp.group_size=2",
+             "rlp.max_thought_tokens=4", "rlp.min_prefix_tokens=8", "rlp.max_prefix_tokens=48",
+             "model.max_sequence_length=96", "device.num_threads=1"]
+    proc = subprocess.run([sys.executable, "tools/bench_rlp.py", "--models", "--steps", "1",
+                           "--warmup", "0", "--out", str(out), *small], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    models = json.loads(out.read_text())["models"]
+    assert list(models) == ["dense", "moe", "hybrid", "hybrid-moe"]
+    for moe, dense in (("moe", "dense"), ("hybrid-moe", "hybrid")):
+        pattern = models[moe]["pattern"]
+        assert pattern.replace("E", "-") == models[dense]["pattern"]
+        routers = pattern.count("E") * 256 * 8  # hidden x experts, per MoE layer
+        p, q = models[moe]["parameters"], models[dense]["parameters"]
+        assert p["active"] - routers == q["active"] == q["total"] < p["total"]
+        assert p["total"] - p["active"] == p["routed_experts"] * 6 // 8  # 6 of 8 experts idle
+        assert models[moe]["per_step"][0]["routing_agreement"] == 1.0
+    for m in models.values():
+        assert set(m["phases_s"]) == {"step", "rollout", "scoring", "update"}
+        assert m["phases_s"]["step"]["median"] > 0 and m["tokens_per_s"] > 0
+    assert models["dense"]["step_vs_dense"] == models["dense"]["step_vs_dense_min"] == 1.0

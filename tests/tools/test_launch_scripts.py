@@ -25,7 +25,12 @@ MODELS = {
     "qwen3_1p7b": ("examples/configs/qwen3_1p7b.yaml", 1, 16, 8, 151669),
     "nemotron_nano_12b_v2": ("examples/configs/nemotron_nano_12b_v2.yaml", 8, 16, 64, 131072),
     "nemotron_h_8b": ("examples/configs/nemotron_h_8b.yaml", 4, 16, 32, 131072),
+    "qwen3_30b_a3b": ("examples/configs/qwen3_30b_a3b.yaml", 1, 16, 8, 151669),
+    "nemotron_3_nano_30b_a3b": ("examples/configs/nemotron_3_nano_30b_a3b.yaml", 1, 16, 16,
+                                131072),
 }
+# script -> (nodes of 8 GPUs, PP, EP) as in its header; the dense ones: 4 nodes, PP = EP = 1
+MOE_LAYOUTS = {"qwen3_30b_a3b": (8, 2, 8), "nemotron_3_nano_30b_a3b": (8, 2, 8)}
 TOKENIZER = "tests/assets/tiny_bpe/tokenizer.json"
 
 
@@ -107,7 +112,9 @@ def test_dry_run_builds_the_multinode_torchrun_command(name, tmp_path):
     assert "--nproc-per-node 8 --nnodes 4 --rdzv-backend c10d" in flags
     assert "--rdzv-endpoint node001:29500 --rdzv-id 4242" in flags
     over = cmd[cmd.index("--config") + 2:]
+    _, pp, ep = MOE_LAYOUTS.get(name, (4, 1, 1))
     for item in (f"parallel.tensor_model_parallel_size={tp}", f"rlp.group_size={g}",
+                 f"parallel.pipeline_model_parallel_size={pp}",
                  f"rlp.rollout_chunk_contexts={chunk}",
                  "rlp.contexts_per_step=512", "rlp.max_thought_tokens=2048",
                  "device.type=cuda", "precision.params_dtype=bf16",
@@ -115,6 +122,8 @@ def test_dry_run_builds_the_multinode_torchrun_command(name, tmp_path):
                  f"train.save={env['SAVE_DIR']}",
                  f"train.tensorboard_dir={env['SAVE_DIR']}/tensorboard"):
         assert item in over, (item, over)
+    if ep > 1:
+        assert f"parallel.expert_model_parallel_size={ep}" in over
     assert over[-2:] == ["train.steps=7", "rlp.temperature=0.5"]  # extra args come last
 
     # a SAVE_DIR holding a checkpoint is resumed instead of starting again from LOAD
@@ -138,21 +147,28 @@ def _header_peak(name: str) -> float:
 
 @pytest.mark.parametrize("name", MODELS)
 def test_layout_is_valid_fits_and_matches_the_header(name, tmp_path):
-    """With the real model config: the script's overrides pass the trainer's validation for
-    32 ranks, and the estimate fits 80 GiB and is the one documented in the header."""
+    """With the real model config: the script's overrides pass the trainer's validation (and
+    start-up checks) for its cluster (32 ranks; 64 for the MoE recipes), and the estimate
+    fits 80 GiB and is the one documented in the header."""
     config, _, _, _, vocab = MODELS[name]
     assert (ROOT / config).is_file(), f"{config} is missing"
-    env = _env(tmp_path, NNODES="4", MASTER_ADDR="node001")
+    nodes, pp, ep = MOE_LAYOUTS.get(name, (4, 1, 1))
+    world = 8 * nodes
+    env = _env(tmp_path, NNODES=str(nodes), MASTER_ADDR="node001")
     cmd = _command(_script(name, env))
     over = cmd[cmd.index("--config") + 2:]
     from megatron_rlp.config import load_config
+    from megatron_rlp.startup import check_run_start
 
-    cfg = load_config(str(ROOT / config), tuple(over), world_size=32)
+    cfg = load_config(str(ROOT / config), tuple(over), world_size=world)
+    check_run_start(cfg)
     assert cfg.rlp.contexts_per_step == 512 and cfg.rlp.max_thought_tokens == 2048
     assert cfg.rlp.group_size == 16  # the paper's G, on every model
+    p = cfg.parallel
+    assert (p.pipeline_model_parallel_size, p.expert_model_parallel_size) == (pp, ep)
     proc = subprocess.run([sys.executable, "tools/estimate_memory.py", "--config", config,
-                           "--world-size", "32", "--vocab-size", str(vocab), "--json", *over],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                           "--world-size", str(world), "--vocab-size", str(vocab), "--json",
+                           *over], cwd=ROOT, capture_output=True, text=True, timeout=120)
     est = json.loads(proc.stdout)
     assert est["fits"], est
     assert est["total"] / 2**30 == pytest.approx(_header_peak(name), abs=0.6)
@@ -197,14 +213,14 @@ def test_fewer_nodes_than_the_recipe_says_so(name, tmp_path):
     config, gpus = RECIPES[name]
     proc = _script(name, _env(tmp_path, NNODES="1"))
     cmd = _command(proc)
-    tp = int(next(o for o in cmd if o.startswith("parallel.tensor_model_parallel_size="))
-             .split("=")[1])
+    tp, pp = (int(next(o for o in cmd if o.startswith(f"parallel.{k}_model_parallel_size="))
+                  .split("=")[1]) for k in ("tensor", "pipeline"))
     from megatron_rlp.config import read_config
 
     cfg = read_config(str(ROOT / config), tuple(cmd[cmd.index("--config") + 2:]))
     notes = [line for line in proc.stderr.splitlines() if line.startswith("[recipe] note:")]
     assert len(notes) == 1, proc.stderr
-    dp, contexts = 8 // tp, cfg.rlp.contexts_per_step
+    dp, contexts = 8 // (tp * pp), cfg.rlp.contexts_per_step
     per_rank = contexts // dp
     for part in (f"sized for {gpus} GPUs", "this launch has 8 (NNODES=1)",
                  f"The same {contexts} contexts/step now run on DP={dp}",
@@ -214,6 +230,28 @@ def test_fewer_nodes_than_the_recipe_says_so(name, tmp_path):
         assert part in notes[0], (part, notes[0])
     proc = _script(name, _env(tmp_path, NNODES=str(gpus // 8), MASTER_ADDR="node001"))
     assert proc.returncode == 0 and "[recipe]" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("script", ["examples/qwen3_30b_a3b.sh",
+                                    "examples/nemotron_3_nano_30b_a3b.sh"])
+def test_moe_recipe_layout(script):
+    """The MoE recipes' YAML (the same job as the script: test_yaml_and_launch_script_...):
+    G, rollout chunk and TP/PP/EP as the header states, valid for 64 ranks, each expert group
+    within one node's 8 GPUs, the pipeline cut explicit (`|`), the launch script named."""
+    name = Path(script).stem
+    config, tp, g, chunk, _ = MODELS[name]
+    nodes, pp, ep = MOE_LAYOUTS[name]
+    assert RECIPES[name] == (config, 8 * nodes)
+    from megatron_rlp.config import load_config
+
+    cfg = load_config(str(ROOT / config), world_size=8 * nodes)
+    p, r = cfg.parallel, cfg.rlp
+    assert (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+            p.expert_model_parallel_size) == (tp, pp, ep)
+    assert (r.contexts_per_step, r.group_size, r.rollout_chunk_contexts) == (512, g, chunk)
+    assert tp * ep <= 8  # Megatron's rank order tp-cp-ep-dp-pp: an expert group in a node
+    assert cfg.model.hybrid_layer_pattern.count("|") == pp - 1
+    assert script in (ROOT / config).read_text()  # the YAML names its launch script
 
 
 def test_tiny_cpu_script_trains_and_its_metrics_plot(tmp_path):

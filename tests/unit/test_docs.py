@@ -26,6 +26,8 @@ UNTESTED = {
     "tools/lm_eval_rlp.py": "a thin CLI over megatron_rlp/eval/lm_eval_adapter.py, which "
                             "tests/unit/test_eval_*.py and tests/e2e/test_evaluate.py run",
     "tools/bench_packed_attention.py": "a benchmark (its figures are in docs/performance.md)",
+    "tools/bench_decode.py": "a benchmark (its figures are in docs/performance.md); the "
+                             "equality it checks is tests/unit/test_compiled_decode.py's",
 }
 
 
