@@ -64,8 +64,8 @@ class SplitLayout:
             window columns (its prefix [lo, hi)) and against its own branch (causal, real
             tokens; slot 0 stays readable so that no row is fully masked).
         out: [N, S] long, each column's output in concat(window outputs [W], slots [K*T]).
-        rows: [S*N] long, the same as rows of the [N * (W + K*T)] outputs, in Megatron's
-            [S, N] order.
+        rows: [S*N] long, `out` as rows of the flattened [N * (W + K*T)] outputs, in
+            Megatron's [S, N] token order.
     """
 
     window: int
