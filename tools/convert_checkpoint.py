@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--checkpoint", required=True, help="a train.save root or a step_* dir")
     c.add_argument("--out", required=True, help="Megatron-LM save directory to write")
     c.add_argument("--layout", choices=("hybrid", "gpt"), default="hybrid",
-                   help="HybridModel (any pattern) or GPTModel (patterns of '*-' repeated)")
+                   help="HybridModel (any pattern) or GPTModel (patterns of '*-' or '*E' repeated)")
     c.add_argument("--weights", choices=("policy", "teacher"), default="policy")
     c.add_argument("--iteration", type=int, help="iteration to record (default: the step)")
     c.add_argument("--overwrite", action="store_true", help="write into an existing, non-empty "

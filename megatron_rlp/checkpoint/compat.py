@@ -32,7 +32,11 @@ ARCH_KEYS = ("hybrid_layer_pattern", "hidden_size", "ffn_hidden_size", "num_atte
              "num_query_groups", "kv_channels", "qk_layernorm", "activation", "normalization",
              "norm_epsilon", "untie_embeddings_and_output_weights", "position_embedding_type",
              "rotary_base", "mamba_num_heads", "mamba_head_dim", "mamba_state_dim",
-             "mamba_num_groups")
+             "mamba_num_groups",
+             # MoE: the expert tensors' shapes and the routing the weights were trained with
+             "num_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
+             "moe_router_topk", "moe_router_score_function", "moe_router_pre_softmax",
+             "moe_router_topk_scaling_factor", "moe_router_enable_expert_bias")
 
 
 def model_signature(state: TrainState) -> dict:

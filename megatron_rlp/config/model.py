@@ -179,6 +179,10 @@ class ModelConfig:
         f = self.moe_router_topk_scaling_factor
         check(f is None or 0 < f < math.inf, "model.moe_router_topk_scaling_factor", f,
               "null or a finite number > 0")
+        # Megatron's TransformerConfig: a softmax over one chosen expert has zero gradient.
+        check(k != 1 or self.moe_router_score_function != "softmax"
+              or self.moe_router_pre_softmax, "model.moe_router_topk", k,
+              "> 1 with the softmax router unless moe_router_pre_softmax=true (Megatron's rule)")
         check(not self.moe_router_pre_softmax or self.moe_router_score_function == "softmax",
               "model.moe_router_pre_softmax", self.moe_router_pre_softmax,
               "false with moe_router_score_function=sigmoid")

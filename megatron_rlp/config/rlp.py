@@ -161,7 +161,7 @@ class RLPConfig:
     Static shapes: the decode batch is compacted to bucket sizes (R, then powers of two),
     the cache is read whole with later columns masked; graph compilations are counted in the
     `decode_compiles` metric. Same thoughts, log-probs within fp32 rounding. Eager (one
-    warning) with Mamba layers, tensor or pipeline parallel; ignored with
+    warning) with Mamba or MoE layers, tensor or pipeline parallel; ignored with
     `share_prefixes=false`. Off by default: measured on cpu (docs/performance.md) it is
     2.4-3.2x faster per decode step at 0.8M, not measurably at 25M (0.93-1.35x), and each
     graph costs 30-130 s of cold compilation; not yet measured on cuda."""

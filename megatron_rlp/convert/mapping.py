@@ -14,10 +14,14 @@ Megatron side (keys of `HybridModel.state_dict()`, see models/local_spec.py):
     `M` layer i: decoder.layers.i.norm.weight, decoder.layers.i.mixer.{in_proj.weight,
                  conv1d_weight, conv1d_bias, dt_bias, A_log, D, norm.weight, out_proj.weight}
                  (Megatron's MambaLayer/MambaMixer names; see NEMOTRON_H_MAMBA below)
+    `E` layer i: router, experts, shared expert (moe_mapping.py)
 
 Qwen3 (dense, `Qwen3ForCausalLM`): HF layer l is Megatron layers 2l (`*`) and 2l+1 (`-`).
+Qwen3-MoE (`Qwen3MoeForCausalLM`): the same, layer 2l+1 an `E` (or a `-` for its dense
+layers: `mlp_only_layers`, `decoder_sparse_step`).
 Nemotron-H (`NemotronHForCausalLM`, published weights under `backbone.`): HF layer i is
-Megatron layer i, its kind given by `hybrid_override_pattern` (M / * / -).
+Megatron layer i, its kind given by `hybrid_override_pattern` / `layers_block_type`
+(M / * / - / E).
 """
 
 from __future__ import annotations
@@ -28,6 +32,17 @@ import torch
 from torch import Tensor
 
 from megatron_rlp.convert.errors import ConversionError
+from megatron_rlp.convert.errors import take as _take
+from megatron_rlp.convert.moe_mapping import (
+    NEMOTRON_H_MOE,
+    QWEN3_MOE,
+    moe_to_hf,
+    moe_to_megatron,
+    nemotron_h_moe_fields,
+    nemotron_h_moe_hf_fields,
+    qwen3_moe_fields,
+    qwen3_moe_hf_fields,
+)
 from megatron_rlp.convert.refusals import check_hf_config
 
 # ---------------------------------------------------------------------------------------
@@ -55,12 +70,6 @@ def unpack_qkv(qkv: Tensor, heads: int, groups: int, head_dim: int
     return q.contiguous(), k.contiguous(), v.contiguous()
 
 
-def _take(sd: dict[str, Tensor], key: str) -> Tensor:
-    if key not in sd:
-        raise ConversionError(f"missing weight {key!r}")
-    return sd.pop(key)
-
-
 def _rope_theta(hf: dict) -> float:
     """RoPE base from `rope_parameters` (transformers 5) or `rope_theta`; the RoPE type of
     both `rope_parameters` and `rope_scaling` is checked by refusals.py first."""
@@ -81,13 +90,23 @@ def _check(hf: dict, arch: str) -> None:
 def qwen3_model_config(hf: dict) -> dict:
     """HF Qwen3 config.json -> `ModelConfig` fields (refusals.py: what is not modelled)."""
     _check(hf, "qwen3")
+    return _qwen3_fields(hf)
+
+
+def qwen3_moe_model_config(hf: dict) -> dict:
+    """HF Qwen3-MoE config.json -> `ModelConfig` fields (moe_mapping.py: the MoE part)."""
+    _check(hf, "qwen3_moe")
+    return {**_qwen3_fields(hf, "qwen3_moe"), **qwen3_moe_fields(hf)}
+
+
+def _qwen3_fields(hf: dict, name: str = "qwen3") -> dict:
     theta = _rope_theta(hf)
     if theta != int(theta):
         raise ConversionError(f"rope_theta={theta} is not an integer (model.rotary_base)")
     layers = int(hf["num_hidden_layers"])
     heads = int(hf["num_attention_heads"])
     return dict(
-        name=str(hf.get("_name_or_path") or "qwen3") or "qwen3",
+        name=str(hf.get("_name_or_path") or name) or name,
         hybrid_layer_pattern="*-" * layers,
         hidden_size=int(hf["hidden_size"]),
         ffn_hidden_size=int(hf["intermediate_size"]),
@@ -128,12 +147,24 @@ def qwen3_hf_config(m: dict, vocab_size: int, template: dict | None = None) -> d
     return cfg
 
 
+def qwen3_moe_hf_config(m: dict, vocab_size: int, template: dict | None = None) -> dict:
+    """`ModelConfig` fields -> HF Qwen3-MoE config.json (keys of `template` kept)."""
+    cfg = qwen3_hf_config(m, vocab_size, template)
+    if "layer_types" not in (template or {}):
+        del cfg["layer_types"]  # not a Qwen3-MoE field
+    cfg.update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe",
+               **qwen3_moe_hf_fields(m, cfg))
+    return cfg
+
+
 def qwen3_check_pattern(m: dict) -> None:
-    if m["hybrid_layer_pattern"].replace("|", "") != "*-" * (len(m["hybrid_layer_pattern"]
-                                                                .replace("|", "")) // 2) \
+    pattern = m["hybrid_layer_pattern"].replace("|", "")
+    if len(pattern) % 2 or pattern[::2] != "*" * (len(pattern) // 2) \
+            or set(pattern[1::2]) - set("-E") \
             or m["activation"] != "swiglu" or not m["qk_layernorm"] \
             or m["position_embedding_type"] != "rope":
-        raise ConversionError("not a Qwen3-shaped model (pattern *-*-..., SwiGLU, QK-norm, RoPE)")
+        raise ConversionError("not a Qwen3-shaped model (pattern *-*-... or *E*E..., SwiGLU, "
+                              "QK-norm, RoPE)")
 
 
 def qwen3_to_megatron(hf_sd: dict[str, Tensor], m: dict) -> dict[str, Tensor]:
@@ -147,7 +178,8 @@ def qwen3_to_megatron(hf_sd: dict[str, Tensor], m: dict) -> dict[str, Tensor]:
         out["output_layer.weight"] = _take(sd, "lm_head.weight")
     else:
         sd.pop("lm_head.weight", None)  # a saved copy of the tied embedding
-    for layer in range(len(m["hybrid_layer_pattern"].replace("|", "")) // 2):
+    pattern = m["hybrid_layer_pattern"].replace("|", "")
+    for layer in range(len(pattern) // 2):
         h, a, f = f"model.layers.{layer}.", f"decoder.layers.{2 * layer}.", \
             f"decoder.layers.{2 * layer + 1}."
         out[a + "input_layernorm.weight"] = _take(sd, h + "input_layernorm.weight")
@@ -157,6 +189,9 @@ def qwen3_to_megatron(hf_sd: dict[str, Tensor], m: dict) -> dict[str, Tensor]:
         out[a + "self_attention.q_layernorm.weight"] = _take(sd, h + "self_attn.q_norm.weight")
         out[a + "self_attention.k_layernorm.weight"] = _take(sd, h + "self_attn.k_norm.weight")
         out[a + "self_attention.linear_proj.weight"] = _take(sd, h + "self_attn.o_proj.weight")
+        if pattern[2 * layer + 1] == "E":
+            out.update(moe_to_megatron(sd, h, f, m, QWEN3_MOE))
+            continue
         out[f + "pre_mlp_layernorm.weight"] = _take(sd, h + "post_attention_layernorm.weight")
         out[f + "mlp.linear_fc1.weight"] = torch.cat(
             [_take(sd, h + "mlp.gate_proj.weight"), _take(sd, h + "mlp.up_proj.weight")], 0)
@@ -177,7 +212,8 @@ def megatron_to_qwen3(meg: dict[str, Tensor], m: dict) -> dict[str, Tensor]:
            "model.norm.weight": _take(sd, "decoder.final_norm.weight")}
     if m["untie_embeddings_and_output_weights"]:
         out["lm_head.weight"] = _take(sd, "output_layer.weight")
-    for layer in range(len(m["hybrid_layer_pattern"].replace("|", "")) // 2):
+    pattern = m["hybrid_layer_pattern"].replace("|", "")
+    for layer in range(len(pattern) // 2):
         h, a, f = f"model.layers.{layer}.", f"decoder.layers.{2 * layer}.", \
             f"decoder.layers.{2 * layer + 1}."
         out[h + "input_layernorm.weight"] = _take(sd, a + "input_layernorm.weight")
@@ -187,6 +223,9 @@ def megatron_to_qwen3(meg: dict[str, Tensor], m: dict) -> dict[str, Tensor]:
         out[h + "self_attn.q_norm.weight"] = _take(sd, a + "self_attention.q_layernorm.weight")
         out[h + "self_attn.k_norm.weight"] = _take(sd, a + "self_attention.k_layernorm.weight")
         out[h + "self_attn.o_proj.weight"] = _take(sd, a + "self_attention.linear_proj.weight")
+        if pattern[2 * layer + 1] == "E":
+            out.update(moe_to_hf(sd, h, f, m, QWEN3_MOE))
+            continue
         out[h + "post_attention_layernorm.weight"] = _take(sd, f + "pre_mlp_layernorm.weight")
         gate, up = _take(sd, f + "mlp.linear_fc1.weight").chunk(2, 0)
         out[h + "mlp.gate_proj.weight"] = gate.contiguous()
@@ -234,8 +273,8 @@ def nemotron_h_pattern(hf: dict) -> str:
         kinds = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*",
                  "mlp": "-", "moe": "E"}
         pattern = "".join(kinds[k] for k in hf["layers_block_type"])
-    if not pattern or set(pattern) - set("M*-"):
-        raise ConversionError(f"Nemotron-H layer pattern {pattern!r} (only M, *, - layers)")
+    if not pattern or set(pattern) - set("M*-E"):
+        raise ConversionError(f"Nemotron-H layer pattern {pattern!r} (only M, *, -, E layers)")
     return pattern
 
 
@@ -265,6 +304,8 @@ def nemotron_h_model_config(hf: dict) -> dict:
                    mamba_head_dim=int(hf["mamba_head_dim"]),
                    mamba_state_dim=int(hf["ssm_state_size"]),
                    mamba_num_groups=int(hf["n_groups"]))
+    if "E" in out["hybrid_layer_pattern"]:
+        out.update(nemotron_h_moe_fields(hf))
     return out
 
 
@@ -284,6 +325,11 @@ def nemotron_h_hf_config(m: dict, vocab_size: int, template: dict | None = None)
     if "M" in pattern:
         cfg.update(mamba_num_heads=m["mamba_num_heads"], mamba_head_dim=m["mamba_head_dim"],
                    ssm_state_size=m["mamba_state_dim"], n_groups=m["mamba_num_groups"])
+    if "E" in pattern:
+        cfg.update(nemotron_h_moe_hf_fields(m))
+    if "layers_block_type" in cfg:  # transformers >= 5.15 reads it before the pattern
+        kinds = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
+        cfg["layers_block_type"] = [kinds[k] for k in pattern]
     cfg.setdefault("torch_dtype", "float32")
     return cfg
 
@@ -306,6 +352,9 @@ def nemotron_h_to_megatron(hf_sd: dict[str, Tensor], m: dict) -> dict[str, Tenso
         sd.pop("lm_head.weight", None)
     for i, kind in enumerate(m["hybrid_layer_pattern"].replace("|", "")):
         h, g = f"{p}layers.{i}.", f"decoder.layers.{i}."
+        if kind == "E":
+            out.update(moe_to_megatron(sd, h, g, m, NEMOTRON_H_MOE))
+            continue
         table = {"*": NEMOTRON_H_ATTENTION, "-": NEMOTRON_H_MLP, "M": NEMOTRON_H_MAMBA}[kind]
         for hk, mk in table.items():
             out[g + mk] = _take(sd, h + hk)
@@ -327,8 +376,13 @@ def megatron_to_nemotron_h(meg: dict[str, Tensor], m: dict) -> dict[str, Tensor]
            p + "norm_f.weight": _take(sd, "decoder.final_norm.weight")}
     if m["untie_embeddings_and_output_weights"]:
         out["lm_head.weight"] = _take(sd, "output_layer.weight")
+    else:  # transformers >= 5 never ties NemotronH's lm_head (`_tied_weights_keys = {}`)
+        out["lm_head.weight"] = out[p + "embedding.weight"].clone()
     for i, kind in enumerate(m["hybrid_layer_pattern"].replace("|", "")):
         h, g = f"{p}layers.{i}.", f"decoder.layers.{i}."
+        if kind == "E":
+            out.update(moe_to_hf(sd, h, g, m, NEMOTRON_H_MOE))
+            continue
         table = {"*": NEMOTRON_H_ATTENTION, "-": NEMOTRON_H_MLP, "M": NEMOTRON_H_MAMBA}[kind]
         for hk, mk in table.items():
             out[h + hk] = _take(sd, g + mk)
@@ -347,21 +401,26 @@ def megatron_to_nemotron_h(meg: dict[str, Tensor], m: dict) -> dict[str, Tensor]
 ARCHITECTURES = {
     "qwen3": dict(model_config=qwen3_model_config, hf_config=qwen3_hf_config,
                   to_megatron=qwen3_to_megatron, to_hf=megatron_to_qwen3),
+    "qwen3_moe": dict(model_config=qwen3_moe_model_config, hf_config=qwen3_moe_hf_config,
+                      to_megatron=qwen3_to_megatron, to_hf=megatron_to_qwen3),
     "nemotron_h": dict(model_config=nemotron_h_model_config, hf_config=nemotron_h_hf_config,
                        to_megatron=nemotron_h_to_megatron, to_hf=megatron_to_nemotron_h),
 }
 
 
 def architecture_of_hf(hf: dict) -> str:
-    """'qwen3' or 'nemotron_h' from a config.json."""
+    """'qwen3', 'qwen3_moe' or 'nemotron_h' from a config.json."""
     kind = hf.get("model_type") or ""
     archs = " ".join(hf.get("architectures") or [])
+    if kind == "qwen3_moe" or "Qwen3MoeForCausalLM" in archs:
+        return "qwen3_moe"
     if kind == "qwen3" or "Qwen3ForCausalLM" in archs:
         return "qwen3"
     if kind == "nemotron_h" or re.search(r"NemotronH", archs):
         return "nemotron_h"
     raise ConversionError(f"unsupported model_type {kind!r} / architectures {archs!r} "
-                          f"(supported: Qwen3ForCausalLM, NemotronHForCausalLM)")
+                          f"(supported: Qwen3ForCausalLM, Qwen3MoeForCausalLM, "
+                          "NemotronHForCausalLM)")
 
 
 def architecture_of_megatron(m: dict) -> str:
@@ -369,9 +428,9 @@ def architecture_of_megatron(m: dict) -> str:
     pattern = m["hybrid_layer_pattern"].replace("|", "")
     if m["activation"] == "swiglu":
         qwen3_check_pattern(m)
-        return "qwen3"
+        return "qwen3_moe" if "E" in pattern else "qwen3"
     if m["activation"] == "squared_relu" and m["position_embedding_type"] == "none" \
-            and not m["qk_layernorm"] and set(pattern) <= set("M*-"):
+            and not m["qk_layernorm"] and set(pattern) <= set("M*-E"):
         return "nemotron_h"
-    raise ConversionError("the model is neither Qwen3-shaped (SwiGLU, QK-norm, RoPE, *-*-) nor "
-                          "Nemotron-H-shaped (squared ReLU, no QK-norm, NoPE)")
+    raise ConversionError("the model is neither Qwen3-shaped (SwiGLU, QK-norm, RoPE, *-*- or "
+                          "*E*E) nor Nemotron-H-shaped (squared ReLU, no QK-norm, NoPE)")

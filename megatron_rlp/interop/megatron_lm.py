@@ -16,11 +16,21 @@ comes from the saved `args`: `train.use_checkpoint_args=true` takes the model se
 them (as Megatron-LM's `--use-checkpoint-args`), otherwise the configured model is checked
 against them and every mismatch is named in one line. Parameter names are Transformer
 Engine's on both sides (the local spec maps its norms: `interop.names`). A GPT checkpoint
-(stacked `decoder.layers.*` tensors, `final_layernorm`) is read into the `*-*-...` HybridModel
-through Megatron's own `gpt_checkpoint_interop` retargeting, the same code Megatron-LM uses to
-load GPT checkpoints into hybrid runs. dist_checkpointing reshards: any saved TP/PP loads into
-any TP/PP/VP layout. Optimizer state is not read (Megatron-LM's Adam state belongs to a
-different objective and schedule; start RLP with a fresh optimizer, as the paper does).
+(stacked `decoder.layers.*` tensors, `final_layernorm`) is read into the `*-*-...` (or, with
+`--num-experts`, `*E*E...`) HybridModel through Megatron's own `gpt_checkpoint_interop`
+retargeting, the same code Megatron-LM uses to load GPT checkpoints into hybrid runs.
+dist_checkpointing reshards: any saved TP/PP/EP loads into any TP/PP/VP/EP layout.
+
+MoE (`E` layers): Megatron-LM stores every layer's routed experts as one tensor with an
+expert axis, `decoder.layers.i.mlp.experts.experts.linear_fc{1,2}.weight` [experts, out, in]
+(GPT: `decoder.layers.mlp.experts.experts...` [layers, experts, out, in]), whether it ran
+`SequentialMLP` or TE's grouped GEMM and whatever its EP (`singleton_local_shards` is off in
+Megatron-LM); the router `mlp.router.weight` (+ `mlp.router.expert_bias`) and the shared
+expert `mlp.shared_experts.linear_fc{1,2}.weight`. This project's local experts store the
+same keys, so the weights need no mapping; the routing args are read like the sizes.
+
+Optimizer state is not read (Megatron-LM's Adam state belongs to a different objective and
+schedule; start RLP with a fresh optimizer, as the paper does).
 
 Out: `export_megatron_lm` (tools/convert_checkpoint.py `megatron-to-megatron-lm`) writes the
 policy with Megatron-LM's own `megatron.training.checkpointing.save_checkpoint`: iteration
@@ -110,11 +120,54 @@ def read_common(ckpt: Path) -> dict:
 # Saved args that change what the weights mean, and the value this project's model needs.
 _REQUIRED = {
     "add_bias_linear": False, "add_qkv_bias": False, "layernorm_zero_centered_gamma": False,
-    "apply_layernorm_1p": False, "num_experts": None, "multi_latent_attention": False,
+    "apply_layernorm_1p": False, "multi_latent_attention": False,
     "mtp_num_layers": None, "rotary_percent": 1.0, "use_rope_scaling": False,
     "rotary_interleaved": False, "qk_l2_norm": False, "openai_gelu": False,
     "quick_geglu": False, "heterogeneous_layers_config_path": None,
 }
+# With --num-experts: MoE variants Megatron-LM has and this project's model does not build.
+_REQUIRED_MOE = {
+    "moe_latent_size": None, "moe_router_num_groups": None, "moe_router_group_topk": None,
+    "moe_shared_expert_gate": False, "moe_apply_probs_on_input": False,
+    "moe_mlp_glu_interleave_size": None, "moe_shared_expert_glu_interleave_size": None,
+    "moe_router_force_load_balancing": False, "moe_pad_expert_input_to_capacity": False,
+    "moe_use_upcycling": False,
+}
+# The routing args Megatron-LM's --use-checkpoint-args copies, under the same names here.
+MOE_KEYS = ("num_experts", "moe_router_topk", "moe_ffn_hidden_size",
+            "moe_shared_expert_intermediate_size", "moe_router_score_function",
+            "moe_router_pre_softmax", "moe_router_topk_scaling_factor",
+            "moe_router_enable_expert_bias")
+
+
+def _moe_fields(a: dict, ffn: int) -> dict:
+    """The MoE `ModelConfig` fields of saved args with `--num-experts` (None for dense)."""
+    if not a.get("num_experts"):
+        return {"num_experts": None}
+    return {
+        "num_experts": int(a["num_experts"]), "moe_router_topk": int(a["moe_router_topk"]),
+        "moe_ffn_hidden_size": int(a.get("moe_ffn_hidden_size") or ffn),
+        "moe_shared_expert_intermediate_size": a.get("moe_shared_expert_intermediate_size"),
+        "moe_router_score_function": a.get("moe_router_score_function") or "softmax",
+        "moe_router_pre_softmax": bool(a.get("moe_router_pre_softmax")),
+        "moe_router_topk_scaling_factor": a.get("moe_router_topk_scaling_factor"),
+        "moe_router_enable_expert_bias": bool(a.get("moe_router_enable_expert_bias")),
+    }
+
+
+def _gpt_pattern(a: dict) -> str:
+    """`*-` per dense GPT layer, `*E` per MoE one (all MoE: `--moe-layer-freq 1`)."""
+    layers = int(a["num_layers"])
+    if not a.get("num_experts"):
+        return "*-" * layers
+    freq = a.get("moe_layer_freq", 1)
+    moe = [i % freq == 0 for i in range(layers)] if isinstance(freq, int) else \
+        [bool(x) for x in freq]
+    if not all(moe):  # then TransformerBlock saves per layer, not GPT's stacked format
+        raise MegatronLMError(f"the checkpoint's model uses what this project does not read: "
+                              f"moe_layer_freq={freq!r} (a GPT checkpoint with dense and MoE "
+                              "layers; allowed: 1, every layer MoE)")
+    return "*E" * layers
 
 
 def architecture(args: Namespace) -> tuple[dict, int, bool]:
@@ -125,7 +178,8 @@ def architecture(args: Namespace) -> tuple[dict, int, bool]:
             MTP, partial or scaled RoPE, learned positions, ...), naming the arg.
     """
     a = vars(args)
-    bad = [f"{k}={a[k]!r}" for k, want in _REQUIRED.items() if k in a and (
+    required = {**_REQUIRED, **(_REQUIRED_MOE if a.get("num_experts") else {})}
+    bad = [f"{k}={a[k]!r}" for k, want in required.items() if k in a and (
         bool(a[k]) if want in (False, None) else a[k] != want)]
     if a.get("position_embedding_type") not in ("rope", "none"):
         bad.append(f"position_embedding_type={a.get('position_embedding_type')!r}")
@@ -134,7 +188,7 @@ def architecture(args: Namespace) -> tuple[dict, int, bool]:
                               + ", ".join(bad))
     pattern = a.get("hybrid_layer_pattern") or a.get("hybrid_override_pattern")
     gpt = not pattern
-    pattern = "*-" * int(a["num_layers"]) if gpt else pattern.replace("|", "")
+    pattern = _gpt_pattern(a) if gpt else pattern.replace("|", "")
     hidden, heads = int(a["hidden_size"]), int(a["num_attention_heads"])
     head_dim = int(a.get("mamba_head_dim") or 64)
     fields = {
@@ -159,6 +213,7 @@ def architecture(args: Namespace) -> tuple[dict, int, bool]:
         "mamba_state_dim": int(a.get("mamba_state_dim") or 128),
         "mamba_num_groups": int(a.get("mamba_num_groups") or 8),
     }
+    fields.update(_moe_fields(a, fields["ffn_hidden_size"]))
     return fields, int(a["padded_vocab_size"]), gpt
 
 
@@ -173,6 +228,8 @@ def _relevant(pattern: str) -> set[str]:
         keys |= {"ffn_hidden_size", "activation"}
     if "M" in pattern:
         keys |= {"mamba_num_heads", "mamba_head_dim", "mamba_state_dim", "mamba_num_groups"}
+    if "E" in pattern:
+        keys |= set(MOE_KEYS) | {"activation"}
     return keys
 
 
@@ -183,8 +240,9 @@ def _effective(model) -> dict:
         "num_query_groups", "kv_channels", "qk_layernorm", "activation",
         "position_embedding_type", "rotary_base", "untie_embeddings_and_output_weights",
         "normalization", "norm_epsilon", "mamba_num_heads", "mamba_head_dim",
-        "mamba_state_dim", "mamba_num_groups")}
+        "mamba_state_dim", "mamba_num_groups", *MOE_KEYS)}
     fields["hybrid_layer_pattern"] = fields["hybrid_layer_pattern"].replace("|", "")
+    fields["moe_ffn_hidden_size"] = fields["moe_ffn_hidden_size"] or model.ffn_hidden_size
     fields["kv_channels"] = fields["kv_channels"] or model.hidden_size // model.num_attention_heads
     fields["mamba_num_heads"] = (fields["mamba_num_heads"]
                                  or 2 * model.hidden_size // model.mamba_head_dim)
@@ -198,8 +256,8 @@ def mismatches(model, vocab_size: int, args: Namespace) -> list[str]:
     keys = _relevant(saved["hybrid_layer_pattern"]) | _relevant(mine["hybrid_layer_pattern"])
     if "*" in saved["hybrid_layer_pattern"] and saved["position_embedding_type"] == "rope":
         keys.add("rotary_base")
-    diff = [f"model.{k}={saved[k]!r} (config: {mine[k]!r})" for k in sorted(keys)
-            if saved[k] != mine[k]]
+    diff = [f"model.{k}={saved.get(k)!r} (config: {mine[k]!r})" for k in sorted(keys)
+            if saved.get(k) != mine[k]]
     padded = padded_vocab_size(vocab_size, model.make_vocab_size_divisible_by)
     if padded != rows:
         diff.append(f"padded vocabulary {rows} rows (config: {padded}; set "

@@ -13,9 +13,13 @@ project's model (`megatron_lm_argv`), so a Megatron-LM run reads them with
 Layouts:
 - `hybrid` (default): a HybridModel checkpoint (`pretrain_hybrid.py` / `pretrain_mamba.py`
   with `--hybrid-layer-pattern`), for every pattern, dense ones included.
-- `gpt`: for patterns `*-` repeated, a GPTModel checkpoint (`pretrain_gpt.py`): layer tensors
-  stacked along a leading layer axis and `decoder.final_layernorm`, via Megatron's own
-  `gpt_checkpoint_interop` retargeting (the inverse of how it reads GPT into hybrid runs).
+- `gpt`: for patterns `*-` or `*E` repeated, a GPTModel checkpoint (`pretrain_gpt.py`, with
+  `--num-experts` for `*E`): layer tensors stacked along a leading layer axis and
+  `decoder.final_layernorm`, via Megatron's own `gpt_checkpoint_interop` retargeting (the
+  inverse of how it reads GPT into hybrid runs).
+
+MoE models carry their experts under Megatron-LM's keys (interop/megatron_lm.py) and their
+routing as Megatron-LM flags (`--num-experts`, `--moe-router-topk`, ...; `moe_argv`).
 
 Megatron-LM's `load_checkpoint` continues from it (tested on CPU with the local spec;
 `--finetune` or `--no-load-optim --no-load-rng`, since only the model is stored). A TE-spec
@@ -79,6 +83,32 @@ def megatron_lm_argv(model, rows: int, gpt: bool) -> list[str]:
         argv += ["--mamba-num-heads", str(heads), "--mamba-head-dim", str(m.mamba_head_dim),
                  "--mamba-state-dim", str(m.mamba_state_dim),
                  "--mamba-num-groups", str(m.mamba_num_groups)]
+    return argv + moe_argv(m, pattern)
+
+
+def moe_argv(m, pattern: str) -> list[str]:
+    """Megatron-LM's MoE flags for `model.*` MoE keys (none without `E` layers): the
+    routing (`--use-checkpoint-args` copies it) and the router losses and dtype (it does not;
+    recorded so that a continued run can reuse them)."""
+    if "E" not in pattern:
+        return []
+    argv = ["--num-experts", str(m.num_experts), "--moe-router-topk", str(m.moe_router_topk),
+            "--moe-ffn-hidden-size", str(m.moe_ffn_hidden_size or m.ffn_hidden_size),
+            "--moe-router-score-function", m.moe_router_score_function,
+            "--moe-router-load-balancing-type", m.moe_router_load_balancing_type,
+            "--moe-aux-loss-coeff", str(m.moe_aux_loss_coeff),
+            "--moe-token-dispatcher-type", m.moe_token_dispatcher_type]
+    optional = (("--moe-shared-expert-intermediate-size", m.moe_shared_expert_intermediate_size),
+                ("--moe-router-topk-scaling-factor", m.moe_router_topk_scaling_factor),
+                ("--moe-z-loss-coeff", m.moe_z_loss_coeff),
+                ("--moe-router-dtype", m.moe_router_dtype),
+                ("--moe-expert-capacity-factor", m.moe_expert_capacity_factor))
+    argv += [x for flag, value in optional if value is not None for x in (flag, str(value))]
+    if m.moe_router_pre_softmax:
+        argv.append("--moe-router-pre-softmax")
+    if m.moe_router_enable_expert_bias:
+        argv += ["--moe-router-enable-expert-bias",
+                 "--moe-router-bias-update-rate", str(m.moe_router_bias_update_rate)]
     return argv
 
 
@@ -150,13 +180,14 @@ def export_model(model: torch.nn.Module, model_cfg, out_dir: str | Path, iterati
         copy e.g. `--qk-layernorm` or `--norm-epsilon`).
 
     Raises:
-        ValueError: `layout="gpt"` for a pattern that is not `*-` repeated.
+        ValueError: `layout="gpt"` for a pattern that is not `*-` or `*E` repeated.
     """
     pattern = model_cfg.hybrid_layer_pattern.replace("|", "")
     gpt = layout == "gpt"
-    if gpt and pattern != "*-" * (len(pattern) // 2):
-        raise ValueError(f"--layout gpt needs a pattern of '*-' repeated (a GPT layer is "
-                         f"attention then MLP), not {pattern!r}; use --layout hybrid")
+    if gpt and pattern not in ("*-" * (len(pattern) // 2), "*E" * (len(pattern) // 2)):
+        raise ValueError(f"--layout gpt needs a pattern of '*-' or '*E' repeated (a GPT layer "
+                         f"is attention then an MLP or MoE), not {pattern!r}; use --layout "
+                         "hybrid")
     rows = int(model.embedding.word_embeddings.weight.shape[0])
     flags = megatron_lm_argv(model_cfg, rows, gpt)
     args = parse_megatron_lm_args([*flags, *_STORAGE_FLAGS, "--save", str(out_dir)])

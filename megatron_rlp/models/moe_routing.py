@@ -14,6 +14,15 @@ top-k expert set chosen at that position: in the rollout at the prefill (k = 0) 
 decode step that fed token k - 1, in the update at `batch["index"]`. `routing_agreement` is
 the fraction of thought tokens whose expert sets agree in every MoE layer.
 
+Every layout measures it where the routers are. Each pipeline stage records its own routers
+in the rollout (every stage runs the decode loop) and compares them in the update's forward
+step, which Megatron's schedules call on every stage (the loss, on the last stage only, sees
+that stage's routers alone); under sequence parallel a rank's routers see one slice of each
+sequence and compare the thought tokens predicted inside it (the rollout runs with sequence
+parallel off, so every rank recorded every token). A token's disagreement is then OR-ed over
+the model-parallel group (TP x PP): it agrees iff it agrees in every MoE layer of every stage
+(`UpdateAgreement`).
+
 Why not Megatron's `RouterReplay` to record: it keeps only the last call's indices per
 router and registers every router of every model built (policy, teacher, reference) in one
 global list; a forward hook on this model's own routers records each decode step. Replay
@@ -27,6 +36,7 @@ from contextlib import contextmanager
 from functools import partial
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.transformer.moe.router import TopKRouter
 from torch import Tensor
@@ -54,12 +64,26 @@ def last_routing(model: torch.nn.Module):
             h.remove()
 
 
+def pack_routing(maps: Tensor) -> Tensor:
+    """[..., E] bool routing maps -> [..., ceil(E / 8)] uint8, expert e as bit e % 8 of byte
+    e // 8: the rollout's record kept 8x smaller (a rank of the 30B-A3B recipes records
+    256 rows x 2048 thought tokens x 24 MoE layers: 1.5 GiB as bool maps of 128 experts,
+    0.19 GiB packed)."""
+    pad = -maps.shape[-1] % 8
+    if pad:
+        maps = torch.cat([maps, maps.new_zeros(*maps.shape[:-1], pad)], -1)
+    bits = maps.reshape(*maps.shape[:-1], -1, 8).to(torch.uint8)
+    shifts = torch.arange(8, dtype=torch.uint8, device=maps.device)
+    return (bits << shifts).sum(-1, dtype=torch.uint8)
+
+
 class RolloutRouting:
     """Records, during `rollout.thoughts.sample_thoughts`, the routing of every thought token.
 
     Use as a context manager around the rollout; `sample_thoughts` calls `begin`, `prefill`
-    and `decode` (its `routing=` argument); `result()` is [R, L, layers, experts] bool over
-    the rollout's rows (chunks concatenated in order).
+    and `decode` (its `routing=` argument); `result()` is [R, L, layers, ceil(E / 8)] uint8
+    over the rollout's rows (chunks concatenated in order): each thought token's routing map
+    in every MoE layer of this rank, `pack_routing`-ed.
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -78,51 +102,122 @@ class RolloutRouting:
         self._ctx.__exit__(*exc)
 
     def _stacked(self, rows: int) -> Tensor:
-        """The last call's maps of its final position, [rows, layers, experts]."""
-        return torch.stack([m.view(-1, rows, m.shape[-1])[-1] for m in self._maps], 1)
+        """The last call's maps of its final position, packed: [rows, layers, E / 8]."""
+        return pack_routing(torch.stack([m.view(-1, rows, m.shape[-1])[-1]
+                                         for m in self._maps], 1))
 
     def begin(self, rows: int, tokens: int) -> None:
-        """A rollout chunk of `rows` thought rows of up to `tokens` tokens starts."""
+        """A rollout chunk of `rows` thought rows of up to `tokens` tokens starts (a
+        pipeline stage without MoE layers records nothing)."""
         self._shape = (rows, tokens)
-        self.parts.append(None)
+        if self._maps:
+            self.parts.append(None)
 
     def _part(self, maps: Tensor) -> Tensor:
-        """This chunk's [rows, tokens, layers, experts] record (made at its first write)."""
+        """This chunk's [rows, tokens, layers, E / 8] record (made at its first write)."""
         if self.parts[-1] is None:
-            self.parts[-1] = torch.zeros(*self._shape, *maps.shape[1:], dtype=torch.bool,
+            self.parts[-1] = torch.zeros(*self._shape, *maps.shape[1:], dtype=torch.uint8,
                                          device=maps.device)
         return self.parts[-1]
 
     def prefill(self, contexts: int, group_size: int) -> None:
         """After the prefill (its last position is each context's last lead token): the
         routing that predicts thought token 0 of all `group_size` thoughts of a context."""
+        if not self._maps:
+            return
         maps = self._stacked(contexts).repeat_interleave(group_size, 0)
         self._part(maps)[:, 0] = maps
 
     def decode(self, k: int, live: Tensor) -> None:
         """After the decode step that predicts thought token `k` of rows `live`."""
+        if not self._maps:
+            return
         maps = self._stacked(len(live))
         self._part(maps)[live, k] = maps
 
-    def result(self) -> Tensor:
+    def result(self) -> Tensor | None:
+        """[R, L, layers, E / 8] uint8, this rank's routers; None on a stage without them."""
+        if not self.parts:
+            return None
         return torch.cat(self.parts) if len(self.parts) > 1 else self.parts[0]
 
 
-def agreement(update_maps: list[Tensor], index: Tensor, mask: Tensor, rollout: Tensor
-              ) -> tuple[Tensor, Tensor]:
-    """(agreeing, counted) thought tokens of one update micro-batch.
+def disagreement(update_maps: list[Tensor], index: Tensor, mask: Tensor, rollout: Tensor,
+                 start: int = 0) -> Tensor:
+    """[B, K] bool: the thought tokens of one update micro-batch, predicted inside this rank's
+    slice of the sequence, whose top-k experts differ from the rollout's in some layer.
 
     Args:
-        update_maps: each router's routing map of the update forward, [S * B, E] bool.
-        index: [B, K] positions predicting thought tokens; mask: [B, K] bool.
-        rollout: [B, K, layers, E] bool, the rollout's routing of the same tokens.
+        update_maps: each router's routing map of the update forward, [S' * B, E] bool,
+            sequence-major over this rank's positions [start, start + S') (S' = S without
+            sequence parallel, S / TP with it).
+        index: [B, K] positions (of the whole sequence) predicting thought tokens;
+            mask: [B, K] bool.
+        rollout: [B, K, layers, E / 8] uint8, the rollout's routing of the same tokens
+            (`pack_routing`), the same layers as `update_maps`.
     """
     b = index.shape[0]
-    got = torch.stack([m.view(-1, b, m.shape[-1]).transpose(0, 1)
-                       .gather(1, index[..., None].expand(-1, -1, m.shape[-1]))
+    width = update_maps[0].shape[0] // b
+    local = index - start
+    inside = (local >= 0) & (local < width)
+    at = local.clamp(0, width - 1)[..., None]
+    got = torch.stack([m.view(width, b, m.shape[-1]).transpose(0, 1)
+                       .gather(1, at.expand(-1, -1, m.shape[-1]))
                        for m in update_maps], 2)  # [B, K, layers, E]
-    same = (got == rollout.to(got.device)).flatten(2).all(-1) & mask
-    return same.sum(), mask.sum()
+    differ = (pack_routing(got) != rollout.to(got.device)).flatten(2).any(-1)
+    return differ & inside & mask
+
+
+class UpdateAgreement:
+    """`routing_agreement` of one update, measured on every stage and rank that routes.
+
+    `with_routing_metrics` calls `compare` after each micro-batch's forward on this rank
+    (each model chunk of an interleaved pipeline once per micro-batch, in order); `values`,
+    after the schedule, combines the ranks. Every rank of the model-parallel group must call
+    `values` (one all-reduce).
+
+    Args:
+        rollout_routers: the routers `RolloutRouting` recorded, in its order
+            (`routers(policy)`: every chunk of this rank), so a chunk's routers find their
+            layers in `rollout_routing`.
+    """
+
+    def __init__(self, rollout_routers: list[TopKRouter]):
+        self.layer = {id(r): i for i, r in enumerate(rollout_routers)}
+        self._calls: dict[int, int] = {}   # model chunk -> micro-batches compared
+        self._bad: dict[int, Tensor] = {}  # micro-batch -> [B, K] bool, disagreeing tokens
+        self._count: dict[int, Tensor] = {}  # micro-batch -> thought tokens
+
+    def compare(self, model: torch.nn.Module, maps: list[Tensor], batch: dict[str, Tensor],
+                start: int) -> None:
+        """Record the micro-batch's disagreeing tokens on `model`'s routers, whose `maps`
+        cover the sequence positions from `start` (`disagreement`)."""
+        j = self._calls.get(id(model), 0)
+        self._calls[id(model)] = j + 1
+        mask = batch["mask"]
+        bad = torch.zeros_like(mask)
+        if maps:
+            layers = [self.layer[id(r)] for r in routers(model)]
+            bad = disagreement(maps, batch["index"], mask,
+                               batch["rollout_routing"][:, :, layers], start)
+        self._bad[j] = self._bad[j] | bad if j in self._bad else bad
+        self._count[j] = mask.sum()
+
+    def values(self) -> list[Tensor]:
+        """Per micro-batch, the fraction of its thought tokens that agree in every MoE layer
+        of every stage: a token's disagreement is OR-ed (all-reduce MAX) over the
+        model-parallel group, whose ranks hold the same micro-batches."""
+        steps = sorted(self._bad)
+        if not steps:
+            return []
+        flat = torch.cat([self._bad[j].flatten() for j in steps]).to(torch.int32)
+        if parallel_state.model_parallel_is_initialized():
+            group = parallel_state.get_model_parallel_group()
+            if dist.get_world_size(group) > 1:
+                dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)
+        bad = flat.split([self._bad[j].numel() for j in steps])
+        return [(self._count[j] - b.sum()).float() / self._count[j].clamp(min=1).float()
+                for j, b in zip(steps, bad, strict=True)]
 
 
 def load_metrics(maps: list[Tensor], padding: Tensor, topk: int) -> dict[str, Tensor]:
@@ -158,34 +253,35 @@ def update_padding(batch: dict[str, Tensor]) -> Tensor:
     return torch.arange(tokens.shape[1], device=tokens.device)[None] > last[:, None]
 
 
-def with_routing_metrics(forward_step: Callable, topk: int) -> Callable:
+def with_routing_metrics(forward_step: Callable, topk: int,
+                         agreement: UpdateAgreement | None = None) -> Callable:
     """Wrap a Megatron `forward_step_func` of the RLP update (`train.rlp_step`).
 
     Its micro-batches gain `padding_mask` (`update_padding`; under sequence parallel this
     rank's slice of the sequence, as its routers see it); its loss function's metrics gain
-    `load_metrics` (NaN on a pipeline stage without E layers) and, when the micro-batches
-    carry `rollout_routing` ([B, K, layers, E], aligned with `index` / `mask`; the packed and
-    the unpacked update both lay it out so), `routing_agreement`: this micro-batch's
-    fraction of thought tokens routed as in the rollout.
+    `load_metrics` (NaN on a pipeline stage without E layers). With `agreement`, each
+    forward, on every pipeline stage, compares this stage's routing with the micro-batch's
+    `rollout_routing` ([B, K, layers, E / 8], aligned with `index` / `mask`; the packed and the
+    unpacked update both lay it out so) into `agreement` (`UpdateAgreement.values()` after
+    the schedule gives `routing_agreement`).
     """
 
     def step(data_iterator, model):
         batch = next(data_iterator)
         padding = update_padding(batch)
         tp = parallel_state.get_tensor_model_parallel_world_size()
+        start = 0
         if tp > 1 and getattr(model.config, "sequence_parallel", False):
             width = padding.shape[1] // tp
-            rank = parallel_state.get_tensor_model_parallel_rank()
-            padding = padding[:, rank * width:(rank + 1) * width]
+            start = parallel_state.get_tensor_model_parallel_rank() * width
+            padding = padding[:, start:start + width]
         with last_routing(model) as maps:
             output, loss_func = forward_step(iter([{**batch, "padding_mask": padding}]), model)
         nan = torch.tensor(float("nan"))
         extra = (load_metrics(maps, padding, topk) if maps else
                  {"moe_expert_load_max": nan, "moe_dropped_fraction": nan})
-        if "rollout_routing" in batch:
-            same, count = agreement(maps, batch["index"], batch["mask"],
-                                    batch["rollout_routing"])
-            extra["routing_agreement"] = same.float() / count.clamp(min=1).float()
+        if agreement is not None:
+            agreement.compare(model, maps, batch, start)
 
         def loss(*args, **kwargs):
             value, metrics = loss_func(*args, **kwargs)

@@ -25,6 +25,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.moe.router import TopKRouter
 from torch import Tensor
 
 from megatron_rlp.models.mamba.model_walk import has_mamba
@@ -217,6 +218,11 @@ def _compilable(model: torch.nn.Module) -> bool:
     """Whether `packing.compiled`'s step serves this model and layout (warns once if not)."""
     if has_mamba(model):
         compiled.warn_eager("Mamba layers: their decode state bookkeeping is per step")
+        return False
+    if any(isinstance(m, TopKRouter) for m in model.modules()):
+        # the rollout records each router's choice with forward hooks (models.moe_routing),
+        # and Megatron's token dispatch sizes its buffers from the routing: not fixed-shape
+        compiled.warn_eager("MoE layers: routing is recorded and dispatched per step")
         return False
     if pipeline_size() > 1 or parallel_state.get_tensor_model_parallel_world_size() > 1:
         compiled.warn_eager("tensor/pipeline parallel: collectives in the graph are untested")

@@ -103,7 +103,7 @@ def packed_update_batches(windows, prompts, thoughts, advantages: Tensor, group_
             and a micro-batch's).
         block_sparse: the forward runs FlexAttention or the split attention
             (`rows_per_sequence`'s cost model).
-        routing: [R, L, layers, E] the rollout's routing of the thought tokens (MoE models,
+        routing: [R, L, layers, E / 8] uint8 the rollout's packed routing maps (MoE models,
             `models.moe_routing`); laid out like `mask` as `rollout_routing`.
 
     Returns:

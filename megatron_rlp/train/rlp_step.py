@@ -26,7 +26,12 @@ from megatron_rlp.config import cascade_decode
 from megatron_rlp.data import ContextSampler
 from megatron_rlp.data.batches import DocumentWindows, build_rlp_inputs
 from megatron_rlp.models.fp8 import rollout_precision, token_multiple
-from megatron_rlp.models.moe_routing import RolloutRouting, with_routing_metrics
+from megatron_rlp.models.moe_routing import (
+    RolloutRouting,
+    UpdateAgreement,
+    routers,
+    with_routing_metrics,
+)
 from megatron_rlp.objective import group_advantages, info_gain_reward
 from megatron_rlp.packing.prefill import SharedWindows
 from megatron_rlp.rollout.template import apply_template, build_template
@@ -35,6 +40,7 @@ from megatron_rlp.scoring.ema_teacher import teacher_scores
 from megatron_rlp.scoring.horizon import horizon_scores
 from megatron_rlp.scoring.next_token import score_next_tokens
 from megatron_rlp.scoring.reference import reference_logprobs
+from megatron_rlp.train import faults
 from megatron_rlp.train.builder import TrainState
 from megatron_rlp.train.moe_losses import router_losses
 from megatron_rlp.train.ntp_mix import ntp_pass
@@ -81,8 +87,9 @@ class ScoredRollout:
     # the lead fed before each thought (`rollout.template`: `<think>`, or `after <think>`).
     raw_windows: DocumentWindows | None = None
     lead: tuple[int, ...] = ()
-    # MoE models: [C*G, L, layers, experts] bool, the experts that predicted each thought
-    # token in the rollout (`models.moe_routing`; None without E layers, or under PP / SP).
+    # MoE models: [C*G, L, layers, E / 8] uint8, the experts that predicted each thought
+    # token in the rollout (bit-packed maps), this rank's layers (`models.moe_routing`;
+    # None without E layers on this pipeline stage).
     routing: Tensor | None = None
 
 
@@ -92,12 +99,10 @@ MOE_METRICS = ("routing_agreement", "moe_expert_load_max", "moe_dropped_fraction
 
 
 def records_routing(cfg) -> bool:
-    """Whether the rollout records routing for `routing_agreement`: MoE layers, one pipeline
-    stage (the loss, which compares, sees every router) and no sequence parallel (the
-    update's routers would see a slice of each sequence)."""
-    p = cfg.parallel
-    return ("E" in cfg.model.hybrid_layer_pattern and p.pipeline_model_parallel_size == 1
-            and not p.sequence_parallel)
+    """Whether the rollout records routing for `routing_agreement`: the model has MoE
+    layers. Any layout: each pipeline stage and sequence-parallel rank compares its own
+    routers, and the ranks combine (`models.moe_routing.UpdateAgreement`)."""
+    return "E" in cfg.model.hybrid_layer_pattern
 
 
 def rollout_and_score(state: TrainState, sampler: ContextSampler, step: int,
@@ -165,6 +170,21 @@ def rollout_and_score(state: TrainState, sampler: ContextSampler, step: int,
                          routing=routing.result() if routing is not None else None)
 
 
+def _routing_faults(state: TrainState, ro: ScoredRollout, step: int) -> None:
+    """Test hooks (train/faults.py) between the rollout and the update of `step`, on
+    pipeline stage 0, the first MoE layer (tests/distributed/test_moe_layouts.py):
+    `router_flip` negates its router (the update routes elsewhere than the rollout did),
+    `routing_record_flip` inverts the rollout's record of it (`routing_agreement` = 0)."""
+    found = routers(state.policy)
+    if not found or not parallel_state.is_pipeline_first_stage(ignore_virtual=True):
+        return
+    if faults.planned("router_flip", step, every_rank=True):
+        with torch.no_grad():
+            found[0].weight.neg_()
+    if faults.planned("routing_record_flip", step, every_rank=True) and ro.routing is not None:
+        ro.routing[:, :, 0] = ~ro.routing[:, :, 0]
+
+
 def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer,
              trace: dict | None = None) -> dict[str, float]:
     """Run RLP step `state.step + 1`; return its global metrics. A `trace` dict receives this
@@ -173,6 +193,7 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer,
     cfg, tok = state.cfg, state.tokenizer
     r, step = cfg.rlp, state.step + 1
     ro = rollout_and_score(state, sampler, step, timer)
+    _routing_faults(state, ro, step)
     with timer("update"):
         sp = cfg.parallel.sequence_parallel
         multiple = cfg.parallel.tensor_model_parallel_size if sp else 1
@@ -193,8 +214,9 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer,
                           attention=packed_attention(cfg) if layout == "packed" else "mask",
                           **loss_options)
         moe = "E" in cfg.model.hybrid_layer_pattern
+        agreement = UpdateAgreement(routers(state.policy)) if records_routing(cfg) else None
         if moe:  # expert load, dropped tokens, routing agreement (models/moe_routing.py)
-            forward = with_routing_metrics(forward, cfg.model.moe_router_topk)
+            forward = with_routing_metrics(forward, cfg.model.moe_router_topk, agreement)
         ntp_losses, extra = [], []
         if r.ntp_loss_coef > 0:  # NTP on the raw windows, gradients added (train/ntp_mix.py)
             extra.append(ntp_pass(ro.raw_windows, r.ntp_loss_coef, multiple, ntp_losses))
@@ -212,10 +234,11 @@ def rlp_step(state: TrainState, sampler: ContextSampler, timer: PhaseTimer,
         optional["kl_ref"] = [d["kl_ref"] for d in losses]
     if r.ntp_loss_coef > 0:
         optional["ntp_loss"] = ntp_losses
+    if agreement is not None:  # every stage's and rank's routers (a collective: TP x PP)
+        optional["routing_agreement"] = agreement.values()
     if moe:
-        for k in MOE_METRICS:
-            if k != "routing_agreement" or records_routing(cfg):
-                optional[k] = [d[k] for d in losses]
+        for k in MOE_METRICS[1:]:
+            optional[k] = [d[k] for d in losses]
     metrics = rlp_metrics(ro, losses, optional, grad_norm, applied, r.group_size)
     if moe:  # Megatron's tracked router losses (a collective: every rank)
         metrics.update(router_losses(cfg, len(mbs) + len(extra), step))

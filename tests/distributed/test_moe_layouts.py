@@ -8,6 +8,14 @@ layout also logs `routing_agreement` = 1.0 (fp32).
 EP=2 splits each layer's 4 experts over the two data-parallel ranks: tokens travel to their
 experts' rank through Megatron's all-to-all dispatcher, and expert gradients are reduced over
 the expert-data-parallel group only. EP=2 with TP=2 or PP=2 takes 4 processes (slow).
+
+`routing_agreement` where the routers are split (PP=2, TP=2 with sequence parallel, the
+hybrid Mamba-MoE model under PP=2): each stage / sequence slice compares its own routers and
+the ranks combine. It is 1.0 at step 1; test hooks (train/faults.py) then act on pipeline
+stage 0's first MoE layer: `router_flip@2` negates its router between the rollout and the
+update (step 2 < 1.0: the metric sees the update's routing), `routing_record_flip@3` inverts
+the rollout's record of it (step 3 = 0.0 exactly: no other layer, stage or slice disagrees,
+so the value is 0 only if stage 0's comparison of every sequence slice reaches the metric).
 """
 
 from __future__ import annotations
@@ -65,9 +73,8 @@ def _check(one_rank, tmp_path, rows, params) -> None:
     # format) whatever the EP split: all 4 are in the checkpoint, gathered from both ranks.
     experts = [k for k in params if ".mlp.experts.experts." in k and k.endswith(".weight")]
     assert len(experts) == 4 and all(params[k].shape[0] == 4 for k in experts)
-    for row in ref_rows + rows:
-        if "routing_agreement" in row:  # logged without PP / SP
-            assert row["routing_agreement"] == 1.0, row
+    for row in ref_rows + rows:  # every layout logs it (models/moe_routing.py)
+        assert row["routing_agreement"] == 1.0, row
 
 
 # Default suite: ep2 only (each layout is a 2-process run of a minute or more here).
@@ -110,3 +117,28 @@ def test_expert_parallel_checkpoint_resumes_bit_exactly_and_reshards(one_rank, t
     rows, _ = train_and_collect(tmp_path / "one", 1, CONFIG, *MOE, "train.steps=4",
                                 f"train.load={save / 'ckpt'}", "train.load_optimizer=false")
     assert [r["step"] for r in rows] == [4]  # the resumed job saved step 3 there
+
+
+HYBRID = ("model.hybrid_layer_pattern=ME*E", "model.mamba_num_heads=4",
+          "model.mamba_head_dim=32", "model.mamba_state_dim=8",
+          "model.moe_shared_expert_intermediate_size=64")
+AGREEMENT_LAYOUTS = {  # name: (config, overrides); 2 processes each
+    "pp2": (CONFIG, ("parallel.pipeline_model_parallel_size=2",)),
+    "tp2-sequence-parallel": (CONFIG, ("parallel.tensor_model_parallel_size=2",
+                                       "parallel.sequence_parallel=true")),
+    # Nemotron-3 style: sigmoid router with expert bias, a shared expert; stages ME | *E
+    "hybrid-pp2": ("examples/configs/tiny_hybrid_moe_cpu.yaml",
+                   (*HYBRID, "parallel.pipeline_model_parallel_size=2")),
+}
+
+
+# Default suite: pp2 (the recipes' layout); each is a 2-process run of ~45 s here.
+@pytest.mark.parametrize("layout", [k if k == "pp2" else pytest.param(k, marks=pytest.mark.slow)
+                                    for k in AGREEMENT_LAYOUTS])
+def test_routing_agreement_with_split_routers(tmp_path, monkeypatch, layout):
+    config, overrides = AGREEMENT_LAYOUTS[layout]
+    monkeypatch.setenv("MEGATRON_RLP_FAULTS", "router_flip@2,routing_record_flip@3")
+    rows, _ = train_and_collect(tmp_path, 2, config, *MOE, *overrides, "train.steps=3")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    agreement = [r["routing_agreement"] for r in rows]
+    assert agreement[0] == 1.0 and agreement[1] < 1.0 and agreement[2] == 0.0, agreement

@@ -27,6 +27,29 @@ def make(arch: str, out: str) -> None:
                           rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
                           rms_norm_eps=1e-6, eos_token_id=0, bos_token_id=0)
         model = Qwen3ForCausalLM(cfg)
+    elif arch == "qwen3_moe":  # layers 0 and 2 MoE, layer 1 dense (mlp_only_layers)
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        cfg = Qwen3MoeConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                             num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                             head_dim=16, max_position_embeddings=512, tie_word_embeddings=False,
+                             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                             rms_norm_eps=1e-6, num_experts=8, num_experts_per_tok=2,
+                             moe_intermediate_size=32, norm_topk_prob=True, mlp_only_layers=[1],
+                             eos_token_id=0, bos_token_id=0)
+        model = Qwen3MoeForCausalLM(cfg)
+    elif arch == "nemotron_h_moe":  # Nemotron 3's router: sigmoid, bias, scaling, shared expert
+        from transformers import NemotronHConfig, NemotronHForCausalLM
+
+        cfg = NemotronHConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                              hybrid_override_pattern="MEM*E", num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                              tie_word_embeddings=False, mamba_num_heads=8, mamba_head_dim=16,
+                              ssm_state_size=16, n_groups=2, conv_kernel=4, chunk_size=16,
+                              n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                              moe_intermediate_size=32, moe_shared_expert_intermediate_size=48,
+                              routed_scaling_factor=2.5, norm_topk_prob=True)
+        model = NemotronHForCausalLM(cfg)
     else:
         from transformers import NemotronHConfig, NemotronHForCausalLM
 
@@ -41,6 +64,13 @@ def make(arch: str, out: str) -> None:
         for name, p in model.named_parameters():
             if any(k in name for k in ("norm", ".D", "dt_bias", "conv1d.bias")):
                 p.add_(0.2 * torch.randn_like(p))
+            if name.endswith("gate.weight"):  # routers: clear top-k choices, no near-ties
+                p.copy_(0.5 * torch.randn_like(p))
+            if name.endswith(("experts.gate_up_proj", "experts.up_proj", "experts.down_proj")):
+                p.copy_(0.1 * torch.randn_like(p))  # stacked experts: not left uninitialised
+        for name, buf in model.named_buffers():  # a selection bias that changes the choice
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(0.3 * torch.randn_like(buf))
     model.eval().save_pretrained(out)
     ids = torch.randint(0, VOCAB, (2, SEQ))
     with torch.no_grad():

@@ -7,7 +7,9 @@ What differs from a GPU Megatron-LM run, and why: `--transformer-impl local` (Tr
 Engine does not run on CPU; Megatron's local GPT spec writes TE's key names through its
 `sharded_state_dict_keys_map`), fused kernels off (CUDA only), and for hybrid models the
 layer spec is this project's local one (Megatron's hybrid spec is TE-only) inside Megatron's
-own `HybridModel`.
+own `HybridModel`. MoE: local experts (`SequentialMLP`; a GPU run's grouped GEMM stores the
+same keys) and the pre-MoE norm under its own name, as TE's MoE layer keeps it (Megatron's
+local GPT spec would rename it to the dense MLP's fused-norm key, which no TE run writes).
 """
 
 from __future__ import annotations
@@ -56,6 +58,20 @@ HYBRID_FLAGS = ["--is-hybrid-model", "--hybrid-layer-pattern", "M-M*-M-", "--hid
                 "--make-vocab-size-divisible-by", "64"]
 
 
+# A Qwen3-MoE-shaped GPT model (pretrain_gpt.py --num-experts): every MLP an MoE, softmax router.
+MOE_FLAGS = [*DENSE_FLAGS, "--num-experts", "8", "--moe-router-topk", "2",
+             "--moe-ffn-hidden-size", "32", "--moe-token-dispatcher-type", "alltoall"]
+
+# A Nemotron-3-shaped hybrid: sigmoid router with expert bias and scaling, a shared expert.
+HYBRID_MOE_FLAGS = [*HYBRID_FLAGS[:HYBRID_FLAGS.index("M-M*-M-")], "MEM*E",
+                    *HYBRID_FLAGS[HYBRID_FLAGS.index("M-M*-M-") + 1:],
+                    "--num-experts", "8", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "32",
+                    "--moe-shared-expert-intermediate-size", "48",
+                    "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+                    "--moe-router-topk-scaling-factor", "2.5", "--moe-router-dtype", "fp32",
+                    "--moe-token-dispatcher-type", "alltoall"]
+
+
 def parse(argv: list[str], validate: bool = True):
     saved = sys.argv
     sys.argv = ["pretrain_x.py", *argv]
@@ -84,7 +100,10 @@ def build_model(args, padded_vocab: int):
                                                                      args.normalization),
                            hybrid_layer_pattern=args.hybrid_layer_pattern, **common)
     spec = get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm,
-                                    normalization=args.normalization)
+                                    normalization=args.normalization,
+                                    num_experts=args.num_experts, moe_grouped_gemm=False)
+    if args.num_experts:  # TE's MoE layer keeps `pre_mlp_layernorm` (see the docstring)
+        spec.submodules.sharded_state_dict_keys_map.pop("pre_mlp_layernorm.")
     return GPTModel(transformer_layer_spec=spec, **common)
 
 
@@ -97,6 +116,9 @@ def write_checkpoint(flags: list[str], save: str, padded_vocab: int, iteration: 
     with torch.no_grad():  # Megatron zero-inits some norms; make every tensor count
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
+        for name, b in model.named_buffers():  # a trained router's selection bias
+            if name.endswith("expert_bias"):
+                b.copy_(0.1 * torch.randn_like(b))
     save_with_megatron_lm([model], args, iteration)
     return model.eval()
 

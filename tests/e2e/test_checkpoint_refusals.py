@@ -237,3 +237,23 @@ def test_skipped_step_leaves_scheduler_and_rng_unchanged():
             assert state.scheduler.num_steps == 2
         finally:
             distributed.shutdown()
+
+
+MOE = ("model.hybrid_layer_pattern=*E", "model.num_experts=4", "model.moe_router_topk=2",
+       "model.moe_ffn_hidden_size=64")
+
+
+@pytest.mark.parametrize("override, shown", [
+    ("model.num_experts=8", "num_experts=4 (config: 8)"),
+    ("model.moe_router_topk=3", "moe_router_topk=2 (config: 3)"),
+])
+def test_another_expert_layout_is_refused(tmp_path, override, shown):
+    """An MoE checkpoint loaded with another expert count (other tensor shapes) or another
+    top-k (the same tensors, another function) is refused in one line naming the checkpoint's
+    value, not inside `dist_checkpointing`."""
+    root = tmp_path / "ckpt"
+    ok("train.steps=1", f"train.save={root}", *MOE)
+    moe = [o for o in MOE if not o.startswith(override.split("=")[0] + "=")]
+    key, value = shown.split(" ")[0].split("=")
+    _refused(root, *moe, override,
+             needles=("does not fit the configured model", shown, f"set model.{key}={value}"))

@@ -1,6 +1,9 @@
 """Hugging Face <-> Megatron conversion on tiny random models built from config (no hub):
 logits equal the HF forward within 1e-4 (fp32, CPU), HF -> Megatron -> HF gives identical
-tensors, and a converted Qwen3 loads via `train.load`, trains RLP steps and exports back."""
+tensors, and a converted Qwen3 loads via `train.load`, trains RLP steps and exports back.
+MoE: Qwen3-MoE (MoE and dense layers) and Nemotron-H with `moe` layers (sigmoid router,
+selection bias, scaling factor, shared expert) convert both ways the same; MoE models trained
+here export to HF models that transformers loads with the same logits."""
 
 from __future__ import annotations
 
@@ -61,11 +64,11 @@ def qwen3(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "nemotron_h"])
+@pytest.mark.parametrize("arch", ["qwen3", "nemotron_h", "qwen3_moe", "nemotron_h_moe"])
 def test_hf_to_megatron_logits_and_round_trip(arch, qwen3, tmp_path):
     if arch == "qwen3":
         root = qwen3
-    else:  # Nemotron-H with Mamba-2, attention and MLP layers (M-M*-M-)
+    else:  # Nemotron-H M-M*-M- / MEM*E; Qwen3-MoE with layers MoE, dense, MoE
         root = tmp_path
         run(HF_REF, "make", arch, str(root / "hf"))
         run("tools/convert_checkpoint.py", "hf-to-megatron", "--hf-dir", str(root / "hf"),
@@ -84,6 +87,54 @@ def test_hf_to_megatron_logits_and_round_trip(arch, qwen3, tmp_path):
     c0 = json.loads((root / "hf" / "config.json").read_text())
     c1 = json.loads((root / "back" / "config.json").read_text())
     assert {k: v for k, v in c1.items() if k in c0} == c0
+    if arch.endswith("moe"):  # what transformers builds from the export: the same model
+        run(HF_REF, "logits", str(root / "back"), str(root / "hf" / "ref.pt"),
+            str(tmp_path / "back_logits.pt"))
+        torch.testing.assert_close(torch.load(tmp_path / "back_logits.pt"), ref["logits"],
+                                   atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("config", ["tiny_moe_cpu", pytest.param(
+    "tiny_hybrid_moe_cpu", marks=pytest.mark.slow)])
+def test_trained_moe_model_exports_to_transformers(config, tmp_path):
+    """An MoE model trained here (2 NTP steps: the expert bias moves off zero) exports without
+    a template to Qwen3-MoE / Nemotron-H; transformers loads it and its logits equal the
+    product's over the real vocabulary, and converting it back in gives the same weights.
+    (norm_epsilon 1e-5: the only Nemotron-H value with Mamba layers, refusals.py.)"""
+    run("pretrain_rlp.py", "--config", f"examples/configs/{config}.yaml",
+        "model.norm_epsilon=1e-5", "model.hidden_size=64", "model.ffn_hidden_size=128",
+        "model.moe_ffn_hidden_size=32",
+        "model.mamba_num_heads=8", "model.mamba_head_dim=16", "model.mamba_state_dim=16",
+        "train.objective=ntp", "data.ntp_seq_length=32", "data.ntp_batch_size=4",
+        "train.steps=2", f"train.save={tmp_path / 'run'}", "device.num_threads=1")
+    run("tools/convert_checkpoint.py", "megatron-to-hf", "--checkpoint", str(tmp_path / "run"),
+        "--out", str(tmp_path / "hf"))
+    hf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    weights = safetensors(tmp_path / "hf")
+    if config == "tiny_moe_cpu":
+        assert hf["model_type"] == "qwen3_moe" and hf["num_experts"] == 8
+        assert "model.layers.3.mlp.experts.7.gate_proj.weight" in weights
+    else:
+        assert hf["model_type"] == "nemotron_h" and hf["routed_scaling_factor"] == 2.5
+        bias = weights["backbone.layers.1.mixer.gate.e_score_correction_bias"]
+        assert bias.abs().max() > 0  # trained: the bias moved, and is carried
+
+    ids = torch.randint(0, 261, (2, 24), generator=torch.Generator().manual_seed(0))
+    torch.save({"ids": ids}, tmp_path / "ids.pt")
+    run(HF_REF, "logits", str(tmp_path / "hf"), str(tmp_path / "ids.pt"),
+        str(tmp_path / "hf_logits.pt"))
+    ours = megatron_logits(tmp_path / "run", ids)
+    torch.testing.assert_close(torch.load(tmp_path / "hf_logits.pt"), ours[..., :261],
+                               atol=1e-4, rtol=0)
+
+    run("tools/convert_checkpoint.py", "hf-to-megatron", "--hf-dir", str(tmp_path / "hf"),
+        "--out", str(tmp_path / "back"))
+    run("tools/convert_checkpoint.py", "megatron-to-hf", "--checkpoint", str(tmp_path / "back"),
+        "--out", str(tmp_path / "hf2"))
+    again = safetensors(tmp_path / "hf2")
+    assert again.keys() == weights.keys()
+    for k in weights:
+        assert torch.equal(again[k], weights[k]), k
 
 
 def test_converted_qwen3_trains_and_exports(qwen3, tmp_path):

@@ -23,7 +23,10 @@ TINY_HYBRID = TINY_DENSE[1:] + ("model.hybrid_layer_pattern=M*-M-", "model.mamba
 TINY = {"dense": TINY_DENSE, "hybrid": TINY_HYBRID,
         # Megatron's full activation recomputation: layers re-run their forward in backward.
         "hybrid-recompute": TINY_HYBRID + ("train.recompute_granularity=full",
-                                           "train.recompute_num_layers=1")}
+                                           "train.recompute_num_layers=1"),
+        # attention + MoE layers (Megatron's MoE layer, 4 local experts, top-2)
+        "moe": TINY_DENSE[1:] + ("model.hybrid_layer_pattern=*E*E", "model.num_experts=4",
+                                 "model.moe_ffn_hidden_size=32")}
 
 
 @contextlib.contextmanager

@@ -113,16 +113,18 @@ def test_recompiles_bounded_over_20_steps(dense, monkeypatch):
     assert compiled.compile_count() - before == first
 
 
-def test_mamba_layers_decode_eagerly():
-    """Hybrid models: `compile_decode` warns once and runs the eager step (same thoughts)."""
-    with tiny_model(TOK.vocab_size, "hybrid") as net:
+@pytest.mark.parametrize("kind, why", [("hybrid", "Mamba layers"), ("moe", "MoE layers")])
+def test_eager_fallback_keeps_the_thoughts(kind, why):
+    """Hybrid and MoE models: `compile_decode` warns once and runs the eager step (same
+    thoughts)."""
+    with tiny_model(TOK.vocab_size, kind) as net:
         net.eval()
         eager = _rollout(net, compile=False)
         with pytest.warns(UserWarning, match="rlp.compile_decode: eager decode step"):
             engine = decode.SharedPrefixEngine(net, 15, 64, compile=True)
         assert not engine.compile
         before = compiled.compile_count()
-        with pytest.warns(UserWarning, match="Mamba layers"):
+        with pytest.warns(UserWarning, match=why):
             got = _rollout(net, compile=True)
         _assert_equal(got, eager)
         assert compiled.compile_count() == before

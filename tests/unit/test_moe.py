@@ -32,6 +32,9 @@ TINY = ("model.hybrid_layer_pattern=*E", "model.hidden_size=32", "model.ffn_hidd
      "model.moe_aux_loss_coeff=0.001 (allowed: 0 with moe_router_load_balancing_type=none)"),
     (("model.moe_router_score_function=sigmoid", "model.moe_router_pre_softmax=true"), None,
      "model.moe_router_pre_softmax=True"),
+    (("model.moe_router_topk=1",), None,
+     "model.moe_router_topk=1 (allowed: > 1 with the softmax router unless "
+     "moe_router_pre_softmax=true"),
     (("parallel.tensor_model_parallel_size=2",), None,
      "parallel.sequence_parallel=False (allowed: true with E (MoE) layers"),
     (("model.moe_router_score_function=sqrtsoftplus",), None,

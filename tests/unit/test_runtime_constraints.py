@@ -334,6 +334,8 @@ INVARIANT = {
     # the packed update runs only where packing.update.packable says the size packs, and
     # rows_per_sequence returns a divisor of that size
     ("packing/update.py", "cannot be packed"),
+    # rollout.thoughts compacts only while 0 < unfinished rows <= the live rows
+    ("packing/compiled.py", "need 1 <= n <= rows"),
 }
 
 
