@@ -91,7 +91,8 @@ def add_rlp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--rlp-no-share-prefixes", action="store_false", dest="rlp_share_prefixes",
                    help="prefill every context's prefix itself and update per sequence "
                         "(rlp.share_prefixes=false; default: shared prefill, packed update)")
-    g.add_argument("--rlp-packed-attention", choices=("auto", "flex", "mask"), default="auto",
+    g.add_argument("--rlp-packed-attention", choices=("auto", "flex", "mask", "split"),
+                   default="auto",
                    help="core attention of the packed update (model.packed_attention)")
     g.add_argument("--rlp-corpus", default="data/corpus.jsonl",
                    help="RLP documents: .jsonl/.txt or an indexed-dataset prefix")

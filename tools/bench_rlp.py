@@ -21,6 +21,9 @@ built from the same config and seed (identical weights); every step runs
     naive      rlp.share_prefixes=false: a prefill per context (its KV copied G ways), one
                update sequence per thought (the prefix recomputed with gradients G times)
     optimised  rlp.share_prefixes=true: one prefill per document window, branch-packed update
+    optimised_<attention>  (--also-attention mask ...) the same with another
+               `model.packed_attention` (`mask`: the dense tree mask, the update before
+               `split` became the CPU default); --skip-naive leaves the naive path out
     hf         (--hf) tools/bench_rlp_hf.py: transformers `generate` per row, separate
                scoring and update forwards, same model dimensions; --hf-batched: one
                `generate` over all rows (a stronger yardstick)
@@ -220,7 +223,7 @@ def _packed_attention(cfg, state, trace: dict, block_size: int) -> dict | None:
     mbs = packed_update_batches(trace["windows"], trace["prompts"], th, trace["advantages"],
                                 r.group_size, cfg.train.micro_batch_size, tok.pad,
                                 tok.think_start, equal_width=False, model_cfg=cfg.model,
-                                block_sparse=attention == "flex")  # the optimised path's
+                                block_sparse=attention in ("flex", "split"))  # the optimised path's
     out = {"sparsity": sparsity_report(mbs, block_size)}
     if torch.cuda.is_available() and cfg.device.type == "cuda":
         out.update(time_attention(state.policy, mbs, tok.vocab_size))
@@ -242,7 +245,8 @@ def bench_config(config: str | None, size: str, overrides: list[str]):
 
 
 def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | None,
-        block_size: int = 128, naive: bool = True) -> dict:
+        block_size: int = 128, naive: bool = True, also_attention: tuple[str, ...] = ()
+        ) -> dict:
     import dataclasses
 
     from megatron_rlp.train.builder import build_state
@@ -252,19 +256,25 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
     from megatron_rlp.train.timers import PhaseTimer
 
     variants = {}
-    for name, share in (("naive", False), ("optimised", True))[0 if naive else 1:]:
+    paths = [("naive", False, None)] if naive else []
+    paths += [("optimised", True, None)]
+    paths += [(f"optimised_{kind}", True, kind) for kind in also_attention]
+    for name, share, attention in paths:
         # The optimised path measures cascade decode (auto turns it on only on cuda).
         cascade = cfg.rlp.cascade_decode if cfg.rlp.cascade_decode is not None else share
-        c = dataclasses.replace(cfg, rlp=dataclasses.replace(cfg.rlp, share_prefixes=share,
-                                                             cascade_decode=cascade))
+        model = cfg.model if attention is None else dataclasses.replace(
+            cfg.model, packed_attention=attention)  # e.g. `mask`: the update before `split`
+        c = dataclasses.replace(cfg, model=model, rlp=dataclasses.replace(
+            cfg.rlp, share_prefixes=share, cascade_decode=cascade))
         state = build_state(c)
         variants[name] = (state, make_context_sampler(state))
+    first = next(iter(variants))  # the reference of the equality checks (naive if run)
     hf = None
     if with_hf:
         from bench_rlp_hf import HFRLPStep
 
-        hf = HFRLPStep(cfg, variants["optimised"][0].tokenizer, batched=with_hf == "batched")
-    dims = model_dims(cfg, variants["optimised"][0].tokenizer.vocab_size)
+        hf = HFRLPStep(cfg, variants[first][0].tokenizer, batched=with_hf == "batched")
+    dims = model_dims(cfg, variants[first][0].tokenizer.vocab_size)
 
     names = list(variants) + (["hf"] if hf else [])
     results = {n: [] for n in names}
@@ -273,11 +283,11 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
         order = names[i % len(names):] + names[:i % len(names)]
         traces = {}
         for name in order:
-            timer, trace = PhaseTimer(), {}
+            timer, trace = PhaseTimer(cpu=True), {}  # wall and CPU seconds per phase
             with PeakMemory() as mem, DecodeMeter() as meter:
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.thread_time()
                 if name == "hf":
-                    state, sampler = variants["optimised"]  # same config and seed
+                    state, sampler = variants[first]
                     from megatron_rlp.data.batches import build_rlp_inputs
                     from megatron_rlp.train.rlp_step import local_contexts
 
@@ -288,10 +298,10 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
                 else:
                     state, sampler = variants[name]
                     metrics = rlp_step(state, sampler, timer, trace)
-                seconds = time.perf_counter() - start
+                seconds, cpu = time.perf_counter() - start, time.thread_time() - cpu
             traces[name] = {**trace, "loss": metrics["loss"]}
             if i >= warmup:
-                row = {"step": seconds, **timer.pop(), "peak_bytes": mem.bytes,
+                row = {"step": seconds, "step_cpu": cpu, **timer.pop(), "peak_bytes": mem.bytes,
                        "tokens": metrics["tokens"], "thought_len": metrics["thought_len"]}
                 decoded = metrics["thought_len"] * cfg.rlp.contexts_per_step * cfg.rlp.group_size
                 row["decoded_tokens_per_s"] = decoded / row["rollout"]
@@ -308,8 +318,10 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
                     row["prefix_len"] = float(trace["prompts"].lengths.float().mean())
                     row["window_len"] = float(trace["windows"].valid.sum(1).float().mean())
                 results[name].append(row)
-        if naive:
-            checks.append({"step": i + 1, **_compare(traces["naive"], traces["optimised"])})
+        for name in variants:
+            if name != first:
+                checks.append({"step": i + 1, "path": name, "against": first,
+                               **_compare(traces[first], traces[name])})
 
     out = {"paths": {}, "checks": checks, "hf_variant": with_hf,
            "packed_attention": _packed_attention(cfg, variants["optimised"][0],
@@ -320,6 +332,9 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
         step_s = sum(r["step"] for r in rows)
         entry = {
             "phases_s": phases,
+            # this thread's CPU seconds: what a quiet core would take (PhaseTimer(cpu=True))
+            "phases_cpu_s": {k: _summary([r[f"{k}_cpu"] for r in rows])
+                             for k in ("step", "rollout", "scoring", "update")},
             "decode_ms_per_step": _summary([r["decode_ms_per_step"] for r in rows]),
             "decoded_tokens_per_s": _summary([r["decoded_tokens_per_s"] for r in rows]),
             "rollout_cache_bytes": max(r.get("rollout_cache_bytes", 0) for r in rows) or None,
@@ -337,19 +352,30 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
                 entry["mfu"] = entry["achieved_flop_per_s"] / (peak_tflops * 1e12)
         out["paths"][name] = entry
     med = {n: out["paths"][n]["phases_s"]["step"]["median"] for n in names}
-    out["speedup"] = {"optimised_vs_naive": med["naive"] / med["optimised"]} if naive else {}
+    out["speedup"] = {f"optimised_vs_{n}": med[n] / med["optimised"]
+                      for n in variants if n != "optimised"}
     if hf:
-        out["speedup"]["optimised_vs_hf"] = med["hf"] / med["optimised"]
-        if naive:
-            out["speedup"]["naive_vs_hf"] = med["hf"] / med["naive"]
+        for n in variants:
+            out["speedup"][f"{n}_vs_hf"] = med["hf"] / med[n]
         roll = {n: out["paths"][n]["phases_s"]["rollout"]["median"] for n in names}
         out["speedup"]["rollout_optimised_vs_hf"] = roll["hf"] / roll["optimised"]
+    cpu = {n: out["paths"][n]["phases_cpu_s"]["step"]["median"] for n in names}
+    out["speedup_cpu"] = {f"optimised_vs_{n}": cpu[n] / cpu["optimised"]
+                          for n in variants if n != "optimised"}
+    if hf:
+        for n in variants:
+            out["speedup_cpu"][f"{n}_vs_hf"] = cpu["hf"] / cpu[n]
     out["matmul_flop_per_s"] = matmul_flop_per_s()  # same process, same thread count
+    for entry in out["paths"].values():  # the update's rate as a share of a plain matmul's
+        if "update_flop_per_s" in entry:
+            entry["update_vs_matmul"] = entry["update_flop_per_s"] / out["matmul_flop_per_s"]
+            entry["update_flop_per_cpu_s"] = entry["flop_model"]["update"] / entry[
+                "phases_cpu_s"]["update"]["median"]
     out["equal"] = {
         "identical_thoughts_all_steps": all(c["identical_thoughts"] for c in checks),
-        "max_reward_abs_diff": max(c["rewards_max_abs_diff"] for c in checks),
-        "max_loss_abs_diff": max(c["loss_abs_diff"] for c in checks),
-    } if naive else None  # --skip-naive: nothing to compare with
+        "max_reward_abs_diff": max((c["rewards_max_abs_diff"] for c in checks), default=0.0),
+        "max_loss_abs_diff": max((c["loss_abs_diff"] for c in checks), default=0.0),
+    }
     return out
 
 
@@ -366,10 +392,13 @@ def main(argv: list[str] | None = None) -> int:
                         "one batched `generate` over all rows instead")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="device peak (dense, the run's dtype) for MFU")
+    parser.add_argument("--skip-naive", action="store_true", help="leave out the naive path "
+                        "(the equality checks then compare the optimised variants)")
+    parser.add_argument("--also-attention", nargs="*", default=[], choices=["mask", "split",
+                        "flex"], help="also run the optimised path with these "
+                        "model.packed_attention values (paths optimised_<value>)")
     parser.add_argument("--block-size", type=int, default=128,
                         help="FlexAttention tile for the packed update's block sparsity")
-    parser.add_argument("--skip-naive", action="store_true", help="leave out the naive path "
-                        "(and its equality check): the longest rows only need optimised vs HF")
     parser.add_argument("--models", action="store_true", help="time the tiny dense, MoE, "
                         "hybrid and hybrid-MoE models side by side instead (--config, --size "
                         "and --hf unused)")
@@ -402,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         hf = "batched" if args.hf_batched else "per-row" if args.hf else None
         res = (bench_rlp_models.run(cfgs, args.steps, args.warmup) if args.models else
                run(cfg, args.steps, args.warmup, hf, args.peak_tflops, args.block_size,
-                   naive=not args.skip_naive))
+                   naive=not args.skip_naive, also_attention=tuple(args.also_attention)))
     finally:
         distributed.shutdown()
     import torch
@@ -426,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{p['decoded_tokens_per_s']['median']:.0f} decoded tok/s | "
               + (f"cache {p['rollout_cache_bytes'] / 2**20:.1f} MiB | "
                  if p["rollout_cache_bytes"] else "")
-              + (f"update {p['update_flop_per_s'] / 1e9:.2f} GFLOP/s | "
+              + (f"update {p['update_flop_per_s'] / 1e9:.2f} GFLOP/s "
+                 f"({100 * p['update_vs_matmul']:.0f}% of a matmul) | "
                  if "update_flop_per_s" in p else "")
               + (f"step {p['achieved_flop_per_s'] / 1e9:.2f} GFLOP/s | " if "achieved_flop_per_s"
                  in p else "") + f"peak +{p['peak_memory_bytes'] / 2**20:.0f} MiB")
@@ -439,7 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[bench_rlp] plain fp32 matmul on this thread: {res['matmul_flop_per_s'] / 1e9:.2f} "
           "GFLOP/s")
     print("[bench_rlp] speed-up " + ", ".join(f"{k} {v:.2f}x" for k, v in res["speedup"].items())
-          + f" | equal {res['equal']}", flush=True)
+          + f" | equal {res['equal']}")
+    print("[bench_rlp] speed-up in CPU seconds of each path's thread " + ", ".join(
+        f"{k} {v:.2f}x" for k, v in res["speedup_cpu"].items()), flush=True)
     return 0
 
 

@@ -27,7 +27,8 @@ from megatron_rlp.objective import clipped_surrogate_loss, group_advantages, inf
 
 
 def hf_model(cfg, vocab_size: int, seed: int):
-    """A transformers Qwen3 causal LM shaped like `cfg.model` (randomly initialised)."""
+    """A transformers Qwen3 causal LM shaped like `cfg.model` (randomly initialised), in
+    `precision.params_dtype` (bf16 or fp32), as the Megatron paths run."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from megatron_rlp.models.vocab import padded_vocab_size
@@ -46,7 +47,8 @@ def hf_model(cfg, vocab_size: int, seed: int):
         rope_parameters={"rope_type": "default", "rope_theta": float(m.rotary_base)},
         rms_norm_eps=m.norm_epsilon, attn_implementation="sdpa")
     torch.manual_seed(seed)
-    return Qwen3ForCausalLM(hcfg).float()
+    dtype = torch.bfloat16 if cfg.precision.params_dtype == "bf16" else torch.float32
+    return Qwen3ForCausalLM(hcfg).to(dtype)
 
 
 def _logprob(logits: torch.Tensor, target: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -77,11 +77,13 @@ class ModelConfig:
     modules (models/local_spec.py, any device), `transformer_engine` = Megatron's TE spec
     (models/te_spec.py: fused norm+linear, TE attention; CUDA + TE), `auto` = TE when it
     imports and device.type=cuda, else local."""
-    packed_attention: Literal["auto", "flex", "mask"] = "auto"
+    packed_attention: Literal["auto", "flex", "mask", "split"] = "auto"
     """Core attention of the branch-packed update (packing/flex.py): `flex` = FlexAttention
     with a BlockMask (block-sparse, compiled, on CUDA; an eager fallback on CPU for tests),
-    `mask` = the explicit [B, 1, S, S] tree mask through Megatron's attention, `auto` = flex
-    on CUDA for attention-only patterns, else mask. See docs/performance.md."""
+    `mask` = the explicit [B, 1, S, S] tree mask through Megatron's attention, `split` = the
+    window causally and each branch against its prefix and itself, only the pairs the tree
+    reads (packing/split_attention.py), `auto` = flex on CUDA for attention-only patterns,
+    split on CPU, else mask. See docs/performance.md."""
     num_experts: int | None = None
     """Routed experts of every `E` (MoE) layer (`--num-experts`); required with `E` layers,
     null without. The experts are Megatron's MoELayer (models/moe.py)."""

@@ -76,7 +76,8 @@ _compiles = 0  # inductor compilations of the compiled path (first ones and reco
 
 def resolve(kind: str, device_type: str, pattern: str) -> str:
     """The packed update's attention path: `auto` -> `flex` on CUDA (attention-only
-    patterns), `mask` elsewhere; `flex`/`mask` as given.
+    patterns), `split` on CPU (`packing.split_attention`, measured faster than `mask` there,
+    docs/performance.md), `mask` elsewhere; `flex`/`mask`/`split` as given.
 
     Raises:
         ValueError: `flex` without FlexAttention in this torch, or with Mamba (`M`) layers
@@ -84,7 +85,9 @@ def resolve(kind: str, device_type: str, pattern: str) -> str:
             says what flex needs.
     """
     if kind == "auto":
-        return "flex" if device_type == "cuda" and HAVE_FLEX and "M" not in pattern else "mask"
+        if device_type == "cuda" and HAVE_FLEX and "M" not in pattern:
+            return "flex"
+        return "split" if device_type == "cpu" else "mask"
     if kind == "flex" and not HAVE_FLEX:
         raise ValueError("torch.nn.attention.flex_attention (torch >= 2.5)")
     if kind == "flex" and "M" in pattern:
@@ -280,8 +283,9 @@ def flex_tree_attention(query: Tensor, key: Tensor, value: Tensor, descriptor: T
     return out[:, :, :sq].permute(2, 0, 1, 3).reshape(sq, b, heads * hn)
 
 
-def _check_supported(core: torch.nn.Module) -> float:
-    """The softmax scale of `core`'s config; ValueError for what the flex path does not do."""
+def check_supported(core: torch.nn.Module, path: str = "flex") -> float:
+    """The softmax scale of `core`'s config; ValueError for what the packed attention `path`
+    (`flex`, or `split`: `packing.split_attention`) does not do."""
     c = core.config
     dropout = c.attention_dropout if core.training else 0.0
     for bad, what in ((dropout > 0, f"attention_dropout={c.attention_dropout}"),
@@ -290,7 +294,7 @@ def _check_supported(core: torch.nn.Module) -> float:
                        f"softmax_type={getattr(c, 'softmax_type', None)}"),
                       (getattr(c, "window_size", None) is not None, "window_size")):
         if bad:
-            raise ValueError(f"the flex packed attention does not support {what}; use "
+            raise ValueError(f"the {path} packed attention does not support {what}; use "
                              "model.packed_attention=mask")
     return c.softmax_scale or 1.0 / math.sqrt(c.kv_channels)
 
@@ -304,7 +308,7 @@ def _routed_forward(core: torch.nn.Module, original, query, key, value, attentio
     if attention_bias is not None or packed_seq_params is not None or kw:
         raise ValueError("the flex packed attention takes no attention bias or packed "
                          "sequence params")
-    return flex_tree_attention(query, key, value, attention_mask, _check_supported(core))
+    return flex_tree_attention(query, key, value, attention_mask, check_supported(core))
 
 
 def route_core_attention(model) -> int:

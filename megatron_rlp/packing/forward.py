@@ -9,8 +9,10 @@ so they must run the same forward. `packed_forward` sets it up:
 - for a branch-packed micro-batch (`packing.update`: it has `branch`, `lo`, `hi`):
   - the tree as the attention mask: the explicit [B, 1, S, S] mask (`packing.tree`), with
     Mamba layers starting every branch from the window's state at its t_k
-    (`models.mamba.model_walk.attach_branch_layout`); or, with `attention="flex"`, the
-    [B, 3, S] tree descriptor that `packing.flex` routes to FlexAttention;
+    (`models.mamba.model_walk.attach_branch_layout`); with `attention="split"` the same mask
+    with its layout registered, which the routed core attentions compute window and
+    branches apart (`packing.split_attention`); or, with `attention="flex"`, the [B, 3, S]
+    tree descriptor that `packing.flex` routes to FlexAttention;
   - RoPE at each token's own position (`packing.rotary`), since a branch's tokens sit after
     the window and the other branches of its sequence.
 
@@ -27,6 +29,7 @@ from torch import Tensor, nn
 
 from megatron_rlp.models.mamba.model_walk import attach_branch_layout
 from megatron_rlp.models.output_positions import logits_at_positions
+from megatron_rlp.packing import split_attention
 from megatron_rlp.packing.flex import block_mask_for, route_core_attention, tree_descriptors
 from megatron_rlp.packing.rotary import rotary_at_positions
 from megatron_rlp.packing.tree import tree_mask
@@ -40,8 +43,9 @@ def packed_forward(model: nn.Module, batch: dict[str, Tensor], attention: str = 
 
     Args:
         batch: tokens, positions [B, S]; index [B, K]; a packed one also branch, lo, hi [B, S].
-        attention: `mask` (the [B, 1, S, S] bool tree mask) or `flex` (the [B, 3, S] long tree
-            descriptor; attention-only models, config refuses flex with Mamba layers).
+        attention: `mask` (the [B, 1, S, S] bool tree mask), `split` (that mask, computed by
+            `packing.split_attention`) or `flex` (the [B, 3, S] long tree descriptor;
+            attention-only models, config refuses flex with Mamba layers).
 
     Yields:
         None for an unpacked batch, else the tree mask or descriptor.
@@ -58,5 +62,8 @@ def packed_forward(model: nn.Module, batch: dict[str, Tensor], attention: str = 
             else:
                 mask = tree_mask(branch, lo, hi)
                 attach_branch_layout(model, mask, branch, lo, hi)  # Mamba: branches from t_k
+                if attention == "split":
+                    split_attention.route_core_attention(model)
+                    split_attention.register_layout(mask, branch, lo, hi)
             stack.enter_context(rotary_at_positions(model, batch["positions"]))
         yield mask

@@ -12,13 +12,15 @@ Other sizes keep the unpacked update: `packable` says which. Mamba layers (hybri
 scan each packed sequence's window once and start every branch from the conv/SSM state at
 its t_k (`models.mamba.model_walk.attach_branch_layout`), with gradients into the window.
 
-On CPU the tree mask goes through Megatron's local `DotProductAttention` as an explicit
+With `model.packed_attention=mask` the tree mask goes through Megatron's local
+`DotProductAttention` as an explicit
 [B, 1, S, S] mask (Megatron's torch softmax path applies a given mask whatever the layer's
 mask type; `models.provider` keeps the fused kernel, which would not, off; TE layers take
 boolean masks through `models.masked_attention`). With
 `model.packed_attention=flex` (the default on CUDA) the forward passes the tree's O(S)
 descriptor instead and `packing.flex` runs core attention as FlexAttention with a BlockMask,
-skipping the masked tiles.
+skipping the masked tiles; with `split` (the default on CPU) `packing.split_attention`
+computes the window and the branches apart, only the pairs the tree reads.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ def rows_per_sequence(model_cfg, rows: int, limit: int, window: float, thought: 
     branch-to-branch blocks once the branches outweigh the window; one branch per sequence
     (k = 1) is the unpacked update.
 
-    `block_sparse` (FlexAttention, `packing.flex`): masked tiles are skipped, so the pairs
+    `block_sparse` (FlexAttention, `packing.flex`, or the split attention,
+    `packing.split_attention`): masked tiles are skipped, so the pairs
     counted are those the tree attends (the window causally, each branch its prefix and
     itself), linear in k: every branch then goes behind one copy of the window (k = limit).
     """
@@ -98,7 +101,8 @@ def packed_update_batches(windows, prompts, thoughts, advantages: Tensor, group_
             rows, or the micro-batch's, per sequence).
         rows_per_seq: force the branches per sequence (a divisor of both a document's rows
             and a micro-batch's).
-        block_sparse: the forward runs FlexAttention (`rows_per_sequence`'s cost model).
+        block_sparse: the forward runs FlexAttention or the split attention
+            (`rows_per_sequence`'s cost model).
         routing: [R, L, layers, E / 8] uint8 the rollout's packed routing maps (MoE models,
             `models.moe_routing`); laid out like `mask` as `rollout_routing`.
 

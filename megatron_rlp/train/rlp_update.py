@@ -131,7 +131,7 @@ def packed_microbatches(cfg, tok, ro, multiple: int, equal_width: bool
                                  cfg.rlp.group_size, cfg.train.micro_batch_size, tok.pad,
                                  list(ro.lead), equal_width=equal_width, multiple=multiple,
                                  model_cfg=cfg.model,
-                                 block_sparse=packed_attention(cfg) == "flex",
+                                 block_sparse=packed_attention(cfg) in ("flex", "split"),
                                  routing=getattr(ro, "routing", None))
 
 

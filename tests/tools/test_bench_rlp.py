@@ -73,6 +73,29 @@ def test_peak_memory_sees_a_block_allocation():
     assert idle.bytes < 16 * 2**20, idle.bytes
 
 
+def test_bench_rlp_runs_attention_variants_without_naive(tmp_path):
+    """--skip-naive --also-attention mask: the optimised path with the split attention (the CPU
+    default) and with the dense tree mask, side by side, checked against each other."""
+    out = tmp_path / "variants.json"
+    proc = subprocess.run([sys.executable, "tools/bench_rlp.py", "--steps", "1", "--warmup", "0",
+                           "--skip-naive", "--also-attention", "mask", "--out", str(out), *SMALL],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["paths"]) == {"optimised", "optimised_mask"}
+    assert res["run"]["config"]["model"]["packed_attention"] == "auto"  # split on CPU
+    assert [(c["path"], c["against"]) for c in res["checks"]] == [("optimised_mask",
+                                                                    "optimised")]
+    assert res["equal"]["identical_thoughts_all_steps"]
+    assert res["equal"]["max_loss_abs_diff"] < 1e-5
+    assert set(res["speedup"]) == set(res["speedup_cpu"]) == {"optimised_vs_optimised_mask"}
+    for path in res["paths"].values():  # CPU seconds of the thread beside the wall seconds
+        cpu = {k: v["median"] for k, v in path["phases_cpu_s"].items()}
+        assert 0 < cpu["update"] < cpu["step"] and cpu["rollout"] > 0
+        assert 0 < path["update_vs_matmul"] == path["update_flop_per_s"] / res[
+            "matmul_flop_per_s"]
+
+
 def test_bench_rlp_models_side_by_side_at_equal_active_parameters(tmp_path):
     """`--models`: the tiny dense, MoE, hybrid and hybrid-MoE configs each run RLP steps in one
     process; the MoE models' active parameters equal their dense counterparts' but for the

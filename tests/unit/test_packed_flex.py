@@ -87,7 +87,7 @@ def test_block_mask_equals_tree_mask_and_skips_blocks(block_size):
 
 
 def test_resolve_and_refusals():
-    assert flex.resolve("auto", "cpu", "*-") == "mask"
+    assert flex.resolve("auto", "cpu", "*-") == "split"
     assert flex.resolve("auto", "cuda", "*-") == "flex"
     assert flex.resolve("auto", "cuda", "M*") == "mask"
     assert flex.resolve("flex", "cpu", "*-") == "flex"
@@ -148,7 +148,7 @@ def test_flex_survives_core_attention_recompute(model):
         torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("attention", ["mask", "flex"])
+@pytest.mark.parametrize("attention", ["mask", "flex", "split"])
 def test_plugin_pads_packed_micro_batches_to_seq_length(model, attention):
     """The plugin under pipeline parallelism sends --seq-length activations: right padding a
     packed micro-batch (plugin._pad_packed_to) changes neither its loss nor its gradients."""

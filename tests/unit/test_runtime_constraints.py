@@ -334,6 +334,10 @@ INVARIANT = {
     # the packed update runs only where packing.update.packable says the size packs, and
     # rows_per_sequence returns a divisor of that size
     ("packing/update.py", "cannot be packed"),
+    # packing.tree.pack_branches lays every packed sequence out as its window (causal from
+    # column 0), then each branch contiguous with one prefix inside that window
+    ("packing/split_attention.py", "split attention needs packed sequences"),
+    ("packing/split_attention.py", "split attention needs contiguous branches"),
     # rollout.thoughts compacts only while 0 < unfinished rows <= the live rows
     ("packing/compiled.py", "need 1 <= n <= rows"),
 }
