@@ -167,6 +167,9 @@ class HostValues(TorchDispatchMode):
     Args:
         oracle: answers reads of values that no shadow holds.
         limit: largest shadow, in elements (bigger data-derived tensors lose their value).
+            2**28: Nemotron Nano 12B's shared-prefix prefill mask is ~98M bools (2**26 lost
+            it); the masks are bool (1 byte an element) and the int64 index tensors are far
+            smaller, so shadows stay within a few GiB of host memory.
         zero_limit: a fake integer or fp64 tensor without a value, of at most this
             many elements, reads as zeros when an op with otherwise known inputs needs it: a
             sampled token is then id 0 (never `</think>`, so every thought runs to its
@@ -174,7 +177,7 @@ class HostValues(TorchDispatchMode):
             compute never runs for real.
     """
 
-    def __init__(self, oracle: Oracle, limit: int = 1 << 26, zero_limit: int = 1 << 16):
+    def __init__(self, oracle: Oracle, limit: int = 1 << 28, zero_limit: int = 1 << 16):
         super().__init__()
         self.oracle = oracle
         self.limit = limit
