@@ -13,6 +13,9 @@ Each shim, and the code that needs it:
   layers and DDP (`device=torch.cuda.current_device()`), the step's timers.
 - `torch.cuda.Stream/Event/current_stream/default_stream/stream`: DDP buckets and the
   optimizer wait on streams; nothing runs asynchronously here, so waiting is a no-op.
+- `Tensor.record_stream`: Megatron's MoE dispatcher (`moe_utils.maybe_move_tensor_to_cpu`)
+  marks the token counts it copies to the host as used on the current stream; that is the
+  caching allocator's bookkeeping, and with `NullStream`s it refuses the stream object.
 - `torch.cuda.get_device_properties/mem_get_info`: the simulated card (`--device-gib`).
 - the CUDA RNG (`torch.cuda.get/set_rng_state`, `manual_seed(_all)`, Megatron's
   `_get/_set_cuda_rng_state`): a CPU generator stands for the device's, so Megatron's
@@ -139,6 +142,7 @@ def simulated_cuda(device_gib: float = 80.0, gpus_per_node: int = 8, name: str =
         (torch.cuda, "current_stream"): lambda *a, **k: NullStream(),
         (torch.cuda, "default_stream"): lambda *a, **k: NullStream(),
         (torch.cuda, "stream"): lambda *a, **k: NullStream(),
+        (torch.Tensor, "record_stream"): fresh_noop(),
         (torch.cuda, "get_device_properties"): lambda *a, **k: props,
         (torch.cuda, "get_device_name"): lambda *a, **k: props.name,
         (torch.cuda, "mem_get_info"): lambda *a, **k: (props.total_memory, props.total_memory),

@@ -278,3 +278,23 @@ def test_estimate_agrees_with_the_committed_simulation(recipe):
     assert rollout == pytest.approx(rank["peak_gib_by_phase"]["rollout"], rel=0.15)
     assert rank["peak_gib_by_phase"]["update"] > 1.15 * (
         persistent + est["phase_totals"]["update"] / gib)  # the documented gap
+
+
+def test_megatron_moe_copies_token_counts_to_the_host_on_simulated_cuda():
+    """Megatron's MoE dispatcher copies its token counts to the host and records the stream
+    (`moe_utils.maybe_move_tensor_to_cpu`); `simulated_cuda` lets it (`record_stream` on a
+    `NullStream` raised "unknown parameter type" and stopped the MoE recipes' rollout)."""
+    from megatron_rlp.backends import cpu as cpu_backend
+
+    if cpu_backend.is_active():
+        pytest.skip("the CPU backend maps cuda to cpu in this process")
+    sys.path.insert(0, str(ROOT / "tools"))
+    import torch
+    from megatron.core.transformer.moe.moe_utils import maybe_move_tensor_to_cpu
+    from simulated_cuda import simulated_cuda
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with simulated_cuda(), FakeTensorMode():
+        counts = torch.zeros(8, dtype=torch.long, device="cuda")
+        host = maybe_move_tensor_to_cpu(counts, record_stream=True)
+        assert host.device.type == "cpu" and host.shape == (8,)
