@@ -166,7 +166,7 @@ class DecodeCut:
         cut = self
         state = {"engine": None, "count": 0, "logits": None, "flops": 0}
 
-        def _forward(engine, tokens, mask):
+        def _forward(engine, tokens, mask, call=None):
             if state["engine"] is not engine:
                 state.update(engine=engine, count=0)
             cut.cache_bytes = max(cut.cache_bytes, _cache_bytes(engine.ctx))
@@ -177,7 +177,7 @@ class DecodeCut:
                 cut.skipped_flops += state["flops"]
                 return state["logits"]
             before = cut.phases.flops.get_total_flops()
-            logits = original(engine, tokens, mask)
+            logits = original(engine, tokens, mask, call)
             if decode:
                 state["count"] += 1
                 cut.decoded += 1
