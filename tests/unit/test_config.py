@@ -204,6 +204,18 @@ def test_missing_yaml_file(tmp_path):
     assert str(missing) in str(err.value) and "\n" not in str(err.value)
 
 
+def test_config_directory_and_binary_file_are_one_line(tmp_path):
+    """`--config runs/` or a binary file: one line saying what the path is, no traceback."""
+    with pytest.raises(ConfigError, match="is a directory") as err:
+        load_config(str(tmp_path))
+    assert "does not exist" not in str(err.value) and "\n" not in str(err.value)
+    binary = tmp_path / "model.pt"
+    binary.write_bytes(b"\xff\xfe\x00\xc0garbage")
+    with pytest.raises(ConfigError, match="not a UTF-8 text file") as err:
+        load_config(str(binary))
+    assert str(binary) in str(err.value) and "\n" not in str(err.value)
+
+
 def test_empty_yaml_file_is_defaults(tmp_path):
     path = tmp_path / "empty.yaml"
     path.write_text("# nothing here\n")
