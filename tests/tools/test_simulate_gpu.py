@@ -214,28 +214,35 @@ def test_default_world_is_the_recipes_stated_one(recipe, world):
 def test_module_dtype_cast_of_fake_parameters_is_done_in_place():
     """`Float16Module`'s `.bfloat16()` of a module that keeps fp32 parameters (Megatron's
     Mamba mixer: A_log, D, dt_bias) cast them on fake CUDA (`swap_tensors` refuses fake
-    parameters, which stopped Nemotron-H at build), and a device move still fails."""
-    from megatron_rlp.backends import cpu as cpu_backend
+    parameters, which stopped Nemotron-H at build), and a device move still fails. In a fresh
+    process: the CPU backend, once active in this one, maps cuda to cpu."""
+    code = textwrap.dedent("""
+        import sys
+        from unittest import mock
 
-    if cpu_backend.is_active():
-        pytest.skip("the CPU backend maps cuda to cpu in this process")
-    sys.path.insert(0, str(ROOT / "tools"))
-    from unittest import mock
+        import pytest
+        import torch
+        from torch._subclasses.fake_tensor import FakeTensorMode
 
-    import torch
-    from simulated_cuda import _apply_unless_identity
-    from torch._subclasses.fake_tensor import FakeTensorMode
+        sys.path.insert(0, "tools")
+        from simulated_cuda import _apply_unless_identity
 
-    with FakeTensorMode(), mock.patch.object(
-            torch.nn.Module, "_apply", _apply_unless_identity(torch.nn.Module._apply)):
-        outer = torch.nn.Sequential(torch.nn.Linear(4, 4, device="cuda", dtype=torch.bfloat16))
-        outer[0].A_log = torch.nn.Parameter(torch.zeros(4, device="cuda"))  # fp32
-        a_log = outer[0].A_log
-        outer.bfloat16()
-        assert outer[0].A_log is a_log and a_log.dtype == torch.bfloat16
-        assert a_log.device.type == "cuda"
-        with pytest.raises(RuntimeError):
-            outer.to("cpu")
+        with FakeTensorMode(), mock.patch.object(
+                torch.nn.Module, "_apply", _apply_unless_identity(torch.nn.Module._apply)):
+            outer = torch.nn.Sequential(
+                torch.nn.Linear(4, 4, device="cuda", dtype=torch.bfloat16))
+            outer[0].A_log = torch.nn.Parameter(torch.zeros(4, device="cuda"))  # fp32
+            a_log = outer[0].A_log
+            outer.bfloat16()
+            assert outer[0].A_log is a_log and a_log.dtype == torch.bfloat16
+            assert a_log.device.type == "cuda"
+            with pytest.raises(RuntimeError):
+                outer.to("cpu")
+        print("cast in place")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0 and "cast in place" in out.stdout, out.stderr[-2000:]
 
 
 @pytest.mark.parametrize("recipe", ["qwen3_1p7b", "nemotron_h_8b"])
