@@ -14,14 +14,14 @@
 # Memory  per rank, GiB (tools/estimate_memory.py, printed at launch; unfused attention as
 #         the local Megatron spec runs it today):
 #           persistent 21.7 = params 3.8 + grads 7.5 + Adam 2.8 + EMA teacher 7.5
-#           rollout    25.2 = KV cache 4.3 (4 attention layers; cascade decode: each
+#           rollout    17.7 = KV cache 4.3 (4 attention layers; cascade decode: each
 #                             prefix once) + SSM/conv state 12.4 (24 Mamba layers, fp32)
-#                             + prefill 8.5
+#                             + prefill 1.1 (one window per document)
 #           scoring     4.3   update 13.3
-#           peak       50.9 of 80  (with flash attention 45.9); TP=8 29.8, TP=2 93.0 (no fit)
-# Why chunks: all 1024 rows in one pass would peak at 76.1 GiB (ROLLOUT_CHUNK=0 does that;
-# 85.4 with the prefix copied per row), inside 80 but with under 5% slack; the fp32 Mamba
-# decode state doubles its share.
+#           peak       43.4 of 80  (with flash attention 43.2); TP=8 25.5, TP=2 79.8 (no slack)
+# Why chunks: all 1024 rows in one pass would peak at 61.2 GiB (ROLLOUT_CHUNK=0 does that;
+# 85.4 with the prefix copied per row), inside 80; the fp32 Mamba decode state doubles
+# its share.
 #
 # Environment (required): DATA (.jsonl/.txt or indexed-dataset prefix), TOKENIZER
 # (tokenizer.json or its folder), SAVE_DIR (checkpoints, metrics.jsonl, tensorboard/; a

@@ -15,13 +15,13 @@
 # Memory  per rank, GiB (tools/estimate_memory.py, printed at launch; unfused attention as
 #         the local Megatron spec runs it today):
 #           persistent 18.6 = params 2.9 + grads 5.7 + Adam 4.3 + EMA teacher 5.7
-#           rollout    37.4 = KV cache 6.5 (6 attention layers; cascade decode: each
+#           rollout    26.2 = KV cache 6.5 (6 attention layers; cascade decode: each
 #                             prefix once) + SSM/conv state 18.0 (28 Mamba layers, fp32)
-#                             + prefill 13.0 (attention scores of 64 contexts x 2560 tokens)
+#                             + prefill 1.7 (attention scores of 8 windows x 2560 tokens)
 #           scoring     6.5   update 12.4
-#           peak       60.1 of 80  (with flash attention 53.6)
-# Why chunks: all 2048 rows in one pass would peak at 97.5 GiB (ROLLOUT_CHUNK=0 does that;
-# with G=8 it fits, 73.5).
+#           peak       48.8 of 80  (with flash attention 48.8)
+# Why chunks: all 2048 rows in one pass would peak at 75.1 GiB (ROLLOUT_CHUNK=0 does that,
+# under 10% slack; with G=8, 50.8).
 #
 # Environment (required): DATA (.jsonl/.txt or indexed-dataset prefix), TOKENIZER
 # (tokenizer.json or its folder), SAVE_DIR (checkpoints, metrics.jsonl, tensorboard/; a

@@ -13,10 +13,10 @@
 # Memory  per rank, GiB (tools/estimate_memory.py, printed at launch; unfused attention as
 #         the local Megatron spec runs it today):
 #           persistent 16.6 = params 3.2 + grads 6.4 + Adam 0.6 + EMA teacher 6.4
-#           rollout    33.8 = KV cache 30.2 (cascade decode: 8 prefixes x 2560 tokens +
-#                             128 rows x 2049 thought tokens, x 28 layers) + 3.6
+#           rollout    30.7 = KV cache 30.2 (cascade decode: 8 prefixes x 2560 tokens +
+#                             128 rows x 2049 thought tokens, x 28 layers) + 0.5
 #           scoring     1.8   update 48.7 (activations 44.1, ~35 of it attention scores)
-#           peak       69.3 of 80  (with flash attention 51.8)
+#           peak       69.3 of 80  (with flash attention 51.1)
 # Why chunks: the KV cache per rank does not shrink with TP (TP halves the heads, DP
 # halves, rows per rank double), and all 256 rows at once would need 60 GiB of it (each
 # prefix stored once, docs/performance.md "Cascade decode"; 126 GiB with the prefix

@@ -15,13 +15,13 @@
 # Memory  per rank, GiB (tools/estimate_memory.py, printed at launch; unfused attention as
 #         the local Megatron spec runs it today):
 #           persistent 29.4 = params 4.8 + grads 9.6 + Adam 5.3 + EMA teacher 9.6
-#           rollout    19.8 = KV cache 12.9 (cascade decode, 24 attention layers per stage)
-#                             + prefill 6.8 (one attention layer's scores, 8 windows)
+#           rollout    13.8 = KV cache 12.9 (cascade decode, 24 attention layers per stage)
+#                             + prefill 0.9 (one attention layer's scores, 1 window)
 #           scoring     3.4   update 23.2 (activations 18.6, ~3/4 of it the routed copies)
 #           peak       56.6 of 80
 #         The estimate counts one micro-batch in flight per stage; 1F1B keeps 2 on stage 0
 #         (+18.6: 75.2, still inside 80). One rollout pass (ROLLOUT_CHUNK=16) would peak at
-#         72.9, under 10% slack; PP=1 does not fit (99.2: a whole replica's experts / 8).
+#         61.0; PP=1 does not fit (99.2: a whole replica's experts / 8).
 # Routing agreement (`routing_agreement`) is logged only with PP=1 and no sequence parallel
 # (docs/moe.md); exactness in fp32 is proven on the tiny MoE configs.
 #

@@ -19,11 +19,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +114,7 @@ def run(cfg, steps: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench_rlp import SIZES, bench_config
+    from bench_rlp import SIZES, start_bench
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "examples/configs/tiny_cpu.yaml"))
@@ -126,21 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value, after the defaults")
     args = parser.parse_args(argv)
 
-    from megatron_rlp.config import ConfigError
-
-    try:
-        cfg = bench_config(args.config, args.size, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    cfg = start_bench(args)
+    if cfg is None:
         return 2
-    warnings.filterwarnings("ignore")
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     import torch
 
-    import megatron_rlp.train.loop  # noqa: F401  (Megatron imports before the CPU backend)
     from megatron_rlp import distributed
 
-    distributed.initialize(cfg)
     try:
         res = run(cfg, args.steps)
     finally:

@@ -244,6 +244,28 @@ def bench_config(config: str | None, size: str, overrides: list[str]):
     return load_config(config, DEFAULTS + shape + tuple(overrides), world_size=1)
 
 
+def start_bench(args):
+    """The start shared by the benches and profilers (bench_decode, profile_rollout,
+    profile_update): the config of `args.config`, `args.size` and `args.overrides`
+    (`bench_config`; a bad one prints its one line and gives None), import-time warnings
+    quietened, Megatron imported before the CPU backend, and this one-rank run's process
+    groups started (`megatron_rlp.distributed.shutdown()` ends them)."""
+    from megatron_rlp.config import ConfigError
+
+    try:
+        cfg = bench_config(args.config, args.size, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    warnings.filterwarnings("ignore")
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    import megatron_rlp.train.loop  # noqa: F401  (Megatron imports before the CPU backend)
+    from megatron_rlp import distributed
+
+    distributed.initialize(cfg)
+    return cfg
+
+
 def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | None,
         block_size: int = 128, naive: bool = True, also_attention: tuple[str, ...] = ()
         ) -> dict:

@@ -28,10 +28,8 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import logging
 import sys
 import time
-import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -139,7 +137,7 @@ def _op_split(prof) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench_rlp import SIZES, bench_config
+    from bench_rlp import SIZES, start_bench
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "examples/configs/tiny_cpu.yaml"))
@@ -150,26 +148,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value, after the defaults")
     args = parser.parse_args(argv)
 
-    from megatron_rlp.config import ConfigError
-
-    try:
-        cfg = bench_config(args.config, args.size, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    cfg = start_bench(args)
+    if cfg is None:
         return 2
-    warnings.filterwarnings("ignore")
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    import megatron_rlp.train.loop  # noqa: F401  (Megatron imports before the CPU backend)
     from megatron_rlp import distributed
     from megatron_rlp.train.builder import build_state
     from megatron_rlp.train.rlp_step import rollout_and_score
     from megatron_rlp.train.samplers import make_context_sampler
     from megatron_rlp.train.timers import PhaseTimer
 
-    distributed.initialize(cfg)
     try:
         state = build_state(cfg)
         sampler = make_context_sampler(state)

@@ -36,11 +36,9 @@ import argparse
 import dataclasses
 import functools
 import json
-import logging
 import statistics
 import sys
 import time
-import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -207,7 +205,7 @@ def _attention_alone(state, mbs, kind: str, repeats: int = 3) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench_rlp import SIZES, bench_config, matmul_flop_per_s
+    from bench_rlp import SIZES, matmul_flop_per_s, start_bench
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "examples/configs/tiny_cpu.yaml"))
@@ -219,19 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value, after the defaults")
     args = parser.parse_args(argv)
 
-    from megatron_rlp.config import ConfigError
-
-    try:
-        cfg = bench_config(args.config, args.size, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    cfg = start_bench(args)
+    if cfg is None:
         return 2
-    warnings.filterwarnings("ignore")
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    import megatron_rlp.train.loop  # noqa: F401  (Megatron imports before the CPU backend)
     from megatron_rlp import distributed
     from megatron_rlp.train import rlp_step as step_module
     from megatron_rlp.train.builder import build_state
@@ -240,7 +231,6 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_rlp.train.samplers import make_context_sampler
     from megatron_rlp.train.timers import PhaseTimer
 
-    distributed.initialize(cfg)
     rollout = step_module.rollout_and_score
     try:
         state = build_state(cfg)

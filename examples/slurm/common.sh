@@ -187,8 +187,16 @@ rlp_estimate() {
   local config=$1 world=$2
   shift 2
   [[ "${ESTIMATE:-1}" == 1 && "${SLURM_NODEID:-0}" == 0 ]] || return 0
-  "$(rlp_python)" tools/estimate_memory.py --config "$config" --world-size "$world" \
-    --gpu-gib "${GPU_GIB:-80}" "$@" 2>&1 | sed 's/^/[estimate] /' || true
+  local out rc=0
+  out=$("$(rlp_python)" tools/estimate_memory.py --config "$config" --world-size "$world" \
+    --gpu-gib "${GPU_GIB:-80}" "$@" 2>&1) || rc=$?
+  printf '%s\n' "$out" | sed 's/^/[estimate] /'
+  # A dry run is the check before a launch: a refused configuration fails it (a real launch
+  # goes on, and the trainers refuse it themselves with the same line).
+  if (( rc != 0 )) && [[ "${DRY_RUN:-0}" == 1 ]]; then
+    echo "error: dry run: the configuration is refused (tools/estimate_memory.py exit $rc)" >&2
+    return "$rc"
+  fi
 }
 
 # Print the command (node 0), then run it through `rlp_run workers` (DRY_RUN=1: print only).

@@ -161,13 +161,22 @@ def read_config(path: ConfigPaths = None, overrides: tuple[str, ...] = ()) -> Ru
     paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
     for path in paths:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"invalid config: {str(path)!r} is a directory "
+                              f"(allowed: a YAML file, e.g. examples/configs/tiny_cpu.yaml)")
         if not p.is_file():
             raise ConfigError(f"invalid config: file {str(path)!r} does not exist")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"invalid config: {path} is not valid YAML ({e.__class__.__name__}: "
                               f"{str(e).splitlines()[0]})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"invalid config: {path} is not a UTF-8 text file (byte {e.start}: "
+                              f"{e.reason}; allowed: a YAML file)") from None
+        except OSError as e:
+            raise ConfigError(f"invalid config: {path} cannot be read "
+                              f"({e.strerror or e})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"invalid config: {path} must map section names to settings")
         for key, value in _flatten(data):

@@ -132,9 +132,14 @@ class RunConfig:
         """
         p, r, t = self.parallel, self.rlp, self.train
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+        # Name the factor that breaks the division (PP when TP alone divides the world).
+        pp_breaks = isinstance(world_size, int) and world_size % tp == 0 and pp > 1
+        key, value, other = (("parallel.pipeline_model_parallel_size", pp,
+                              f"tensor_model_parallel_size={tp}") if pp_breaks else
+                             ("parallel.tensor_model_parallel_size", tp,
+                              f"pipeline_model_parallel_size={pp}"))
         check(isinstance(world_size, int) and world_size >= 1 and world_size % (tp * pp) == 0,
-              "parallel.tensor_model_parallel_size", tp,
-              f"TP*PP dividing the world size {world_size} (pipeline_model_parallel_size={pp})")
+              key, value, f"TP*PP dividing the world size {world_size} ({other})")
         dp = world_size // (tp * pp)
         ep = p.expert_model_parallel_size
         check(dp % ep == 0, "parallel.expert_model_parallel_size", ep,

@@ -20,8 +20,9 @@ same ones). Prints a table (or `--json`) of what one GPU holds:
                packing/cascade.py) C x P + R x T tokens, else R x (P + T), where P is a
                document window (`RLPConfig.max_window_tokens`) + `<think>` and T is
                L_think + 1, as the engine allocates them; one layer of prefill
-               activations; the full-vocabulary fp32 logits of a decode step and the
-               sampler's copies
+               activations (with rlp.share_prefixes one row per document window the chunk
+               uses, packing/prefill.py, else one per context); the full-vocabulary fp32
+               logits of a decode step and the sampler's copies
   scoring      the teacher's fp32 forward over the documents' windows (B/DP/positions per
                document rows): one layer of activations and the vocab-parallel logits at
                the scored positions only (positions_per_document per window)
@@ -247,8 +248,15 @@ def estimate(cfg: RunConfig, world_size: int, vocab_size: int, attention: str = 
     conv_state = chunk_rows * (s.conv_dim / tp) * (MAMBA_CONV_KERNEL - 1) * 4
     ssm_state = chunk_rows * (s.m_heads / tp) * s.m_head_dim * s.m_state * 4
     mamba_state = s.n_mamba * layers_here * (conv_state + ssm_state)
-    prefill = one_layer_inference_bytes(s, tp, pb, chunk_contexts, window + 1,
-                                        attention)
+    # With rlp.share_prefixes the rollout prefills each document window once (packing/prefill.py:
+    # SharedWindows.chunk keeps only the windows a chunk's contexts use), positions_per_document
+    # contexts a window in order: a chunk starting g = gcd(chunk, per_doc) past a window's start
+    # (the worst offset) touches ceil((per_doc - g + chunk) / per_doc) windows.
+    per_doc = r.positions_per_document
+    prefill_rows = (min(chunk_contexts, math.ceil(
+        (per_doc - math.gcd(chunk_contexts, per_doc) + chunk_contexts) / per_doc))
+        if r.share_prefixes else chunk_contexts)
+    prefill = one_layer_inference_bytes(s, tp, pb, prefill_rows, window + 1, attention)
     decode_logits = chunk_rows * s.vocab * (pb + 3 * 4)  # gathered logits, fp32 + sampler copies
     rollout = {"kv_cache": kv, "ssm_conv_state": mamba_state,
                "transient": max(prefill, decode_logits)}

@@ -6,8 +6,8 @@ Start-up (`startup.check_memory`) calls `check_fits` for `device.type=cuda` runs
 torch.distributed starts, so a job that would run out of memory at its first rollout or
 update is refused in one line instead of after its model is built:
 
-    invalid launch: estimated peak 97.5 GiB per GPU exceeds the device's 79.1 GiB (32 ranks,
-    TP=8 PP=1 DP=4, rollout phase); fits with: rlp.rollout_chunk_contexts=64 (60.1 GiB), ...
+    invalid launch: estimated peak 245.2 GiB per GPU exceeds the device's 80.0 GiB (8 ranks,
+    TP=8 PP=1 DP=1, rollout phase); fits with: rlp.rollout_chunk_contexts=64 (61.7 GiB), ...
 
 The knobs, each changing only memory and time, never the thoughts (keyed sampling) except
 `rlp.group_size`, which changes the objective's group and is offered last:

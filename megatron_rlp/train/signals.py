@@ -1,4 +1,5 @@
-"""Pre-emption: stop cleanly at the next step boundary on SIGTERM / SIGUSR1 or a wall-time limit.
+"""Pre-emption: stop cleanly at the next step boundary on SIGTERM / SIGUSR1 / SIGINT or a
+wall-time limit.
 
 A signal may reach only some ranks (or reach them between different steps), so the decision
 is collective: at every step boundary each rank contributes its flag to one all-reduce(MAX)
@@ -8,6 +9,10 @@ One stop request often arrives more than once: under `srun`, slurmstepd signals 
 of the step and the launcher (examples/slurm/common.sh) forwards it to the trainers too. So
 once a signal has been caught, further ones are ignored until the process ends: restoring the
 default action would let a late duplicate kill a rank that has saved and is exiting.
+
+Ctrl-C (SIGINT) is a stop request too: the first one stops and saves like SIGTERM; a second
+one, while the guard holds, aborts at once (KeyboardInterrupt, nothing saved), as a user
+pressing it twice means.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import time
 import torch
 import torch.distributed as dist
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 def _process_start() -> float:
@@ -58,14 +63,21 @@ class StopGuard:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             # After a stop request, ignore duplicates (SIG_IGN, unlike a Python handler,
-            # survives interpreter shutdown, which resets handlers to the default action).
-            signal.signal(sig, signal.SIG_IGN if self.received is not None else handler)
+            # survives interpreter shutdown, which resets handlers to the default action);
+            # Ctrl-C gets its handler back, so pressing it again still interrupts.
+            stopped = self.received is not None and sig != signal.SIGINT
+            signal.signal(sig, signal.SIG_IGN if stopped else handler)
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
         # Only set a flag: the step in flight (and any collective in it) must finish.
         if self.received is None:
             self.received = signum
+            if signum == signal.SIGINT:
+                print("[stop] Ctrl-C: stopping after this step and saving it (Ctrl-C again to "
+                      "abort without saving)", flush=True)
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
 
     def should_stop(self) -> bool:
         """Collective: True on every rank if any rank caught a signal or ran out of time."""

@@ -349,3 +349,14 @@ def test_sigterm_to_torchrun_itself_exits_1_after_the_trainers_stop(tmp_path):
     rc, out = _signal_job(tmp_path, signal.SIGTERM, "torchrun")
     assert "rank 0 got SIGTERM" in out and "rank 1 got SIGTERM" in out, out
     assert rc == 1 and "SignalException" in out, out
+
+
+@pytest.mark.parametrize("name, env", [("qwen3_30b_a3b", {"EP": "7", "NNODES": "8"}),
+                                       ("qwen3_1p7b", {"TP": "3", "NNODES": "4"})])
+def test_dry_run_fails_on_a_refused_layout(name, env, tmp_path):
+    """A dry run is the check before a launch: a layout the config refuses fails it, with the
+    refusal's one line, instead of printing a command that would fail on the cluster."""
+    proc = _script(name, _env(tmp_path, ESTIMATE="1", MASTER_ADDR="node001", **env))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "[estimate] error:" in proc.stdout and "pretrain_rlp.py" not in proc.stdout
+    assert "error: dry run: the configuration is refused" in proc.stderr

@@ -373,3 +373,28 @@ def test_moe_experts_split_over_expert_parallel_ranks():
     assert est["persistent"]["optimizer"] == pytest.approx((n - e) * 8 / 8 + e * 8 / 2)
 
 
+
+
+@pytest.mark.parametrize(("chunk", "windows"), [(0, 2), (8, 1), (4, 1), (3, 2), (10, 2)])
+def test_shared_prefix_rollout_prefills_each_document_window_once(chunk, windows):
+    """With rlp.share_prefixes the rollout prefills each document's window once
+    (packing/prefill.py), positions_per_document contexts a window: the prefill transient
+    has a row per window a chunk touches (16 contexts a rank, 8 a document; a chunk of 3 or
+    10 can straddle two), not one per context (the simulated Qwen3 rollout, docs/simulated/,
+    holds 0.7 GiB beside its cache where per-context prefills gave 7.2)."""
+    from megatron_rlp.train import memory
+
+    base = QWEN3_1P7B + ["device.type=cuda", "precision.params_dtype=bf16",
+                         "rlp.contexts_per_step=512", "rlp.group_size=1",
+                         "rlp.positions_per_document=8", "rlp.max_prefix_tokens=2048",
+                         "rlp.max_thought_tokens=64", "model.max_sequence_length=4160",
+                         f"rlp.rollout_chunk_contexts={chunk}"]
+    shared = memory.estimate(_cfg(base + ["rlp.share_prefixes=true"], 32), 32, 151936)
+    alone = memory.estimate(_cfg(base + ["rlp.share_prefixes=false"], 32), 32, 151936)
+    cfg = _cfg(base, 32)
+    s = memory.shapes(cfg, 151936)
+    window = cfg.rlp.max_window_tokens() + 1
+    assert shared["phases"]["rollout"]["transient"] == memory.one_layer_inference_bytes(
+        s, 1, 2, windows, window, "unfused")
+    assert alone["phases"]["rollout"]["transient"] == memory.one_layer_inference_bytes(
+        s, 1, 2, chunk or 16, window, "unfused")

@@ -161,6 +161,9 @@ BAD = [
                   "stay on one rank"], id="document-split-over-ranks"),
     pytest.param(("parallel.tensor_model_parallel_size=2",), 3,
                  ["parallel.tensor_model_parallel_size=2", "world size 3"], id="tp-2-world-3"),
+    pytest.param(("parallel.pipeline_model_parallel_size=3", "model.hybrid_layer_pattern=*-*-*-"),
+                 4, ["parallel.pipeline_model_parallel_size=3", "world size 4"],
+                 id="pp-3-world-4"),
     pytest.param(("rlp.group_size4",), None, ["'rlp.group_size4'", "section.key=value"],
                  id="override-without-equals"),
     pytest.param(("rlp=4",), None, ["'rlp'", "section.key"], id="override-without-key"),
@@ -202,6 +205,18 @@ def test_missing_yaml_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist") as err:
         load_config(str(missing))
     assert str(missing) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_config_directory_and_binary_file_are_one_line(tmp_path):
+    """`--config runs/` or a binary file: one line saying what the path is, no traceback."""
+    with pytest.raises(ConfigError, match="is a directory") as err:
+        load_config(str(tmp_path))
+    assert "does not exist" not in str(err.value) and "\n" not in str(err.value)
+    binary = tmp_path / "model.pt"
+    binary.write_bytes(b"\xff\xfe\x00\xc0garbage")
+    with pytest.raises(ConfigError, match="not a UTF-8 text file") as err:
+        load_config(str(binary))
+    assert str(binary) in str(err.value) and "\n" not in str(err.value)
 
 
 def test_empty_yaml_file_is_defaults(tmp_path):

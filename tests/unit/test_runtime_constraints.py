@@ -260,7 +260,7 @@ MEGATRON_REACHABLE = [
      "parallel.tensor_model_parallel_size=4"),
     # initialize_model_parallel: TP x PP divides the world
     (("parallel.pipeline_model_parallel_size=2", "model.hybrid_layer_pattern=*-|*-"), 3,
-     "parallel.tensor_model_parallel_size=1"),
+     "parallel.pipeline_model_parallel_size=2"),
     # global batches sliced evenly over DP (rlp_step.local_contexts, ntp_step, validate)
     (("rlp.contexts_per_step=6",), 4, "rlp.contexts_per_step=6"),
     (("data.ntp_batch_size=6", "train.objective=ntp"), 4, "data.ntp_batch_size=6"),

@@ -42,3 +42,20 @@ def test_duplicate_signal_during_shutdown_does_not_kill_the_process():
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert "exiting cleanly" in out.stdout
+
+
+def test_ctrl_c_stops_and_saves_and_a_second_one_aborts():
+    """The first SIGINT is a stop request like SIGTERM (the step finishes, the run saves);
+    a second one raises KeyboardInterrupt at once; after the guard Ctrl-C interrupts again."""
+    before = signal.getsignal(signal.SIGINT)
+    with StopGuard() as guard:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert guard.should_stop() and guard.reason == "SIGINT received"
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+        except KeyboardInterrupt:
+            aborted = True
+        else:
+            aborted = False
+        assert aborted
+    assert signal.getsignal(signal.SIGINT) == before
