@@ -118,7 +118,8 @@ def test_host_values_shadow_data_and_read_model_outputs_as_worst_case():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["qwen3_1p7b", "nemotron_h_8b"])  # with committed JSON
+@pytest.mark.parametrize("recipe", ["qwen3_1p7b", "nemotron_h_8b",  # with committed JSON
+                                    "nemotron_nano_12b_v2"])
 def test_full_size_recipe_at_its_stated_layout(recipe, tmp_path):
     out = tmp_path / f"{recipe}.json"
     committed = json.loads((ROOT / f"docs/simulated/{recipe}.json").read_text())
@@ -250,7 +251,7 @@ def test_module_dtype_cast_of_fake_parameters_is_done_in_place():
     assert out.returncode == 0 and "cast in place" in out.stdout, out.stderr[-2000:]
 
 
-@pytest.mark.parametrize("recipe", ["qwen3_1p7b", "nemotron_h_8b"])
+@pytest.mark.parametrize("recipe", ["qwen3_1p7b", "nemotron_h_8b", "nemotron_nano_12b_v2"])
 def test_estimate_agrees_with_the_committed_simulation(recipe):
     """The memory estimate (`train.memory.estimate`, what start-up checks a launch with)
     within 15% of the committed full-size simulation for the persistent state and the
@@ -282,18 +283,24 @@ def test_estimate_agrees_with_the_committed_simulation(recipe):
 def test_megatron_moe_copies_token_counts_to_the_host_on_simulated_cuda():
     """Megatron's MoE dispatcher copies its token counts to the host and records the stream
     (`moe_utils.maybe_move_tensor_to_cpu`); `simulated_cuda` lets it (`record_stream` on a
-    `NullStream` raised "unknown parameter type" and stopped the MoE recipes' rollout)."""
-    from megatron_rlp.backends import cpu as cpu_backend
+    `NullStream` raised "unknown parameter type" and stopped the MoE recipes' rollout).
+    In a fresh process: the CPU backend, once active in this one, maps cuda to cpu."""
+    code = textwrap.dedent("""
+        import sys
 
-    if cpu_backend.is_active():
-        pytest.skip("the CPU backend maps cuda to cpu in this process")
-    sys.path.insert(0, str(ROOT / "tools"))
-    import torch
-    from megatron.core.transformer.moe.moe_utils import maybe_move_tensor_to_cpu
-    from simulated_cuda import simulated_cuda
-    from torch._subclasses.fake_tensor import FakeTensorMode
+        import torch
+        from megatron.core.transformer.moe.moe_utils import maybe_move_tensor_to_cpu
+        from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with simulated_cuda(), FakeTensorMode():
-        counts = torch.zeros(8, dtype=torch.long, device="cuda")
-        host = maybe_move_tensor_to_cpu(counts, record_stream=True)
-        assert host.device.type == "cpu" and host.shape == (8,)
+        sys.path.insert(0, "tools")
+        from simulated_cuda import simulated_cuda
+
+        with simulated_cuda(), FakeTensorMode():
+            counts = torch.zeros(8, dtype=torch.long, device="cuda")
+            host = maybe_move_tensor_to_cpu(counts, record_stream=True)
+            assert host.device.type == "cpu" and host.shape == (8,)
+        print("copied")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0 and "copied" in out.stdout, out.stderr[-2000:]
