@@ -469,9 +469,13 @@ def main(argv: list[str] | None = None) -> int:
     from simulated_values import SimulationError, UnknownValue
 
     # FlexAttention is a higher-order op that this stack of dispatch modes cannot run; the
-    # packed update's explicit-mask path (the same attention, its [S, S] mask materialised)
-    # stands in for it: an upper bound on the update's memory (docs/simulated_cuda.md).
-    forced = ("device.type=cuda", "model.packed_attention=mask")
+    # packed update's split path (the same attention in plain torch ops: the window causally,
+    # each branch against its prefix and itself, no [S, S] matrix) stands in for it, unless the
+    # command line names another (`model.packed_attention=mask`: the explicit [S, S] mask, an
+    # upper bound on the update's memory; docs/simulated_cuda.md).
+    forced = ("device.type=cuda",)
+    if not any(o.startswith("model.packed_attention=") for o in args.overrides):
+        forced = (*forced, "model.packed_attention=split")
     scratch = tempfile.TemporaryDirectory(prefix="simulate_gpu_")
     try:
         cfg = load_config(args.config, (*args.overrides, *forced))

@@ -264,6 +264,13 @@ class HostValues(TorchDispatchMode):
                 with unset_fake_temporarily():
                     return real.item()
             return self.oracle.answer(args[0], caller_site())
+        if func is aten.equal.default and fakes:  # a host bool (FakeTensorMode has none)
+            reals = self._values(flat)
+            if reals is not None:
+                with unset_fake_temporarily():
+                    return func(*reals)
+            raise SimulationError(describe_op_error(
+                func, flat, UnknownValue("its result depends on model outputs")))
         if not fakes and _host_device(kwargs.get("device")):
             with unset_fake_temporarily():
                 return func(*args, **kwargs)  # host code: real values on the CPU
