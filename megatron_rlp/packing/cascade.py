@@ -128,28 +128,46 @@ def cascade_attention(query: Tensor, key: Tensor, value: Tensor, entry: CascadeK
     s = pos - rows.prefix_len
     entry.k[s, :r] = key
     entry.v[s, :r] = value
-    groups = key.shape[1]
-    q = query.view(r, groups, heads // groups, dim)
-    # Prefix: queries laid out per context, [C, G_max, groups, h, dim]; one read of a prefix.
-    contexts = entry.prefix_k.shape[1]
-    padded = q.new_zeros(contexts, rows.width, groups, heads // groups, dim)
-    padded[rows.row_context, rows.slot] = q
-    scores = torch.einsum("cjghd,pcgd->cjghp", padded, entry.prefix_k).float() * scale
-    scores = scores.masked_fill(rows.prefix_masked[:, None, None, None, :], -10000.0)
-    lse_p = torch.logsumexp(scores, -1, keepdim=True)
-    probs = torch.exp(scores - lse_p).to(entry.prefix_v.dtype)
-    out_p = torch.einsum("cjghp,pcgd->cjghd", probs, entry.prefix_v)
-    out_p = out_p[rows.row_context, rows.slot].float()  # [R, groups, h, dim]
-    lse_p = lse_p[rows.row_context, rows.slot]  # [R, groups, h, 1]
+    q = query.view(r, key.shape[1], heads // key.shape[1], dim)
+    out_p, lse_p = prefix_attention(q, entry, rows, scale)
     # Thought: each row's own keys, slots 0..s (all attendable).
     k, v = entry.k[:s + 1, :r], entry.v[:s + 1, :r]
     scores = torch.einsum("rghd,srgd->rghs", q, k).float() * scale
     lse_t = torch.logsumexp(scores, -1, keepdim=True)
     probs = torch.exp(scores - lse_t).to(v.dtype)
     out_t = torch.einsum("rghs,srgd->rghd", probs, v).float()
+    return merge_parts(out_p, lse_p, out_t, lse_t).to(v.dtype).reshape(r, heads * dim)
+
+
+def prefix_attention(q: Tensor, entry: CascadeKV, rows: CascadeRows,
+                     scale: float) -> tuple[Tensor, Tensor]:
+    """The prefix half of cascade attention: the queries laid out per context
+    ([C, G_max, groups, h, dim]), so each context's prefix keys and values are read once.
+
+    Args:
+        q: [R, groups, heads/groups, dim] decode queries.
+
+    Returns:
+        out_p [R, groups, heads/groups, dim] fp32 and lse_p [R, groups, heads/groups, 1]: the
+        softmax over the unmasked prefix keys (masked ones filled with Megatron's -10000).
+    """
+    contexts, (_, groups, per_group, dim) = entry.prefix_k.shape[1], q.shape
+    padded = q.new_zeros(contexts, rows.width, groups, per_group, dim)
+    padded[rows.row_context, rows.slot] = q
+    scores = torch.einsum("cjghd,pcgd->cjghp", padded, entry.prefix_k).float() * scale
+    scores = scores.masked_fill(rows.prefix_masked[:, None, None, None, :], -10000.0)
+    lse_p = torch.logsumexp(scores, -1, keepdim=True)
+    probs = torch.exp(scores - lse_p).to(entry.prefix_v.dtype)
+    out_p = torch.einsum("cjghp,pcgd->cjghd", probs, entry.prefix_v)
+    return (out_p[rows.row_context, rows.slot].float(),
+            lse_p[rows.row_context, rows.slot])
+
+
+def merge_parts(out_p: Tensor, lse_p: Tensor, out_t: Tensor, lse_t: Tensor) -> Tensor:
+    """Two softmax-attention parts over disjoint keys merged exactly by log-sum-exp (cascade
+    attention's merge): fp32 outputs [..., dim] and their lse [..., 1] -> fp32 [..., dim]."""
     lse = torch.logaddexp(lse_p, lse_t)
-    out = torch.exp(lse_p - lse) * out_p + torch.exp(lse_t - lse) * out_t
-    return out.to(v.dtype).reshape(r, heads * dim)
+    return torch.exp(lse_p - lse) * out_p + torch.exp(lse_t - lse) * out_t
 
 
 def cache_bytes(ctx) -> int:

@@ -46,7 +46,7 @@ from megatron.core.tensor_parallel import layers as tp_layers
 from megatron.core.transformer.attention import SelfAttention
 from torch import Tensor
 
-from megatron_rlp.packing.cascade import CascadeKV, CascadeRows
+from megatron_rlp.packing.cascade import CascadeKV, CascadeRows, merge_parts, prefix_attention
 from megatron_rlp.rollout.sampling import sample_tokens
 
 _compiles = 0
@@ -154,27 +154,15 @@ def static_cascade_attention(query: Tensor, key: Tensor, value: Tensor, entry: C
     r, heads, dim = query.shape
     entry.k.index_copy_(0, slot, key[None])
     entry.v.index_copy_(0, slot, value[None])
-    groups = key.shape[1]
-    q = query.view(r, groups, heads // groups, dim)
-    contexts = entry.prefix_k.shape[1]
-    padded = q.new_zeros(contexts, rows.width, groups, heads // groups, dim)
-    padded[rows.row_context, rows.slot] = q
-    scores = torch.einsum("cjghd,pcgd->cjghp", padded, entry.prefix_k).float() * scale
-    scores = scores.masked_fill(rows.prefix_masked[:, None, None, None, :], _MASKED)
-    lse_p = torch.logsumexp(scores, -1, keepdim=True)
-    probs = torch.exp(scores - lse_p).to(entry.prefix_v.dtype)
-    out_p = torch.einsum("cjghp,pcgd->cjghd", probs, entry.prefix_v)
-    out_p = out_p[rows.row_context, rows.slot].float()
-    lse_p = lse_p[rows.row_context, rows.slot]
+    q = query.view(r, key.shape[1], heads // key.shape[1], dim)
+    out_p, lse_p = prefix_attention(q, entry, rows, scale)
     scores = torch.einsum("rghd,srgd->rghs", q, entry.k).float() * scale
     future = torch.arange(entry.k.shape[0], device=slot.device) > slot
     scores = scores.masked_fill(future, _MASKED)
     lse_t = torch.logsumexp(scores, -1, keepdim=True)
     probs = torch.exp(scores - lse_t).to(entry.v.dtype)
     out_t = torch.einsum("rghs,srgd->rghd", probs, entry.v).float()
-    lse = torch.logaddexp(lse_p, lse_t)
-    out = torch.exp(lse_p - lse) * out_p + torch.exp(lse_t - lse) * out_t
-    return out.to(entry.v.dtype).reshape(r, heads * dim)
+    return merge_parts(out_p, lse_p, out_t, lse_t).to(entry.v.dtype).reshape(r, heads * dim)
 
 
 def _forward(module: torch.nn.Module, *args, **kwargs):
