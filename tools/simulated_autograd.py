@@ -73,6 +73,14 @@ class PythonEngine:
 
     def run_backward(self, tensors, grad_tensors, keep_graph=False, create_graph=False,
                      inputs=(), allow_unreachable=False, accumulate_grad=True):
+        # The C++ engine runs every node with grad mode = create_graph (`GraphTask`): else
+        # each backward op records a graph of its own, which keeps every earlier gradient
+        # (and what its ops saved) alive as long as the gradient that came out of it.
+        with torch.set_grad_enabled(create_graph):
+            return self._run_backward(tensors, grad_tensors, keep_graph, inputs,
+                                      accumulate_grad)
+
+    def _run_backward(self, tensors, grad_tensors, keep_graph, inputs, accumulate_grad):
         roots = []
         for t, g in zip(tensors, grad_tensors, strict=False):
             if g is None:
