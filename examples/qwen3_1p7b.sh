@@ -17,7 +17,8 @@
 #           rollout    30.7 = KV cache 30.2 (cascade decode: 8 prefixes x 2560 tokens +
 #                             128 rows x 2049 thought tokens, x 28 layers) + 0.5
 #           scoring     1.8   update 13.3 (activations 8.7, logits 4.6)
-#           peak       51.3 of 80  (simulated on fake CUDA: 51.3, docs/simulated_cuda.md)
+#           peak       51.3 of 80  (simulated on fake CUDA: 47.6 without the 4 GiB overhead,
+#                      update 33.9; docs/simulated_cuda.md)
 # Why chunks: the KV cache per rank does not shrink with TP (TP halves the heads, DP
 # halves, rows per rank double), and all 256 rows at once would need 60 GiB of it (each
 # prefix stored once, docs/performance.md "Cascade decode"; 126 GiB with the prefix
