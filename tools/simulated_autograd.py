@@ -73,14 +73,6 @@ class PythonEngine:
 
     def run_backward(self, tensors, grad_tensors, keep_graph=False, create_graph=False,
                      inputs=(), allow_unreachable=False, accumulate_grad=True):
-        # The C++ engine runs every node with grad mode = create_graph (`GraphTask`): else
-        # each backward op records a graph of its own, which keeps every earlier gradient
-        # (and what its ops saved) alive as long as the gradient that came out of it.
-        with torch.set_grad_enabled(create_graph):
-            return self._run_backward(tensors, grad_tensors, keep_graph, inputs,
-                                      accumulate_grad)
-
-    def _run_backward(self, tensors, grad_tensors, keep_graph, inputs, accumulate_grad):
         roots = []
         for t, g in zip(tensors, grad_tensors, strict=False):
             if g is None:
@@ -107,7 +99,9 @@ class PythonEngine:
             if grads and not stop:
                 self._unpacked = [] if not keep_graph else None
                 try:
-                    self._run(node, grads, buffers, accumulate_grad)
+                    # as the C++ engine: the backward is recorded only with create_graph
+                    with torch.set_grad_enabled(create_graph):
+                        self._run(node, grads, buffers, accumulate_grad)
                 except RuntimeError as e:  # name the backward node beside the op
                     raise type(e)(f"{e} (in the backward of {node.name()})") from None
                 for holder in self._unpacked or ():  # the node's saved tensors die (saved)
