@@ -54,6 +54,8 @@ class Regions:
 
         @functools.wraps(fn)
         def inner(*args, **kwargs):
+            if self.stack and self.stack[-1] == name:  # an override calling its base
+                return fn(*args, **kwargs)
             path = "/".join([*self.stack, name])
             self.stack.append(name)
             start = time.perf_counter()
@@ -73,11 +75,12 @@ class Regions:
 
 
 def _instrument(regions: Regions) -> list:
-    from megatron_rlp.packing import decode, prefill
+    from megatron_rlp.packing import compiled, decode, prefill
     from megatron_rlp.rollout import engine, thoughts
 
     undo: list = []
-    for attr, name in (("fork", "fork"), ("keep", "compaction")):  # its own (cascade) ones
+    for attr, name in (("fork", "fork"), ("keep", "compaction"),  # its own (cascade) ones
+                       ("step", "decode_step")):  # the compiled step (rlp.compile_decode)
         regions.patch(decode.SharedPrefixEngine, attr, name, undo)
     regions.patch(thoughts, "sample_thoughts", "rollout", undo)
     regions.patch(prefill.SharedWindows, "prefill", "prefill", undo)  # the shared prefill
@@ -86,7 +89,9 @@ def _instrument(regions: Regions) -> list:
     regions.patch(engine.KVCacheEngine, "keep", "compaction", undo)
     regions.patch(engine.KVCacheEngine, "step", "decode_step", undo)
     regions.patch(engine, "stage_forward", "module", undo)
+    regions.patch(compiled, "compiled_call", "module", undo)  # rlp.compile_decode=true
     regions.patch(thoughts, "sample_vocab_parallel", "sampling", undo)
+    regions.patch(compiled, "compiled_sampler", "sampling", undo)
     regions.patch(thoughts, "token_logprobs_vocab_parallel", "s_pred", undo)
     return undo
 
