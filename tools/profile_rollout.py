@@ -93,6 +93,7 @@ def _instrument(regions: Regions) -> list:
     regions.patch(thoughts, "sample_vocab_parallel", "sampling", undo)
     regions.patch(compiled, "compiled_sampler", "sampling", undo)
     regions.patch(thoughts, "token_logprobs_vocab_parallel", "s_pred", undo)
+    regions.patch(compiled, "compiled_scorer", "s_pred", undo)
     return undo
 
 

@@ -26,6 +26,7 @@ from megatron_rlp.models.mamba.inference_state import fork_cached_states
 from megatron_rlp.models.masks import padded_causal_mask
 from megatron_rlp.parallel.pipeline import stage_forward
 from megatron_rlp.parallel.sequence import sequence_parallel_off
+from megatron_rlp.parallel.tp_group import quiet_tp_group
 
 
 @contextmanager
@@ -73,6 +74,7 @@ class KVCacheEngine:
         self.key_valid: Tensor | None = None  # [R, max_seq] bool: keys a row may attend to
 
     sampler = None  # the decode loop's sampler; None = `vocab_parallel.sample_vocab_parallel`
+    scorer = None  # its S_pred log-prob; None = `vocab_parallel.token_logprobs_vocab_parallel`
 
     @torch.no_grad()
     def _forward(self, tokens: Tensor, mask: Tensor, call=None) -> Tensor | None:
@@ -82,7 +84,8 @@ class KVCacheEngine:
             self.ctx.sequence_len_offset, self.ctx.sequence_len_offset + tokens.shape[1],
             device=tokens.device,
         ).expand_as(tokens)
-        with InferenceMode.active(), sequence_parallel_off(self.model), _vocab_shards(self.model):
+        with InferenceMode.active(), sequence_parallel_off(self.model), \
+                _vocab_shards(self.model), quiet_tp_group():
             logits = (call or stage_forward)(self.model, tokens, positions, mask,
                                              inference_context=self.ctx,
                                              runtime_gather_output=True)
