@@ -51,6 +51,7 @@ from torch import Tensor
 
 from megatron_rlp.packing.cascade import CascadeKV, CascadeRows, merge_parts, prefix_attention
 from megatron_rlp.parallel.tp_group import quiet_tp_group
+from megatron_rlp.parallel.tp_group import tp_group_quietly as _tp_group_quietly  # noqa: F401
 from megatron_rlp.rollout.sampling import sample_tokens
 
 _compiles = 0
