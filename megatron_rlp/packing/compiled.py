@@ -45,13 +45,13 @@ import functools
 import warnings
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.tensor_parallel import layers as tp_layers
 from megatron.core.transformer.attention import SelfAttention
 from torch import Tensor
 
 from megatron_rlp.packing.cascade import CascadeKV, CascadeRows, merge_parts, prefix_attention
-from megatron_rlp.parallel.tp_group import quiet_tp_group
-from megatron_rlp.parallel.tp_group import tp_group_quietly as _tp_group_quietly  # noqa: F401
 from megatron_rlp.rollout.sampling import sample_tokens
 
 _compiles = 0
@@ -193,6 +193,19 @@ def _compiled_forward():
     return compiled(_forward)
 
 
+def _tp_group_quietly(tp_group, is_expert=False, check_initialized=True):
+    """`megatron.core.utils.get_tensor_model_parallel_group_if_none` without its deprecation
+    warning: Megatron's `RowParallelLinear` passes `tp_group=None` at every call, and
+    `warnings.warn` with keyword arguments breaks the graph at every linear layer."""
+    if tp_group is not None or not torch.distributed.is_initialized():
+        return tp_group
+    if not parallel_state.is_initialized():
+        return tp_group
+    if is_expert:
+        return parallel_state.get_expert_tensor_parallel_group(check_initialized=check_initialized)
+    return parallel_state.get_tensor_model_parallel_group(check_initialized=check_initialized)
+
+
 def compiled_call(module: torch.nn.Module, *args, inference_context=None, **kwargs):
     """`module(*args, inference_context=..., **kwargs)` under the counted compile (one graph
     per module and shape). The context's `sequence_len_offset` reads 1 ("decoding") during
@@ -202,12 +215,14 @@ def compiled_call(module: torch.nn.Module, *args, inference_context=None, **kwar
     `SharedPrefixEngine._make_static`): Megatron's RoPE sizing reads it, which would
     specialise a graph per window width."""
     ctx = inference_context
+    original = tp_layers.get_tensor_model_parallel_group_if_none
+    tp_layers.get_tensor_model_parallel_group_if_none = _tp_group_quietly
     offset, ctx.sequence_len_offset = ctx.sequence_len_offset, 1
     length, ctx.max_sequence_length = ctx.max_sequence_length, ctx.static_length
     try:
-        with quiet_tp_group():  # its warning would break the graph at every linear layer
-            return _compiled_forward()(module, *args, inference_context=ctx, **kwargs)
+        return _compiled_forward()(module, *args, inference_context=ctx, **kwargs)
     finally:
+        tp_layers.get_tensor_model_parallel_group_if_none = original
         ctx.sequence_len_offset, ctx.max_sequence_length = offset, length
 
 

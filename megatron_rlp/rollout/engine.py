@@ -26,7 +26,6 @@ from megatron_rlp.models.mamba.inference_state import fork_cached_states
 from megatron_rlp.models.masks import padded_causal_mask
 from megatron_rlp.parallel.pipeline import stage_forward
 from megatron_rlp.parallel.sequence import sequence_parallel_off
-from megatron_rlp.parallel.tp_group import quiet_tp_group
 
 
 @contextmanager
@@ -84,8 +83,7 @@ class KVCacheEngine:
             self.ctx.sequence_len_offset, self.ctx.sequence_len_offset + tokens.shape[1],
             device=tokens.device,
         ).expand_as(tokens)
-        with InferenceMode.active(), sequence_parallel_off(self.model), \
-                _vocab_shards(self.model), quiet_tp_group():
+        with InferenceMode.active(), sequence_parallel_off(self.model), _vocab_shards(self.model):
             logits = (call or stage_forward)(self.model, tokens, positions, mask,
                                              inference_context=self.ctx,
                                              runtime_gather_output=True)
