@@ -181,8 +181,10 @@ def compiled_layers(chunks: list[nn.Module], backend: str = "inductor") -> Itera
         yield len(chosen)
     finally:
         tp_layers.get_tensor_model_parallel_group_if_none = original
-        for module in chosen + cores:
-            module._compiled_call_impl = None
+        for module in chosen + cores:  # as before: the class's None, not an instance
+            # attribute, which the compiled decode step's guards would see as a change
+            # (one recompile of the rollout graph after the first update)
+            module.__dict__.pop("_compiled_call_impl", None)
 
 
 def update_context(state, cfg) -> contextlib.AbstractContextManager:
