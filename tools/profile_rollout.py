@@ -7,7 +7,9 @@ cache compaction, Python (issue 28, item 1).
 Builds `tools/bench_rlp.py`'s model and shape (`--size`, bench defaults, then overrides) and
 runs `--steps` rollouts (after `--warmup`) of the step's real path (`rlp_step`'s
 `rollout_and_score`, no update: the policy stays random and thinks to the budget). The
-rollout's functions are wrapped in named regions (wall-clock, `time.perf_counter`):
+rollout's functions are wrapped in named regions (wall seconds, `time.perf_counter`, and the
+thread's CPU seconds, `time.thread_time`; with `rlp.compile_decode=true` the compiled step,
+sampler and S_pred scorer are the regions below):
 
     prefill        the window / prompt prefill (with the `<think>` lead)
     fork           the G-way fork of the prefix cache
@@ -193,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
                 setattr(owner, attr, old)
     finally:
         distributed.shutdown()
-    res = {"wall_s_per_rollout": table, "cpu_s_per_rollout": table_cpu, "phases_s": phases, "profiled_one_rollout_s": ops,
+    res = {"wall_s_per_rollout": table, "cpu_s_per_rollout": table_cpu, "phases_s": phases,
+           "profiled_one_rollout_s": ops,
            "thought_len": float(ro.thoughts.lengths.float().mean()),
            "rows": len(ro.thoughts.tokens),
            "run": {"command": " ".join(sys.argv), "threads": torch.get_num_threads(),
