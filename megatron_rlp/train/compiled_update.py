@@ -13,9 +13,10 @@ embedding, the output layer and the loss stay eager, and so does what cannot be 
 - the core attention of every attention layer: the split tree attention
   (`packing.split_attention`), FlexAttention (`packing.flex`, compiled by itself) and the
   explicit-mask route find their layout in a Python registry keyed by the mask's storage.
-  The core attention is called through `torch.compiler.disable` (the layer's graph breaks
-  around it: one graph before, norm -> QKV -> QK norms -> RoPE, and one after, the output
-  projection and the residual), whatever route it takes;
+  The core attention is called through `torch.compiler.disable`, whatever route it takes.
+  Megatron calls it inside an activation-offloading context manager, after which Dynamo
+  cannot resume within the layer: an attention layer compiles as four small graphs (input
+  norm; QKV, QK norms and RoPE; output projection; residual add), an MLP layer as one;
 - Mamba layers (the branch layout registry of `models.mamba`, the scan kernels) and MoE
   layers (data-dependent token dispatch) stay eager, said once by a warning.
 Tensor parallelism (collectives inside Megatron's linear autograd functions), pipeline
@@ -32,10 +33,12 @@ the first forward), and selective recompute's checkpoint of the core attention s
 the graph. Megatron DDP's gradient hooks sit on the parameters' AccumulateGrad nodes, which
 the compiled backward feeds as the eager one does.
 
-Shapes are dynamic (`dynamic=True`): micro-batch widths change every step, and one graph
-per layer kind and grad mode serves them all. Every graph compilation is counted
-(`compile_count`, the `update_compiles` metric). Loss and every gradient equal the eager
-update within fp32 rounding (tests/unit/test_compiled_update.py).
+Shapes are dynamic (`dynamic=True`): micro-batch widths change every step, and one set of
+graphs per layer kind and grad mode serves them all (10 graphs for a dense model, whatever
+its depth: the first layer of a kind gets versions of its own). Every graph compilation is counted
+(`compile_count`, the `update_compiles` metric). Loss, every gradient and the parameters after
+the step equal the eager update's within fp32 rounding (tests/unit/test_compiled_update.py);
+measured in docs/performance.md ("The update's layers compiled").
 
 Written here because Megatron-Core has no torch.compile of its layers (its CUDA graphs
 capture static-shape GPU launches, not fusion), and torchtitan's `apply_compile` is for its
@@ -52,10 +55,11 @@ from collections.abc import Iterator
 import torch
 from megatron.core.ssm.mlp_layer import MLPLayer
 from megatron.core.tensor_parallel import layers as tp_layers
+from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import nn
 
-from megatron_rlp.models.provider import unwrap_model
+from megatron_rlp.models.provider import transformer_impl, unwrap_model
 from megatron_rlp.packing.compiled import _tp_group_quietly
 
 BACKEND = "inductor"  # tests: "aot_eager" (the same graphs, no code generation)
@@ -110,8 +114,6 @@ def eager_reason(cfg) -> str | None:
     if p.pipeline_model_parallel_size > 1:
         return (f"eager update with pipeline_model_parallel_size="
                 f"{p.pipeline_model_parallel_size} (not tested)")
-    from megatron_rlp.models.provider import transformer_impl
-
     if transformer_impl(cfg) != "local":
         return "eager update with Transformer Engine layers (model.transformer_impl=local " \
                "compiles)"
@@ -119,15 +121,11 @@ def eager_reason(cfg) -> str | None:
 
 
 def compilable(layer: nn.Module) -> bool:
-    """Attention (`*`) and MLP (`-`) layers: Megatron's `TransformerLayer` without MoE
-    experts, and `MLPLayer`."""
-    if isinstance(layer, MLPLayer):
-        return True
-    if not isinstance(layer, TransformerLayer):
+    """Attention (`*`) and MLP (`-`) layers: Megatron's `TransformerLayer` and `MLPLayer`
+    without MoE experts (`E` layers are `MoETransformerLayer`s, models/moe.py)."""
+    if not isinstance(layer, (TransformerLayer, MLPLayer)):
         return False
-    from megatron.core.transformer.moe.moe_layer import MoELayer
-
-    return not isinstance(getattr(layer, "mlp", None), MoELayer)
+    return not any(isinstance(m, MoELayer) for m in layer.modules())
 
 
 def _call(module: nn.Module, *args, **kwargs):
@@ -154,8 +152,8 @@ def compiled_layers(chunks: list[nn.Module], backend: str = "inductor") -> Itera
     """Within the block, the attention and MLP layers of `chunks` (the policy's DDP-wrapped
     or bare pipeline chunks) run compiled; yields how many layers were compiled.
 
-    Mamba and MoE layers stay eager (one warning). The compiled calls are kept per layer
-    across blocks, so later updates reuse their graphs.
+    Mamba and MoE layers stay eager (one warning). All layers share one compiled function
+    (`_compiled`), so later blocks, and other models of the process, reuse its graphs.
 
     Args:
         chunks: model chunks; each unwraps (`models.provider.unwrap_model`) to a model with

@@ -39,6 +39,12 @@ COMMON = ("model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_attent
           "optimizer.lr=1.0", "optimizer.adam_eps=1.0")
 
 
+@pytest.fixture(autouse=True)
+def _warn_again():
+    """Each test sees the once-per-process warnings (`compiled_update._warn_once`)."""
+    compiled_update._warned.clear()
+
+
 def _run(kind: str, compile_update: bool, steps: int = 1, extra=()) -> list[dict]:
     """`steps` RLP steps of a freshly built state; per step: metrics, the rollout, every
     parameter's gradient (DDP's main_grad) and the parameters after the optimizer step, and
@@ -102,14 +108,15 @@ def aot_eager(monkeypatch):
 
 
 @pytest.mark.parametrize("kind, extra", [
-    ("dense", ("train.recompute_granularity=full",)),
-    ("dense", ("train.recompute_granularity=selective",)),
     ("hybrid", ()),
+    pytest.param("dense", ("train.recompute_granularity=selective",), marks=pytest.mark.slow),
+    pytest.param("dense", ("train.recompute_granularity=full",), marks=pytest.mark.slow),
 ])
 def test_traced_update_equals_eager(aot_eager, kind, extra):
-    """Activation recomputation (full: the layers rerun compiled in the backward; selective:
-    the core attention's checkpoint outside the graph) and a hybrid model (Mamba layers eager,
-    one warning): the traced graphs give the eager update."""
+    """A hybrid model (Mamba layers eager, one warning) and, slow, activation recomputation
+    (selective: the core attention's checkpoint outside the graph; full: the layers' forward
+    without gradients, then rerun compiled in the backward): the traced graphs give the
+    eager update."""
     eager = _run(kind, False, extra=extra)
     if kind == "hybrid":
         with pytest.warns(UserWarning, match="train.compile_update: .*layers run eager"):
@@ -139,3 +146,23 @@ def test_eager_reasons(override, match):
     assert match in compiled_update.eager_reason(cfg)
     assert compiled_update.eager_reason(load_config("examples/configs/tiny_cpu.yaml", (),
                                                     world_size=1)) is None
+
+
+@pytest.mark.parametrize("kind, eager_kind", [("moe", "MoETransformerLayer"),
+                                              ("hybrid", "LocalMambaLayer")])
+def test_moe_and_mamba_layers_stay_eager(kind, eager_kind):
+    """Inside the block only the attention and MLP layers (and no core attention) have a
+    compiled call, with one warning naming the eager kinds; after it none has."""
+    from helpers.tiny_models import tiny_model
+
+    from megatron_rlp.tokenizer import ByteTokenizer
+
+    with tiny_model(ByteTokenizer().vocab_size, kind) as model:
+        layers = list(model.decoder.layers)
+        with pytest.warns(UserWarning, match=f"train.compile_update: {eager_kind}"), \
+                compiled_update.compiled_layers([model], "aot_eager") as n:
+            compiled = [compiled_update.is_compiled(layer) for layer in layers]
+            cores = [m.core_attention for m in model.modules() if hasattr(m, "core_attention")]
+            assert cores and all(compiled_update.is_compiled(c) for c in cores)  # eager call
+        assert n == sum(compiled) == sum(type(la).__name__ != eager_kind for la in layers)
+        assert not any(compiled_update.is_compiled(m) for m in model.modules())
