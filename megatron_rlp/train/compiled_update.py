@@ -185,9 +185,10 @@ def compiled_layers(chunks: list[nn.Module], backend: str = "inductor") -> Itera
             module.__dict__.pop("_compiled_call_impl", None)
 
 
-def update_context(state, cfg) -> contextlib.AbstractContextManager:
-    """`compiled_layers(state.model_chunks)` when `train.compile_update` is on and applies
-    (`eager_reason`: else one warning and a null context)."""
+def update_context(state) -> contextlib.AbstractContextManager:
+    """`compiled_layers(state.model_chunks)` when `state.cfg`'s `train.compile_update` is on
+    and applies (`eager_reason`: else one warning and a null context)."""
+    cfg = state.cfg
     if not cfg.train.compile_update:
         return contextlib.nullcontext()
     reason = eager_reason(cfg)

@@ -44,7 +44,7 @@ def optimizer_update(state: TrainState, microbatches: list[dict], forward_step: 
     """
     _zero_grads(state)
     extra_losses = []
-    with update_context(state, state.cfg):  # train.compile_update: the layers compiled
+    with update_context(state):  # train.compile_update: the layers compiled
         for mbs, step_fn, length in extra_passes:
             with _finalize_held_back(state):
                 extra_losses += _forward_backward(state, mbs, step_fn, length)
