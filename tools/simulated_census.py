@@ -3,6 +3,7 @@ a saved-tensor census of one `tools/simulate_gpu.py` run.
 
     python tools/simulated_census.py --config examples/configs/nemotron_nano_12b_v2.yaml \
         [section.key=value ...] [--top 30] [--mamba-kernels fused|torch]
+    python tools/simulated_census.py --mamba-layer 16 80 1 128 2560 2049 [--mamba-kernels torch]
 
 Runs `simulate_gpu.simulate` (the first stage, same options) with the autograd stand-in's
 saved-tensor hooks (`simulated_autograd.PythonEngine.saved`) counting each tensor a node
@@ -13,6 +14,10 @@ the module running when it was saved (Mamba, attention or MLP layer; anything el
 state. Only the update saves tensors (rollout and scoring run without grad), so the census
 at its largest (just before a micro-batch's backward starts) is the update's kept
 activations. Prints a table: per kind the GiB and the layers seen, then the largest sites.
+`--mamba-layer HEADS HEADDIM GROUPS STATE WINDOW BRANCH` instead counts what one Mamba layer's
+packed-update SSM (`models/mamba/branches.packed_ssm`, after `in_proj`) keeps, at a rank's
+shapes (Nano 12B at TP8: 16 80 1 128; Nemotron-H 8B at TP4: 32 64 2 128), for one sequence of
+a window and one branch, in bytes per token by line (`mamba_layer_census`).
 Why a census and not `MemTracker`'s module snapshots: those refuse a module called more than
 once (every decode step calls the model), see `simulate_gpu.PhaseMemTracker`.
 """
@@ -156,6 +161,83 @@ def report(census: Census, top: int) -> str:
     return "\n".join(lines)
 
 
+def mamba_layer_census(heads: int, headdim: int, groups: int, state: int, window: int,
+                       branch: int, kernels: str = "fused") -> tuple[int, dict]:
+    """(bytes kept, {file:line: (bytes, an example)}) by `packed_ssm` of one layer with the
+    given per-rank shapes on fake CUDA, over one sequence of `window` + `branch` tokens
+    (Megatron's chunk 128, bf16 conv weights, fp32 A, D, dt bias); each saved storage once,
+    while its node lives. Runs its backward too (a check that it does)."""
+    import contextlib
+    import weakref
+    from types import SimpleNamespace
+
+    import simulated_mamba
+    from megatron.core.ssm import mamba_mixer as mm
+    from simulated_autograd import PythonEngine
+    from simulated_cuda import simulated_cuda
+    from simulated_values import HostValues, Oracle, caller_site
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from megatron_rlp.models.mamba import adapter, branches
+
+    adapter.select_kernels()
+    di, s = heads * headdim, window + branch
+    cd = di + 2 * groups * state
+    fused = simulated_mamba.fused_mamba_kernels() if kernels == "fused" \
+        else contextlib.nullcontext()
+    holders: list = []
+
+    class Holder(list):
+        site = ""
+
+    def pack(t):
+        holder = Holder([t])
+        holder.site = caller_site()
+        base = t if t._base is None else t._base
+        if not (base.is_leaf and base.requires_grad):
+            holders.append(weakref.ref(holder))
+        return holder
+
+    with fused, simulated_cuda(80.0), mock.patch.object(
+            torch.autograd.Variable, "_execution_engine", PythonEngine()), \
+            FakeTensorMode(allow_non_fake_inputs=True), HostValues(Oracle()):
+        def param(*shape, dtype=torch.float32):
+            return torch.randn(*shape, device="cuda", dtype=dtype, requires_grad=True)
+
+        p = {"D": param(heads), "A_log": param(heads), "dt_bias": param(heads),
+             "w": param(cd, 1, 4, dtype=torch.bfloat16), "b": param(cd, dtype=torch.bfloat16)}
+        cp = SimpleNamespace(
+            cp_size=1, d_inner_local_tpcp=di, ngroups_local_tpcp=groups, nheads_local_tpcp=heads,
+            get_D=lambda: p["D"], get_A_log=lambda: p["A_log"], get_dt_bias=lambda: p["dt_bias"],
+            get_conv1d_weight=lambda: p["w"], get_conv1d_bias=lambda: p["b"])
+        norm = mm.ExtendedRMSNorm(di, eps=1e-5, group_size=di // groups, norm_before_gate=False,
+                                  device="cuda", dtype=torch.bfloat16)
+        mixer = SimpleNamespace(cp=cp, D_has_hdim=False, headdim=headdim, d_state=state,
+                                chunk_size=128, activation="silu", rmsnorm=True, norm=norm)
+        kind = torch.full((1, s), -1, dtype=torch.long)
+        kind[0, window:] = 0
+        ends = torch.zeros(1, s, dtype=torch.long)
+        ends[0, window:] = window
+        layout = branches.BranchLayout.from_packed(kind.to("cuda"), ends.to("cuda"))
+        zx = param(s, 1, 2 * di + 2 * groups * state + heads, dtype=torch.bfloat16)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda holder: holder[0]):
+            y = branches.packed_ssm(mixer, zx, layout)
+        kept: dict = {}
+        for ref in holders:
+            holder = ref()
+            if holder is not None:
+                t = holder[0]
+                kept.setdefault(t.untyped_storage()._cdata, (
+                    t.untyped_storage().nbytes(), holder.site,
+                    f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}"))
+        y.float().sum().backward()
+    by_site: dict = {}
+    for nbytes, site, example in kept.values():
+        total, first = by_site.get(site, (0, example))
+        by_site[site] = (total + nbytes, first)
+    return sum(v[0] for v in by_site.values()), by_site
+
+
 def main(argv: list[str] | None = None) -> int:
     import contextlib
 
@@ -164,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_rlp.config import load_config
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
+    parser.add_argument("--config")
+    parser.add_argument("--mamba-layer", type=int, nargs=6, default=None,
+                        metavar=("HEADS", "HEADDIM", "GROUPS", "STATE", "WINDOW", "BRANCH"))
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--world-size", type=int, default=None)
     parser.add_argument("--top", type=int, default=30)
@@ -174,6 +258,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--update-microbatches", type=int, default=1)
     args = parser.parse_intermixed_args(argv)
     warnings.filterwarnings("ignore")
+    if args.mamba_layer:
+        total, by_site = mamba_layer_census(*args.mamba_layer, kernels=args.mamba_kernels)
+        tokens = args.mamba_layer[4] + args.mamba_layer[5]
+        print(f"packed_ssm ({args.mamba_kernels}): {total / 2**20:.1f} MiB kept, "
+              f"{total / tokens:.0f} bytes a token")
+        for site, (nbytes, example) in sorted(by_site.items(), key=lambda kv: -kv[1][0]):
+            short = site.split("/site-packages/")[-1].split("/megatron_rlp/")[-1]
+            print(f"  {nbytes / tokens:9.0f}  {short:<48}{example}")
+        return 0
+    if not args.config:
+        parser.error("--config is required (or --mamba-layer)")
     forced = ("device.type=cuda", "model.packed_attention=split")
     cfg = load_config(args.config, (*args.overrides, *forced))
     import tempfile

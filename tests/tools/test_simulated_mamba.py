@@ -168,3 +168,15 @@ def test_tiny_hybrid_simulates_with_the_fused_stand_ins(tmp_path):
     report = json.loads(out.read_text())
     assert report["simulated_with"]["mamba_kernels"] == "fused"
     assert report["ranks"][0]["flops_by_phase"]["update"] > 0
+
+
+def test_layer_census_counts_less_with_the_fused_kernels():
+    """`tools/simulated_census.py --mamba-layer` (the docs' per-layer table): the packed
+    update's Mamba SSM keeps less with the stand-ins, and none of the torch scan's lines."""
+    from simulated_census import mamba_layer_census
+
+    fused, fused_sites = mamba_layer_census(4, 16, 1, 16, 200, 100, kernels="fused")
+    torch_total, torch_sites = mamba_layer_census(4, 16, 1, 16, 200, 100, kernels="torch")
+    assert 0 < fused < torch_total
+    scan = [s for s in torch_sites if "mamba/norm.py" in s or "mamba/ops.py:1" in s]
+    assert scan and not [s for s in fused_sites if s in scan]
