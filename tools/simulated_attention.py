@@ -9,7 +9,7 @@ holds a score matrix. That compiled kernel is a higher-order op that the simulat
 dispatch modes (FakeTensorMode, the value shadows, the memory tracker, the FLOP counter)
 cannot run: Dynamo does not trace fake tensors of an outer mode. Without a stand-in the
 simulation had to run another path (`split`, plain torch ops that keep the [T, W] and [T, T]
-fp32 scores and probabilities) and over-counted the update by ~100 GiB for Qwen3.
+fp32 softmax output and bf16 probabilities): 23 GiB more for Qwen3's update (57 vs 34 GiB).
 
 `fused_attention()` replaces exactly the two compiled calls of `packing/flex.py` (its
 `_compiled(fn)`), and nothing else on that path:
@@ -46,8 +46,8 @@ aligned as PyTorch's `is_causal`); any other call runs PyTorch's SDPA unchanged.
 What it proves: that the recipe's GPU attention path runs at full size with the right
 shapes, devices and dtypes through FlexAttention's own checks, and what the fused kernel
 keeps (its memory) and computes (its FLOPs). What it does not: the kernel's numerics, its
-tiling, its speed, or that inductor compiles it (values are fake; tests/unit/test_flex_*.py
-prove the flex path equal to the explicit mask on CPU, and `tools/gpu_check_kernels.py` runs
+tiling, its speed, or that inductor compiles it (values are fake; tests/unit/test_packed_flex.py
+proves the flex path equal to the explicit mask on CPU, and `tools/gpu_check_kernels.py` runs
 the real kernel where a GPU is lent). Written here, not in the package: it exists only for the
 fake-tensor simulation, and neither PyTorch nor Megatron has a fake-tensor FlexAttention that
 runs outside `torch.compile`.
