@@ -16,6 +16,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers.fresh_process import cuda_is_mapped_to_cpu, rerun_in_fresh_process
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools/simulate_gpu.py"
@@ -82,14 +83,9 @@ def test_a_host_tensor_in_the_step_is_refused_with_one_line(tmp_path):
 def test_host_values_shadow_data_and_read_model_outputs_as_worst_case():
     """Data-derived values are exact beside fake CUDA tensors; a sampled id (no value) reads as
     0 (never `</think>`); an unknown integer of a large tensor is refused with its line."""
-    from megatron_rlp.backends import cpu as cpu_backend
-
-    if cpu_backend.is_active():  # an earlier test in this process maps cuda to cpu: run fresh
-        name = "test_host_values_shadow_data_and_read_model_outputs_as_worst_case"
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                               f"{Path(__file__).resolve()}::{name}"], cwd=ROOT,
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-3000:]
+    if cuda_is_mapped_to_cpu():  # an earlier test in this process maps cuda to cpu: run fresh
+        rerun_in_fresh_process(
+            __file__, "test_host_values_shadow_data_and_read_model_outputs_as_worst_case")
         return
     sys.path.insert(0, str(ROOT / "tools"))
     import torch

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 
 import simulated_mamba as sm  # noqa: E402
+from helpers.fresh_process import fresh_process_if_cuda_is_mapped  # noqa: E402
 from simulated_autograd import PythonEngine  # noqa: E402
 from simulated_values import SimulationError  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
@@ -57,6 +58,7 @@ def _saved(fn) -> list[torch.Tensor]:
     return kept, out
 
 
+@fresh_process_if_cuda_is_mapped
 def test_scan_keeps_the_fused_kernels_tensors_not_the_chunked_intermediates(fake):
     a = _scan_inputs()
     kept, y = _saved(lambda: sm.mamba_chunk_scan_combined(
@@ -88,6 +90,7 @@ def test_scan_keeps_the_fused_kernels_tensors_not_the_chunked_intermediates(fake
         assert v.grad.device == v.device, name
 
 
+@fresh_process_if_cuda_is_mapped
 def test_gated_norm_keeps_its_rows_weight_and_rstd(fake):
     norm = sm.RMSNormGated(HEADS * HEADDIM, group_size=HEADS * HEADDIM, norm_before_gate=False,
                            device="cuda", dtype=torch.bfloat16)
@@ -103,6 +106,7 @@ def test_gated_norm_keeps_its_rows_weight_and_rstd(fake):
     assert norm.weight.grad.shape == norm.weight.shape
 
 
+@fresh_process_if_cuda_is_mapped
 def test_planted_device_and_dtype_mismatches_fail_in_one_line(fake):
     a = _scan_inputs()
     host_B = torch.randn(BATCH, LENGTH, GROUPS, STATE, dtype=torch.bfloat16)
@@ -120,6 +124,7 @@ def test_planted_device_and_dtype_mismatches_fail_in_one_line(fake):
     assert sm.causal_conv1d_fn(x, w, fp32_bias.bfloat16(), activation="silu").shape == x.shape
 
 
+@fresh_process_if_cuda_is_mapped
 def test_scan_flops_are_counted_forward_and_backward(fake):
     a = _scan_inputs()
     args = (a["x"], a["dt"], a["A"], a["B"], a["C"], CHUNK)
@@ -170,6 +175,7 @@ def test_tiny_hybrid_simulates_with_the_fused_stand_ins(tmp_path):
     assert report["ranks"][0]["flops_by_phase"]["update"] > 0
 
 
+@fresh_process_if_cuda_is_mapped
 def test_layer_census_counts_less_with_the_fused_kernels():
     """`tools/simulated_census.py --mamba-layer` (the docs' per-layer table): the packed
     update's Mamba SSM keeps less with the stand-ins, and none of the torch scan's lines."""
