@@ -48,25 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 2
     import torch
+    from profile_update import fixed_rollout
 
-    from megatron_rlp import distributed
     from megatron_rlp.train import compiled_update
     from megatron_rlp.train import rlp_step as step_module
-    from megatron_rlp.train.builder import build_state
-    from megatron_rlp.train.flops import model_dims, step_flops
-    from megatron_rlp.train.samplers import make_context_sampler
     from megatron_rlp.train.timers import PhaseTimer
 
-    rollout = step_module.rollout_and_score
     settings = {"eager": False, "compiled": True}
-    try:
-        state = build_state(cfg)
-        sampler = make_context_sampler(state)
-        ro = rollout(state, sampler, 1)
-        step_module.rollout_and_score = lambda *a, **k: ro  # every update on this rollout
-        trace = {}
-        step_module.record_step(1, ro, trace)
-        flop = step_flops(model_dims(cfg, state.tokenizer.vocab_size), trace)["update"]
+    with fixed_rollout(cfg) as (state, sampler, ro, flop):
         configs = {name: dataclasses.replace(cfg, train=dataclasses.replace(
             cfg.train, compile_update=on)) for name, on in settings.items()}
         cpu = {k: [] for k in settings}
@@ -82,10 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.steps + 1):  # the first round: warm-up (and the compile)
             for name in settings:
                 update(name)
-    finally:
-        step_module.rollout_and_score = rollout
-        distributed.shutdown()
-    mm, mm_wall = matmul_flop_per_cpu_s(), matmul_flop_per_s()
+    mm, mm_wall = matmul_flop_per_s(clock=time.thread_time), matmul_flop_per_s()
     out = {}
     for name in settings:
         med_cpu = statistics.median(cpu[name][1:])
@@ -112,20 +98,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[bench_compiled_update] compiled/eager speedup {res['speedup_cpu']:.2f}x; compile "
           f"{out['compiled']['compile_s']:.1f} s wall, {res['update_compiles']} graphs")
     return 0
-
-
-def matmul_flop_per_cpu_s(n: int = 1024, repeats: int = 5) -> float:
-    """`bench_rlp.matmul_flop_per_s` per CPU second of the thread (`time.thread_time`, as the
-    updates are timed: on a loaded machine the wall-clock yardstick waits for a core)."""
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.thread_time()
-        a @ b
-        best = min(best, time.thread_time() - start)
-    return 2 * n ** 3 / best
 
 
 def _stats(values: list[float]) -> dict[str, float]:

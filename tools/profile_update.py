@@ -33,6 +33,7 @@ adds a few microseconds per op: read its split as shares.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -204,6 +205,33 @@ def _attention_alone(state, mbs, kind: str, repeats: int = 3) -> dict:
             "layers": layers, "shape": [n, s, heads, groups, hd]}
 
 
+@contextlib.contextmanager
+def fixed_rollout(cfg):
+    """Build the run's `TrainState` and draw one rollout; inside the block every `rlp_step`
+    updates on that rollout (same micro-batches, forward step, Megatron schedule, DDP and
+    optimizer; no new rollout). Yields (state, sampler, rollout, the update's FLOPs by
+    `train/flops.py`'s model); restores `rollout_and_score` and shuts distributed down."""
+    from megatron_rlp import distributed
+    from megatron_rlp.train import rlp_step as step_module
+    from megatron_rlp.train.builder import build_state
+    from megatron_rlp.train.flops import model_dims, step_flops
+    from megatron_rlp.train.samplers import make_context_sampler
+
+    rollout = step_module.rollout_and_score
+    try:
+        state = build_state(cfg)
+        sampler = make_context_sampler(state)
+        ro = rollout(state, sampler, 1)
+        step_module.rollout_and_score = lambda *a, **k: ro  # every update on this rollout
+        trace = {}
+        step_module.record_step(1, ro, trace)
+        yield state, sampler, ro, step_flops(model_dims(cfg, state.tokenizer.vocab_size),
+                                             trace)["update"]
+    finally:
+        step_module.rollout_and_score = rollout
+        distributed.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     from bench_rlp import SIZES, matmul_flop_per_s, start_bench
 
@@ -223,23 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from megatron_rlp import distributed
     from megatron_rlp.train import rlp_step as step_module
-    from megatron_rlp.train.builder import build_state
-    from megatron_rlp.train.flops import model_dims, step_flops
     from megatron_rlp.train.rlp_update import packed_microbatches
-    from megatron_rlp.train.samplers import make_context_sampler
     from megatron_rlp.train.timers import PhaseTimer
 
-    rollout = step_module.rollout_and_score
-    try:
-        state = build_state(cfg)
-        sampler = make_context_sampler(state)
-        ro = rollout(state, sampler, 1)
-        step_module.rollout_and_score = lambda *a, **k: ro  # every update on this rollout
-        trace = {}
-        step_module.record_step(1, ro, trace)
-        flop = step_flops(model_dims(cfg, state.tokenizer.vocab_size), trace)["update"]
+    with fixed_rollout(cfg) as (state, sampler, ro, flop):
         configs = {kind: dataclasses.replace(cfg, model=dataclasses.replace(
             cfg.model, packed_attention=kind)) for kind in args.attention}
 
@@ -297,9 +313,6 @@ def main(argv: list[str] | None = None) -> int:
                 "update_flop_per_cpu_s": flop / statistics.median(cpu_s[kind][1:args.steps + 1]),
                 "micro_batches": [list(mb["tokens"].shape) for mb in mbs],
             }
-    finally:
-        step_module.rollout_and_score = rollout
-        distributed.shutdown()
     res = {"paths": out, "matmul_flop_per_s": matmul_flop_per_s(),
            "thought_len": float(ro.thoughts.lengths.float().mean()),
            "rows": len(ro.thoughts.tokens),
