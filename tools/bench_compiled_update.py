@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 2
     import torch
-    from profile_update import fixed_rollout
+    from profile_update import fixed_rollout, stats
 
     from megatron_rlp.train import compiled_update
     from megatron_rlp.train import rlp_step as step_module
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {}
     for name in settings:
         med_cpu = statistics.median(cpu[name][1:])
-        out[name] = {"update_cpu_s": _stats(cpu[name][1:]), "update_wall_s": _stats(wall[name][1:]),
+        out[name] = {"update_cpu_s": stats(cpu[name][1:]), "update_wall_s": stats(wall[name][1:]),
                      "warmup_wall_s": wall[name][0], "warmup_cpu_s": cpu[name][0],
                      "update_flop_per_cpu_s": flop / med_cpu}
     out["compiled"]["compile_s"] = wall["compiled"][0] - out["compiled"]["update_wall_s"]["median"]
@@ -98,11 +98,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[bench_compiled_update] compiled/eager speedup {res['speedup_cpu']:.2f}x; compile "
           f"{out['compiled']['compile_s']:.1f} s wall, {res['update_compiles']} graphs")
     return 0
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "all": values}
 
 
 if __name__ == "__main__":

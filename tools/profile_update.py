@@ -304,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
                                            if k != "forward/core_attention")
             op_total = sum(sum(v.values()) for k, v in ops.items() if k != "top_ops")
             out[kind] = {
-                "update_s": _stats(walls[kind]), "regions_s": med,
-                "update_cpu_s": _stats(cpu_s[kind][1:args.steps + 1]),  # the timed ones
+                "update_s": stats(walls[kind]), "regions_s": med,
+                "update_cpu_s": stats(cpu_s[kind][1:args.steps + 1]),  # the timed ones
                 "profiled": {"wall_s": profiled, "op_self_s": ops,
                              "python_dispatch_s": profiled - op_total},
                 "attention_alone": _attention_alone(state, mbs, kind),
@@ -342,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _stats(values: list[float]) -> dict[str, float]:
+def stats(values: list[float]) -> dict[str, float]:
+    """Median, min, max and every value of a list of timings."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values),
             "all": values}
 

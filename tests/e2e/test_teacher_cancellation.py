@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.tiny_models import TINY, TINY_STEP
 
 from megatron_rlp import distributed
 from megatron_rlp.config import load_config
@@ -20,19 +21,6 @@ from megatron_rlp.train import rlp_step as step_module
 from megatron_rlp.train.builder import build_state
 from megatron_rlp.train.timers import PhaseTimer
 
-TINY = {
-    "dense": ("model.hybrid_layer_pattern=*-*-",),
-    "hybrid": ("model.hybrid_layer_pattern=M*-M-", "model.mamba_num_heads=4",
-               "model.mamba_head_dim=16", "model.mamba_state_dim=8", "model.mamba_num_groups=2"),
-}
-COMMON = ("model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_attention_heads=4",
-          "model.num_query_groups=2", "model.max_sequence_length=64",
-          "rlp.contexts_per_step=4", "rlp.group_size=3", "rlp.max_thought_tokens=4",
-          "rlp.min_prefix_tokens=8", "rlp.max_prefix_tokens=32", "train.seed=7",
-          # Adam with eps 1 is SGD-like (lr * g / (1 + |g|)), a smooth function of the
-          # gradient; with a small eps its first step is lr * sign(g), which turns rounding
-          # noise on a near-zero gradient into a full +-lr step.
-          "optimizer.lr=1.0", "optimizer.adam_eps=1.0")
 STEPS = 2
 
 
@@ -40,7 +28,7 @@ def _run(kind: str, scoring: str, monkeypatch, replace_s_ema=None, extra=()) -> 
     """Two RLP steps of a freshly built state; per step: metrics, every parameter's gradient
     (Megatron DDP's main_grad, kept after the optimizer step) and the parameters after it."""
     cfg = load_config("examples/configs/tiny_cpu.yaml",
-                      (*COMMON, *TINY[kind], f"rlp.teacher_scoring={scoring}", *extra),
+                      (*TINY_STEP, *TINY[kind], f"rlp.teacher_scoring={scoring}", *extra),
                       world_size=1)
     distributed.initialize(cfg)
     try:

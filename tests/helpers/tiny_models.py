@@ -28,6 +28,14 @@ TINY = {"dense": TINY_DENSE, "hybrid": TINY_HYBRID,
         "moe": TINY_DENSE[1:] + ("model.hybrid_layer_pattern=*E*E", "model.num_experts=4",
                                  "model.moe_ffn_hidden_size=32")}
 
+# A tiny RLP step's shape over TINY's layers (tests/unit/test_compiled_update.py,
+# tests/e2e/test_teacher_cancellation.py). Adam with eps 1 is SGD-like (lr * g / (1 + |g|)),
+# a smooth function of the gradient; with a small eps its first step is lr * sign(g), which
+# turns rounding noise on a near-zero gradient into a full +-lr step.
+TINY_STEP = ("model.max_sequence_length=64", "rlp.contexts_per_step=4", "rlp.group_size=3",
+             "rlp.max_thought_tokens=4", "rlp.min_prefix_tokens=8", "rlp.max_prefix_tokens=32",
+             "train.seed=7", "optimizer.lr=1.0", "optimizer.adam_eps=1.0")
+
 
 @contextlib.contextmanager
 def tiny_model(vocab_size: int, kind: str = "dense") -> Iterator[torch.nn.Module]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.tiny_models import TINY, TINY_STEP
 
 from megatron_rlp import distributed
 from megatron_rlp.config import load_config
@@ -23,20 +24,6 @@ from megatron_rlp.train import rlp_step as step_module
 from megatron_rlp.train.builder import build_state
 from megatron_rlp.train.loop import kernel_metrics
 from megatron_rlp.train.timers import PhaseTimer
-
-TINY = {
-    "dense": ("model.hybrid_layer_pattern=*-*-",),
-    "hybrid": ("model.hybrid_layer_pattern=M*-M-", "model.mamba_num_heads=4",
-               "model.mamba_head_dim=16", "model.mamba_state_dim=8", "model.mamba_num_groups=2"),
-}
-COMMON = ("model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_attention_heads=4",
-          "model.num_query_groups=2", "model.max_sequence_length=64",
-          "rlp.contexts_per_step=4", "rlp.group_size=3", "rlp.max_thought_tokens=4",
-          "rlp.min_prefix_tokens=8", "rlp.max_prefix_tokens=32", "train.seed=7",
-          "model.packed_attention=split",
-          # Adam with eps 1 is SGD-like (lr * g / (1 + |g|)): rounding noise on a near-zero
-          # gradient stays rounding noise in the parameters (see test_teacher_cancellation).
-          "optimizer.lr=1.0", "optimizer.adam_eps=1.0")
 
 
 @pytest.fixture(autouse=True)
@@ -50,7 +37,8 @@ def _run(kind: str, compile_update: bool, steps: int = 1, extra=()) -> list[dict
     parameter's gradient (DDP's main_grad) and the parameters after the optimizer step, and
     the update's graph compilations so far."""
     cfg = load_config("examples/configs/tiny_cpu.yaml",
-                      (*COMMON, *TINY[kind], f"train.compile_update={compile_update}", *extra),
+                      (*TINY_STEP, "model.packed_attention=split", *TINY[kind],
+                       f"train.compile_update={compile_update}", *extra),
                       world_size=1)
     distributed.initialize(cfg)
     try:
