@@ -46,15 +46,17 @@ class PythonEngine:
         self._callbacks: list = []
         self._unpacked: list | None = None  # holders a running node unpacked (`saved`)
 
+    def pack(self, t: torch.Tensor) -> list:
+        """The holder `saved` keeps a saved tensor in (`[t]`; `tools/simulated_census.py`
+        counts through it)."""
+        return [t]
+
     def saved(self):
         """`torch.autograd.graph.saved_tensors_hooks` to enter around the forward: each saved
         tensor is kept in a holder, and once the node that unpacked it has run (without
         `retain_graph`), the holder lets go of it, as the C++ engine's `release_variables`
         does. Without it a graph's activations live as long as any Python reference to the
         graph, which the C++ engine does not wait for."""
-
-        def pack(t):
-            return [t]
 
         def unpack(holder):
             if not holder:
@@ -63,7 +65,7 @@ class PythonEngine:
                 self._unpacked.append(holder)
             return holder[0]
 
-        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, unpack)
 
     def queue_callback(self, callback) -> None:
         self._callbacks.append(callback)
