@@ -22,7 +22,8 @@ take the memory worst case (every thought runs to `rlp.max_thought_tokens`):
 tools/simulated_values.py. The data is the worst case too: unless `data.corpus=` is given,
 a scratch corpus of long documents (`long_document_corpus`) gives every context its full
 prefix and every window nearly `max_window_tokens`. CUDA runtime queries:
-tools/simulated_cuda.py.
+tools/simulated_cuda.py. MoE layers: the routers' choice is even (`--moe-routing worst`:
+all to this rank's experts) and collectives of counts repeat this rank's (tools/simulated_moe.py).
 
 Shortcuts that keep a full-size step to minutes on one core (docs/simulated_cuda.md):
 - `--decode-steps N` (8) runs the model for N decode steps per rollout chunk and only the

@@ -142,6 +142,21 @@ def test_a_host_tensor_in_the_moe_path_is_refused_with_one_line(tmp_path):
     assert f"{mutant}:10" in line, line
 
 
+@pytest.mark.parametrize("recipe", ["qwen3_30b_a3b", "nemotron_3_nano_30b_a3b"])
+def test_estimates_moe_terms_agree_with_one_simulated_full_size_layer(recipe):
+    """`train/memory.py`'s MoE terms within 15% of one full-size MoE layer on simulated
+    CUDA at EP=8 with even routing (tools/simulate_moe_layer.py): the bytes kept for
+    backward per token (`moe_bytes`) and the no-grad forward's peak (`moe_transient_bytes`).
+    512 tokens: the per-token figures do not depend on the count (4608 gives the same)."""
+    proc = _run([str(ROOT / "tools/simulate_moe_layer.py"), "--config",
+                 f"examples/configs/{recipe}.yaml", "--tokens", "512"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert r["moe_bytes"] == pytest.approx(r["kept_bytes_per_token"], rel=0.15), r
+    assert r["moe_transient_bytes"] == pytest.approx(r["no_grad_peak_bytes_per_token"],
+                                                     rel=0.15), r
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["qwen3_30b_a3b", "nemotron_3_nano_30b_a3b"])
 def test_full_size_moe_recipe_at_its_stated_layout(recipe, tmp_path):
