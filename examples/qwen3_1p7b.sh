@@ -10,13 +10,15 @@
 #         README "Full prefixes"), sampled in 2
 #         chunks of 8 contexts (128 rows); the update runs 256 micro-batches of 1 sequence
 #         per rank. lr 1e-6 constant, temperature 0.7, tau 0.999 (paper).
-# Memory  per rank, GiB (tools/estimate_memory.py, printed at launch; unfused attention as
-#         the local Megatron spec runs it today):
+# Memory  per rank, GiB (tools/estimate_memory.py, printed at launch; the prefill's unfused
+#         attention as the local Megatron spec runs it; the update's FlexAttention keeps no
+#         scores):
 #           persistent 16.6 = params 3.2 + grads 6.4 + Adam 0.6 + EMA teacher 6.4
 #           rollout    30.7 = KV cache 30.2 (cascade decode: 8 prefixes x 2560 tokens +
 #                             128 rows x 2049 thought tokens, x 28 layers) + 0.5
-#           scoring     1.8   update 48.7 (activations 44.1, ~35 of it attention scores)
-#           peak       69.3 of 80  (with flash attention 51.1)
+#           scoring     1.8   update 13.3 (activations 8.7, logits 4.6)
+#           peak       51.3 of 80  (simulated on fake CUDA: 47.6 without the 4 GiB overhead,
+#                      update 33.9; docs/simulated_cuda.md)
 # Why chunks: the KV cache per rank does not shrink with TP (TP halves the heads, DP
 # halves, rows per rank double), and all 256 rows at once would need 60 GiB of it (each
 # prefix stored once, docs/performance.md "Cascade decode"; 126 GiB with the prefix

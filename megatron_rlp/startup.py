@@ -206,12 +206,11 @@ def check_memory(cfg: RunConfig, world_size: int, local_rank: int = 0) -> str:
         props = torch.cuda.get_device_properties(local_rank)
         gib, source = props.total_memory / 1024**3, props.name
     from megatron_rlp.backends import transformer_engine as te
+    from megatron_rlp.train.memory import attention_kind
     from megatron_rlp.train.memory_fit import check_fits
 
-    impl = te.resolve_transformer_impl(cfg.model.transformer_impl, d.type,
-                                       te.transformer_engine_available())
     est = check_fits(cfg, world_size, _vocab_size(cfg), gib, source,
-                     "flash" if impl == "transformer_engine" else "unfused")
+                     attention_kind(cfg, te.transformer_engine_available()))
     return f"estimated peak {est['total'] / 1024**3:.1f} of {gib:.1f} GiB per GPU"
 
 

@@ -27,6 +27,11 @@ built from the same config and seed (identical weights); every step runs
     hf         (--hf) tools/bench_rlp_hf.py: transformers `generate` per row, separate
                scoring and update forwards, same model dimensions; --hf-batched: one
                `generate` over all rows (a stronger yardstick)
+    speed      (--speed KEY=VALUE, repeatable) the optimised path with the overrides a user
+               would pick for speed on top, e.g. rlp.compile_decode=true,
+               rlp.teacher_scoring=log_interval; its untimed warm-up steps (`--warmup`) hold
+               the graph compilations, reported apart (`warmup_steps`, `decode_compiles`;
+               --cold-compile starts inductor's cache empty, as a first run does)
 
 on the same contexts, the paths' order rotating from step to step so that machine load
 (other users of a shared CPU) hits them alike. It checks that naive and optimised draw
@@ -44,13 +49,11 @@ one run, not absolute times across runs.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import logging
 import os
 import statistics
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -58,6 +61,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
+
+from bench_meters import DecodeMeter, PeakMemory, matmul_flop_per_s  # noqa: E402,F401
 
 DEFAULTS = ("rlp.contexts_per_step=8", "rlp.positions_per_document=8", "rlp.group_size=8",
             "rlp.min_prefix_tokens=32", "rlp.max_prefix_tokens=144", "rlp.max_thought_tokens=32",
@@ -69,121 +74,6 @@ SIZES = {  # the issue's yardstick sizes: (layers, hidden, ffn, heads, query gro
     "0.8m": (4, 128, 384, 4, 2),
     "25m": (8, 512, 1536, 8, 4),
 }
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
-                                               "usmblks", "fsmblks", "uordblks", "fordblks",
-                                               "keepcost")]
-
-
-_LIBC = ctypes.CDLL("libc.so.6")
-_LIBC.mallinfo2.restype = _MallInfo2
-
-
-class PeakMemory:
-    """Peak memory of a block: CUDA max allocated, or on CPU the bytes glibc malloc has handed
-    out (`mallinfo2`: heap in use + mmapped blocks; torch's CPU allocator uses malloc),
-    sampled every 2 ms by a thread. Peak RSS cannot tell two paths of one process apart (it
-    never goes down, and freed memory stays mapped). Reported as the increase over the
-    block's start."""
-
-    def __init__(self):
-        self.peak = 0
-
-    @staticmethod
-    def _in_use() -> int:
-        info = _LIBC.mallinfo2()
-        return info.uordblks + info.hblkhd
-
-    def __enter__(self):
-        import torch
-
-        self.cuda = torch.cuda.is_available()
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
-            return self
-        self.start, self.peak, self.stop = self._in_use(), self._in_use(), threading.Event()
-
-        def sample():
-            while not self.stop.wait(0.002):
-                self.peak = max(self.peak, self._in_use())
-
-        self.thread = threading.Thread(target=sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        import torch
-
-        if self.cuda:
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self.stop.set()
-            self.thread.join()
-            self.peak = max(self.peak, self._in_use())
-        self.bytes = self.peak - self.start
-
-
-class DecodeMeter:
-    """Decode steps of this project's rollouts: wall time of `KVCacheEngine.step` (mask
-    bookkeeping + the model forward, sampling excluded) and their number, and the cache's
-    bytes right after the G-way fork (`packing.cascade.cache_bytes`: C x P + R x T per
-    attention layer with cascade decode, R x (P + T) without)."""
-
-    def __init__(self):
-        self.seconds, self.steps, self.cache_bytes = 0.0, 0, 0
-
-    def __enter__(self):
-        from megatron_rlp.packing import decode
-        from megatron_rlp.packing.cascade import cache_bytes
-        from megatron_rlp.rollout.engine import KVCacheEngine
-
-        meter, self.undo = self, []
-        for cls in (KVCacheEngine, decode.SharedPrefixEngine):
-            fork = cls.__dict__["fork"]
-
-            def forked(engine, n, _fork=fork):
-                _fork(engine, n)
-                meter.cache_bytes = max(meter.cache_bytes, cache_bytes(engine.ctx))
-            self.undo.append((cls, "fork", fork))
-            cls.fork = forked
-        depth = [0]  # the compiled engine's step calls the plain one before the fork
-        for cls in (KVCacheEngine, decode.SharedPrefixEngine):
-            step = cls.__dict__["step"]
-
-            def timed(engine, tokens, _step=step):
-                depth[0] += 1
-                start = time.perf_counter()
-                try:
-                    return _step(engine, tokens)
-                finally:
-                    depth[0] -= 1
-                    if not depth[0]:
-                        meter.seconds += time.perf_counter() - start
-                        meter.steps += 1
-            self.undo.append((cls, "step", step))
-            cls.step = timed
-        return self
-
-    def __exit__(self, *exc):
-        for cls, name, fn in reversed(self.undo):
-            setattr(cls, name, fn)
-
-
-def matmul_flop_per_s(n: int = 1024, repeats: int = 5) -> float:
-    """A plain fp32 [n, n] @ [n, n] matmul's FLOP rate on this process's threads (best of
-    `repeats`): the yardstick for the update's achieved rate."""
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -200,6 +90,7 @@ def _compare(a: dict, b: dict) -> dict:
         "thought_rows_differing": int((ta.tokens != tb.tokens).any(1).sum()),
         "rewards_max_abs_diff": float((a["rewards"] - b["rewards"]).abs().max()),
         "s_pred_max_abs_diff": float((ta.s_pred - tb.s_pred).abs().max()),
+        "advantages_max_abs_diff": float((a["advantages"] - b["advantages"]).abs().max()),
         "loss_abs_diff": abs(a["loss"] - b["loss"]),
     }
 
@@ -267,10 +158,12 @@ def start_bench(args):
 
 
 def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | None,
-        block_size: int = 128, naive: bool = True, also_attention: tuple[str, ...] = ()
-        ) -> dict:
+        block_size: int = 128, naive: bool = True, also_attention: tuple[str, ...] = (),
+        speed_cfg=None) -> dict:
+    """`speed_cfg`: the config of the `speed` path (the bench's, plus `--speed` overrides)."""
     import dataclasses
 
+    from megatron_rlp.packing.compiled import compile_count
     from megatron_rlp.train.builder import build_state
     from megatron_rlp.train.flops import model_dims, step_flops
     from megatron_rlp.train.rlp_step import rlp_step
@@ -281,13 +174,16 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
     paths = [("naive", False, None)] if naive else []
     paths += [("optimised", True, None)]
     paths += [(f"optimised_{kind}", True, kind) for kind in also_attention]
+    paths += [("speed", None, None)] if speed_cfg is not None else []
     for name, share, attention in paths:
+        base = cfg if share is not None else speed_cfg
+        share = base.rlp.share_prefixes if share is None else share
         # The optimised path measures cascade decode (auto turns it on only on cuda).
-        cascade = cfg.rlp.cascade_decode if cfg.rlp.cascade_decode is not None else share
-        model = cfg.model if attention is None else dataclasses.replace(
-            cfg.model, packed_attention=attention)  # e.g. `mask`: the update before `split`
-        c = dataclasses.replace(cfg, model=model, rlp=dataclasses.replace(
-            cfg.rlp, share_prefixes=share, cascade_decode=cascade))
+        cascade = base.rlp.cascade_decode if base.rlp.cascade_decode is not None else share
+        model = base.model if attention is None else dataclasses.replace(
+            base.model, packed_attention=attention)  # e.g. `mask`: the update before `split`
+        c = dataclasses.replace(base, model=model, rlp=dataclasses.replace(
+            base.rlp, share_prefixes=share, cascade_decode=cascade))
         state = build_state(c)
         variants[name] = (state, make_context_sampler(state))
     first = next(iter(variants))  # the reference of the equality checks (naive if run)
@@ -300,6 +196,7 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
 
     names = list(variants) + (["hf"] if hf else [])
     results = {n: [] for n in names}
+    warm = {n: [] for n in names}  # untimed steps: compilation (rlp.compile_decode) shows here
     checks = []
     for i in range(warmup + steps):
         order = names[i % len(names):] + names[:i % len(names)]
@@ -307,6 +204,7 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
         for name in order:
             timer, trace = PhaseTimer(cpu=True), {}  # wall and CPU seconds per phase
             with PeakMemory() as mem, DecodeMeter() as meter:
+                compiles = compile_count()
                 start, cpu = time.perf_counter(), time.thread_time()
                 if name == "hf":
                     state, sampler = variants[first]
@@ -322,9 +220,15 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
                     metrics = rlp_step(state, sampler, timer, trace)
                 seconds, cpu = time.perf_counter() - start, time.thread_time() - cpu
             traces[name] = {**trace, "loss": metrics["loss"]}
-            if i >= warmup:
+            compiles = compile_count() - compiles
+            if i < warmup:
+                warm[name].append({"step": seconds, "step_cpu": cpu, **timer.pop(),
+                                   "decode_compiles": compiles})
+            else:
                 row = {"step": seconds, "step_cpu": cpu, **timer.pop(), "peak_bytes": mem.bytes,
-                       "tokens": metrics["tokens"], "thought_len": metrics["thought_len"]}
+                       "tokens": metrics["tokens"], "thought_len": metrics["thought_len"],
+                       "decode_compiles": compiles,
+                       "teacher_scored": metrics.get("teacher_scored", 1.0)}
                 decoded = metrics["thought_len"] * cfg.rlp.contexts_per_step * cfg.rlp.group_size
                 row["decoded_tokens_per_s"] = decoded / row["rollout"]
                 if name == "hf":
@@ -364,6 +268,10 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
             "peak_memory_bytes": max(r["peak_bytes"] for r in rows),
             "thought_len": statistics.fmean(r["thought_len"] for r in rows),
             "per_step": rows,  # raw seconds per phase, tokens, FLOPs of every timed step
+            # untimed first steps (wall and CPU s per phase, graph compilations): what
+            # rlp.compile_decode costs once, reported apart from the timed steps
+            "warmup_steps": warm[name],
+            "decode_compiles": sum(r["decode_compiles"] for r in warm[name] + rows),
         }
         if "flops" in rows[0]:
             total = {k: sum(r["flops"][k] for r in rows) for k in rows[0]["flops"]}
@@ -380,13 +288,17 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
         for n in variants:
             out["speedup"][f"{n}_vs_hf"] = med["hf"] / med[n]
         roll = {n: out["paths"][n]["phases_s"]["rollout"]["median"] for n in names}
-        out["speedup"]["rollout_optimised_vs_hf"] = roll["hf"] / roll["optimised"]
+        for n in ("optimised", "speed")[:1 + (speed_cfg is not None)]:
+            out["speedup"][f"rollout_{n}_vs_hf"] = roll["hf"] / roll[n]
     cpu = {n: out["paths"][n]["phases_cpu_s"]["step"]["median"] for n in names}
     out["speedup_cpu"] = {f"optimised_vs_{n}": cpu[n] / cpu["optimised"]
                           for n in variants if n != "optimised"}
     if hf:
         for n in variants:
             out["speedup_cpu"][f"{n}_vs_hf"] = cpu["hf"] / cpu[n]
+        roll = {n: out["paths"][n]["phases_cpu_s"]["rollout"]["median"] for n in names}
+        for n in ("optimised", "speed")[:1 + (speed_cfg is not None)]:
+            out["speedup_cpu"][f"rollout_{n}_vs_hf"] = roll["hf"] / roll[n]
     out["matmul_flop_per_s"] = matmul_flop_per_s()  # same process, same thread count
     for entry in out["paths"].values():  # the update's rate as a share of a plain matmul's
         if "update_flop_per_s" in entry:
@@ -395,7 +307,12 @@ def run(cfg, steps: int, warmup: int, with_hf: str | None, peak_tflops: float | 
                 "phases_cpu_s"]["update"]["median"]
     out["equal"] = {
         "identical_thoughts_all_steps": all(c["identical_thoughts"] for c in checks),
-        "max_reward_abs_diff": max((c["rewards_max_abs_diff"] for c in checks), default=0.0),
+        # the speed path's rewards lack S_ema where its teacher does not score
+        # (rlp.teacher_scoring); its advantages, hence loss and update, are the same
+        "max_reward_abs_diff": max((c["rewards_max_abs_diff"] for c in checks
+                                    if c["path"] != "speed"), default=0.0),
+        "max_advantage_abs_diff": max((c["advantages_max_abs_diff"] for c in checks),
+                                      default=0.0),
         "max_loss_abs_diff": max((c["loss_abs_diff"] for c in checks), default=0.0),
     }
     return out
@@ -419,6 +336,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--also-attention", nargs="*", default=[], choices=["mask", "split",
                         "flex"], help="also run the optimised path with these "
                         "model.packed_attention values (paths optimised_<value>)")
+    parser.add_argument("--speed", action="append", default=[], metavar="KEY=VALUE",
+                        help="also run the path `speed`: the optimised path with this override "
+                        "on top (repeatable), e.g. --speed rlp.compile_decode=true --speed "
+                        "rlp.teacher_scoring=log_interval --speed train.log_interval=10")
+    parser.add_argument("--cold-compile", action="store_true", help="a fresh, empty inductor "
+                        "cache for this run (TORCHINDUCTOR_CACHE_DIR), so that the warm-up "
+                        "steps show a first run's compile time")
     parser.add_argument("--block-size", type=int, default=128,
                         help="FlexAttention tile for the packed update's block sparsity")
     parser.add_argument("--models", action="store_true", help="time the tiny dense, MoE, "
@@ -431,10 +355,16 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --steps must be >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
 
+    if args.cold_compile:
+        import tempfile
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench_rlp_inductor_")
     from megatron_rlp.config import ConfigError
 
     try:
         cfg = bench_config(args.config, args.size, args.overrides)
+        speed_cfg = (bench_config(args.config, args.size, [*args.overrides, *args.speed])
+                     if args.speed else None)
         if args.models:
             import bench_rlp_models
 
@@ -453,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         hf = "batched" if args.hf_batched else "per-row" if args.hf else None
         res = (bench_rlp_models.run(cfgs, args.steps, args.warmup) if args.models else
                run(cfg, args.steps, args.warmup, hf, args.peak_tflops, args.block_size,
-                   naive=not args.skip_naive, also_attention=tuple(args.also_attention)))
+                   naive=not args.skip_naive, also_attention=tuple(args.also_attention),
+                   speed_cfg=speed_cfg))
     finally:
         distributed.shutdown()
     import torch
@@ -461,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     res["run"] = {"device": torch.cuda.get_device_name() if torch.cuda.is_available()
                   else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
                   "command": " ".join(sys.argv), "steps": args.steps, "warmup": args.warmup,
+                  "speed": args.speed, "cold_compile": args.cold_compile,
+                  "load_average": os.getloadavg(),
                   "config": ({n: c.to_dict() for n, c in cfgs.items()} if args.models
                              else cfg.to_dict())}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -482,6 +415,10 @@ def main(argv: list[str] | None = None) -> int:
                  if "update_flop_per_s" in p else "")
               + (f"step {p['achieved_flop_per_s'] / 1e9:.2f} GFLOP/s | " if "achieved_flop_per_s"
                  in p else "") + f"peak +{p['peak_memory_bytes'] / 2**20:.0f} MiB")
+        if p["warmup_steps"]:
+            print(f"[bench_rlp] {name:9s} warm-up (untimed) steps: " + ", ".join(
+                f"{w['step']:.2f}s wall / {w['step_cpu']:.2f}s CPU" for w in p["warmup_steps"])
+                + f" | graphs compiled {p['decode_compiles']}")
     pa = res["packed_attention"]
     if pa:
         print(f"[bench_rlp] packed update: block sparsity {pa['sparsity']['block']:.3f} at "

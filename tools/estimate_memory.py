@@ -22,6 +22,7 @@ from megatron_rlp.config import ConfigError, RunConfig, load_config  # noqa: E40
 from megatron_rlp.train.memory import (  # noqa: E402,F401  (tests read them here)
     GIB,
     Shapes,
+    attention_kind,
     estimate,
     parameter_counts,
     shapes,
@@ -67,8 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world-size", type=int, default=1, help="total ranks (GPUs)")
     parser.add_argument("--gpu-gib", type=float, default=80.0,
                         help="memory of one GPU in GiB (H100 80GB: 80)")
-    parser.add_argument("--attention", choices=("unfused", "flash"), default="unfused",
-                        help="unfused: softmax materialised (the local spec today); flash: fused")
+    parser.add_argument("--attention", choices=("auto", "unfused", "flash"), default="auto",
+                        help="prefill/scoring attention: unfused (the local spec's "
+                        "materialised softmax), flash (fused); auto: as start-up checks it "
+                        "(flash with Transformer Engine layers here). The packed update's "
+                        "FlexAttention keeps no scores either way")
     parser.add_argument("--overhead-gib", type=float, default=None,
                         help="CUDA context, NCCL, allocator slack (default 4 on cuda, 0.5 on cpu)")
     parser.add_argument("--vocab-size", type=int, default=None,
@@ -88,7 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: world size {args.world_size} is not a multiple of TP*PP={tp * pp}",
               file=sys.stderr)
         return 2
-    est = estimate(cfg, args.world_size, _vocab_size(cfg, args.vocab_size), args.attention,
+    attention = args.attention
+    if attention == "auto":  # the rule start-up applies (startup.check_memory)
+        from megatron_rlp.backends.transformer_engine import transformer_engine_available
+
+        attention = attention_kind(cfg, transformer_engine_available())
+    est = estimate(cfg, args.world_size, _vocab_size(cfg, args.vocab_size), attention,
                    args.overhead_gib)
     est["gpu_gib"] = args.gpu_gib
     est["fits"] = est["total"] <= args.gpu_gib * GIB

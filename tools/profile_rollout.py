@@ -7,7 +7,9 @@ cache compaction, Python (issue 28, item 1).
 Builds `tools/bench_rlp.py`'s model and shape (`--size`, bench defaults, then overrides) and
 runs `--steps` rollouts (after `--warmup`) of the step's real path (`rlp_step`'s
 `rollout_and_score`, no update: the policy stays random and thinks to the budget). The
-rollout's functions are wrapped in named regions (wall-clock, `time.perf_counter`):
+rollout's functions are wrapped in named regions (wall seconds, `time.perf_counter`, and the
+thread's CPU seconds, `time.thread_time`; with `rlp.compile_decode=true` the compiled step,
+sampler and S_pred scorer are the regions below):
 
     prefill        the window / prompt prefill (with the `<think>` lead)
     fork           the G-way fork of the prefix cache
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 import time
 from collections import defaultdict
@@ -42,11 +45,13 @@ REGIONS = ("prefill", "fork", "decode_step", "decode_step/module", "sampling", "
 
 
 class Regions:
-    """Nested wall-clock regions, keyed by path ("rollout/decode_step/module")."""
+    """Nested regions, keyed by path ("rollout/decode_step/module"): wall seconds
+    (`seconds`) and this thread's CPU seconds (`cpu`, what a quiet core would take)."""
 
     def __init__(self):
         self.stack: list[str] = []
         self.seconds: dict[str, float] = defaultdict(float)
+        self.cpu: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
 
     def wrap(self, fn, name: str):
@@ -54,14 +59,17 @@ class Regions:
 
         @functools.wraps(fn)
         def inner(*args, **kwargs):
+            if self.stack and self.stack[-1] == name:  # an override calling its base
+                return fn(*args, **kwargs)
             path = "/".join([*self.stack, name])
             self.stack.append(name)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.thread_time()
             try:
                 with record_function(path):
                     return fn(*args, **kwargs)
             finally:
                 self.seconds[path] += time.perf_counter() - start
+                self.cpu[path] += time.thread_time() - cpu
                 self.calls[path] += 1
                 self.stack.pop()
         return inner
@@ -73,11 +81,12 @@ class Regions:
 
 
 def _instrument(regions: Regions) -> list:
-    from megatron_rlp.packing import decode, prefill
+    from megatron_rlp.packing import compiled, decode, prefill
     from megatron_rlp.rollout import engine, thoughts
 
     undo: list = []
-    for attr, name in (("fork", "fork"), ("keep", "compaction")):  # its own (cascade) ones
+    for attr, name in (("fork", "fork"), ("keep", "compaction"),  # its own (cascade) ones
+                       ("step", "decode_step")):  # the compiled step (rlp.compile_decode)
         regions.patch(decode.SharedPrefixEngine, attr, name, undo)
     regions.patch(thoughts, "sample_thoughts", "rollout", undo)
     regions.patch(prefill.SharedWindows, "prefill", "prefill", undo)  # the shared prefill
@@ -86,14 +95,18 @@ def _instrument(regions: Regions) -> list:
     regions.patch(engine.KVCacheEngine, "keep", "compaction", undo)
     regions.patch(engine.KVCacheEngine, "step", "decode_step", undo)
     regions.patch(engine, "stage_forward", "module", undo)
+    regions.patch(compiled, "compiled_call", "module", undo)  # rlp.compile_decode=true
     regions.patch(thoughts, "sample_vocab_parallel", "sampling", undo)
+    regions.patch(compiled, "compiled_sampler", "sampling", undo)
     regions.patch(thoughts, "token_logprobs_vocab_parallel", "s_pred", undo)
+    regions.patch(compiled, "compiled_scorer", "s_pred", undo)
     return undo
 
 
-def _table(regions: Regions, steps: int) -> dict:
-    """Per-rollout seconds of each region (decode-step regions also per call)."""
-    sec, calls = regions.seconds, regions.calls
+def _table(regions: Regions, steps: int, cpu: bool = False) -> dict:
+    """Per-rollout seconds of each region (decode-step regions also per call); wall, or
+    with `cpu` the thread's CPU seconds."""
+    sec, calls = regions.cpu if cpu else regions.seconds, regions.calls
     total = sec["rollout"]
     out = {"rollout": total / steps}
     for name in REGIONS:
@@ -173,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                 ro = rollout_and_score(state, sampler, args.warmup + i + 1, timer)
             phases = {k: v / args.steps for k, v in timer.pop().items()}
             table = _table(regions, args.steps)
+            table_cpu = _table(regions, args.steps, cpu=True)
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 rollout_and_score(state, sampler, args.warmup + args.steps + 1)
             ops = _op_split(prof)
@@ -181,15 +195,17 @@ def main(argv: list[str] | None = None) -> int:
                 setattr(owner, attr, old)
     finally:
         distributed.shutdown()
-    res = {"wall_s_per_rollout": table, "phases_s": phases, "profiled_one_rollout_s": ops,
+    res = {"wall_s_per_rollout": table, "cpu_s_per_rollout": table_cpu, "phases_s": phases,
+           "profiled_one_rollout_s": ops,
            "thought_len": float(ro.thoughts.lengths.float().mean()),
            "rows": len(ro.thoughts.tokens),
            "run": {"command": " ".join(sys.argv), "threads": torch.get_num_threads(),
+                   "load_average": os.getloadavg(),
                    "config": cfg.to_dict()}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
-    t = table
-    print(f"[profile_rollout] rollout {t['rollout'] * 1e3:.1f} ms = prefill "
+    t = table_cpu
+    print(f"[profile_rollout] CPU s: rollout {t['rollout'] * 1e3:.1f} ms = prefill "
           f"{t['prefill'] * 1e3:.1f} + fork {t['fork'] * 1e3:.1f} + decode steps "
           f"{t['decode_step'] * 1e3:.1f} (module {t['decode_step/module'] * 1e3:.1f}, "
           f"bookkeeping {t['decode_step/bookkeeping'] * 1e3:.1f}; "

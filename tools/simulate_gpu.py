@@ -323,6 +323,7 @@ def simulate_rank(cfg: RunConfig, world_size: int, rank: int, device_gib: float 
     """
     import torch.distributed as dist
     from megatron.core import parallel_state, tensor_parallel
+    from simulated_attention import fused_attention  # registers its FLOP formulas first
     from simulated_autograd import PythonEngine, ddp_hooks
     from simulated_cuda import simulated_cuda
     from simulated_moe import collective_values, routing_rule
@@ -359,6 +360,7 @@ def simulate_rank(cfg: RunConfig, world_size: int, rank: int, device_gib: float 
             stack.enter_context(mock.patch.object(module, "keyed_uniform",
                                                   values.opaque(sampling.keyed_uniform)))
         stack.enter_context(memory.tracker)
+        stack.enter_context(fused_attention())  # what the GPU's fused kernels keep and compute
         stack.enter_context(flops)
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=p.tensor_model_parallel_size,
@@ -434,6 +436,14 @@ def simulate_rank(cfg: RunConfig, world_size: int, rank: int, device_gib: float 
     }
 
 
+def gpu_packed_attention(cfg: RunConfig) -> str:
+    """The packed update's attention simulated for `cfg` on CUDA: `flex` where the recipe
+    resolves to it (`packing.flex.resolve`), else `split` (a stand-in for `mask`)."""
+    from megatron_rlp.train.rlp_update import packed_attention
+
+    return "flex" if packed_attention(cfg) == "flex" else "split"
+
+
 def parallel_state_dp(world_size: int, p) -> int:
     return world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
 
@@ -478,17 +488,17 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from simulated_values import SimulationError, UnknownValue
 
-    # FlexAttention is a higher-order op that this stack of dispatch modes cannot run; the
-    # packed update's split path (the same attention in plain torch ops: the window causally,
-    # each branch against its prefix and itself, no [S, S] matrix) stands in for it, unless the
-    # command line names another (`model.packed_attention=mask`: the explicit [S, S] mask, an
-    # upper bound on the update's memory; docs/simulated_cuda.md).
+    # The packed update runs the attention the recipe resolves to on CUDA: FlexAttention for
+    # an attention-only recipe, its compiled kernel replaced by a fused stand-in
+    # (tools/simulated_attention.py). Where the recipe would run `mask` (Mamba layers), the
+    # split path (the window causally, each branch against its prefix and itself, no [S, S]
+    # matrix) stands in, unless the command line names one (docs/simulated_cuda.md).
     forced = ("device.type=cuda",)
-    if not any(o.startswith("model.packed_attention=") for o in args.overrides):
-        forced = (*forced, "model.packed_attention=split")
     scratch = tempfile.TemporaryDirectory(prefix="simulate_gpu_")
     try:
         cfg = load_config(args.config, (*args.overrides, *forced))
+        if not any(o.startswith("model.packed_attention=") for o in args.overrides):
+            forced = (*forced, f"model.packed_attention={gpu_packed_attention(cfg)}")
         if not any(o.startswith("data.corpus=") for o in args.overrides):
             # long documents: the data's memory worst case (long_document_corpus)
             corpus = long_document_corpus(cfg, Path(scratch.name) / "long_documents.jsonl")

@@ -99,7 +99,9 @@ class PythonEngine:
             if grads and not stop:
                 self._unpacked = [] if not keep_graph else None
                 try:
-                    self._run(node, grads, buffers, accumulate_grad)
+                    # as the C++ engine: the backward is recorded only with create_graph
+                    with torch.set_grad_enabled(create_graph):
+                        self._run(node, grads, buffers, accumulate_grad)
                 except RuntimeError as e:  # name the backward node beside the op
                     raise type(e)(f"{e} (in the backward of {node.name()})") from None
                 for holder in self._unpacked or ():  # the node's saved tensors die (saved)

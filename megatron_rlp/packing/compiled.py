@@ -6,7 +6,8 @@ profile_rollout.py`: about a third of the step is Python and dispatch between op
 model forward of one decode token runs under `torch.compile` (inductor; on CUDA with
 `triton.cudagraphs`, what `mode="reduce-overhead"` sets), which traces Megatron's own
 modules into one graph per shape and fuses their elementwise work. The sampler's math (keyed
-Gumbel noise over the vocabulary, log-softmax) is compiled the same way.
+Gumbel noise over the vocabulary, log-softmax) and S_pred's log-prob are compiled the same
+way.
 
 Shapes stay static, so the number of graphs is bounded:
 - the cache is static: decode attention (`static_decode_attention`) reads the whole
@@ -17,7 +18,11 @@ Shapes stay static, so the number of graphs is bounded:
   below it (`bucket_rows`); compaction keeps finished rows as filler up to the bucket
   (decoding a finished row is harmless: it records nothing, and keyed sampling makes the
   thoughts independent of which rows are decoded);
-- the cascade prefix layout keeps width G (`CascadeRows.width`) through compaction.
+- the cascade prefix layout keeps width G (`CascadeRows.width`) through compaction;
+- cache lengths take bucket sizes (`bucket_length`): the cascade prefix is padded to one
+  (masked columns), the plain cache is allocated at one, and the RoPE table and key mask
+  span one, so windows of other widths in the same bucket (the next step's documents)
+  reuse the graphs; the thought slot is a 0-d tensor too (`ctx.decode_slot`).
 
 Every graph compilation is counted (`compile_count`, the `decode_compiles` metric): at most
 one per (model, bucket) plus graph-break pieces, tested bounded over 20-step rollouts.
@@ -94,6 +99,20 @@ def bucket_rows(n: int, rows: int) -> int:
     return size if size < rows else rows
 
 
+def bucket_length(n: int) -> int:
+    """A static cache length for `n` columns: `n` rounded up to a multiple of
+    max(64, 2^ceil(log2 n) / 4), i.e. at most four buckets per octave above 256 and at most
+    a third of the columns masked padding (64 below 256).
+
+    Raises:
+        ValueError: n < 1.
+    """
+    if n < 1:
+        raise ValueError(f"need n >= 1, got n={n}")
+    step = max(64, (1 << (n - 1).bit_length()) // 4)
+    return -(-n // step) * step
+
+
 def bucket_keep(unfinished: Tensor, rows: int) -> Tensor:
     """Rows to keep (sorted, so each context's rows stay contiguous) when compacting to a
     bucket: every unfinished row, then the first finished ones as filler.
@@ -128,7 +147,7 @@ def static_decode_attention(self: SelfAttention, hidden_states: Tensor, attentio
     entry = ctx.key_value_memory_dict[self.layer_number]
     if isinstance(entry, CascadeKV):
         context = static_cascade_attention(query[0], key[0], value[0], entry, ctx.cascade_rows,
-                                           pos - ctx.cascade_rows.prefix_len, scale)
+                                           ctx.decode_slot.view(1), scale)
         return self.linear_proj(context[None])
     cache_k, cache_v = entry  # [S, R, g, d], the engine's rows exactly
     cache_k.index_copy_(0, pos, key)
@@ -191,15 +210,20 @@ def compiled_call(module: torch.nn.Module, *args, inference_context=None, **kwar
     """`module(*args, inference_context=..., **kwargs)` under the counted compile (one graph
     per module and shape). The context's `sequence_len_offset` reads 1 ("decoding") during
     the call: Megatron's `HybridStack` copies it to `seqlen_offset`, which would specialise a
-    graph per step; the position the step needs is `ctx.decode_pos` (a tensor)."""
+    graph per step; the position the step needs is `ctx.decode_pos` (a tensor). Its
+    `max_sequence_length` reads `ctx.static_length` (the bucketed length of the RoPE table,
+    `SharedPrefixEngine._make_static`): Megatron's RoPE sizing reads it, which would
+    specialise a graph per window width."""
+    ctx = inference_context
     original = tp_layers.get_tensor_model_parallel_group_if_none
     tp_layers.get_tensor_model_parallel_group_if_none = _tp_group_quietly
-    offset, inference_context.sequence_len_offset = inference_context.sequence_len_offset, 1
+    offset, ctx.sequence_len_offset = ctx.sequence_len_offset, 1
+    length, ctx.max_sequence_length = ctx.max_sequence_length, ctx.static_length
     try:
-        return _compiled_forward()(module, *args, inference_context=inference_context, **kwargs)
+        return _compiled_forward()(module, *args, inference_context=ctx, **kwargs)
     finally:
         tp_layers.get_tensor_model_parallel_group_if_none = original
-        inference_context.sequence_len_offset = offset
+        ctx.sequence_len_offset, ctx.max_sequence_length = offset, length
 
 
 def static_rope(self: torch.nn.Module, *_args, **_kwargs) -> Tensor:
@@ -226,6 +250,27 @@ def _sample(logits: Tensor, keys: Tensor, temperature: float, top_p: float,
 @functools.cache
 def _compiled_sample():
     return compiled(_sample)
+
+
+def _score(logits: Tensor, targets: Tensor, vocab_size: int) -> Tensor:
+    """`rollout.vocab_parallel.token_logprobs_vocab_parallel` on one tensor-parallel rank
+    without gradient (Megatron's cross-entropy arithmetic: max, shift, exp-sum, log)."""
+    ids = torch.arange(logits.shape[-1], device=logits.device)
+    logits = logits.float().masked_fill(ids >= vocab_size, float("-inf"))
+    shifted = logits - logits.max(-1, keepdim=True).values
+    return shifted.gather(-1, targets[:, None])[:, 0] - shifted.exp().sum(-1).log()
+
+
+@functools.cache
+def _compiled_score():
+    return compiled(_score)
+
+
+def compiled_scorer(logits: Tensor, targets: Tensor, vocab_size: int) -> Tensor:
+    """The decode loop's S_pred log-prob under the counted compile (one graph per batch
+    bucket): `token_logprobs_vocab_parallel(logits, targets, vocab_size)` with one
+    tensor-parallel rank and no gradient. [R, V] fp32 logits, [R] targets -> [R] fp32."""
+    return _compiled_score()(logits, targets, vocab_size)
 
 
 def compiled_sampler(logits: Tensor, keys: Tensor, temperature: float, top_p: float,

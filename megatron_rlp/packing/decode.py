@@ -31,7 +31,13 @@ from torch import Tensor
 from megatron_rlp.models.mamba.model_walk import has_mamba
 from megatron_rlp.models.provider import unwrap_model
 from megatron_rlp.packing import compiled
-from megatron_rlp.packing.cascade import CascadeKV, cascade_attention, cascade_fork, cascade_keep
+from megatron_rlp.packing.cascade import (
+    CascadeKV,
+    CascadeRows,
+    cascade_attention,
+    cascade_fork,
+    cascade_keep,
+)
 from megatron_rlp.parallel.pipeline import chunks_of, pipeline_size
 from megatron_rlp.rollout.engine import KVCacheEngine
 
@@ -89,9 +95,12 @@ class SharedPrefixEngine(KVCacheEngine):
 
     def __init__(self, model: torch.nn.Module, max_batch_size: int, max_sequence_length: int,
                  cascade: bool = True, compile: bool = False):
+        compile = compile and _compilable(model)
+        if compile and not cascade:  # the plain cache at a static length (masked beyond)
+            max_sequence_length = compiled.bucket_length(max_sequence_length)
         super().__init__(model, max_batch_size, max_sequence_length)
         self.cascade = cascade
-        self.compile = compile and _compilable(model)
+        self.compile = compile
         self._static = False  # set by the fork: decode steps from here on are compiled
         self._full = (max_batch_size, max_sequence_length)
         self.attentions = [m for c in chunks_of(model) for m in unwrap_model(c).modules()
@@ -153,15 +162,40 @@ class SharedPrefixEngine(KVCacheEngine):
 
     def _make_static(self, n: int) -> None:
         """After the fork: zero the plain cache's columns not written yet (masked columns
-        are read, and Megatron allocates the cache uninitialised), fix the cascade layout's
-        width at G, and hold the decode position in a tensor."""
+        are read, and Megatron allocates the cache uninitialised); pad the cascade prefix to
+        a bucket length with masked columns and fix its layout's width at G; the key mask
+        and RoPE table at a static length; the decode position and thought slot in
+        tensors."""
         offset = self.ctx.sequence_len_offset
         for entry in self.ctx.key_value_memory_dict.values():
             if type(entry) is tuple:  # plain K/V (not CascadeKV, not MambaState)
                 for cache in entry:
                     cache[offset:] = 0
+        length = self.ctx.max_sequence_length
         if self.cascade:
-            self.ctx.cascade_rows.width = n
+            self._prefix = offset  # P: the thought slot of column c is c - P
+            pad = compiled.bucket_length(offset) - offset
+            rows = self.ctx.cascade_rows
+            if pad:
+                cache = self.ctx.key_value_memory_dict
+                for layer, entry in list(cache.items()):
+                    if isinstance(entry, CascadeKV):
+                        cache[layer] = entry._replace(
+                            prefix_k=_pad_rows(entry.prefix_k, pad),
+                            prefix_v=_pad_rows(entry.prefix_v, pad))
+                rows = CascadeRows(rows.row_context, torch.nn.functional.pad(
+                    rows.prefix_masked, (0, pad), value=True))
+                self.ctx.cascade_rows = rows
+                self.key_valid = torch.nn.functional.pad(self.key_valid, (0, pad))
+                length += pad
+            rows.width = n
+            self.ctx.decode_slot = torch.zeros((), dtype=torch.long,
+                                               device=self.key_valid.device)
+        self.ctx.static_length = length  # what the compiled call sees (`compiled_call`)
+        for chunk in chunks_of(self.model):  # eager, once (see `compiled.static_rope`)
+            rope = getattr(unwrap_model(chunk), "rotary_pos_emb", None)
+            if rope is not None:
+                rope._rlp_static_emb = type(rope).forward(rope, length)
         self._group, self._rows = n, self.key_valid.shape[0]
         self.ctx.decode_pos = torch.zeros((), dtype=torch.long, device=self.key_valid.device)
         self._static = True
@@ -175,12 +209,18 @@ class SharedPrefixEngine(KVCacheEngine):
     def sampler(self):
         return compiled.compiled_sampler if self._static else None
 
+    @property
+    def scorer(self):
+        return compiled.compiled_scorer if self._static else None
+
     def step(self, tokens: Tensor) -> Tensor:
         if not self._static:
             return super().step(tokens)
         pos = self.ctx.sequence_len_offset
         self.key_valid[:, pos] = True
         self.ctx.decode_pos.fill_(pos)
+        if self.cascade:
+            self.ctx.decode_slot.fill_(pos - self._prefix)
         return self._forward(tokens[:, None], ~self.key_valid[:, None, None, :])
 
     def _forward(self, tokens: Tensor, mask: Tensor) -> Tensor | None:
@@ -190,11 +230,10 @@ class SharedPrefixEngine(KVCacheEngine):
         for m in self.attentions:
             m.forward = _bound(m, compiled.static_decode_attention if self._static
                                else _decode_attention)
-        if self._static:  # the RoPE table, computed eagerly (see `compiled.static_rope`)
+        if self._static:  # the RoPE table of `_make_static` (see `compiled.static_rope`)
             for chunk in chunks_of(self.model):
                 rope = getattr(unwrap_model(chunk), "rotary_pos_emb", None)
                 if rope is not None:
-                    rope._rlp_static_emb = type(rope).forward(rope, self.ctx.max_sequence_length)
                     rope.forward = _bound(rope, compiled.static_rope)
                     patched.append(rope)
         try:
@@ -203,6 +242,11 @@ class SharedPrefixEngine(KVCacheEngine):
         finally:
             for m in patched:
                 del m.forward  # back to the class method
+
+
+def _pad_rows(x: Tensor, pad: int) -> Tensor:
+    """`x` [P, ...] with `pad` zero rows after."""
+    return torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
 
 
 def _bound(module: torch.nn.Module, fn):

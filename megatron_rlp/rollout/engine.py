@@ -73,6 +73,7 @@ class KVCacheEngine:
         self.key_valid: Tensor | None = None  # [R, max_seq] bool: keys a row may attend to
 
     sampler = None  # the decode loop's sampler; None = `vocab_parallel.sample_vocab_parallel`
+    scorer = None  # its S_pred log-prob; None = `vocab_parallel.token_logprobs_vocab_parallel`
 
     @torch.no_grad()
     def _forward(self, tokens: Tensor, mask: Tensor, call=None) -> Tensor | None:

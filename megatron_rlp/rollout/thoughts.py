@@ -205,7 +205,8 @@ def sample_thoughts(
         Scores every live row and keeps those of `which`: selecting the rows first would
         read their number back to the host at every step."""
         if next_logits is not None:  # S_pred lives on the last stage until the end
-            lp = token_logprobs_vocab_parallel(next_logits, targets[live], vocab_size)
+            lp = (engine.scorer or token_logprobs_vocab_parallel)(next_logits, targets[live],
+                                                                  vocab_size)
             s_pred[live] = torch.where(which, lp, s_pred[live])
 
     def sample(next_logits: Tensor | None) -> tuple[Tensor, Tensor]:

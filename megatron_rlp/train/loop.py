@@ -219,9 +219,12 @@ def kernel_metrics() -> dict[str, str | int]:
     Mamba layers' path, `models.mamba.adapter`) once a Mamba layer was built, and
     `flex_compiles` (inductor compilations of the packed update's FlexAttention so far,
     `packing.flex`) once it compiled, and `decode_compiles` (graph compilations of the
-    compiled rollout decode step, `packing.compiled`) once it compiled."""
+    compiled rollout decode step, `packing.compiled`) once it compiled, and `update_compiles`
+    (graph compilations of the update's layers, `train.compiled_update`) once they
+    compiled."""
     from megatron_rlp.models.mamba import adapter
     from megatron_rlp.packing import compiled, flex
+    from megatron_rlp.train import compiled_update
 
     out: dict[str, str | int] = {}
     if adapter.kernel_choice() is not None:
@@ -230,6 +233,8 @@ def kernel_metrics() -> dict[str, str | int]:
         out["flex_compiles"] = flex.compile_count()
     if compiled.compile_count():
         out["decode_compiles"] = compiled.compile_count()
+    if compiled_update.compile_count():
+        out["update_compiles"] = compiled_update.compile_count()
     return out
 
 

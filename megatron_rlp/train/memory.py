@@ -38,9 +38,12 @@ its experts (`moe_bytes`) and, in a no-grad forward, holds its dispatcher's buff
 each rank's experts receive the top-k copies of as many tokens as the rank sends.
 
 Peak = persistent + the largest phase + overhead. Activation sizes follow Korthikanti et
-al. (2022) per layer kind, without recomputation or sequence parallelism; attention is the
-materialised-softmax kind the local Megatron spec runs today (`--attention flash` for a
-fused kernel). Numbers are estimates to pick a layout, not measurements: leave ~10% slack.
+al. (2022) per layer kind, without recomputation or sequence parallelism. Attention: the
+prefill and scoring take `attention` (`attention_kind`: `flash` with Transformer Engine
+layers, else the local spec's materialised softmax, `unfused`); the RLP update takes
+`update_attention`: with the packed update's FlexAttention (`model.packed_attention` flex,
+the CUDA default for attention-only models) it keeps no scores, whatever the spec.
+Numbers are estimates to pick a layout, not measurements: leave ~10% slack.
 """
 
 from __future__ import annotations
@@ -227,9 +230,42 @@ def one_layer_inference_bytes(s: Shapes, tp: int, b: int, rows: int, seq: int,
     return b * rows * seq * (3 * h + max(attn if s.n_attn else 0, mlp, mamba, moe))
 
 
+def attention_kind(cfg: RunConfig, te_available: bool) -> str:
+    """The core attention of the rollout's prefill and the scoring forward: `flash` where the
+    layers are Transformer Engine's (fused attention; `transformer_impl` resolved as the
+    builder does it, `backends.transformer_engine.resolve_transformer_impl`), else `unfused`
+    (the local spec's materialised softmax). What start-up checks a launch with
+    (`startup.check_memory`) and `tools/estimate_memory.py` prints by default."""
+    from megatron_rlp.backends.transformer_engine import resolve_transformer_impl
+
+    try:
+        impl = resolve_transformer_impl(cfg.model.transformer_impl, cfg.device.type,
+                                        te_available)
+    except ValueError:
+        return "unfused"
+    return "flash" if impl == "transformer_engine" else "unfused"
+
+
+def update_attention(cfg: RunConfig, attention: str) -> str:
+    """The attention kind of the RLP update's backward: the packed update's FlexAttention
+    (`packing.flex`, `model.packed_attention` resolved as the update resolves it) is a fused
+    kernel that keeps no scores whatever the layer spec (`flash`); otherwise `attention`."""
+    from megatron_rlp.packing.flex import resolve
+
+    if cfg.train.objective != "rlp":
+        return attention
+    try:
+        kind = resolve(cfg.model.packed_attention, cfg.device.type,
+                       cfg.model.hybrid_layer_pattern)
+    except ValueError:
+        return attention
+    return "flash" if kind == "flex" else attention
+
+
 def estimate(cfg: RunConfig, world_size: int, vocab_size: int, attention: str = "unfused",
              overhead_gib: float | None = None) -> dict:
-    """Bytes per rank, by item and phase (see the module docstring)."""
+    """Bytes per rank, by item and phase (see the module docstring). `attention` is the
+    prefill's and the scoring's kind (`attention_kind`); the update's is `update_attention`."""
     p, r, t = cfg.parallel, cfg.rlp, cfg.train
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     dp = world_size // (tp * pp)
@@ -301,8 +337,9 @@ def estimate(cfg: RunConfig, world_size: int, vocab_size: int, attention: str = 
         scored = upd_seq
     mbs = t.micro_batch_size or sequences
     tokens = mbs * upd_seq
+    upd_attention = update_attention(cfg, attention)
     update = {
-        "activations": tokens * kept_activation_bytes_per_token(s, tp, pb, upd_seq, attention,
+        "activations": tokens * kept_activation_bytes_per_token(s, tp, pb, upd_seq, upd_attention,
                                                                 t.recompute_granularity,
                                                                 t.recompute_num_layers)
         * layers_here,
@@ -320,6 +357,7 @@ def estimate(cfg: RunConfig, world_size: int, vocab_size: int, attention: str = 
         "layout": {"world_size": world_size, "tp": tp, "pp": pp, "dp": dp, "ep": ep,
                    "distributed_optimizer": p.use_distributed_optimizer,
                    "params_dtype": cfg.precision.params_dtype, "attention": attention,
+                   "update_attention": upd_attention,
                    "rollout_chunks": rollout_chunks},
         "batch": {"contexts_per_step": r.contexts_per_step, "contexts_per_rank": contexts,
                   "group_size": r.group_size, "rollout_rows_per_rank": rows,
@@ -348,6 +386,8 @@ def table(est: dict, gpu_gib: float) -> str:
         + (f" (EP {lay['ep']})" if lay["ep"] > 1 else "")
         + f" | {lay['params_dtype']} params | distributed optimizer "
         f"{'on' if lay['distributed_optimizer'] else 'off'} | attention {lay['attention']}"
+        + (f" (update {lay['update_attention']})"
+           if lay.get("update_attention", lay["attention"]) != lay["attention"] else "")
         + (f" | rollout chunks {lay['rollout_chunks']}" if lay["rollout_chunks"] > 1 else ""),
         f"batch:  {bat['contexts_per_step']} contexts/step -> {bat['contexts_per_rank']}/rank x "
         f"G {bat['group_size']} = {bat['rollout_rows_per_rank']} rollout rows of "

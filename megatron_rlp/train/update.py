@@ -23,6 +23,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_rlp.parallel.pipeline import chunks_of
 from megatron_rlp.train import faults
 from megatron_rlp.train.builder import TrainState
+from megatron_rlp.train.compiled_update import update_context
 
 
 def optimizer_update(state: TrainState, microbatches: list[dict], forward_step: Callable,
@@ -43,10 +44,11 @@ def optimizer_update(state: TrainState, microbatches: list[dict], forward_step: 
     """
     _zero_grads(state)
     extra_losses = []
-    for mbs, step_fn, length in extra_passes:
-        with _finalize_held_back(state):
-            extra_losses += _forward_backward(state, mbs, step_fn, length)
-    losses = _forward_backward(state, microbatches, forward_step, seq_length)
+    with update_context(state):  # train.compile_update: the layers compiled
+        for mbs, step_fn, length in extra_passes:
+            with _finalize_held_back(state):
+                extra_losses += _forward_backward(state, mbs, step_fn, length)
+        losses = _forward_backward(state, microbatches, forward_step, seq_length)
     if faults.planned("nan_grad", state.step + 1):
         _grad_buffers(state)[0].view(-1)[0] = float("nan")
     if not _all_finite(state, losses + extra_losses):

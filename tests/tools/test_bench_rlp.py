@@ -96,6 +96,37 @@ def test_bench_rlp_runs_attention_variants_without_naive(tmp_path):
             "matmul_flop_per_s"]
 
 
+def test_bench_rlp_speed_path_beside_the_defaults(tmp_path):
+    """--speed: the optimised path with a user's speed settings on top (here the teacher
+    scored only at logged steps), side by side with the defaults: same thoughts and
+    advantages, rewards without S_ema on the unscored steps, warm-up steps reported apart."""
+    out = tmp_path / "speed.json"
+    proc = subprocess.run([sys.executable, "tools/bench_rlp.py", "--steps", "2", "--warmup", "1",
+                           "--skip-naive", "--speed", "rlp.teacher_scoring=log_interval",
+                           "--speed", "train.log_interval=10", "--out", str(out), *SMALL],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["paths"]) == {"optimised", "speed"}
+    assert res["run"]["speed"] == ["rlp.teacher_scoring=log_interval", "train.log_interval=10"]
+    assert [(c["path"], c["against"]) for c in res["checks"]] == [("speed", "optimised")] * 3
+    assert res["equal"]["identical_thoughts_all_steps"]
+    assert res["equal"]["max_advantage_abs_diff"] < 1e-5
+    assert res["equal"]["max_loss_abs_diff"] < 1e-5
+    # step 1 (warm-up) scores the teacher, steps 2-3 do not: their rewards are S_pred alone
+    rewards = [c["rewards_max_abs_diff"] for c in res["checks"]]
+    assert rewards[0] < 1e-5 < min(rewards[1:])
+    speed, plain = res["paths"]["speed"], res["paths"]["optimised"]
+    assert [r["teacher_scored"] for r in speed["per_step"]] == [0.0, 0.0]
+    assert [r["teacher_scored"] for r in plain["per_step"]] == [1.0, 1.0]
+    for path in (speed, plain):
+        assert len(path["warmup_steps"]) == 1 and path["warmup_steps"][0]["step_cpu"] > 0
+        assert path["decode_compiles"] == 0  # rlp.compile_decode off
+    assert speed["phases_cpu_s"]["scoring"]["median"] < plain["phases_cpu_s"]["scoring"]["median"]
+    assert any(line.startswith("[bench_rlp] speed ") and "warm-up (untimed)" in line
+               for line in proc.stdout.splitlines())
+
+
 def test_bench_rlp_models_side_by_side_at_equal_active_parameters(tmp_path):
     """`--models`: the tiny dense, MoE, hybrid and hybrid-MoE configs each run RLP steps in one
     process; the MoE models' active parameters equal their dense counterparts' but for the

@@ -123,11 +123,15 @@ def test_rollout_cache_arithmetic_and_tp_invariance():
     chunked = em.estimate(_cfg(base + ["rlp.rollout_chunk_contexts=4"], 32), 32, 151936)
     assert chunked["phases"]["rollout"]["kv_cache"] == one["phases"]["rollout"]["kv_cache"] / 4
     assert chunked["layout"]["rollout_chunks"] == 4
-    # recomputation: selective drops the attention scores, full keeps little but layer inputs
-    acts = {g: em.estimate(_cfg(base + ["train.micro_batch_size=1",
+    # recomputation: selective drops the attention scores (the explicit-mask update keeps
+    # them; FlexAttention's fused kernel keeps none), full keeps little but layer inputs
+    acts = {g: em.estimate(_cfg(base + ["train.micro_batch_size=1", "model.packed_attention=mask",
                                         f"train.recompute_granularity={g}"], 32), 32, 151936)
             ["phases"]["update"]["activations"] for g in ("none", "selective", "full")}
     assert acts["full"] < 0.1 * acts["none"] and acts["full"] < acts["selective"] < acts["none"]
+    flex = em.estimate(_cfg(base + ["train.micro_batch_size=1"], 32), 32, 151936)
+    assert flex["layout"]["update_attention"] == "flash"  # cuda, attention-only: flex
+    assert flex["phases"]["update"]["activations"] == pytest.approx(acts["selective"])
     # bf16 + Adam: 2 (params) + 4 (grads) + 4 (EMA) bytes, 12 for the optimizer (no dist-opt)
     n = one["parameters"]["per_rank"]
     assert one["persistent"]["parameters"] == 2 * n and one["persistent"]["optimizer"] == 12 * n

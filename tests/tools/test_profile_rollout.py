@@ -26,6 +26,9 @@ def test_profile_rollout_splits_the_decode_step(tmp_path):
     t = res["wall_s_per_rollout"]
     parts = ("prefill", "fork", "decode_step", "sampling", "s_pred", "compaction", "loop")
     assert abs(sum(t[k] for k in parts) - t["rollout"]) < 1e-9 and t["loop"] >= 0
+    c = res["cpu_s_per_rollout"]  # the thread's CPU seconds, split the same way
+    assert abs(sum(c[k] for k in parts) - c["rollout"]) < 1e-9
+    assert 0 < c["decode_step/module"] <= c["decode_step"]
     assert 0 < t["decode_step/module"] <= t["decode_step"]
     # one step per thought token, plus the forced `</think>` of the thoughts left open
     assert t["decode_steps_per_rollout"] == 5

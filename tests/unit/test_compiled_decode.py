@@ -9,11 +9,16 @@ rest `slow`."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 import torch
 from helpers.tiny_models import tiny_model
 from test_cascade_decode import TOK, _assert_equal, _closing_sampler, _inputs
 
+from megatron_rlp.data.batches import build_rlp_inputs
+from megatron_rlp.data.contexts import Context
 from megatron_rlp.packing import compiled, decode
 from megatron_rlp.packing.prefill import SharedWindows
 from megatron_rlp.rollout import thoughts as thoughts_module
@@ -29,8 +34,19 @@ def dense():  # per test: the hybrid test needs its own parallel state
         yield net.eval()
 
 
-def _rollout(model, compile: bool, cascade: bool = True, **kw):
-    prompts, windows = _inputs()
+def _narrower_inputs():
+    """`_inputs`' documents with other positions: as many contexts, narrower windows (a
+    later step's batch)."""
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(0, 256, size=n).astype(np.int32) for n in (50, 30)]
+    contexts = [Context(d, t, docs[d][:t], int(docs[d][t])) for d, t in
+                ((0, 12), (0, 25), (1, 9), (1, 17), (1, 21))]
+    return build_rlp_inputs(contexts, list(range(5)), SimpleNamespace(documents=docs),
+                            max_prefix=32, pad=TOK.pad)
+
+
+def _rollout(model, compile: bool, cascade: bool = True, inputs=_inputs, **kw):
+    prompts, windows = inputs()
     shared = SharedWindows.from_windows(windows, prompts, cascade, compile)
     kw = dict(group_size=G, max_thought_tokens=6, temperature=1.0, top_p=1.0,
               think_start=TOK.think_start, think_end=TOK.think_end, pad=TOK.pad,
@@ -53,7 +69,12 @@ def _batch_sizes(monkeypatch) -> list[int]:
 
 def test_bucket_sizes():
     """Powers of two below the fork's rows, the rows themselves above; the kept rows are
-    every unfinished one plus finished filler, ascending."""
+    every unfinished one plus finished filler, ascending. Cache lengths: multiples of 64 up
+    to 256, then four buckets per octave."""
+    assert [compiled.bucket_length(n) for n in (1, 64, 65, 161, 256, 257, 1100, 2049)] == [
+        64, 64, 128, 192, 256, 384, 1536, 3072]
+    with pytest.raises(ValueError, match="n >= 1"):
+        compiled.bucket_length(0)
     assert [compiled.bucket_rows(n, 15) for n in (1, 2, 3, 5, 8, 9, 15)] == [1, 2, 4, 8, 8,
                                                                               15, 15]
     assert compiled.bucket_rows(16, 16) == 16
@@ -70,9 +91,16 @@ def test_compiled_draws_the_eager_thoughts(dense):
     before = compiled.compile_count()
     got = _rollout(dense, compile=True)
     _assert_equal(got, eager)
-    assert 0 < compiled.compile_count() - before <= 2  # one model graph + one sampler graph
+    # one graph each: the model step, the sampler, S_pred's log-prob
+    assert 0 < compiled.compile_count() - before <= 3
     assert kernel_metrics()["decode_compiles"] == compiled.compile_count()
     assert bool(eager.mask.sum(1).gt(1).any())
+    # narrower windows (same cache length bucket): same graphs, no compilation
+    before = compiled.compile_count()
+    assert _inputs()[1].tokens.shape[1] != _narrower_inputs()[1].tokens.shape[1]
+    _assert_equal(_rollout(dense, compile=True, inputs=_narrower_inputs),
+                  _rollout(dense, compile=False, inputs=_narrower_inputs))
+    assert compiled.compile_count() == before
 
 
 @pytest.mark.slow
@@ -111,6 +139,17 @@ def test_recompiles_bounded_over_20_steps(dense, monkeypatch):
     again = _rollout(dense, compile=True, **kw)
     _assert_equal(again, eager)
     assert compiled.compile_count() - before == first
+    # narrower windows in the same length bucket, plain cache too: no more graphs
+    for cascade in (True, False):
+        eager = _rollout(dense, compile=False, cascade=cascade, inputs=_narrower_inputs, **kw)
+        counted = compiled.compile_count()
+        _rollout(dense, compile=True, cascade=cascade, **kw)  # the plain cache's graphs
+        if cascade:
+            assert compiled.compile_count() == counted
+        counted = compiled.compile_count()
+        got = _rollout(dense, compile=True, cascade=cascade, inputs=_narrower_inputs, **kw)
+        _assert_equal(got, eager)
+        assert compiled.compile_count() == counted
 
 
 @pytest.mark.parametrize("kind, why", [("hybrid", "Mamba layers"), ("moe", "MoE layers")])

@@ -28,6 +28,8 @@ UNTESTED = {
     "tools/bench_packed_attention.py": "a benchmark (its figures are in docs/performance.md)",
     "tools/bench_decode.py": "a benchmark (its figures are in docs/performance.md); the "
                              "equality it checks is tests/unit/test_compiled_decode.py's",
+    "tools/bench_compiled_update.py": "a benchmark (its figures are in docs/performance.md); "
+                                      "the equality is tests/unit/test_compiled_update.py's",
 }
 
 

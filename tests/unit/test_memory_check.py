@@ -71,16 +71,17 @@ def test_the_shipped_recipe_fits_its_stated_world_and_opt_out_skips_the_check():
 
 
 def test_no_single_knob_fits_then_a_combination_or_more_gpus():
-    """Qwen3's 32-GPU batch on 8 GPUs under 60 GiB: no knob fits alone (the smallest rollout
-    chunk leaves the update too big), the combination named, applied, fits; with no memory
-    at all the line says to add GPUs."""
-    cfg = _cfg(QWEN, 8, "rlp.rollout_chunk_contexts=0")
+    """Qwen3's 32-GPU batch on 8 GPUs under 60 GiB, its update through the explicit mask
+    (unfused scores kept): no knob fits alone (the smallest rollout chunk leaves the update
+    too big), the combination named, applied, fits; with no memory at all the line says to
+    add GPUs."""
+    cfg = _cfg(QWEN, 8, "rlp.rollout_chunk_contexts=0", "model.packed_attention=mask")
     vocab, limit = 151936, 60 * GIB
     alone, together = fitting_settings(cfg, 8, vocab, limit)
     assert not alone and together is not None
     changes, peak = together
     assert len(changes) >= 2 and peak <= limit
-    fixed = _cfg(QWEN, 8, "rlp.rollout_chunk_contexts=0",
+    fixed = _cfg(QWEN, 8, "rlp.rollout_chunk_contexts=0", "model.packed_attention=mask",
                  *(f"{k}={v}" for k, v in changes.items()))
     assert estimate(fixed, 8, vocab)["total"] == pytest.approx(peak)
     with pytest.raises(ConfigError) as err:

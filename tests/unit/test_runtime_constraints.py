@@ -340,6 +340,8 @@ INVARIANT = {
     ("packing/split_attention.py", "split attention needs contiguous branches"),
     # rollout.thoughts compacts only while 0 < unfinished rows <= the live rows
     ("packing/compiled.py", "need 1 <= n <= rows"),
+    # cache lengths are the window + thought widths the engine allocates, always >= 1
+    ("packing/compiled.py", "need n >= 1"),
 }
 
 
