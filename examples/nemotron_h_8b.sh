@@ -17,8 +17,8 @@
 #           rollout    17.7 = KV cache 4.3 (4 attention layers; cascade decode: each
 #                             prefix once) + SSM/conv state 12.4 (24 Mamba layers, fp32)
 #                             + prefill 1.1 (one window per document)
-#           scoring     4.3   update 13.3
-#           peak       43.4 of 80  (with flash attention 43.2); TP=8 25.5, TP=2 79.8 (no slack)
+#           scoring     4.3   update 17.3
+#           peak       43.4 of 80  (with flash attention 43.2); TP=8 26.8, TP=2 79.8 (no slack)
 # Why chunks: all 1024 rows in one pass would peak at 61.2 GiB (ROLLOUT_CHUNK=0 does that;
 # 85.4 with the prefix copied per row), inside 80; the fp32 Mamba decode state doubles
 # its share.

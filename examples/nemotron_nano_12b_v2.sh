@@ -18,7 +18,7 @@
 #           rollout    26.2 = KV cache 6.5 (6 attention layers; cascade decode: each
 #                             prefix once) + SSM/conv state 18.0 (28 Mamba layers, fp32)
 #                             + prefill 1.7 (attention scores of 8 windows x 2560 tokens)
-#           scoring     6.5   update 12.4
+#           scoring     6.5   update 15.1
 #           peak       48.8 of 80  (with flash attention 48.8)
 # Why chunks: all 2048 rows in one pass would peak at 75.1 GiB (ROLLOUT_CHUNK=0 does that,
 # under 10% slack; with G=8, 50.8).

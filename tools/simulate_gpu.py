@@ -22,8 +22,10 @@ take the memory worst case (every thought runs to `rlp.max_thought_tokens`):
 tools/simulated_values.py. The data is the worst case too: unless `data.corpus=` is given,
 a scratch corpus of long documents (`long_document_corpus`) gives every context its full
 prefix and every window nearly `max_window_tokens`. CUDA runtime queries:
-tools/simulated_cuda.py. MoE layers: the routers' choice is even (`--moe-routing worst`:
-all to this rank's experts) and collectives of counts repeat this rank's (tools/simulated_moe.py).
+tools/simulated_cuda.py. Mamba layers call stand-ins of mamba-ssm's and causal-conv1d's fused
+kernels, which keep for backward what those keep (tools/simulated_mamba.py). MoE layers: the
+routers' choice is even (`--moe-routing worst`: all to this rank's experts) and collectives of
+counts repeat this rank's (tools/simulated_moe.py).
 
 Shortcuts that keep a full-size step to minutes on one core (docs/simulated_cuda.md):
 - `--decode-steps N` (8) runs the model for N decode steps per rollout chunk and only the
@@ -314,7 +316,8 @@ def stage_rank(stage: str, world_size: int) -> int:
 
 def simulate_rank(cfg: RunConfig, world_size: int, rank: int, device_gib: float = 80.0,
                   decode_steps: int | None = 8, update_microbatches: int | None = 2,
-                  card: str = "H100", mfu: float = 0.4, moe_routing: str = "even") -> dict:
+                  card: str = "H100", mfu: float = 0.4, mamba_kernels: str = "fused",
+                  moe_routing: str = "even") -> dict:
     """Build the run of `cfg` for global `rank` of `world_size` on fake CUDA and run one RLP
     step; return the rank's report (module docstring; keys listed in `docs/simulated_cuda.md`).
 
@@ -326,6 +329,7 @@ def simulate_rank(cfg: RunConfig, world_size: int, rank: int, device_gib: float 
     from simulated_attention import fused_attention  # registers its FLOP formulas first
     from simulated_autograd import PythonEngine, ddp_hooks
     from simulated_cuda import simulated_cuda
+    from simulated_mamba import fused_mamba_kernels
     from simulated_moe import collective_values, routing_rule
     from simulated_values import HostValues, Oracle
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -349,6 +353,8 @@ def simulate_rank(cfg: RunConfig, world_size: int, rank: int, device_gib: float 
     update_cut = UpdateCut(update_microbatches, phases)
     with contextlib.ExitStack() as stack:
         stack.enter_context(simulated_cuda(device_gib, name=card))
+        if mamba_kernels == "fused":  # mamba-ssm's kernels, as a GPU runs them
+            stack.enter_context(fused_mamba_kernels())
         dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
         stack.callback(dist.destroy_process_group)
         stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
@@ -458,6 +464,7 @@ def simulate(cfg: RunConfig, world_size: int, stages: list[str], **options) -> d
             "fits": all(r["fits"] for r in out),
             "simulated_with": {"model.packed_attention": cfg.model.packed_attention,
                                "model.transformer_impl": "local",
+                               "mamba_kernels": options.get("mamba_kernels", "fused"),
                                "decode_steps": options.get("decode_steps"),
                                "update_microbatches": options.get("update_microbatches"),
                                **({"moe_routing": options.get("moe_routing", "even")}

@@ -53,9 +53,11 @@ from dataclasses import dataclass
 
 from megatron_rlp.config import RunConfig
 from megatron_rlp.models.vocab import padded_vocab_size
+from megatron_rlp.packing.update import packable
 
 GIB = 1024**3
 MAMBA_CONV_KERNEL = 4  # Megatron MambaMixer d_conv default
+MAMBA_CHUNK = 128  # Megatron MambaMixer chunk_size default (the SSD scan's chunk)
 
 
 @dataclass
@@ -148,8 +150,35 @@ def parameter_counts(s: Shapes, tp: int, ep: int = 1) -> dict[str, float]:
             "active": total - routed + s.n_moe * s.topk * expert}
 
 
-def activation_bytes_per_token(s: Shapes, tp: int, b: int, seq: int, attention: str) -> float:
-    """Bytes kept for backward per token, all layers (b = dtype bytes)."""
+def mamba_bytes_per_token(s: Shapes, tp: int, b: int, window_share: float | None = None
+                          ) -> float:
+    """Bytes one Mamba layer keeps for backward per update token, on the GPU path (mamba-ssm's
+    kernels, which keep their inputs and recompute the rest; b = dtype bytes).
+
+    `window_share` None: Megatron's `_ssm_training` (one fused split-conv-scan kernel): norm
+    and `in_proj` inputs, `in_proj`'s output, the conv's input and output, y, the gated norm's
+    inputs, `out_proj`'s input. A share w (the packed update, `models/mamba/branches.py`, of
+    which w of the tokens are windows): the norm and projections as before; the torch causal
+    conv in fp32 (its padded input and its output) on every token; the SSD kernel's copies of
+    x, dt, B, C, its output and dA_cumsum [heads, chunks x 128] fp32; on the window tokens
+    `ops.ssd_states_at` in fp32 (x, x * dt and its chunk-permuted copy, B per head, and
+    each 128-token chunk's entering state [heads, headdim, state]); the gated norm's rows and
+    rstd. Measured with `tools/simulated_census.py` (docs/simulated_cuda.md)."""
+    h, di, cd, nh = s.hidden, s.d_inner, s.conv_dim, s.m_heads
+    gn = s.m_groups * s.m_state
+    in_proj = (2 * di + 2 * gn + nh) / tp
+    if window_share is None:  # in_proj out, conv in/out, y, norm in (y, z), out
+        return b * (2 * h + in_proj + 2 * cd / tp + 4 * di / tp)
+    scan = (b * (2 * di + nh + 2 * gn) + 4 * nh) / tp
+    states = (12 * di + 4 * nh * s.m_state + 4 * di * s.m_state / MAMBA_CHUNK) / tp
+    return (b * (2 * h + in_proj) + 8 * cd / tp + scan + window_share * states
+            + (2 * b * di + 4 * s.m_groups) / tp)
+
+
+def activation_bytes_per_token(s: Shapes, tp: int, b: int, seq: int, attention: str,
+                               mamba_window_share: float | None = None) -> float:
+    """Bytes kept for backward per token, all layers (b = dtype bytes; `mamba_window_share`:
+    `mamba_bytes_per_token`'s, for the packed update)."""
     h, d = s.hidden, s.head_dim
     q, kv = s.heads * d, s.groups * d
     attn = b * (2 * h + (q + 2 * kv) / tp + q / tp)  # norm in, QKV in/out, proj in
@@ -159,9 +188,7 @@ def activation_bytes_per_token(s: Shapes, tp: int, b: int, seq: int, attention: 
         attn += 2 * b * (s.heads / tp) * seq
     f1 = s.ffn * (2 if s.gated else 1)
     mlp = b * (2 * h + f1 / tp + s.ffn / tp)  # norm in, fc1 in/out, fc2 in
-    di, cd = s.d_inner, s.conv_dim
-    mamba = b * (2 * h + (2 * di + 2 * s.m_groups * s.m_state + s.m_heads) / tp
-                 + 2 * cd / tp + 4 * di / tp)  # in_proj out, conv in/out, y, norm in (y, z), out
+    mamba = mamba_bytes_per_token(s, tp, b, mamba_window_share)
     return (s.n_attn * attn + s.n_mlp * mlp + s.n_mamba * mamba + s.n_moe * moe_bytes(s, tp, b)
             + 2 * b * h)
 
@@ -203,13 +230,14 @@ def moe_transient_bytes(s: Shapes, tp: int, b: int) -> float:
 
 
 def kept_activation_bytes_per_token(s: Shapes, tp: int, b: int, seq: int, attention: str,
-                                    recompute: str, recompute_layers: int) -> float:
+                                    recompute: str, recompute_layers: int,
+                                    mamba_window_share: float | None = None) -> float:
     """`activation_bytes_per_token` under Megatron's activation recomputation: `selective`
     drops the attention scores (recomputed in backward), `full` keeps each group of
     `recompute_layers` layers' input plus, during backward, one group's activations."""
     if recompute == "selective":
-        return activation_bytes_per_token(s, tp, b, seq, "flash")
-    every = activation_bytes_per_token(s, tp, b, seq, attention)
+        return activation_bytes_per_token(s, tp, b, seq, "flash", mamba_window_share)
+    every = activation_bytes_per_token(s, tp, b, seq, attention, mamba_window_share)
     if recompute != "full":
         return every
     layers = s.n_attn + s.n_mlp + s.n_mamba + s.n_moe
@@ -337,12 +365,16 @@ def estimate(cfg: RunConfig, world_size: int, vocab_size: int, attention: str = 
         scored = upd_seq
     mbs = t.micro_batch_size or sequences
     tokens = mbs * upd_seq
+    # The packed update scans each window once and its branches from the window's states
+    # (models/mamba/branches.py); Megatron's fused path otherwise.
+    packed = t.objective == "rlp" and r.share_prefixes and packable(
+        cfg.model.hybrid_layer_pattern, r.positions_per_document * r.group_size, sequences,
+        t.micro_batch_size)
     upd_attention = update_attention(cfg, attention)
     update = {
-        "activations": tokens * kept_activation_bytes_per_token(s, tp, pb, upd_seq, upd_attention,
-                                                                t.recompute_granularity,
-                                                                t.recompute_num_layers)
-        * layers_here,
+        "activations": tokens * kept_activation_bytes_per_token(
+            s, tp, pb, upd_seq, upd_attention, t.recompute_granularity, t.recompute_num_layers,
+            mamba_window_share=(window + 1) / upd_seq if packed else None) * layers_here,
         # logits and their gradient in the params dtype, fp32 log-softmax, on the scored
         # positions (RLP projects only the thought-predicting positions onto the vocabulary)
         "logits": mbs * scored * (s.vocab / tp) * (2 * pb + 3 * 4),

@@ -9,11 +9,11 @@ tests/tools/test_simulate_gpu.py.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers.fresh_process import cuda_is_mapped_to_cpu, rerun_in_fresh_process
 
 ROOT = Path(__file__).resolve().parents[2]
 W, K, T, HEADS, GROUPS, HD = 256, 2, 128, 4, 2, 64  # window, branches x tokens, layout
@@ -23,14 +23,9 @@ S = W + K * T
 def _fresh_process(name: str) -> bool:
     """Rerun test `name` in a fresh process when an earlier test mapped cuda to the CPU
     (`backends.cpu`); True when it did (the caller returns)."""
-    from megatron_rlp.backends import cpu as cpu_backend
-
-    if not cpu_backend.is_active():
+    if not cuda_is_mapped_to_cpu():
         return False
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           f"{Path(__file__).resolve()}::{name}"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-3000:]
+    rerun_in_fresh_process(__file__, name)
     return True
 
 
