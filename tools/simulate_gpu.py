@@ -23,7 +23,9 @@ tools/simulated_values.py. The data is the worst case too: unless `data.corpus=`
 a scratch corpus of long documents (`long_document_corpus`) gives every context its full
 prefix and every window nearly `max_window_tokens`. CUDA runtime queries:
 tools/simulated_cuda.py. Mamba layers call stand-ins of mamba-ssm's and causal-conv1d's fused
-kernels, which keep for backward what those keep (tools/simulated_mamba.py).
+kernels, which keep for backward what those keep (tools/simulated_mamba.py). MoE layers: the
+routers' choice is even (`--moe-routing worst`: all to this rank's experts) and collectives of
+counts repeat this rank's (tools/simulated_moe.py).
 
 Shortcuts that keep a full-size step to minutes on one core (docs/simulated_cuda.md):
 - `--decode-steps N` (8) runs the model for N decode steps per rollout chunk and only the
@@ -314,7 +316,8 @@ def stage_rank(stage: str, world_size: int) -> int:
 
 def simulate_rank(cfg: RunConfig, world_size: int, rank: int, device_gib: float = 80.0,
                   decode_steps: int | None = 8, update_microbatches: int | None = 2,
-                  card: str = "H100", mfu: float = 0.4, mamba_kernels: str = "fused") -> dict:
+                  card: str = "H100", mfu: float = 0.4, mamba_kernels: str = "fused",
+                  moe_routing: str = "even") -> dict:
     """Build the run of `cfg` for global `rank` of `world_size` on fake CUDA and run one RLP
     step; return the rank's report (module docstring; keys listed in `docs/simulated_cuda.md`).
 
@@ -327,6 +330,7 @@ def simulate_rank(cfg: RunConfig, world_size: int, rank: int, device_gib: float 
     from simulated_autograd import PythonEngine, ddp_hooks
     from simulated_cuda import simulated_cuda
     from simulated_mamba import fused_mamba_kernels
+    from simulated_moe import collective_values, routing_rule
     from simulated_values import HostValues, Oracle
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -355,6 +359,9 @@ def simulate_rank(cfg: RunConfig, world_size: int, rank: int, device_gib: float 
         stack.callback(dist.destroy_process_group)
         stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
         values = stack.enter_context(HostValues(oracle))
+        if cfg.model.num_experts:  # the router's choice, the counts' collectives: simulated_moe
+            values.collectives = collective_values
+            stack.enter_context(routing_rule(values, moe_routing))
         for module in (sampling, vocab_parallel):  # simulated_values.HostValues.opaque
             stack.enter_context(mock.patch.object(module, "keyed_uniform",
                                                   values.opaque(sampling.keyed_uniform)))
@@ -365,6 +372,7 @@ def simulate_rank(cfg: RunConfig, world_size: int, rank: int, device_gib: float 
             tensor_model_parallel_size=p.tensor_model_parallel_size,
             pipeline_model_parallel_size=p.pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+            expert_model_parallel_size=p.expert_model_parallel_size,
             create_gloo_process_groups=False)
         stack.callback(parallel_state.destroy_model_parallel)
         tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
@@ -409,7 +417,7 @@ def simulate_rank(cfg: RunConfig, world_size: int, rank: int, device_gib: float 
         "rank": rank,
         "world_size": world_size,
         "layout": {"tp": p.tensor_model_parallel_size, "pp": p.pipeline_model_parallel_size,
-                   "dp": parallel_state_dp(world_size, p)},
+                   "dp": parallel_state_dp(world_size, p), "ep": p.expert_model_parallel_size},
         "peak_gib": round(peak / GIB, 2),
         "peak_bytes": peak,
         "device_gib": device_gib,
@@ -458,7 +466,9 @@ def simulate(cfg: RunConfig, world_size: int, stages: list[str], **options) -> d
                                "model.transformer_impl": "local",
                                "mamba_kernels": options.get("mamba_kernels", "fused"),
                                "decode_steps": options.get("decode_steps"),
-                               "update_microbatches": options.get("update_microbatches")}}
+                               "update_microbatches": options.get("update_microbatches"),
+                               **({"moe_routing": options.get("moe_routing", "even")}
+                                  if cfg.model.num_experts else {})}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -476,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="decode steps the model runs per rollout chunk (0: all)")
     parser.add_argument("--update-microbatches", type=int, default=2,
                         help="update micro-batches run (the widest; at least PP; 0: all)")
+    parser.add_argument("--moe-routing", choices=("even", "worst"), default="even",
+                        help="the routers' choice (tools/simulated_moe.py)")
     parser.add_argument("--out", help="write the JSON report here (else stdout)")
     args = parser.parse_intermixed_args(argv)
     warnings.filterwarnings("ignore")
@@ -508,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         report = simulate(cfg, world, stages, device_gib=args.device_gib,
                           decode_steps=args.decode_steps or None,
                           update_microbatches=args.update_microbatches or None,
-                          card=args.card, mfu=args.mfu)
+                          card=args.card, mfu=args.mfu, moe_routing=args.moe_routing)
     except (SimulationError, UnknownValue) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -185,6 +185,9 @@ class HostValues(TorchDispatchMode):
         self._shadow = WeakTensorKeyDictionary()
         self._stale: set[int] = set()  # data_ptrs of shadows overwritten by unknown values
         self._opaque = 0  # > 0 inside `opaque` functions: no shadows
+        # (func, args, out, value) -> [(fake, real)]: the values a collective's outputs hold
+        # (`simulated_moe.collective_values`); None: a collective's outputs have none
+        self.collectives = None
 
     def opaque(self, fn):
         """`fn`, whose result is float and whose integer insides no read needs, run without
@@ -243,6 +246,14 @@ class HostValues(TorchDispatchMode):
             reals.append(r)
         return reals
 
+    def remember(self, fake, real) -> None:
+        """Give fake tensor `fake` the host value `real` (same shape and dtype, on the CPU):
+        a rule's answer for a model-derived value (`simulated_moe.routing_rule`)."""
+        if fake.shape != real.shape or fake.dtype != real.dtype:
+            raise ValueError(f"shadow {real.dtype} {list(real.shape)} for a fake "
+                             f"{fake.dtype} {list(fake.shape)}")
+        self._remember(fake, real)
+
     def _remember(self, fake, real) -> None:
         self._stale.discard(real.untyped_storage().data_ptr())
         self._shadow[fake] = real
@@ -284,6 +295,9 @@ class HostValues(TorchDispatchMode):
         if func.namespace in ("c10d", "_c10d_functional") or (not dynamic and (
                 self._opaque or _numel(out) > self.limit or not _has_value_dtype(out))):
             self._forget_mutated(func, args)  # a collective's result: not known here
+            if self.collectives is not None and func.namespace in ("c10d", "_c10d_functional"):
+                for fake, real in self.collectives(func, args, out, self.value):
+                    self._remember(fake, real)
             return out
         reals = self._values(flat)
         stand_in = False

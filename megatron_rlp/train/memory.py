@@ -32,8 +32,10 @@ same ones). Prints a table (or `--json`) of what one GPU holds:
   overhead     CUDA context, NCCL buffers, allocator slack (--overhead-gib)
 
 MoE (`E` layers): routed experts split over EP (and TP), their Adam state over DP / EP with
-the distributed optimizer; an MoE layer keeps its dispatcher buffers and top-k routed copies
-of each token (`moe_bytes`).
+the distributed optimizer; an MoE layer keeps the top-k routed copies of each token through
+its experts (`moe_bytes`) and, in a no-grad forward, holds its dispatcher's buffers at once
+(`moe_transient_bytes`). Routing is taken as even (what the load-balancing loss aims at):
+each rank's experts receive the top-k copies of as many tokens as the rank sends.
 
 Peak = persistent + the largest phase + overhead. Activation sizes follow Korthikanti et
 al. (2022) per layer kind, without recomputation or sequence parallelism. Attention: the
@@ -192,10 +194,33 @@ def activation_bytes_per_token(s: Shapes, tp: int, b: int, seq: int, attention: 
 
 
 def moe_bytes(s: Shapes, tp: int, b: int) -> float:
-    """Bytes per token an MoE layer keeps for backward: norm in, fp32 router scores, the
-    dispatcher's buffers (the permuted token before and after the all-to-all, top-k copies),
-    each routed copy's expert fc1 in/out and fc2 in, the combine's input; a shared expert as
-    an MLP."""
+    """Bytes per token an MoE layer keeps for backward, as Megatron's MoE layer with local
+    (`SequentialMLP`) experts keeps them (`tools/simulate_gpu.py` with an even top-k routing,
+    docs/moe.md): norm in and out (the router's and the dispatcher's input), and per routed
+    copy the expert's fc1 input (the sorted tokens), fc1 output, the activation's output
+    times the routing probability (Megatron's `per_token_scale`: the activation output and
+    the product, fc2's input) and with a gated unit the unfused GLU's silu output and its
+    linear half plus `glu_linear_offset`; the router's fp32 scores and the permutation's
+    int64 index ([tokens, experts] each); a shared expert as an MLP, likewise. The buffers
+    that carry the tokens to and from the experts (before and after the all-to-all, the
+    combine) are freed in the forward: `moe_transient_bytes`. Measured by
+    tools/simulate_moe_layer.py (Qwen3-30B-A3B: 117,056 bytes a token simulated, 116,736 here)."""
+    if not s.n_moe:
+        return 0.0
+    f = s.moe_ffn / tp
+    f1 = f * (2 if s.gated else 1)
+    routed = s.topk * (s.hidden + f1 + 2 * f + (2 * f if s.gated else 0))
+    fs = s.shared_ffn / tp
+    shared = fs * (2 if s.gated else 1) + fs + (2 * fs if s.gated else 0)
+    # fp32 scores (a second [tokens, experts] with a sigmoid router) and the int64 index
+    return b * (2 * s.hidden + routed + shared) + (4 + 4 + 8) * s.experts
+
+
+def moe_transient_bytes(s: Shapes, tp: int, b: int) -> float:
+    """Bytes per token of an MoE layer's no-grad forward at its peak (the rollout's and the
+    teacher's): norm in and out, per routed copy the dispatcher's buffers (the permuted
+    token before and after the all-to-all, the sorted one), fc1's output and fc2's input;
+    the router's fp32 scores; a shared expert as an MLP."""
     if not s.n_moe:
         return 0.0
     f1 = s.moe_ffn * (2 if s.gated else 1)
@@ -229,7 +254,7 @@ def one_layer_inference_bytes(s: Shapes, tp: int, b: int, rows: int, seq: int,
         attn += 2 * (s.heads / tp) * seq  # scores + probabilities
     mlp = (s.ffn * (2 if s.gated else 1) + s.ffn) / tp if s.n_mlp else 0
     mamba = (2 * s.d_inner + 2 * s.m_groups * s.m_state + 2 * s.conv_dim) / tp if s.n_mamba else 0
-    moe = moe_bytes(s, tp, b) / b  # the dispatcher's buffers and the routed copies
+    moe = moe_transient_bytes(s, tp, b) / b  # the dispatcher's buffers, the routed copies
     return b * rows * seq * (3 * h + max(attn if s.n_attn else 0, mlp, mamba, moe))
 
 

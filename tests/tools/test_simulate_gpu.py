@@ -40,7 +40,7 @@ def test_tiny_tp2_pp2_first_and_last_stage(tmp_path):
     assert set(stages) == {"first", "last"}
     assert [r["rank"] for r in report["ranks"]] == [0, 3]
     for r in report["ranks"]:
-        assert r["layout"] == {"tp": 2, "pp": 2, "dp": 1}
+        assert r["layout"] == {"tp": 2, "pp": 2, "dp": 1, "ep": 1}
         assert r["fits"] and 0 < r["peak_gib"] <= r["device_gib"]
         # every phase of the step ran and was measured
         assert {"rollout", "scoring", "update", "optimizer", "ema"} <= set(r["peak_gib_by_phase"])
