@@ -20,11 +20,11 @@
 #           rollout     9.3 = KV cache 1.6 (3 attention layers per stage; cascade decode)
 #                             + SSM/conv state 6.0 (fp32) + prefill 1.7 (one attention
 #                             layer's scores, 2 windows)
-#           scoring     3.5   update 19.2 (activations 15.2)
-#           peak       56.0 of 80
-#         The estimate counts one micro-batch in flight per stage; 1F1B keeps 2 on stage 0
-#         (update +15.2: 71.2). ROLLOUT_CHUNK=8 (2 passes) peaks the same; PP=1 does not
-#         fit (98.5: a whole replica's experts / 8).
+#           scoring     3.5   update 34.3 (activations 30.3: the 2 micro-batches 1F1B
+#                             keeps in flight on stage 0, 15.2 each; logits 4.0)
+#           peak       71.2 of 80 (simulated on fake CUDA: 63.6 + 4 overhead, stage 0)
+#         ROLLOUT_CHUNK=8 (2 passes) peaks the same; PP=1 does not fit (98.5: a whole
+#         replica's experts / 8).
 # Routing agreement (`routing_agreement`) is logged only with PP=1 and no sequence parallel
 # (docs/moe.md); exactness in fp32 is proven on the tiny MoE configs.
 #

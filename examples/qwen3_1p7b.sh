@@ -22,7 +22,8 @@
 # Why chunks: the KV cache per rank does not shrink with TP (TP halves the heads, DP
 # halves, rows per rank double), and all 256 rows at once would need 60 GiB of it (each
 # prefix stored once, docs/performance.md "Cascade decode"; 126 GiB with the prefix
-# copied per row). ROLLOUT_CHUNK=0 samples them in one pass (G=4 fits that way: 69 GiB).
+# copied per row). ROLLOUT_CHUNK=0 samples them in one pass: 81.9 GiB, does not fit (G=4
+# fits that way: 39.9 GiB).
 #
 # Environment (required): DATA (.jsonl/.txt or indexed-dataset prefix), TOKENIZER
 # (tokenizer.json or its folder), SAVE_DIR (checkpoints, metrics.jsonl, tensorboard/; a

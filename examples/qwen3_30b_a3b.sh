@@ -17,11 +17,12 @@
 #           persistent 29.4 = params 4.8 + grads 9.6 + Adam 5.3 + EMA teacher 9.6
 #           rollout    13.8 = KV cache 12.9 (cascade decode, 24 attention layers per stage)
 #                             + prefill 0.9 (one attention layer's scores, 1 window)
-#           scoring     3.4   update 20.4 (activations 15.7, ~3/4 of it the MoE layers)
-#           peak       53.8 of 80
-#         The estimate counts one micro-batch in flight per stage; 1F1B keeps 2 on stage 0
-#         (+15.7: 69.5, still inside 80). One rollout pass (ROLLOUT_CHUNK=16) would peak at
-#         61.0; PP=1 does not fit (93.5: a whole replica's experts / 8).
+#           scoring     3.4   update 36.1 (activations 31.5: the 2 micro-batches 1F1B
+#                             keeps in flight on stage 0, 15.7 each, ~3/4 of it the MoE
+#                             layers; logits 4.6)
+#           peak       69.5 of 80
+#         One rollout pass (ROLLOUT_CHUNK=16) would take its rollout phase to 27.6 (under
+#         the update's); PP=1 does not fit (93.5: a whole replica's experts / 8).
 # Routing agreement (`routing_agreement`) is logged only with PP=1 and no sequence parallel
 # (docs/moe.md); exactness in fp32 is proven on the tiny MoE configs.
 #

@@ -30,6 +30,23 @@ from megatron_rlp.train.memory import (  # noqa: E402,F401  (tests read them her
 )
 
 
+def number(kind: type, low: float, *, above: bool = False):
+    """An argparse `type`: `kind` (int or float) >= `low` (> `low` with `above`); anything
+    else is refused with the value and the bound (argparse's one `error:` line, exit 2)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} (allowed: {kind.__name__})") from None
+        if value < low or (above and value == low):
+            raise argparse.ArgumentTypeError(
+                f"{text} (allowed: {'>' if above else '>='} {low})")
+        return value
+
+    return parse
+
+
 def _vocab_size(cfg: RunConfig, override: int | None) -> int:
     """The tokenizer's vocabulary (thought markers included), as training builds it."""
     if override:
@@ -65,17 +82,17 @@ def _load(config: str | None, overrides: list[str], world_size: int, validate: b
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML config (as for pretrain_rlp.py)")
-    parser.add_argument("--world-size", type=int, default=1, help="total ranks (GPUs)")
-    parser.add_argument("--gpu-gib", type=float, default=80.0,
+    parser.add_argument("--world-size", type=number(int, 1), default=1, help="total ranks (GPUs)")
+    parser.add_argument("--gpu-gib", type=number(float, 0, above=True), default=80.0,
                         help="memory of one GPU in GiB (H100 80GB: 80)")
     parser.add_argument("--attention", choices=("auto", "unfused", "flash"), default="auto",
                         help="prefill/scoring attention: unfused (the local spec's "
                         "materialised softmax), flash (fused); auto: as start-up checks it "
                         "(flash with Transformer Engine layers here). The packed update's "
                         "FlexAttention keeps no scores either way")
-    parser.add_argument("--overhead-gib", type=float, default=None,
+    parser.add_argument("--overhead-gib", type=number(float, 0), default=None,
                         help="CUDA context, NCCL, allocator slack (default 4 on cuda, 0.5 on cpu)")
-    parser.add_argument("--vocab-size", type=int, default=None,
+    parser.add_argument("--vocab-size", type=number(int, 1), default=None,
                         help="tokenizer vocabulary (default: read data.tokenizer)")
     parser.add_argument("--no-validate", action="store_true",
                         help="skip the config's cross-checks (size layouts the trainer refuses)")

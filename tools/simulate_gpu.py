@@ -472,19 +472,22 @@ def simulate(cfg: RunConfig, world_size: int, stages: list[str], **options) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
+    from estimate_memory import number
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    parser.add_argument("--world-size", type=int, default=None,
+    parser.add_argument("--world-size", type=number(int, 1), default=None,
                         help=f"default: {STATED_WORLD} for a device=cuda recipe "
                         f"({STATED_WORLD_MOE} with MoE layers), else TP x PP")
     parser.add_argument("--stage", choices=("first", "last", "both"), default="both")
-    parser.add_argument("--device-gib", type=float, default=80.0)
+    parser.add_argument("--device-gib", type=number(float, 0, above=True), default=80.0)
     parser.add_argument("--card", choices=sorted(CARDS), default="H100")
-    parser.add_argument("--mfu", type=float, default=0.4, help="for the step-time estimate")
-    parser.add_argument("--decode-steps", type=int, default=8,
+    parser.add_argument("--mfu", type=number(float, 0, above=True), default=0.4,
+                        help="for the step-time estimate")
+    parser.add_argument("--decode-steps", type=number(int, 0), default=8,
                         help="decode steps the model runs per rollout chunk (0: all)")
-    parser.add_argument("--update-microbatches", type=int, default=2,
+    parser.add_argument("--update-microbatches", type=number(int, 0), default=2,
                         help="update micro-batches run (the widest; at least PP; 0: all)")
     parser.add_argument("--moe-routing", choices=("even", "worst"), default="even",
                         help="the routers' choice (tools/simulated_moe.py)")
@@ -510,7 +513,8 @@ def main(argv: list[str] | None = None) -> int:
             # long documents: the data's memory worst case (long_document_corpus)
             corpus = long_document_corpus(cfg, Path(scratch.name) / "long_documents.jsonl")
             forced = (*forced, f"data.corpus={corpus}")
-        world = args.world_size or default_world_size(cfg)
+        # the recipe's own device decides its stated world size (before cuda is forced)
+        world = args.world_size or default_world_size(load_config(args.config, args.overrides))
         cfg = load_config(args.config, (*args.overrides, *forced), world_size=world)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -28,7 +28,9 @@ same ones). Prints a table (or `--json`) of what one GPU holds:
                the scored positions only (positions_per_document per window)
   update       activations kept for backward of one micro-batch (train.micro_batch_size
                sequences of prefix + thought; 0 = all local sequences at once; less with
-               train.recompute_granularity), the logits and their gradient
+               train.recompute_granularity), times the micro-batches 1F1B keeps in flight
+               on the first pipeline stage (min(PP, micro-batches)), the logits and their
+               gradient
   overhead     CUDA context, NCCL buffers, allocator slack (--overhead-gib)
 
 MoE (`E` layers): routed experts split over EP (and TP), their Adam state over DP / EP with
@@ -371,8 +373,12 @@ def estimate(cfg: RunConfig, world_size: int, vocab_size: int, attention: str = 
         cfg.model.hybrid_layer_pattern, r.positions_per_document * r.group_size, sequences,
         t.micro_batch_size)
     upd_attention = update_attention(cfg, attention)
+    # Megatron's 1F1B schedule (`schedules.forward_backward_pipelining_without_interleaving`)
+    # runs PP - 1 - rank warm-up forwards before a stage's first backward, so the first stage
+    # (the worst) keeps min(PP, micro-batches) micro-batches' activations at once.
+    in_flight = min(pp, math.ceil(sequences / mbs))
     update = {
-        "activations": tokens * kept_activation_bytes_per_token(
+        "activations": in_flight * tokens * kept_activation_bytes_per_token(
             s, tp, pb, upd_seq, upd_attention, t.recompute_granularity, t.recompute_num_layers,
             mamba_window_share=(window + 1) / upd_seq if packed else None) * layers_here,
         # logits and their gradient in the params dtype, fp32 log-softmax, on the scored
@@ -395,6 +401,7 @@ def estimate(cfg: RunConfig, world_size: int, vocab_size: int, attention: str = 
                   "group_size": r.group_size, "rollout_rows_per_rank": rows,
                   "rollout_seq_len": seq, "documents_per_rank": documents,
                   "update_micro_batch": mbs, "update_micro_batches": math.ceil(sequences / mbs),
+                  "update_micro_batches_in_flight": in_flight,
                   "update_seq_len": upd_seq},
         "parameters": {"total": counts["total"], "per_rank": n,
                        "non_embedding": counts["non_embedding"], "active": counts["active"]},

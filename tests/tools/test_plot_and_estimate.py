@@ -402,3 +402,31 @@ def test_shared_prefix_rollout_prefills_each_document_window_once(chunk, windows
         s, 1, 2, windows, window, "unfused")
     assert alone["phases"]["rollout"]["transient"] == memory.one_layer_inference_bytes(
         s, 1, 2, chunk or 16, window, "unfused")
+
+
+@pytest.mark.parametrize("flag, value, allowed", [
+    ("--overhead-gib", "-100", "(allowed: >= 0)"), ("--vocab-size", "-5", "(allowed: >= 1)"),
+    ("--gpu-gib", "0", "(allowed: > 0)"), ("--world-size", "x", "(allowed: int)")])
+def test_estimate_cli_refuses_out_of_range_numbers(flag, value, allowed):
+    """A negative overhead printed a negative peak that "fits"; each bound is named."""
+    with pytest.raises(SystemExit) as e:
+        em.main(["--config", str(TINY), flag, value])
+    assert e.value.code == 2
+
+
+def test_pipeline_first_stage_counts_1f1b_micro_batches_in_flight():
+    """Megatron's 1F1B keeps min(PP, micro-batches) update micro-batches in flight on stage 0:
+    the update's activations at PP=2 are twice one micro-batch's (per stage's layers)."""
+    from megatron_rlp.config import load_config
+
+    one = load_config(TINY, ("model.hybrid_layer_pattern=*-*-", "train.micro_batch_size=1"),
+                      world_size=1)
+    two = load_config(TINY, ("model.hybrid_layer_pattern=*-|*-", "train.micro_batch_size=1",
+                             "parallel.pipeline_model_parallel_size=2"), world_size=2)
+    a, b = em.estimate(one, 1, 256), em.estimate(two, 2, 256)  # DP=1 both: same micro-batches
+    assert a["batch"]["update_micro_batches"] == b["batch"]["update_micro_batches"] > 2
+    assert a["batch"]["update_micro_batches_in_flight"] == 1
+    assert b["batch"]["update_micro_batches_in_flight"] == 2
+    # a stage holds half the layers, and two micro-batches of them
+    assert b["phases"]["update"]["activations"] == pytest.approx(
+        2 * a["phases"]["update"]["activations"] / 2)
