@@ -191,14 +191,19 @@ class DecodeCut:
         original = KVCacheEngine._forward
         cut = self
         # the engine by weak reference: holding it would keep its KV cache past the rollout
-        state = {"engine": lambda: None, "count": 0, "logits": None, "flops": 0}
+        state = {"engine": lambda: None, "count": 0, "logits": None, "flops": 0, "rows": None,
+                 "skipped": False}
 
         def _forward(engine, tokens, mask, call=None):
             if state["engine"]() is not engine:
-                state.update(engine=weakref.ref(engine), count=0, logits=None)
+                state.update(engine=weakref.ref(engine), count=0, logits=None, rows=None)
             cut.cache_bytes = max(cut.cache_bytes, _cache_bytes(engine.ctx))
             decode = tokens.shape[1] == 1
-            if decode and cut.steps is not None and state["count"] >= cut.steps:
+            # a step is skipped only at the rows of the last decoded one (the `<think>` step
+            # before the G-way fork decodes one row per context, the steps after it G)
+            state["skipped"] = (decode and cut.steps is not None and state["count"] >= cut.steps
+                                and state["rows"] == tokens.shape[0])
+            if state["skipped"]:
                 engine.ctx.increment_sequence_len_offset(1)
                 cut.skipped += 1
                 cut.skipped_flops += state["flops"]
@@ -207,6 +212,7 @@ class DecodeCut:
             logits = original(engine, tokens, mask, call)
             if decode:
                 state["count"] += 1
+                state["rows"] = tokens.shape[0]
                 cut.decoded += 1
                 state["flops"] = cut.phases.flops.get_total_flops() - before
             state["logits"] = logits
@@ -225,8 +231,7 @@ class DecodeCut:
             memo = {}
 
             def run(*args, **kwargs):
-                skipping = cut.steps is not None and state["count"] >= cut.steps
-                if skipping and name in memo:
+                if state["skipped"] and name in memo:  # the model step was skipped too
                     return memo[name]
                 memo[name] = out = original(*args, **kwargs)
                 return out

@@ -166,12 +166,16 @@ def test_tiny_hybrid_simulates_with_the_fused_stand_ins(tmp_path):
         [sys.executable, str(ROOT / "tools/simulate_gpu.py"),
          "--config", "examples/configs/tiny_hybrid_cpu.yaml", "--world-size", "2",
          "parallel.tensor_model_parallel_size=2", "precision.params_dtype=bf16",
-         "rlp.max_thought_tokens=8", "--decode-steps", "2", "--out", str(out)],
+         "rlp.max_thought_tokens=8", "--decode-steps", "1", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
         env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["simulated_with"]["mamba_kernels"] == "fused"
+    # one step before the G-way fork (a row per context), one after it, the rest skipped
+    # at the rows of the last decoded step (`DecodeCut`: --decode-steps 1 reused the
+    # pre-fork logits for the forked rows)
+    assert report["ranks"][0]["decode_steps"]["run"] == 2
     assert report["ranks"][0]["flops_by_phase"]["update"] > 0
 
 
