@@ -20,7 +20,7 @@
 #           scoring     3.4   update 36.1 (activations 31.5: the 2 micro-batches 1F1B
 #                             keeps in flight on stage 0, 15.7 each, ~3/4 of it the MoE
 #                             layers; logits 4.6)
-#           peak       69.5 of 80
+#           peak       69.5 of 80 (simulated on fake CUDA: 65.0 + 4 overhead, stage 0)
 #         One rollout pass (ROLLOUT_CHUNK=16) would take its rollout phase to 27.6 (under
 #         the update's); PP=1 does not fit (93.5: a whole replica's experts / 8).
 # Routing agreement (`routing_agreement`) is logged only with PP=1 and no sequence parallel

@@ -290,15 +290,15 @@ def test_module_dtype_cast_of_fake_parameters_is_done_in_place():
 
 
 @pytest.mark.parametrize("recipe", ["qwen3_1p7b", "nemotron_h_8b", "nemotron_nano_12b_v2",
-                                    "nemotron_3_nano_30b_a3b"])
+                                    "nemotron_3_nano_30b_a3b", "qwen3_30b_a3b"])
 def test_estimate_agrees_with_the_committed_simulation(recipe):
     """The memory estimate (`train.memory.estimate`, what start-up checks a launch with)
     within 15% of the committed full-size simulation for the persistent state and the
     rollout phase of every simulated stage, and for the peak and the update phase of the
     worst one: Qwen3's update runs FlexAttention's fused stand-in
     (tools/simulated_attention.py), the hybrids' Mamba layers mamba-ssm's
-    (tools/simulated_mamba.py); Nemotron 3 Nano (PP=2, EP=8) counts the 2 micro-batches
-    1F1B keeps in flight on its first stage."""
+    (tools/simulated_mamba.py); the MoE recipes (PP=2, EP=8) count the 2 micro-batches
+    1F1B keeps in flight on their first stage."""
     from megatron_rlp.config import load_config
     from megatron_rlp.train import memory
 
