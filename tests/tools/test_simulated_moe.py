@@ -97,6 +97,7 @@ def test_collectives_of_shadowed_counts_repeat_the_local_value():
     assert without == "False False False 0", out.stdout
 
 
+@pytest.mark.slow  # 24 s; the default suite runs the tiny MoE EP=2 step in the mutant test
 def test_tiny_moe_at_ep2_runs_the_step_under_both_routing_rules(tmp_path):
     """The whole step (rollout, scoring, update, optimizer, EMA) of the tiny MoE recipe at
     EP=2: even routing sizes the expert buffers to the top-k copies of this rank's own
