@@ -333,7 +333,7 @@ def simulate_rank(cfg: RunConfig, world_size: int, rank: int, device_gib: float 
     from megatron.core import parallel_state, tensor_parallel
     from simulated_attention import fused_attention  # registers its FLOP formulas first
     from simulated_autograd import PythonEngine, ddp_hooks
-    from simulated_cuda import simulated_cuda
+    from simulated_cuda import initialize_model_parallel, simulated_cuda
     from simulated_mamba import fused_mamba_kernels
     from simulated_moe import collective_values, routing_rule
     from simulated_values import HostValues, Oracle
@@ -373,13 +373,7 @@ def simulate_rank(cfg: RunConfig, world_size: int, rank: int, device_gib: float 
         stack.enter_context(memory.tracker)
         stack.enter_context(fused_attention())  # what the GPU's fused kernels keep and compute
         stack.enter_context(flops)
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=p.tensor_model_parallel_size,
-            pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-            virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
-            expert_model_parallel_size=p.expert_model_parallel_size,
-            create_gloo_process_groups=False)
-        stack.callback(parallel_state.destroy_model_parallel)
+        initialize_model_parallel(p, stack)
         tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
         with torch.device("cuda"):  # what `model.cuda()` would do on a GPU (module docstring)
             state = build_state(cfg)

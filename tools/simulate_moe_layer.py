@@ -38,9 +38,9 @@ def measure(cfg: RunConfig, world_size: int, tokens: int, routing: str = "even")
     """Bytes per token one MoE layer of `cfg` keeps (with grad) and peaks at (no grad), on
     rank 0 of `world_size` (module docstring); with the estimate's terms beside them."""
     import torch.distributed as dist
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import tensor_parallel
     from simulated_autograd import PythonEngine
-    from simulated_cuda import simulated_cuda
+    from simulated_cuda import initialize_model_parallel, simulated_cuda
     from simulated_moe import collective_values, routing_rule
     from simulated_values import HostValues, Oracle
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -79,12 +79,7 @@ def measure(cfg: RunConfig, world_size: int, tokens: int, routing: str = "even")
         values = stack.enter_context(HostValues(Oracle()))
         values.collectives = collective_values
         stack.enter_context(routing_rule(values, routing))
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=p.tensor_model_parallel_size,
-            pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-            expert_model_parallel_size=p.expert_model_parallel_size,
-            create_gloo_process_groups=False)
-        stack.callback(parallel_state.destroy_model_parallel)
+        initialize_model_parallel(p, stack)
         tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
         config = transformer_config(cfg)
         with torch.device("cuda"):

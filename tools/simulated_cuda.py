@@ -178,3 +178,18 @@ def simulated_cuda(device_gib: float = 80.0, gpus_per_node: int = 8, name: str =
         # `distributed.torch_device` reads the launcher's local rank: one card per process.
         stack.enter_context(mock.patch.dict(os.environ, {"LOCAL_RANK": "0"}))
         yield props
+
+
+def initialize_model_parallel(parallel, stack: contextlib.ExitStack) -> None:
+    """Megatron's `parallel_state.initialize_model_parallel` for a config's `parallel`
+    section (TP, PP, virtual PP, EP) on the fake process group, torn down when `stack`
+    closes. No gloo groups: a gloo group on the fake store segfaults."""
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        create_gloo_process_groups=False)
+    stack.callback(parallel_state.destroy_model_parallel)
