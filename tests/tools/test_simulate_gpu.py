@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from helpers.fresh_process import cuda_is_mapped_to_cpu, rerun_in_fresh_process
+from helpers.simulation import one_error_line
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools/simulate_gpu.py"
@@ -72,10 +73,7 @@ def test_a_host_tensor_in_the_step_is_refused_with_one_line(tmp_path):
         runpy.run_path({str(TOOL)!r}, run_name="__main__")
     """))
     proc = _run([str(mutant)])
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, proc.stderr[-3000:]
-    line = errors[0]
+    line = one_error_line(proc)
     assert "aten.add" in line and "`host_bias` (cpu" in line and "cuda:0" in line, line
     assert f"{mutant}:11" in line, line
 
